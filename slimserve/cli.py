@@ -1,0 +1,324 @@
+"""The `slimserve` command. Flags and environment are read here, and only here.
+
+Subcommands import what they need lazily, so client commands (`generate`, `models`,
+`score`) never import torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+ENV_REGISTRY = "SLIMSERVE_REGISTRY"
+ENV_HOME = "SLIMSERVE_HOME"
+ENV_TARGET = "SLIMSERVE_TARGET"
+
+
+def default_registry() -> Path:
+    if os.environ.get(ENV_REGISTRY):
+        return Path(os.environ[ENV_REGISTRY]).expanduser()
+    home = Path(os.environ.get(ENV_HOME) or Path.home() / ".slimserve").expanduser()
+    return home / "registry"
+
+
+def _registry_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--registry",
+        type=Path,
+        default=None,
+        help=f"registry directory (default: ${ENV_REGISTRY}, else $SLIMSERVE_HOME/registry, "
+        "else ~/.slimserve/registry)",
+    )
+
+
+def _target_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--target",
+        default=os.environ.get(ENV_TARGET, "127.0.0.1:50051"),
+        help="server address HOST:PORT; several, comma-separated, are balanced round-robin "
+        f"(default: ${ENV_TARGET} or 127.0.0.1:50051)",
+    )
+    p.add_argument("--token-file", type=Path, default=None, help="file holding a bearer token")
+    p.add_argument("--timeout", type=float, default=120.0, help="seconds per call")
+
+
+def _open_registry(args: argparse.Namespace) -> Any:
+    from slimserve.compression.registry import Registry
+
+    return Registry(args.registry or default_registry())
+
+
+def _client(args: argparse.Namespace) -> Any:
+    from slimserve.clients import Client
+
+    token = args.token_file.read_text().strip() if args.token_file else None
+    return Client(args.target, timeout=args.timeout, token=token)
+
+
+# ---- registry ----------------------------------------------------------------------------
+def cmd_import(args: argparse.Namespace) -> int:
+    from slimserve.compression.importer import DEFAULT_MODEL_NAME, import_default, import_model
+
+    registry = _open_registry(args)
+    if args.default:
+        name = args.name or DEFAULT_MODEL_NAME
+        if args.if_missing and registry.versions(name):
+            art = registry.get(name)
+            print(f"{art.ref} already imported ({art.digest[:12]})")
+            return 0
+        art = import_default(registry, name)
+    else:
+        if not args.source or not args.name:
+            raise SystemExit("import needs SOURCE and --name (or --default)")
+        if args.if_missing and registry.versions(args.name):
+            print(f"{registry.get(args.name).ref} already imported")
+            return 0
+        art = import_model(registry, args.source, args.name, revision=args.revision)
+    print(f"imported {art.ref} digest {art.digest[:12]} into {registry.root}")
+    return 0
+
+
+def cmd_registry(args: argparse.Namespace) -> int:
+    from slimserve.compression.registry import describe, parse_model_ref
+
+    registry = _open_registry(args)
+    if args.action == "list":
+        rows = [describe(a, registry.aliases_of(a.name, a.version)) for a in registry.artifacts()]
+        if args.json:
+            print(json.dumps(rows, indent=2))
+            return 0
+        print(f"{'model':32} {'aliases':20} {'parent':28} {'recipe':18} {'size MB':>8}  digest")
+        for r in rows:
+            print(
+                f"{r['ref']:32} {','.join(r['aliases']):20} {r['parent'] or '-':28} "
+                f"{(r['recipe'] or {}).get('name', '-'):18} {r['bytes'] / 1e6:8.1f}  "
+                f"{r['digest'][:12]}"
+            )
+        return 0
+    name, ref = parse_model_ref(args.model)
+    if args.action == "show":
+        art = registry.get(name, ref)
+        print(json.dumps({"digest": art.digest, **art.manifest}, indent=2))
+    elif args.action == "verify":
+        art = registry.get(name, ref)
+        art.verify()
+        print(f"{art.ref}: {len(art.files)} files OK ({art.digest[:12]})")
+    elif args.action == "alias":
+        if args.version is None or args.alias is None:
+            raise SystemExit("usage: slimserve registry alias NAME VERSION ALIAS")
+        registry.set_alias(name, args.alias, int(args.version))
+        print(f"{name}@{args.alias} -> {name}@{args.version}")
+    return 0
+
+
+# ---- server ------------------------------------------------------------------------------
+def cmd_serve(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from slimserve.service.config import Limits, ModelConfig, ServerConfig
+
+    config = ServerConfig(
+        registry=args.registry or default_registry(),
+        models=tuple(args.model),
+        host=args.host,
+        port=args.port,
+        threads=args.threads,
+        grace_s=args.grace,
+        model=ModelConfig(
+            device=args.device,
+            dtype=args.dtype,
+            backend=args.backend,
+            max_batch=args.max_batch,
+            max_seq_len=args.max_seq_len,
+            max_queue=args.max_queue,
+        ),
+        limits=Limits(max_new_tokens=args.max_new_tokens_limit),
+    )
+    if config.threads:
+        import torch
+
+        torch.set_num_threads(config.threads)
+    from slimserve.service.server import serve
+
+    return asyncio.run(serve(config))
+
+
+# ---- client ------------------------------------------------------------------------------
+def cmd_generate(args: argparse.Namespace) -> int:
+    from slimserve.clients import ChatMessage, Sampling
+
+    sampling = Sampling(
+        do_sample=args.temperature > 0,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        seed=args.seed,
+    )
+    prompt: Any = [ChatMessage("user", args.prompt)] if args.chat else args.prompt
+    options = dict(
+        model=args.model,
+        max_new_tokens=args.max_new_tokens,
+        sampling=sampling,
+        stop=args.stop or (),
+    )
+    with _client(args) as client:
+        if args.stream:
+            last = None
+            for chunk in client.stream(prompt, **options):
+                sys.stdout.write(chunk.text)
+                sys.stdout.flush()
+                if chunk.model:
+                    header = chunk
+                last = chunk
+            sys.stdout.write("\n")
+            if last is not None and last.timings is not None:
+                t = last.timings
+                tps = (last.generated_tokens - 1) / (t.decode_ms / 1e3) if t.decode_ms else 0.0
+                print(
+                    f"[{header.model} stop={last.stop_reason} tokens={last.generated_tokens} "
+                    f"ttft={t.ttft_ms:.0f}ms decode={tps:.1f} tok/s]",
+                    file=sys.stderr,
+                )
+        else:
+            g = client.generate(prompt, **options)
+            print(g.text)
+            print(
+                f"[{g.model} stop={g.stop_reason} tokens={g.generated_tokens} "
+                f"total={g.timings.total_ms:.0f}ms]",
+                file=sys.stderr,
+            )
+    return 0
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        models = client.models()
+    if args.json:
+        from dataclasses import asdict
+
+        print(json.dumps([asdict(m) for m in models], indent=2))
+        return 0
+    for m in models:
+        default = " (default)" if m.is_default else ""
+        print(
+            f"{m.ref}{default} aliases={','.join(m.aliases) or '-'} backend={m.backend} "
+            f"device={m.device} dtype={m.dtype} quant={m.quantization} ctx={m.max_context} "
+            f"batch={m.max_batch} digest={m.digest[:12]}"
+        )
+    return 0
+
+
+def cmd_score(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        r = client.score(args.prompt, args.labels, model=args.model)
+    for s in r.scores:
+        print(f"{s.label!r}\tp={s.probability:.4f}\tlogprob={s.logprob:.4f}")
+    print(f"[{r.model} {r.latency_ms:.1f}ms]", file=sys.stderr)
+    return 0
+
+
+# ---- parser ------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="slimserve", description=__doc__.splitlines()[0])
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("import", help="import a base model into the registry")
+    p.add_argument("source", nargs="?", help="HF model directory, .gguf file, or hub id")
+    p.add_argument("--name", help="registry name for the model")
+    p.add_argument("--default", action="store_true", help="import SmolLM2-135M-Instruct")
+    p.add_argument("--revision", help="hub revision (hub ids only)")
+    p.add_argument("--if-missing", action="store_true", help="do nothing if NAME exists")
+    _registry_arg(p)
+    p.set_defaults(func=cmd_import)
+
+    p = sub.add_parser("registry", help="list, show, verify and alias registry versions")
+    p.add_argument("action", choices=["list", "show", "verify", "alias"])
+    p.add_argument("model", nargs="?", default="", help="NAME[@VERSION|@ALIAS]")
+    p.add_argument("version", nargs="?", help="(alias) version number")
+    p.add_argument("alias", nargs="?", help="(alias) alias name")
+    p.add_argument("--json", action="store_true")
+    _registry_arg(p)
+    p.set_defaults(func=cmd_registry)
+
+    p = sub.add_parser("serve", help="serve registry models over gRPC")
+    p.add_argument("--model", action="append", required=True, help="NAME[@VERSION|@ALIAS]")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    p.add_argument("--backend", default="auto", choices=["auto", "hf", "llama"])
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=50051)
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0 = default)")
+    p.add_argument("--max-batch", type=int, default=16, help="concurrent sequences")
+    p.add_argument("--max-seq-len", type=int, default=0, help="context per sequence")
+    p.add_argument("--max-queue", type=int, default=64, help="waiting requests at most")
+    p.add_argument("--max-new-tokens-limit", type=int, default=2048)
+    p.add_argument("--grace", type=float, default=10.0, help="shutdown grace seconds")
+    _registry_arg(p)
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("generate", help="complete a prompt through a server")
+    p.add_argument("prompt")
+    p.add_argument("--model", default="", help="NAME[@VERSION|@ALIAS] (default: server's)")
+    p.add_argument("--stream", action="store_true")
+    p.add_argument("--chat", action="store_true", help="send as a user chat message")
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=0.0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--stop", action="append", help="stop sequence (repeatable)")
+    _target_arg(p)
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("models", help="list the models a server holds")
+    p.add_argument("--json", action="store_true")
+    _target_arg(p)
+    p.set_defaults(func=cmd_models)
+
+    p = sub.add_parser("score", help="probabilities of labels after a prompt")
+    p.add_argument("prompt")
+    p.add_argument("labels", nargs="+")
+    p.add_argument("--model", default="")
+    _target_arg(p)
+    p.set_defaults(func=cmd_score)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    func: Callable[[argparse.Namespace], int] = args.func
+    try:
+        return func(args)
+    except KeyboardInterrupt:
+        return 130
+    except Exception as exc:
+        from slimserve.clients.errors import ClientError
+
+        if isinstance(exc, ClientError):
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        try:
+            from slimserve.compression.errors import CompressionError
+        except ImportError:  # pragma: no cover
+            raise exc from None
+        if isinstance(exc, CompressionError):
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())

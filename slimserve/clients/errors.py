@@ -1,0 +1,84 @@
+"""Errors the clients raise; each gRPC status code maps to one class.
+
+ClientError
+├── InvalidArgument      INVALID_ARGUMENT (a request field is wrong; `field` names it)
+├── NotFound             NOT_FOUND (model, version or alias)
+├── Unauthenticated      UNAUTHENTICATED
+├── PermissionDenied     PERMISSION_DENIED
+├── Overloaded           RESOURCE_EXHAUSTED (retry later)
+├── Unavailable          UNAVAILABLE (server down, loading or draining)
+├── DeadlineExceeded     DEADLINE_EXCEEDED
+├── Cancelled            CANCELLED
+├── DataLoss             DATA_LOSS (an artifact failed its checksums)
+└── ServerError          INTERNAL and anything else
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import grpc
+
+
+class ClientError(Exception):
+    """Base class; `code` is the gRPC status code name, `details` the server's message."""
+
+    def __init__(self, code: str, details: str) -> None:
+        super().__init__(f"{code}: {details}")
+        self.code = code
+        self.details = details
+
+
+class InvalidArgument(ClientError):
+    @property
+    def field(self) -> str:
+        """The request field the server named (text before the first ': ')."""
+        return self.details.split(":", 1)[0] if ":" in self.details else ""
+
+
+class NotFound(ClientError): ...
+
+
+class Unauthenticated(ClientError): ...
+
+
+class PermissionDenied(ClientError): ...
+
+
+class Overloaded(ClientError): ...
+
+
+class Unavailable(ClientError): ...
+
+
+class DeadlineExceeded(ClientError): ...
+
+
+class Cancelled(ClientError): ...
+
+
+class DataLoss(ClientError): ...
+
+
+class ServerError(ClientError): ...
+
+
+_BY_CODE: dict[grpc.StatusCode, type[ClientError]] = {
+    grpc.StatusCode.INVALID_ARGUMENT: InvalidArgument,
+    grpc.StatusCode.NOT_FOUND: NotFound,
+    grpc.StatusCode.UNAUTHENTICATED: Unauthenticated,
+    grpc.StatusCode.PERMISSION_DENIED: PermissionDenied,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: Overloaded,
+    grpc.StatusCode.UNAVAILABLE: Unavailable,
+    grpc.StatusCode.DEADLINE_EXCEEDED: DeadlineExceeded,
+    grpc.StatusCode.CANCELLED: Cancelled,
+    grpc.StatusCode.DATA_LOSS: DataLoss,
+}
+
+
+def from_rpc_error(err: Any) -> ClientError:
+    """Turn a grpc.RpcError / grpc.aio.AioRpcError into the matching ClientError."""
+    code = err.code() if hasattr(err, "code") else grpc.StatusCode.UNKNOWN
+    details = (err.details() if hasattr(err, "details") else None) or str(err)
+    cls = _BY_CODE.get(code, ServerError)
+    return cls(code.name if code is not None else "UNKNOWN", details)

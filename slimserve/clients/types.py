@@ -1,0 +1,129 @@
+"""Typed results and request options returned by the clients (plain dataclasses)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Sampling:
+    """Greedy by default; set `do_sample=True` with temperature/top_k/top_p/seed to sample."""
+
+    do_sample: bool = False
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 0.0
+    seed: int | None = None
+    repetition_penalty: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class ChatMessage:
+    role: str
+    content: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Timings:
+    queue_ms: float = 0.0
+    prefill_ms: float = 0.0
+    ttft_ms: float = 0.0
+    decode_ms: float = 0.0
+    total_ms: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class TokenLogprob:
+    token_id: int
+    logprob: float
+    top: tuple[tuple[int, str, float], ...] = ()
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Generation:
+    """A finished completion."""
+
+    request_id: str
+    model: str
+    model_digest: str
+    text: str
+    token_ids: tuple[int, ...]
+    logprobs: tuple[TokenLogprob, ...]
+    stop_reason: str
+    stop_sequence: str
+    input_tokens: int
+    generated_tokens: int
+    timings: Timings
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class StreamChunk:
+    """One streamed message. `stop_reason` is set on the last one only."""
+
+    text: str
+    token_ids: tuple[int, ...] = ()
+    logprobs: tuple[TokenLogprob, ...] = ()
+    stop_reason: str = ""
+    stop_sequence: str = ""
+    input_tokens: int = 0
+    generated_tokens: int = 0
+    timings: Timings | None = None
+    # Set on the first message of a stream.
+    request_id: str = ""
+    model: str = ""
+    model_digest: str = ""
+
+    @property
+    def is_last(self) -> bool:
+        return bool(self.stop_reason)
+
+
+@dataclass(frozen=True, slots=True)
+class LabelScore:
+    label: str
+    logprob: float
+    probability: float
+    num_tokens: int
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ScoreResult:
+    request_id: str
+    model: str
+    model_digest: str
+    scores: tuple[LabelScore, ...]
+    input_tokens: int
+    latency_ms: float
+
+    def probability(self, label: str) -> float:
+        for s in self.scores:
+            if s.label == label:
+                return s.probability
+        raise KeyError(label)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ModelInfo:
+    name: str
+    version: int
+    aliases: tuple[str, ...]
+    digest: str
+    parent: str
+    source: str
+    recipe: str
+    device: str
+    dtype: str
+    backend: str
+    quantization: str
+    parameters: int
+    max_context: int
+    max_batch: int
+    kv_bytes_per_sequence: int
+    has_chat_template: bool
+    metrics: dict[str, float] = field(default_factory=dict)
+    is_default: bool = False
+    state: str = ""
+
+    @property
+    def ref(self) -> str:
+        return f"{self.name}@{self.version}"

@@ -1,0 +1,89 @@
+"""The plain eager backend: any Hugging Face causal LM, one KV cache object per slot.
+
+It always works (every architecture transformers supports) and is the reference the fast
+backends are tested against. Decode runs each slot's step separately, so its throughput
+does not grow with the batch.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
+
+
+def _kv_bytes_per_token(config: Any, dtype: torch.dtype) -> int:
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    heads = getattr(text, "num_key_value_heads", None) or text.num_attention_heads
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+    elem = torch.empty((), dtype=dtype).element_size()
+    return int(2 * text.num_hidden_layers * heads * head_dim * elem)
+
+
+class HFBackend:
+    """Backend over a `transformers` model with a `DynamicCache` per slot."""
+
+    name = "hf-eager"
+
+    def __init__(self, model: PreTrainedModel, *, max_slots: int, max_seq_len: int) -> None:
+        self.model = model
+        self.max_slots = max_slots
+        self.max_seq_len = max_seq_len
+        self.vocab_size = int(model.config.get_text_config().vocab_size)
+        self.device = next(model.parameters()).device
+        self._dtype = next(model.parameters()).dtype
+        self._caches: dict[int, Any] = {}
+
+    @torch.inference_mode()
+    def prefill(self, slot: int, token_ids: list[int]) -> torch.Tensor:
+        ids = torch.tensor([token_ids], device=self.device)
+        out = self.model(input_ids=ids, use_cache=True, logits_to_keep=1)
+        self._caches[slot] = out.cache
+        logits: torch.Tensor = out.logits[0, -1]
+        return logits.float()
+
+    @torch.inference_mode()
+    def decode(self, slots: list[int], token_ids: list[int]) -> torch.Tensor:
+        rows = []
+        for slot, tok in zip(slots, token_ids, strict=True):
+            ids = torch.tensor([[tok]], device=self.device)
+            out = self.model(input_ids=ids, cache=self._caches[slot], use_cache=True)
+            self._caches[slot] = out.cache
+            rows.append(out.logits[0, -1])
+        return torch.stack(rows).float()
+
+    def release(self, slot: int) -> None:
+        self._caches.pop(slot, None)
+
+    @torch.inference_mode()
+    def score(self, prompt_ids: list[int], continuations: list[list[int]]) -> list[float]:
+        return score_with(self.model, prompt_ids, continuations, self.device)
+
+    def kv_bytes_per_slot(self) -> int:
+        return _kv_bytes_per_token(self.model.config, self._dtype) * self.max_seq_len
+
+
+def score_with(
+    model: Any, prompt_ids: list[int], continuations: list[list[int]], device: torch.device
+) -> list[float]:
+    """Sum of log-probs of each continuation after the prompt, one right-padded batch."""
+    seqs = [prompt_ids + c for c in continuations]
+    width = max(map(len, seqs))
+    ids = torch.zeros((len(seqs), width), dtype=torch.long, device=device)
+    mask = torch.zeros_like(ids)
+    for i, s in enumerate(seqs):
+        ids[i, : len(s)] = torch.tensor(s)
+        mask[i, : len(s)] = 1
+    logits = model(input_ids=ids, attention_mask=mask).logits.float()  # (B, T, vocab)
+    logp = torch.log_softmax(logits, dim=-1)
+    out = []
+    start = len(prompt_ids)
+    for i, c in enumerate(continuations):
+        # Token t is predicted by position t-1.
+        positions = torch.arange(start - 1, start - 1 + len(c), device=device)
+        targets = torch.tensor(c, device=device)
+        out.append(float(logp[i, positions, targets].sum()))
+    return out

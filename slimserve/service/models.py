@@ -1,0 +1,231 @@
+"""Loaded models: registry artifact → weights on a device → backend → running engine."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any, cast
+
+import torch
+
+from slimserve.compression.artifact import load_model
+from slimserve.compression.errors import CompressionError, IntegrityError
+from slimserve.compression.errors import ModelNotFound as RegistryNotFound
+from slimserve.compression.registry import Artifact, Registry, validate_alias
+from slimserve.service.backend import Backend
+from slimserve.service.config import ModelConfig
+from slimserve.service.engine import Engine, EngineConfig
+from slimserve.service.errors import IntegrityFailure, InvalidRequest, ModelNotFound, NotReady
+from slimserve.service.hf_backend import HFBackend
+from slimserve.service.types import GenerationRequest, SamplingParams, StopParams
+
+log = logging.getLogger(__name__)
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_CONTEXT_CAP = 4096
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {name} requested but CUDA is not available")
+    return device
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return _DTYPES[name]
+
+
+@dataclass(frozen=True, slots=True)
+class LoadedModel:
+    artifact: Artifact
+    tokenizer: Any
+    engine: Engine
+    backend: Backend
+    device: torch.device
+    dtype: torch.dtype
+    max_context: int
+    loaded_at: float
+
+    @property
+    def name(self) -> str:
+        return self.artifact.name
+
+    @property
+    def ref(self) -> str:
+        return self.artifact.ref
+
+
+def build_backend(model: Any, config: ModelConfig, max_seq_len: int) -> Backend:
+    """The fastest backend that supports this model, or the eager one."""
+    from slimserve.service import llama
+
+    param = next(model.parameters())
+    reason = llama.unsupported_reason(model.config)
+    if reason is None and param.dtype not in (torch.float32, torch.bfloat16):
+        reason = f"dtype {param.dtype} (float32 or bfloat16 only)"
+    if config.backend == "llama" and reason is not None:
+        raise ValueError(f"backend 'llama' cannot serve this model: {reason}")
+    if config.backend in ("auto", "llama") and reason is None:
+        return llama.LlamaBackend.from_model(
+            model,
+            max_slots=config.max_batch,
+            max_seq_len=max_seq_len,
+            dtype=param.dtype,
+            device=param.device,
+        )
+    if reason is not None:
+        log.info("using the eager backend: %s", reason)
+    return HFBackend(model, max_slots=config.max_batch, max_seq_len=max_seq_len)
+
+
+def load(artifact: Artifact, config: ModelConfig) -> LoadedModel:
+    """Verify, load, build the backend, start the engine and warm it up."""
+    device = resolve_device(config.device)
+    dtype = resolve_dtype(config.dtype, device)
+    try:
+        model, tokenizer = load_model(artifact, device=device, dtype=dtype)
+    except IntegrityError as exc:
+        raise IntegrityFailure(str(exc)) from exc
+    model_limit = int(getattr(model.config, "max_position_embeddings", 0) or _CONTEXT_CAP)
+    max_seq_len = config.max_seq_len or min(model_limit, _CONTEXT_CAP)
+    backend = build_backend(model, config, max_seq_len)
+    eos = model.generation_config.eos_token_id if model.generation_config else None
+    eos_ids = frozenset(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+    engine = Engine(
+        backend,
+        cast(Any, tokenizer),
+        EngineConfig(max_queue=config.max_queue, eos_token_ids=eos_ids),
+    )
+    engine.start()
+    loaded = LoadedModel(
+        artifact=artifact,
+        tokenizer=tokenizer,
+        engine=engine,
+        backend=backend,
+        device=device,
+        dtype=dtype,
+        max_context=max_seq_len,
+        loaded_at=time.time(),
+    )
+    if config.warmup:
+        warm_up(loaded)
+    log.info("serving %s with backend %s on %s/%s", artifact.ref, backend.name, device, dtype)
+    return loaded
+
+
+def warm_up(model: LoadedModel) -> None:
+    """One short generation and one score, so the first real request pays no first-call cost."""
+    done = threading.Event()
+    ids = tuple(model.tokenizer("Hello")["input_ids"]) or (0,)
+    req = GenerationRequest(
+        request_id=f"warmup-{uuid.uuid4().hex[:8]}",
+        prompt_ids=ids,
+        sampling=SamplingParams(),
+        stopping=StopParams(max_new_tokens=4, ignore_eos=True),
+    )
+    model.engine.submit(req, lambda ev: done.set() if ev.finish or ev.error else None)
+    done.wait(120)
+    model.engine.score(list(ids), [[ids[-1]]]).result(120)
+
+
+class ModelManager:
+    """The models this server holds; resolves request refs to a loaded version."""
+
+    def __init__(self, registry: Registry, config: ModelConfig) -> None:
+        self.registry = registry
+        self.config = config
+        self._models: dict[str, LoadedModel] = {}
+        self._default: str | None = None
+        self._lock = threading.Lock()
+        #: True while the server loads its configured models (requests get UNAVAILABLE).
+        self.loading = False
+
+    def load(self, name: str, ref: str = "", *, make_default: bool = False) -> LoadedModel:
+        """Load a version beside the current one, then swap (blocking; not on the loop)."""
+        try:
+            artifact = self.registry.get(name, ref)
+        except RegistryNotFound as exc:
+            raise ModelNotFound(str(exc)) from exc
+        except CompressionError as exc:
+            raise InvalidRequest("model", str(exc)) from exc
+        loaded = load(artifact, self.config)
+        with self._lock:
+            old = self._models.get(name)
+            self._models[name] = loaded
+            if make_default or self._default is None:
+                self._default = name
+        if old is not None and old.artifact.version != loaded.artifact.version:
+            threading.Thread(target=_retire, args=(old,), daemon=True).start()
+        return loaded
+
+    def unload(self, name: str) -> None:
+        with self._lock:
+            old = self._models.pop(name, None)
+            if old is None:
+                raise ModelNotFound(f"model {name!r} is not loaded")
+            if self._default == name:
+                self._default = next(iter(self._models), None)
+        _retire(old)
+
+    def get(self, name: str = "", ref: str = "") -> LoadedModel:
+        """The loaded model a request names; `ref` must resolve to the loaded version."""
+        with self._lock:
+            key = name or self._default
+            loaded = self._models.get(key) if key else None
+            loaded_names = sorted(self._models)
+        if loaded is None and self.loading:
+            raise NotReady("models are still loading; retry shortly")
+        if loaded is None:
+            what = f"model {name!r} is not loaded" if name else "no default model is loaded"
+            raise ModelNotFound(f"{what} (loaded: {', '.join(loaded_names) or 'none'})")
+        if ref and ref != str(loaded.artifact.version):
+            if ref.isdigit():
+                raise ModelNotFound(
+                    f"{loaded.name} version {ref} is not loaded (serving {loaded.ref})"
+                )
+            try:
+                validate_alias(ref) if ref != "latest" else None
+                version = self.registry.resolve(loaded.name, ref)
+            except (RegistryNotFound, CompressionError) as exc:
+                raise ModelNotFound(str(exc)) from exc
+            if version != loaded.artifact.version:
+                raise ModelNotFound(
+                    f"{loaded.name}@{ref} is version {version}, which is not loaded "
+                    f"(serving {loaded.ref})"
+                )
+        return loaded
+
+    def all(self) -> list[LoadedModel]:
+        with self._lock:
+            return list(self._models.values())
+
+    @property
+    def default_name(self) -> str | None:
+        return self._default
+
+    def shutdown(self) -> None:
+        with self._lock:
+            models = list(self._models.values())
+            self._models.clear()
+        for m in models:
+            m.engine.shutdown()
+
+
+def _retire(model: LoadedModel, grace_s: float = 60.0) -> None:
+    """Let in-flight requests finish on the old version, then stop its engine."""
+    deadline = time.monotonic() + grace_s
+    while time.monotonic() < deadline:
+        stats = model.engine.stats()
+        if stats.running == 0 and stats.queued == 0:
+            break
+        time.sleep(0.05)
+    model.engine.shutdown()
+    log.info("retired %s", model.ref)

@@ -1,0 +1,121 @@
+"""The gRPC server: services, health, reflection, model loading and graceful shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from slimserve.compression.registry import Registry, parse_model_ref
+from slimserve.service.config import ServerConfig
+from slimserve.service.models import ModelManager
+from slimserve.service.servicer import GenerationServicer, ModelServicer
+from slimserve.v1 import generation_pb2, models_pb2
+from slimserve.v1 import generation_pb2_grpc as gen_grpc
+from slimserve.v1 import models_pb2_grpc as models_grpc
+
+log = logging.getLogger(__name__)
+
+SERVICES = (
+    generation_pb2.DESCRIPTOR.services_by_name["GenerationService"].full_name,
+    models_pb2.DESCRIPTOR.services_by_name["ModelService"].full_name,
+)
+
+
+@dataclass
+class Server:
+    """A running server; `ready` completes once every configured model is warm."""
+
+    config: ServerConfig
+    grpc_server: grpc.aio.Server
+    port: int
+    health: health.aio.HealthServicer
+    models: ModelManager
+    ready: asyncio.Future[None] = field(default_factory=asyncio.Future)
+    load_task: asyncio.Task[None] | None = None
+
+    async def _set_status(self, status: int) -> None:
+        for name in ("", *SERVICES):
+            await self.health.set(name, status)
+
+    async def load_configured(self) -> None:
+        """Load the configured models off the event loop, then report SERVING."""
+        try:
+            for i, text in enumerate(self.config.models):
+                name, ref = parse_model_ref(text)
+                await asyncio.to_thread(self.models.load, name, ref, make_default=i == 0)
+        except BaseException as exc:
+            self.models.loading = False
+            log.error("loading models failed: %s", exc)
+            self.ready.set_exception(exc)
+            return
+        self.models.loading = False
+        await self._set_status(health_pb2.HealthCheckResponse.SERVING)
+        self.ready.set_result(None)
+        log.info("serving on %s:%d", self.config.host, self.port)
+
+    async def stop(self, grace: float | None = None) -> None:
+        """NOT_SERVING, refuse new calls, let in-flight ones finish, stop engines."""
+        await self.health.enter_graceful_shutdown()
+        await self.grpc_server.stop(self.config.grace_s if grace is None else grace)
+        await asyncio.to_thread(self.models.shutdown)
+
+
+async def build_server(config: ServerConfig, *, load: bool = True) -> tuple[Server, int]:
+    """Bind and start; model loading runs in the background (await `server.ready`).
+
+    Returns the server and the bound port (useful with port 0).
+    """
+    limits = config.limits
+    grpc_server = grpc.aio.server(
+        options=[
+            ("grpc.max_receive_message_length", limits.max_message_bytes),
+            ("grpc.max_send_message_length", limits.max_message_bytes),
+        ]
+    )
+    models = ModelManager(Registry(config.registry), config.model)
+    gen_grpc.add_GenerationServiceServicer_to_server(
+        GenerationServicer(models, limits), grpc_server
+    )
+    models_grpc.add_ModelServiceServicer_to_server(ModelServicer(models), grpc_server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, grpc_server)
+    reflection.enable_server_reflection(
+        (*SERVICES, health.SERVICE_NAME, reflection.SERVICE_NAME), grpc_server
+    )
+    port = grpc_server.add_insecure_port(f"{config.host}:{config.port}")
+    if port == 0:
+        raise OSError(f"could not bind {config.host}:{config.port}")
+    server = Server(config, grpc_server, port, health_servicer, models)
+    for name in ("", *SERVICES):
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+    await grpc_server.start()
+    if load:
+        models.loading = True
+        server.load_task = asyncio.create_task(server.load_configured())
+    return server, port
+
+
+async def serve(config: ServerConfig) -> int:
+    """Run until SIGTERM/SIGINT, then shut down gracefully. Returns the exit code."""
+    server, _ = await build_server(config)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    ready: asyncio.Future[Any] = asyncio.ensure_future(asyncio.shield(server.ready))
+    waiter: asyncio.Future[Any] = asyncio.ensure_future(stop.wait())
+    done, _ = await asyncio.wait({ready, waiter}, return_when=asyncio.FIRST_COMPLETED)
+    if ready in done and ready.exception() is not None:
+        await server.stop(0)
+        return 1
+    await waiter
+    log.info("shutting down (grace %.1fs)", config.grace_s)
+    await server.stop()
+    return 0

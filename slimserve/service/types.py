@@ -1,0 +1,98 @@
+"""Domain objects passed between servicer, engine and scheduler (no protobuf here)."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+
+class StopReason(enum.Enum):
+    MAX_TOKENS = "MAX_TOKENS"
+    EOS_TOKEN = "EOS_TOKEN"
+    STOP_SEQUENCE = "STOP_SEQUENCE"
+    TIME_LIMIT = "TIME_LIMIT"
+    CANCELLED = "CANCELLED"
+    TOKEN_LIMIT = "TOKEN_LIMIT"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SamplingParams:
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int | None = None
+    repetition_penalty: float = 1.0
+
+    @property
+    def is_greedy(self) -> bool:
+        return not self.do_sample and self.repetition_penalty == 1.0
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class StopParams:
+    max_new_tokens: int
+    stop_sequences: tuple[str, ...] = ()
+    #: Wall-clock budget from arrival, seconds; None = none.
+    time_limit_s: float | None = None
+    ignore_eos: bool = False
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class GenerationRequest:
+    request_id: str
+    prompt_ids: tuple[int, ...]
+    sampling: SamplingParams
+    stopping: StopParams
+    logprobs: bool = False
+    top_n: int = 0
+    #: time.monotonic() after which the request is cancelled (the gRPC deadline).
+    deadline: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class TokenLogprob:
+    token_id: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Timings:
+    """Milliseconds, measured in the engine."""
+
+    queue_ms: float
+    prefill_ms: float
+    ttft_ms: float
+    decode_ms: float
+    total_ms: float
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Finish:
+    reason: StopReason
+    stop_sequence: str
+    input_tokens: int
+    generated_tokens: int
+    timings: Timings
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Event:
+    """What the engine tells a request's consumer: a text delta, the end, or an error."""
+
+    text: str = ""
+    token_ids: tuple[int, ...] = ()
+    logprobs: tuple[TokenLogprob, ...] = ()
+    finish: Finish | None = None
+    error: BaseException | None = None
+
+
+@dataclass(slots=True)
+class EngineStats:
+    running: int = 0
+    queued: int = 0
+    free_slots: int = 0
+    steps: int = 0
+    generated_tokens: int = 0
+    finished: dict[str, int] = field(default_factory=dict)

