@@ -223,6 +223,15 @@ def cmd_score(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_health(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        if args.wait:
+            client.wait_ready(args.wait)
+        status = client.health(args.service)
+    print(status)
+    return 0 if status == "SERVING" else 1
+
+
 # ---- parser ------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="slimserve", description=__doc__.splitlines()[0])
@@ -288,6 +297,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default="")
     _target_arg(p)
     p.set_defaults(func=cmd_score)
+
+    p = sub.add_parser("health", help="a server's gRPC health status")
+    p.add_argument("--service", default="", help="service name ('' = whole server)")
+    p.add_argument("--wait", type=float, default=0.0, help="wait up to N seconds for SERVING")
+    _target_arg(p)
+    p.set_defaults(func=cmd_health)
     return parser
 
 
