@@ -1,0 +1,264 @@
+"""Ranking metrics, latency percentiles, and a side-by-side report of several scorers.
+
+Labels are 0/1 (1 = fraud); scores are any real numbers where higher means more likely
+fraud. Tied scores are handled as scikit-learn does: ROC-AUC gives a tie half credit, and
+the curves step once per distinct score. Latencies are in milliseconds.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import numpy.typing as npt
+
+_Array = npt.NDArray[np.float64]
+
+
+@dataclass(frozen=True, slots=True)
+class LatencySummary:
+    """Latency percentiles in milliseconds (linear interpolation, as ``numpy.percentile``)."""
+
+    count: int
+    mean_ms: float
+    p50_ms: float
+    p90_ms: float
+    p99_ms: float
+    max_ms: float
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SystemResult:
+    """One scorer's output on a labelled set: a row of the report."""
+
+    name: str
+    labels: npt.ArrayLike  # (n,) 0/1
+    scores: npt.ArrayLike  # (n,) higher = more likely fraud
+    latencies_ms: npt.ArrayLike = ()  # any count; empty when not timed
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SystemMetrics:
+    """The figures of one ``SystemResult``; ``latency`` is None without latencies."""
+
+    name: str
+    count: int
+    frauds: int
+    roc_auc: float
+    pr_auc: float
+    precision_at_k: float
+    k: int
+    latency: LatencySummary | None
+
+
+def roc_auc(labels: npt.ArrayLike, scores: npt.ArrayLike) -> float:
+    """Area under the ROC curve: the chance a random fraud outscores a random legit payment.
+
+    Raises:
+        ValueError: lengths differ, or only one class is present.
+    """
+    y, s = _check(labels, scores)
+    ranks = _average_ranks(s)
+    positives = int(y.sum())
+    negatives = y.size - positives
+    rank_sum = float(ranks[y == 1].sum())
+    return (rank_sum - positives * (positives + 1) / 2) / (positives * negatives)
+
+
+def average_precision(labels: npt.ArrayLike, scores: npt.ArrayLike) -> float:
+    """PR-AUC as average precision: sum over thresholds of (recall step) x precision.
+
+    Raises:
+        ValueError: lengths differ, or only one class is present.
+    """
+    precision, recall, _ = precision_recall_curve(labels, scores)
+    # recall decreases along the curve, so each step is negative.
+    return float(max(0.0, -np.sum(np.diff(recall) * precision[:-1])))
+
+
+def precision_at_k(labels: npt.ArrayLike, scores: npt.ArrayLike, k: int) -> float:
+    """Share of frauds among the ``k`` highest scores (ties keep input order).
+
+    Raises:
+        ValueError: ``k`` outside 1..n, or lengths differ.
+    """
+    y = np.asarray(labels, dtype=np.int64)
+    s = np.asarray(scores, dtype=np.float64)
+    if y.shape != s.shape:
+        raise ValueError(f"{y.size} labels but {s.size} scores; give one score per label")
+    if not 1 <= k <= y.size:
+        raise ValueError(f"k={k} must be between 1 and the number of scores ({y.size})")
+    top = np.argsort(-s, kind="stable")[:k]
+    return float(y[top].mean())
+
+
+def roc_curve(labels: npt.ArrayLike, scores: npt.ArrayLike) -> tuple[_Array, _Array]:
+    """False- and true-positive rates, from (0, 0) to (1, 1), one point per distinct score."""
+    y, s = _check(labels, scores)
+    true_pos, false_pos, _ = _cumulative(y, s)
+    tpr = np.concatenate([[0.0], true_pos / true_pos[-1]])
+    fpr = np.concatenate([[0.0], false_pos / false_pos[-1]])
+    return fpr, tpr
+
+
+def precision_recall_curve(
+    labels: npt.ArrayLike, scores: npt.ArrayLike
+) -> tuple[_Array, _Array, _Array]:
+    """Precision, recall and thresholds, as scikit-learn orders them (recall decreasing).
+
+    The last point is (precision 1, recall 0) and has no threshold.
+    """
+    y, s = _check(labels, scores)
+    true_pos, false_pos, thresholds = _cumulative(y, s)
+    precision = true_pos / (true_pos + false_pos)
+    recall = true_pos / true_pos[-1]
+    return (
+        np.concatenate([precision[::-1], [1.0]]),
+        np.concatenate([recall[::-1], [0.0]]),
+        thresholds[::-1],
+    )
+
+
+def latency_summary(latencies_ms: npt.ArrayLike) -> LatencySummary:
+    """Count, mean, p50, p90, p99 and max of latencies in milliseconds.
+
+    Raises:
+        ValueError: no latencies.
+    """
+    values = np.asarray(latencies_ms, dtype=np.float64)
+    if values.size == 0:
+        raise ValueError("no latencies to summarise; time at least one request")
+    p50, p90, p99 = np.percentile(values, [50, 90, 99])
+    return LatencySummary(
+        count=int(values.size),
+        mean_ms=float(values.mean()),
+        p50_ms=float(p50),
+        p90_ms=float(p90),
+        p99_ms=float(p99),
+        max_ms=float(values.max()),
+    )
+
+
+def evaluate(system: SystemResult, k: int = 100) -> SystemMetrics:
+    """All figures of one system; ``k`` is capped at the number of scores."""
+    labels = np.asarray(system.labels, dtype=np.int64)
+    latencies = np.asarray(system.latencies_ms, dtype=np.float64)
+    k = min(k, labels.size)
+    return SystemMetrics(
+        name=system.name,
+        count=int(labels.size),
+        frauds=int(labels.sum()),
+        roc_auc=roc_auc(labels, system.scores),
+        pr_auc=average_precision(labels, system.scores),
+        precision_at_k=precision_at_k(labels, system.scores, k),
+        k=k,
+        latency=latency_summary(latencies) if latencies.size else None,
+    )
+
+
+def markdown_table(rows: Sequence[SystemMetrics]) -> str:
+    """The systems side by side as a GitHub markdown table (one row per system)."""
+    header = (
+        "| system | payments | frauds | ROC-AUC | PR-AUC | precision@k | "
+        "p50 ms | p90 ms | p99 ms |\n"
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|\n"
+    )
+    lines = []
+    for m in rows:
+        lat = m.latency
+        times = (
+            "| - | - | -"
+            if lat is None
+            else f"| {lat.p50_ms:.2f} | {lat.p90_ms:.2f} | {lat.p99_ms:.2f}"
+        )
+        lines.append(
+            f"| {m.name} | {m.count} | {m.frauds} | {m.roc_auc:.4f} | {m.pr_auc:.4f} "
+            f"| {m.precision_at_k:.3f} (k={m.k}) {times} |"
+        )
+    return header + "\n".join(lines) + "\n"
+
+
+def plot_curves(path: str | Path, systems: Sequence[SystemResult]) -> Path:
+    """Write a PNG with ROC (left) and precision-recall (right) curves of every system."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, (roc_axes, pr_axes) = plt.subplots(1, 2, figsize=(11, 4.8))
+    try:
+        for system in systems:
+            fpr, tpr = roc_curve(system.labels, system.scores)
+            roc_axes.plot(
+                fpr, tpr, label=f"{system.name} ({roc_auc(system.labels, system.scores):.3f})"
+            )
+            precision, recall, _ = precision_recall_curve(system.labels, system.scores)
+            ap = average_precision(system.labels, system.scores)
+            pr_axes.step(recall, precision, where="post", label=f"{system.name} ({ap:.3f})")
+        roc_axes.plot([0, 1], [0, 1], color="grey", linestyle=":", linewidth=1)
+        roc_axes.set(xlabel="false positive rate", ylabel="true positive rate", title="ROC")
+        pr_axes.set(xlabel="recall", ylabel="precision", title="Precision-recall", ylim=(0, 1.02))
+        for axes in (roc_axes, pr_axes):
+            axes.legend(loc="lower right" if axes is roc_axes else "upper right", fontsize=8)
+            axes.grid(alpha=0.3)
+        figure.tight_layout()
+        path = Path(path)
+        figure.savefig(path, dpi=110)
+    finally:
+        plt.close(figure)
+    return path
+
+
+def write_report(
+    directory: str | Path, systems: Sequence[SystemResult], *, k: int = 100, stem: str = "report"
+) -> tuple[Path, Path]:
+    """Write ``<stem>.md`` (the table) and ``<stem>.png`` (the curves) into ``directory``.
+
+    Returns:
+        The paths of the markdown file and the PNG.
+    """
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    table = directory / f"{stem}.md"
+    table.write_text(markdown_table([evaluate(s, k) for s in systems]), encoding="utf-8")
+    return table, plot_curves(directory / f"{stem}.png", systems)
+
+
+def _check(labels: npt.ArrayLike, scores: npt.ArrayLike) -> tuple[npt.NDArray[np.int64], _Array]:
+    y = np.asarray(labels, dtype=np.int64)
+    s = np.asarray(scores, dtype=np.float64)
+    if y.ndim != 1 or y.shape != s.shape:
+        raise ValueError(f"labels {y.shape} and scores {s.shape} must be 1-D of equal length")
+    if not np.isin(y, (0, 1)).all():
+        raise ValueError("labels must be 0 or 1")
+    positives = int(y.sum())
+    if positives in (0, y.size):
+        raise ValueError("both classes are needed; the labels hold only one")
+    if not np.isfinite(s).all():
+        raise ValueError("scores must be finite")
+    return y, s
+
+
+def _average_ranks(values: _Array) -> _Array:
+    """1-based ranks, ties sharing their average rank."""
+    order = np.argsort(values, kind="mergesort")
+    ordered = values[order]
+    # Boundaries of runs of equal values in sorted order.
+    starts = np.flatnonzero(np.concatenate([[True], ordered[1:] != ordered[:-1]]))
+    ends = np.concatenate([starts[1:], [values.size]])
+    run_rank = (starts + ends + 1) / 2.0  # mean of ranks starts+1 .. ends
+    ranks = np.empty(values.size, dtype=np.float64)
+    ranks[order] = np.repeat(run_rank, ends - starts)
+    return ranks
+
+
+def _cumulative(y: npt.NDArray[np.int64], s: _Array) -> tuple[_Array, _Array, _Array]:
+    """True and false positives at each distinct threshold, from the highest score down."""
+    order = np.argsort(-s, kind="mergesort")
+    s, y = s[order], y[order]
+    last_of_run = np.flatnonzero(np.concatenate([s[1:] != s[:-1], [True]]))
+    true_pos = np.cumsum(y, dtype=np.float64)[last_of_run]
+    false_pos = (last_of_run + 1) - true_pos
+    return true_pos, false_pos, s[last_of_run]

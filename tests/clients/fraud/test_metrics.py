@@ -1,0 +1,99 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from slimserve.clients.fraud import (
+    SystemResult,
+    average_precision,
+    evaluate,
+    latency_summary,
+    markdown_table,
+    precision_at_k,
+    precision_recall_curve,
+    roc_auc,
+    roc_curve,
+    write_report,
+)
+
+
+def _random_case(seed: int) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    n = int(rng.integers(2, 400))
+    labels = rng.integers(0, 2, size=n)
+    labels[:2] = (0, 1)
+    # Rounded scores make plenty of ties, the case implementations get wrong.
+    scores = np.round(rng.normal(size=n) + labels * rng.uniform(0, 2), int(rng.integers(0, 3)))
+    return labels, scores
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_ranking_metrics_match_scikit_learn(seed: int) -> None:
+    from sklearn import metrics
+
+    labels, scores = _random_case(seed)
+
+    assert roc_auc(labels, scores) == pytest.approx(metrics.roc_auc_score(labels, scores))
+    assert average_precision(labels, scores) == pytest.approx(
+        metrics.average_precision_score(labels, scores)
+    )
+    for ours, theirs in zip(
+        precision_recall_curve(labels, scores),
+        metrics.precision_recall_curve(labels, scores),
+        strict=True,
+    ):
+        np.testing.assert_allclose(ours, theirs)
+    fpr, tpr, _ = metrics.roc_curve(labels, scores, drop_intermediate=False)
+    np.testing.assert_allclose(roc_curve(labels, scores), (fpr, tpr))
+
+
+def test_precision_at_k_counts_frauds_among_the_top_scores() -> None:
+    labels = [0, 1, 1, 0, 1, 0]
+    scores = [0.9, 0.8, 0.1, 0.7, 0.95, 0.2]
+
+    assert precision_at_k(labels, scores, 1) == 1.0
+    assert precision_at_k(labels, scores, 2) == 0.5
+    assert precision_at_k(labels, scores, 4) == 0.5
+    assert precision_at_k(labels, scores, 6) == 0.5
+    with pytest.raises(ValueError, match="k=7"):
+        precision_at_k(labels, scores, 7)
+
+
+def test_latency_percentiles_match_numpy() -> None:
+    latencies = np.random.default_rng(0).lognormal(2.0, 0.5, size=1001)
+    summary = latency_summary(latencies)
+
+    assert summary.count == 1001
+    assert summary.p50_ms == pytest.approx(np.percentile(latencies, 50))
+    assert summary.p90_ms == pytest.approx(np.percentile(latencies, 90))
+    assert summary.p99_ms == pytest.approx(np.percentile(latencies, 99))
+    assert summary.max_ms == pytest.approx(latencies.max())
+    with pytest.raises(ValueError, match="no latencies"):
+        latency_summary([])
+
+
+def test_one_class_is_refused() -> None:
+    with pytest.raises(ValueError, match="both classes"):
+        roc_auc([0, 0, 0], [0.1, 0.2, 0.3])
+    with pytest.raises(ValueError, match="equal length"):
+        average_precision([0, 1], [0.1])
+
+
+def test_the_report_writes_a_table_and_a_png(tmp_path: Path) -> None:
+    labels, scores = _random_case(1)
+    systems = [
+        SystemResult(name="fraud-scorer@3", labels=labels, scores=scores, latencies_ms=[4, 5, 9]),
+        SystemResult(name="baseline", labels=labels, scores=-scores),
+    ]
+
+    table, png = write_report(tmp_path / "out", systems, k=10)
+
+    text = table.read_text()
+    assert text == markdown_table([evaluate(s, k=10) for s in systems])
+    assert "| fraud-scorer@3 |" in text
+    assert "| baseline |" in text
+    assert text.count("\n") == 4  # header, rule, two systems
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert png.stat().st_size > 10_000
