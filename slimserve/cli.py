@@ -117,6 +117,107 @@ def cmd_registry(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---- compression -------------------------------------------------------------------------
+def _rich_progress() -> Any:
+    """A rich progress display and a `progress(label, done, total)` callback for it."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
+
+    bar = Progress(
+        "[progress.description]{task.description}",
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        transient=False,
+    )
+    tasks: dict[str, Any] = {}
+
+    def update(label: str, done: int, total: int) -> None:
+        key = label.split(" (", 1)[0].split(" loss", 1)[0]
+        if key not in tasks:
+            tasks[key] = bar.add_task(label, total=total)
+        bar.update(tasks[key], completed=done, total=total, description=label)
+
+    return bar, update
+
+
+def cmd_compress(args: argparse.Namespace) -> int:
+    import torch
+
+    from slimserve.compression.recipe import CompressJob, compress, load_recipe
+    from slimserve.compression.registry import parse_model_ref
+
+    recipe = load_recipe(args.recipe)  # every stage validated before any work
+    registry = _open_registry(args)
+    name, ref = parse_model_ref(args.source)
+    parent = registry.get(name, ref)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    job = CompressJob(
+        recipe=recipe,
+        parent=parent,
+        to_name=args.to or name,
+        data=args.data,
+        eval_text=args.eval_text,
+        device=args.device,
+    )
+    bar, update = _rich_progress()
+    with bar:
+        art = compress(registry, job, update)
+    m = art.manifest["metrics"]
+    print(
+        f"published {art.ref} (parent {parent.ref}, recipe {recipe.name}): "
+        f"perplexity {m['perplexity']:.2f}, {m['parameters'] / 1e6:.1f} M params, "
+        f"{m['bytes'] / 1e6:.0f} MB, {m.get('decode_tokens_per_s', 0):.1f} tok/s decode"
+    )
+    return 0
+
+
+def _evaluate_ref(args: argparse.Namespace, text: str) -> dict[str, Any]:
+    from slimserve.compression.artifact import load_model
+    from slimserve.compression.evaluate import EvaluateConfig, evaluate
+    from slimserve.compression.registry import parse_model_ref
+
+    registry = _open_registry(args)
+    art = registry.get(*parse_model_ref(text))
+    model, tok = load_model(art)
+    size = sum(int(f["size"]) for r, f in art.files.items() if r.endswith(".safetensors"))
+    cfg = EvaluateConfig(speed_tokens=args.speed_tokens, max_chunks=args.max_chunks)
+    return {"model": art.ref, **evaluate(model, tok, cfg, text=args.text, model_bytes=size)}
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    result = _evaluate_ref(args, args.model)
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        for k, v in result.items():
+            print(f"{k:22} {v}")
+    return 0
+
+
+def cmd_bench_compare(args: argparse.Namespace) -> int:
+    import torch
+
+    from slimserve.bench.compare import markdown, plot
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    rows = [_evaluate_ref(args, ref) for ref in args.models]
+    print(f"command: {' '.join(sys.argv)}")
+    print(f"threads: {torch.get_num_threads()}  torch: {torch.__version__}")
+    print(markdown(rows))
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=2))
+    if args.plot:
+        plot(rows, args.plot)
+        print(f"plot: {args.plot}")
+    return 0
+
+
 # ---- server ------------------------------------------------------------------------------
 def cmd_serve(args: argparse.Namespace) -> int:
     import asyncio
@@ -232,6 +333,49 @@ def cmd_health(args: argparse.Namespace) -> int:
     return 0 if status == "SERVING" else 1
 
 
+def cmd_bench_serve(args: argparse.Namespace) -> int:
+    import importlib.util
+
+    from slimserve.bench import serve as bench
+
+    systems = [s.strip() for s in args.systems.split(",") if s.strip()]
+    if "llama_cpp" in systems and importlib.util.find_spec("llama_cpp") is None:
+        print("llama_cpp: llama-cpp-python is not installed; skipped", file=sys.stderr)
+        systems.remove("llama_cpp")
+    gguf = args.gguf
+    if gguf is None and "llama_cpp" in systems:
+        from slimserve.compression.importer import default_gguf_path
+
+        gguf = default_gguf_path()
+    b = bench.Bench(
+        registry=args.registry or default_registry(),
+        model=args.model,
+        threads=args.threads,
+        new_tokens=args.new_tokens,
+        concurrency=[int(c) for c in args.concurrency.split(",")],
+        repeats=args.repeats,
+        systems=systems,
+        gguf=gguf,
+        max_batch=args.max_batch,
+    )
+    report = bench.run(b, score=not args.no_score)
+    env = report["environment"]
+    print("\n".join(f"{k}: {v}" for k, v in env.items()))
+    table = bench.markdown(report["results"])
+    print()
+    print(table)
+    for s in report["score"]:
+        print(
+            f"Score (2 labels) concurrency {s['concurrency']}: p50 {s['p50_ms']:.1f} ms, "
+            f"p99 {s['p99_ms']:.1f} ms, {s['per_s']:.1f} req/s"
+        )
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=2))
+    if args.plot:
+        bench.plot(report["results"], args.plot)
+    return 0
+
+
 # ---- parser ------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="slimserve", description=__doc__.splitlines()[0])
@@ -255,6 +399,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     _registry_arg(p)
     p.set_defaults(func=cmd_registry)
+
+    p = sub.add_parser("compress", help="run a recipe and publish a new version")
+    p.add_argument("recipe", type=Path, help="recipe TOML (see recipes/)")
+    p.add_argument("--from", dest="source", required=True, help="parent NAME[@REF]")
+    p.add_argument("--to", help="name to publish under (default: the parent's)")
+    p.add_argument("--data", type=Path, help="training text (.txt or .jsonl with 'text')")
+    p.add_argument("--eval-text", type=Path, help="held-out text for perplexity")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--threads", type=int, default=0)
+    _registry_arg(p)
+    p.set_defaults(func=cmd_compress)
+
+    p = sub.add_parser("eval", help="perplexity, size and speed of a version")
+    p.add_argument("model", help="NAME[@REF]")
+    p.add_argument("--text", type=Path, help="held-out text (default: pydoc eval split)")
+    p.add_argument("--speed-tokens", type=int, default=128)
+    p.add_argument("--max-chunks", type=int, default=32)
+    p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--json", action="store_true")
+    _registry_arg(p)
+    p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("serve", help="serve registry models over gRPC")
     p.add_argument("--model", action="append", required=True, help="NAME[@VERSION|@ALIAS]")
@@ -297,6 +462,38 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default="")
     _target_arg(p)
     p.set_defaults(func=cmd_score)
+
+    bench = sub.add_parser("bench", help="benchmarks (figures side by side in one run)")
+    bsub = bench.add_subparsers(dest="bench", required=True)
+    p = bsub.add_parser("compare", help="versions side by side: perplexity, size, speed")
+    p.add_argument("models", nargs="+", help="NAME@REF ...")
+    p.add_argument("--text", type=Path, help="held-out text (default: pydoc eval split)")
+    p.add_argument("--speed-tokens", type=int, default=128)
+    p.add_argument("--max-chunks", type=int, default=32)
+    p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--json", type=Path)
+    p.add_argument("--plot", type=Path, help="PNG: perplexity against decode speed")
+    _registry_arg(p)
+    p.set_defaults(func=cmd_bench_compare)
+
+    p = bsub.add_parser("serve", help="streaming latency/throughput vs baselines")
+    p.add_argument("--model", default="smollm2-135m-instruct", help="NAME[@REF]")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--new-tokens", type=int, default=128)
+    p.add_argument("--concurrency", default="1,4,16", help="comma-separated")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--max-batch", type=int, default=16)
+    p.add_argument(
+        "--systems",
+        default="slimserve,engine,hf_generate,llama_cpp",
+        help="comma-separated: slimserve, engine, hf_generate, llama_cpp",
+    )
+    p.add_argument("--gguf", type=Path, help="GGUF for llama_cpp (default: the shipped one)")
+    p.add_argument("--no-score", action="store_true", help="skip the Score measurement")
+    p.add_argument("--json", type=Path)
+    p.add_argument("--plot", type=Path)
+    _registry_arg(p)
+    p.set_defaults(func=cmd_bench_serve)
 
     p = sub.add_parser("health", help="a server's gRPC health status")
     p.add_argument("--service", default="", help="service name ('' = whole server)")

@@ -63,22 +63,64 @@ class LoadedModel:
         return self.artifact.ref
 
 
+def torchao_scheme(model: Any) -> str | None:
+    """The torchao config type a model was quantized with (e.g. "Int8WeightOnlyConfig")."""
+    qc = getattr(model.config, "quantization_config", None)
+    if qc is None:
+        return None
+    if isinstance(qc, dict):
+        if qc.get("quant_method") != "torchao":
+            return None
+        qt = qc.get("quant_type")
+        if isinstance(qt, dict):
+            inner = qt.get("default", qt)
+            return str(inner.get("_type")) if isinstance(inner, dict) else str(inner)
+        return str(qt)
+    if str(getattr(getattr(qc, "quant_method", ""), "value", "")) != "torchao":
+        return None
+    return type(getattr(qc, "quant_type", None)).__name__
+
+
+def _dequantized_state_dict(model: Any) -> dict[str, torch.Tensor]:
+    out = {}
+    for k, v in model.state_dict().items():
+        is_plain = type(v) in (torch.Tensor, torch.nn.Parameter)
+        out[k] = v if is_plain else v.dequantize().to(torch.float32)
+    return out
+
+
 def build_backend(model: Any, config: ModelConfig, max_seq_len: int) -> Backend:
     """The fastest backend that supports this model, or the eager one."""
     from slimserve.service import llama
 
     param = next(model.parameters())
+    dtype = torch.float32 if param.dtype == torch.int8 else param.dtype
     reason = llama.unsupported_reason(model.config)
-    if reason is None and param.dtype not in (torch.float32, torch.bfloat16):
-        reason = f"dtype {param.dtype} (float32 or bfloat16 only)"
+    scheme = torchao_scheme(model)
+    if reason is None and dtype not in (torch.float32, torch.bfloat16):
+        reason = f"dtype {dtype} (float32 or bfloat16 only)"
+    if reason is None and scheme not in (None, "Int8WeightOnlyConfig"):
+        reason = f"torchao {scheme} runs on torchao's own kernels"
     if config.backend == "llama" and reason is not None:
         raise ValueError(f"backend 'llama' cannot serve this model: {reason}")
     if config.backend in ("auto", "llama") and reason is None:
+        if scheme == "Int8WeightOnlyConfig":
+            # Per-row int8 dequantizes exactly to q * scale; the backend re-derives the same
+            # int8 values and runs them on aten._weight_int8pack_mm.
+            return llama.LlamaBackend(
+                model.config,
+                _dequantized_state_dict(model),
+                max_slots=config.max_batch,
+                max_seq_len=max_seq_len,
+                dtype=dtype,
+                device=param.device,
+                weight_quant="int8",
+            )
         return llama.LlamaBackend.from_model(
             model,
             max_slots=config.max_batch,
             max_seq_len=max_seq_len,
-            dtype=param.dtype,
+            dtype=dtype,
             device=param.device,
         )
     if reason is not None:

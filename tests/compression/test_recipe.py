@@ -1,0 +1,140 @@
+"""Recipes end to end on a tiny model in a real registry."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from slimserve.compression.artifact import load_model
+from slimserve.compression.errors import IntegrityError, RecipeError
+from slimserve.compression.recipe import CompressJob, compress, load_recipe, parse_recipe
+from slimserve.compression.registry import Registry
+
+ROOT = Path(__file__).resolve().parents[2]
+FAST_EVAL = {"type": "evaluate", "seq_len": 32, "max_chunks": 2, "speed_tokens": 8,
+             "speed_repeats": 1}  # fmt: skip
+
+
+@pytest.fixture()
+def registry(tiny_registry: Path, tmp_path: Path) -> Registry:
+    root = tmp_path / "reg"
+    shutil.copytree(tiny_registry, root)
+    return Registry(root)
+
+
+def recipe(*stages: dict[str, Any], name: str = "t") -> Any:
+    return parse_recipe({"name": name, "stage": [*stages, FAST_EVAL]})
+
+
+def test_shipped_recipes_parse() -> None:
+    names = {p.stem for p in (ROOT / "recipes").glob("*.toml")}
+    assert {"int8", "int4", "bf16", "prune20-distill", "prune50-distill-int8"} <= names
+    for path in (ROOT / "recipes").glob("*.toml"):
+        r = load_recipe(path)
+        assert r.stages[-1].type == "evaluate"
+        assert all(s.config.version == 1 for s in r.stages)
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        ({"name": "x", "stage": [{"type": "shrink"}]}, "unknown type 'shrink'"),
+        ({"name": "x", "stage": [{"type": "prune", "mlp_ratio": 0.2, "colour": 1}]}, "colour"),
+        ({"name": "x", "stage": [{"type": "prune", "mlp_ratio": 1.5}]}, "mlp_ratio"),
+        ({"name": "x", "stage": [{"type": "distill", "stepz": 3}]}, "stepz"),
+        ({"name": "x", "stage": [{"type": "quantize", "scheme": "int3"}]}, "scheme"),
+        ({"name": "x", "stage": [{"type": "quantize"}, {"type": "prune", "mlp_ratio": 0.1}]},
+         "order"),
+        ({"name": "x", "stage": []}, "at least one"),
+        ({"stage": [{"type": "evaluate"}]}, "'name'"),
+        ({"name": "x", "stages": []}, "unknown top-level keys"),
+    ],
+)  # fmt: skip
+def test_bad_recipes_are_refused_naming_the_field(data: dict[str, Any], message: str) -> None:
+    with pytest.raises(RecipeError, match=message):
+        parse_recipe(data)
+
+
+def test_int8_recipe_publishes_a_version_with_lineage_and_metrics(registry: Registry) -> None:
+    parent = registry.get("tiny", "1")
+    job = CompressJob(
+        recipe=recipe({"type": "quantize", "scheme": "int8-weight-only"}, name="int8"),
+        parent=parent,
+        to_name="tiny",
+    )
+    art = compress(registry, job)
+    assert art.ref == "tiny@2"
+    m = art.manifest
+    assert m["parent"] == "tiny@1"
+    assert m["recipe"]["name"] == "int8"
+    assert m["recipe"]["stages"][0] == {
+        "type": "quantize",
+        "config": {"version": 1, "scheme": "int8-weight-only", "group_size": 128},
+    }
+    assert m["quantization"]["scheme"] == "int8-weight-only" and m["quantization"]["kernels"]
+    for key in ("perplexity", "eval_tokens", "parameters", "bytes", "decode_tokens_per_s",
+                "ttft_ms", "device"):  # fmt: skip
+        assert key in m["metrics"], key
+    # Reload from the registry (safetensors, checksums verified): logits stay close.
+    q, _ = load_model(art)
+    f, _ = load_model(parent)
+    ids = torch.tensor([[5, 17, 42, 99, 7, 3]])
+    with torch.inference_mode():
+        diff = (q(ids).logits - f(ids).logits).abs().max().item()
+    assert diff < 0.05, diff  # per-row int8 on a random tiny model
+
+
+def test_interrupted_run_publishes_nothing_then_resumes(registry: Registry) -> None:
+    r = recipe(
+        {"type": "prune", "mlp_ratio": 0.25, "importance": "activation",
+         "calibration_samples": 2, "seq_len": 16},
+        {"type": "distill", "steps": 6, "batch_size": 2, "seq_len": 16,
+         "checkpoint_every": 2, "log_every": 1},
+    )  # fmt: skip
+    job = CompressJob(recipe=r, parent=registry.get("tiny", "1"), to_name="tiny")
+
+    def interrupt(label: str, done: int, total: int) -> None:
+        if "distill" in label and done == 4:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        compress(registry, job, interrupt)
+    assert registry.versions("tiny") == [1]
+    assert not list((registry.root / ".staging").iterdir())
+    art = compress(registry, job)
+    report = next(v for k, v in art.manifest["recipe"]["reports"].items() if "distill" in k)
+    assert report["resumed_from_step"] == 4 and report["steps_done"] == 6
+    assert art.manifest["architecture"]["intermediate_size"] == 96
+    assert not (registry.root / ".work").exists() or not any((registry.root / ".work").iterdir())
+
+
+def test_int4_is_refused_on_cpu_before_any_work(registry: Registry) -> None:
+    job = CompressJob(
+        recipe=recipe({"type": "quantize", "scheme": "int4-weight-only"}),
+        parent=registry.get("tiny", "1"),
+        to_name="tiny",
+    )
+    with pytest.raises(RecipeError, match="int4-weight-only needs CUDA"):
+        compress(registry, job)
+    assert registry.versions("tiny") == [1]
+
+
+def test_a_parent_failing_its_checksum_is_refused(registry: Registry) -> None:
+    parent = registry.get("tiny", "1")
+    weights = parent.path / "model.safetensors"
+    os.chmod(parent.path, 0o755)
+    os.chmod(weights, 0o644)
+    with weights.open("r+b") as f:
+        f.seek(-1, 2)
+        last = f.read(1)
+        f.seek(-1, 2)
+        f.write(bytes([last[0] ^ 1]))
+    job = CompressJob(recipe=recipe(), parent=parent, to_name="tiny")
+    with pytest.raises(IntegrityError, match="refusing to compress"):
+        compress(registry, job)
+    assert registry.versions("tiny") == [1]
