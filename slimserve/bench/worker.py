@@ -61,13 +61,12 @@ def _record(t0: float, times: list[float], tokens: int) -> dict[str, Any]:
 
 
 class HFGenerate:
-    def __init__(self, registry: Path, model: str) -> None:
+    def __init__(self, registry: Path, ref: str) -> None:
         from slimserve.compression.artifact import load_model
         from slimserve.compression.registry import Registry, parse_model_ref
 
-        name, ref = parse_model_ref(model)
-        model, self.tok = load_model(Registry(registry).get(name, ref))
-        self.model: Any = model
+        loaded, self.tok = load_model(Registry(registry).get(*parse_model_ref(ref)))
+        self.model: Any = loaded
         self.tok.padding_side = "left"
         if self.tok.pad_token is None:
             self.tok.pad_token = self.tok.eos_token

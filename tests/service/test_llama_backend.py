@@ -96,8 +96,9 @@ def test_prefill_matches_transformers(model: LlamaForCausalLM) -> None:
         torch.testing.assert_close(logits, _hf_logits(model, ids)[-1], atol=ATOL, rtol=0)
 
 
-def test_decode_matches_full_sequence_logits(model: LlamaForCausalLM) -> None:
-    backend = _backend(model)
+@pytest.mark.parametrize("pack_weights", [True, False], ids=["packed", "dense"])
+def test_decode_matches_full_sequence_logits(model: LlamaForCausalLM, pack_weights: bool) -> None:
+    backend = _backend(model, pack_weights=pack_weights)
     ids = _ids(24, seed=1)
     reference = _hf_logits(model, ids)
     backend.prefill(2, ids[:5])
@@ -173,12 +174,14 @@ def test_greedy_generation_matches_transformers_generate(model: LlamaForCausalLM
     assert generated == expected
 
 
+# Measured max |logit - fp32 logit| on this model (logits span about +-0.5): int8 0.0036,
+# bf16 0.0027, both 0.0045. On SmolLM2-135M: 1.6 / 0.8 / 1.7, top-1 agreement 94 / 95 / 92 %.
 @pytest.mark.parametrize(
     ("options", "atol"),
     [
-        ({"weight_quant": "int8"}, 0.02),
-        ({"dtype": torch.bfloat16}, 0.05),
-        ({"dtype": torch.bfloat16, "weight_quant": "int8"}, 0.05),
+        ({"weight_quant": "int8"}, 0.012),
+        ({"dtype": torch.bfloat16}, 0.012),
+        ({"dtype": torch.bfloat16, "weight_quant": "int8"}, 0.015),
     ],
     ids=["int8-fp32", "bf16", "int8-bf16"],
 )
