@@ -196,3 +196,19 @@ def test_load_model_swaps_version_and_alias_resolves(tiny_registry: Path, tmp_pa
             assert c.generate("hi", model="tiny@production", max_new_tokens=1).model == "tiny@2"
     finally:
         server.stop()
+
+
+def test_reflection_lists_the_services(tiny_server: ServerThread) -> None:
+    import grpc
+    from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+    with grpc.insecure_channel(tiny_server.target) as channel:
+        stub = reflection_pb2_grpc.ServerReflectionStub(channel)
+        request = reflection_pb2.ServerReflectionRequest(list_services="")
+        (response,) = list(stub.ServerReflectionInfo(iter([request]), timeout=10))
+    names = {s.name for s in response.list_services_response.service}
+    assert {
+        "slimserve.v1.GenerationService",
+        "slimserve.v1.ModelService",
+        "grpc.health.v1.Health",
+    } <= names
