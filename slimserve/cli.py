@@ -18,6 +18,8 @@ from typing import Any
 ENV_REGISTRY = "SLIMSERVE_REGISTRY"
 ENV_HOME = "SLIMSERVE_HOME"
 ENV_TARGET = "SLIMSERVE_TARGET"
+ENV_AUTH_TOKEN = "SLIMSERVE_AUTH_TOKEN"
+ENV_ADMIN_TOKEN = "SLIMSERVE_ADMIN_TOKEN"
 
 
 def default_registry() -> Path:
@@ -46,6 +48,9 @@ def _target_arg(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--token-file", type=Path, default=None, help="file holding a bearer token")
     p.add_argument("--timeout", type=float, default=120.0, help="seconds per call")
+    p.add_argument("--tls-ca", type=Path, help="PEM CA that signed the server's certificate")
+    p.add_argument("--tls-cert", type=Path, help="PEM client certificate (mutual TLS)")
+    p.add_argument("--tls-key", type=Path, help="PEM client key (mutual TLS)")
 
 
 def _open_registry(args: argparse.Namespace) -> Any:
@@ -56,9 +61,13 @@ def _open_registry(args: argparse.Namespace) -> Any:
 
 def _client(args: argparse.Namespace) -> Any:
     from slimserve.clients import Client
+    from slimserve.clients.client import tls_credentials
 
     token = args.token_file.read_text().strip() if args.token_file else None
-    return Client(args.target, timeout=args.timeout, token=token)
+    credentials = None
+    if args.tls_ca or args.tls_cert or args.tls_key:
+        credentials = tls_credentials(ca=args.tls_ca, cert=args.tls_cert, key=args.tls_key)
+    return Client(args.target, timeout=args.timeout, token=token, credentials=credentials)
 
 
 # ---- registry ----------------------------------------------------------------------------
@@ -219,11 +228,32 @@ def cmd_bench_compare(args: argparse.Namespace) -> int:
 
 
 # ---- server ------------------------------------------------------------------------------
-def cmd_serve(args: argparse.Namespace) -> int:
-    import asyncio
+def _tokens(path: Path | None, env: str) -> frozenset[str]:
+    """Tokens from a file (one per line, '#' comments) or else one from the environment."""
+    if path is not None:
+        lines = (line.strip() for line in path.read_text().splitlines())
+        return frozenset(line for line in lines if line and not line.startswith("#"))
+    value = os.environ.get(env, "").strip()
+    return frozenset({value}) if value else frozenset()
 
-    from slimserve.service.config import Limits, ModelConfig, ServerConfig
 
+def serve_config(args: argparse.Namespace) -> Any:
+    """The one `ServerConfig` that `serve` flags and environment describe."""
+    from slimserve.service.config import (
+        AuthConfig,
+        Limits,
+        ModelConfig,
+        ServerConfig,
+        TlsConfig,
+    )
+
+    tls = None
+    if args.tls_cert or args.tls_key:
+        if not (args.tls_cert and args.tls_key):
+            raise SystemExit("--tls-cert and --tls-key go together")
+        tls = TlsConfig(cert=args.tls_cert, key=args.tls_key, client_ca=args.tls_client_ca)
+    elif args.tls_client_ca:
+        raise SystemExit("--tls-client-ca needs --tls-cert and --tls-key")
     config = ServerConfig(
         registry=args.registry or default_registry(),
         models=tuple(args.model),
@@ -239,8 +269,30 @@ def cmd_serve(args: argparse.Namespace) -> int:
             max_seq_len=args.max_seq_len,
             max_queue=args.max_queue,
         ),
-        limits=Limits(max_new_tokens=args.max_new_tokens_limit),
+        limits=Limits(
+            max_new_tokens=args.max_new_tokens_limit,
+            default_max_new_tokens=min(args.default_max_new_tokens, args.max_new_tokens_limit),
+            max_prompt_tokens=args.max_prompt_tokens,
+            max_stop_sequences=args.max_stop_sequences,
+            max_stop_sequence_chars=args.max_stop_sequence_chars,
+            max_top_n=args.max_top_n,
+            max_labels=args.max_labels,
+            max_message_bytes=args.max_message_bytes,
+        ),
+        auth=AuthConfig(
+            tokens=_tokens(args.auth_token_file, ENV_AUTH_TOKEN),
+            admin_tokens=_tokens(args.admin_token_file, ENV_ADMIN_TOKEN),
+        ),
+        tls=tls,
+        metrics_port=args.metrics_port,
     )
+    return config
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import asyncio
+
+    config = serve_config(args)
     if config.threads:
         import torch
 
@@ -339,14 +391,25 @@ def cmd_bench_serve(args: argparse.Namespace) -> int:
     from slimserve.bench import serve as bench
 
     systems = [s.strip() for s in args.systems.split(",") if s.strip()]
-    if "llama_cpp" in systems and importlib.util.find_spec("llama_cpp") is None:
-        print("llama_cpp: llama-cpp-python is not installed; skipped", file=sys.stderr)
-        systems.remove("llama_cpp")
+    llama = [s for s in systems if s.startswith("llama_cpp")]
+    if llama and importlib.util.find_spec("llama_cpp") is None:
+        print(
+            "llama_cpp: llama-cpp-python is not installed (pip install llama-cpp-python; it "
+            "compiles llama.cpp from source); skipped",
+            file=sys.stderr,
+        )
+        systems = [s for s in systems if s not in llama]
+        llama = []
     gguf = args.gguf
-    if gguf is None and "llama_cpp" in systems:
+    gguf_q8 = None
+    if llama:
+        from slimserve.bench.worker import requantize_q8_0
         from slimserve.compression.importer import default_gguf_path
 
-        gguf = default_gguf_path()
+        gguf = gguf or default_gguf_path()
+        if "llama_cpp_q8" in systems:
+            home = Path(os.environ.get(ENV_HOME) or Path.home() / ".slimserve").expanduser()
+            gguf_q8 = requantize_q8_0(gguf, home / "bench" / f"{gguf.stem}.Q8_0.gguf")
     b = bench.Bench(
         registry=args.registry or default_registry(),
         model=args.model,
@@ -356,6 +419,7 @@ def cmd_bench_serve(args: argparse.Namespace) -> int:
         repeats=args.repeats,
         systems=systems,
         gguf=gguf,
+        gguf_q8=gguf_q8,
         max_batch=args.max_batch,
     )
     report = bench.run(b, score=not args.no_score)
@@ -380,6 +444,9 @@ def cmd_bench_serve(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="slimserve", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument(
+        "--log-format", choices=["text", "json"], default="text", help="log lines on stderr"
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("import", help="import a base model into the registry")
@@ -432,8 +499,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-batch", type=int, default=16, help="concurrent sequences")
     p.add_argument("--max-seq-len", type=int, default=0, help="context per sequence")
     p.add_argument("--max-queue", type=int, default=64, help="waiting requests at most")
-    p.add_argument("--max-new-tokens-limit", type=int, default=2048)
     p.add_argument("--grace", type=float, default=10.0, help="shutdown grace seconds")
+    p.add_argument("--metrics-port", type=int, help="Prometheus /metrics port (default: off)")
+    g = p.add_argument_group("limits (each exceeded one is INVALID_ARGUMENT naming it)")
+    g.add_argument("--max-new-tokens-limit", type=int, default=2048)
+    g.add_argument("--default-max-new-tokens", type=int, default=128)
+    g.add_argument("--max-prompt-tokens", type=int, default=4096)
+    g.add_argument("--max-stop-sequences", type=int, default=16)
+    g.add_argument("--max-stop-sequence-chars", type=int, default=256)
+    g.add_argument("--max-top-n", type=int, default=20)
+    g.add_argument("--max-labels", type=int, default=32)
+    g.add_argument("--max-message-bytes", type=int, default=4 * 1024 * 1024)
+    g = p.add_argument_group("security")
+    g.add_argument(
+        "--auth-token-file",
+        type=Path,
+        help=f"bearer tokens for generation, one per line (default: ${ENV_AUTH_TOKEN})",
+    )
+    g.add_argument(
+        "--admin-token-file",
+        type=Path,
+        help=f"bearer tokens for LoadModel/UnloadModel (default: ${ENV_ADMIN_TOKEN})",
+    )
+    g.add_argument("--tls-cert", type=Path, help="PEM server certificate chain")
+    g.add_argument("--tls-key", type=Path, help="PEM server private key")
+    g.add_argument("--tls-client-ca", type=Path, help="PEM CA for client certificates (mTLS)")
     _registry_arg(p)
     p.set_defaults(func=cmd_serve)
 
@@ -485,8 +575,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-batch", type=int, default=16)
     p.add_argument(
         "--systems",
-        default="slimserve,engine,hf_generate,llama_cpp",
-        help="comma-separated: slimserve, engine, hf_generate, llama_cpp",
+        default="slimserve,engine,hf_generate,llama_cpp,llama_cpp_q8",
+        help="comma-separated: slimserve, engine, hf_generate, llama_cpp (the shipped "
+        "GGUF), llama_cpp_q8 (it re-encoded to Q8_0)",
     )
     p.add_argument("--gguf", type=Path, help="GGUF for llama_cpp (default: the shipped one)")
     p.add_argument("--no-score", action="store_true", help="skip the Score measurement")
@@ -506,11 +597,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    from slimserve.service import logs  # stdlib only: client commands stay torch-free
+
+    logs.configure(args.log_format, logging.DEBUG if args.verbose else logging.INFO)
     func: Callable[[argparse.Namespace], int] = args.func
     try:
         return func(args)

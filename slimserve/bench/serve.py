@@ -70,6 +70,7 @@ class Bench:
     systems: list[str]
     gguf: Path | None
     max_batch: int
+    gguf_q8: Path | None = None
     samples: list[Sample] = field(default_factory=list)
 
 
@@ -97,8 +98,9 @@ class _Worker:
             "--registry", str(b.registry), "--model", b.model,
             "--threads", str(b.threads), "--max-batch", str(b.max_batch),
         ]  # fmt: skip
-        if b.gguf is not None:
-            cmd += ["--gguf", str(b.gguf)]
+        gguf = b.gguf_q8 if system == "llama_cpp_q8" else b.gguf
+        if gguf is not None:
+            cmd += ["--gguf", str(gguf)]
         self.proc = subprocess.Popen(
             cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1
         )

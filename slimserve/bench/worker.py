@@ -119,7 +119,10 @@ class InProcessEngine:
     def run(self, prompts: list[str], new_tokens: int) -> dict[str, Any]:
         from slimserve.service.types import GenerationRequest, SamplingParams, StopParams
 
-        done = threading.Barrier(len(prompts) + 1)
+        # Sinks run on the engine thread: they must never block it.
+        done = threading.Event()
+        remaining = [len(prompts)]
+        lock = threading.Lock()
         times: list[list[float]] = [[] for _ in prompts]
 
         def sink(i: int) -> Any:
@@ -127,7 +130,10 @@ class InProcessEngine:
                 if ev.token_ids:
                     times[i].append(time.perf_counter())
                 if ev.finish is not None or ev.error is not None:
-                    done.wait()
+                    with lock:
+                        remaining[0] -= 1
+                        if remaining[0] == 0:
+                            done.set()
 
             return on_event
 
@@ -149,28 +155,112 @@ class InProcessEngine:
 
 
 class LlamaCpp:
-    def __init__(self, gguf: Path, threads: int) -> None:
-        from llama_cpp import Llama
+    """llama.cpp through llama-cpp-python's low-level API: one context, up to 16 sequences.
 
-        self.llm = Llama(
-            model_path=str(gguf), n_threads=threads, n_ctx=1024, n_batch=512, verbose=False
+    Prompts are prefilled in one batch and decoded together (llama.cpp's own batched
+    decode), greedy with EOS masked so every system generates the same number of tokens.
+    """
+
+    def __init__(self, gguf: Path, threads: int, max_seqs: int = 16) -> None:
+        import llama_cpp as lc
+
+        self.lc = lc
+        lc.llama_backend_init()
+        self.model = lc.llama_model_load_from_file(
+            str(gguf).encode(), lc.llama_model_default_params()
         )
+        if not self.model:
+            raise RuntimeError(f"llama.cpp could not load {gguf}")
+        params = lc.llama_context_default_params()
+        params.n_ctx = 4096
+        params.n_batch = 1024
+        params.n_ubatch = 1024
+        params.n_seq_max = max_seqs
+        params.n_threads = threads
+        params.n_threads_batch = threads
+        self.ctx = lc.llama_init_from_model(self.model, params)
+        self.vocab = lc.llama_model_get_vocab(self.model)
+        self.n_vocab = lc.llama_vocab_n_tokens(self.vocab)
+        self.eos = lc.llama_vocab_eos(self.vocab)
+        self.batch = lc.llama_batch_init(1024, 0, max_seqs)
+        self.run(["warm up"], 4)
+
+    def _tokenize(self, text: str) -> list[int]:
+
+        raw = text.encode()
+        buf = (self.lc.llama_token * (len(raw) + 8))()
+        n = self.lc.llama_tokenize(self.vocab, raw, len(raw), buf, len(buf), True, False)
+        return list(buf[: max(n, 0)])
+
+    def _decode(self, entries: list[tuple[int, int, int, bool]]) -> None:
+        b = self.batch
+        for i, (tok, pos, seq, want) in enumerate(entries):
+            b.token[i] = tok
+            b.pos[i] = pos
+            b.n_seq_id[i] = 1
+            b.seq_id[i][0] = seq
+            b.logits[i] = want
+        b.n_tokens = len(entries)
+        if self.lc.llama_decode(self.ctx, b) != 0:
+            raise RuntimeError("llama_decode failed")
+
+    def _greedy(self, i: int) -> int:
+        import numpy as np
+
+        ptr = self.lc.llama_get_logits_ith(self.ctx, i)
+        logits = np.ctypeslib.as_array(ptr, shape=(self.n_vocab,)).copy()
+        logits[self.eos] = -np.inf
+        return int(logits.argmax())
 
     def run(self, prompts: list[str], new_tokens: int) -> dict[str, Any]:
-        if len(prompts) != 1:
-            return {"error": "llama-cpp-python's high-level API decodes one sequence at a time"}
+        self.lc.llama_memory_clear(self.lc.llama_get_memory(self.ctx), True)
+        toks = [self._tokenize(p) for p in prompts]
         t0 = time.perf_counter()
-        times = []
-        for _ in self.llm.create_completion(
-            prompts[0], max_tokens=new_tokens, temperature=0.0, stream=True
-        ):
-            times.append(time.perf_counter())
-        return {"runs": [_record(t0, times, len(times))], "wall_s": time.perf_counter() - t0}
+        entries, out_index = [], []
+        for seq, ids in enumerate(toks):
+            for pos, tok in enumerate(ids):
+                entries.append((tok, pos, seq, pos == len(ids) - 1))
+            out_index.append(len(entries) - 1)
+        self._decode(entries)
+        now = time.perf_counter()
+        last = [self._greedy(i) for i in out_index]
+        times: list[list[float]] = [[now] for _ in prompts]
+        pos = [len(ids) for ids in toks]
+        for _ in range(new_tokens - 1):
+            self._decode([(last[s], pos[s], s, True) for s in range(len(prompts))])
+            now = time.perf_counter()
+            last = [self._greedy(s) for s in range(len(prompts))]
+            for s in range(len(prompts)):
+                pos[s] += 1
+                times[s].append(now)
+        return {
+            "runs": [_record(t0, t, len(t)) for t in times],
+            "wall_s": time.perf_counter() - t0,
+        }
+
+
+def requantize_q8_0(src: Path, dst: Path) -> Path:
+    """Re-encode a GGUF file to Q8_0 with llama.cpp (lossless against a 4-bit source)."""
+    import ctypes
+
+    import llama_cpp as lc
+
+    if dst.is_file():
+        return dst
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    params = lc.llama_model_quantize_default_params()
+    params.ftype = lc.LLAMA_FTYPE_MOSTLY_Q8_0
+    params.allow_requantize = True
+    tmp = dst.with_suffix(".tmp")
+    if lc.llama_model_quantize(str(src).encode(), str(tmp).encode(), ctypes.byref(params)) != 0:
+        raise RuntimeError(f"llama_model_quantize failed for {src}")
+    tmp.rename(dst)
+    return dst
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m slimserve.bench.worker")
-    p.add_argument("system", choices=["hf_generate", "engine", "llama_cpp"])
+    p.add_argument("system", choices=["hf_generate", "engine", "llama_cpp", "llama_cpp_q8"])
     p.add_argument("--registry", type=Path, required=True)
     p.add_argument("--model", required=True)
     p.add_argument("--threads", type=int, required=True)
@@ -186,7 +276,7 @@ def main(argv: list[str] | None = None) -> int:
     elif args.system == "engine":
         runner = InProcessEngine(args.registry, args.model, args.max_batch)
     else:
-        runner = LlamaCpp(args.gguf, args.threads)
+        runner = LlamaCpp(args.gguf, args.threads)  # llama_cpp_q8 gets the re-encoded file
     print(json.dumps({"ready": True, "peak_rss_mb": peak_rss_mb()}), flush=True)
     for line in sys.stdin:
         req = json.loads(line)
