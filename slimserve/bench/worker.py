@@ -216,10 +216,11 @@ class LlamaCpp:
         self.lc.llama_memory_clear(self.lc.llama_get_memory(self.ctx), True)
         toks = [self._tokenize(p) for p in prompts]
         t0 = time.perf_counter()
-        entries, out_index = [], []
+        entries: list[tuple[int, int, int, bool]] = []
+        out_index: list[int] = []
         for seq, ids in enumerate(toks):
-            for pos, tok in enumerate(ids):
-                entries.append((tok, pos, seq, pos == len(ids) - 1))
+            for at, tok in enumerate(ids):
+                entries.append((tok, at, seq, at == len(ids) - 1))
             out_index.append(len(entries) - 1)
         self._decode(entries)
         now = time.perf_counter()

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator, Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -52,6 +53,20 @@ def channel_target(target: str | Sequence[str]) -> tuple[str, list[tuple[str, An
         return targets[0], options
     options.append(("grpc.lb_policy_name", "round_robin"))
     return "ipv4:" + ",".join(targets), options
+
+
+def tls_credentials(
+    *, ca: Path | None = None, cert: Path | None = None, key: Path | None = None
+) -> grpc.ChannelCredentials:
+    """Channel credentials from PEM files: `ca` to trust (None = the system's roots),
+    `cert` and `key` to present a client certificate (mutual TLS)."""
+    if (cert is None) != (key is None):
+        raise ValueError("a client certificate needs both cert and key")
+    return grpc.ssl_channel_credentials(
+        root_certificates=ca.read_bytes() if ca else None,
+        private_key=key.read_bytes() if key else None,
+        certificate_chain=cert.read_bytes() if cert else None,
+    )
 
 
 def _model_ref(model: str) -> gen_pb.ModelRef:

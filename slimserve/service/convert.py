@@ -73,16 +73,29 @@ def _chat_ids(chat: Any, tok: Any) -> list[int]:
     return list(tok(text, add_special_tokens=False)["input_ids"])
 
 
+#: Softmax temperatures below this overflow float32 logits (inf → NaN probabilities).
+MIN_TEMPERATURE = 1e-3
+#: Repetition penalties outside this range overflow penalised logits the same way.
+PENALTY_RANGE = (1e-2, 1e2)
+
+
 def sampling_params(pb: Any) -> SamplingParams:
     temperature = _finite("sampling.temperature", pb.temperature)
-    if temperature < 0:
-        raise InvalidRequest("sampling.temperature", f"must be >= 0, got {temperature}")
+    if temperature < 0 or 0 < temperature < MIN_TEMPERATURE:
+        raise InvalidRequest(
+            "sampling.temperature",
+            f"must be 0 (unset) or >= {MIN_TEMPERATURE}, got {temperature}",
+        )
     top_p = _finite("sampling.top_p", pb.top_p)
     if top_p < 0 or top_p > 1:
         raise InvalidRequest("sampling.top_p", f"must be in (0, 1], got {top_p}")
     penalty = _finite("sampling.repetition_penalty", pb.repetition_penalty)
-    if penalty < 0:
-        raise InvalidRequest("sampling.repetition_penalty", f"must be > 0, got {penalty}")
+    low, high = PENALTY_RANGE
+    if penalty != 0 and not low <= penalty <= high:
+        raise InvalidRequest(
+            "sampling.repetition_penalty",
+            f"must be 0 (unset) or in [{low}, {high}], got {penalty}",
+        )
     return SamplingParams(
         do_sample=pb.do_sample,
         temperature=temperature or 1.0,
@@ -97,13 +110,14 @@ def stop_params(pb: Any, limits: Limits) -> StopParams:
     n = pb.max_new_tokens or limits.default_max_new_tokens
     if n > limits.max_new_tokens:
         raise InvalidRequest(
-            "stopping.max_new_tokens", f"must be 1..{limits.max_new_tokens}, got {n}"
+            "stopping.max_new_tokens",
+            f"must be 1..{limits.max_new_tokens} (limit max_new_tokens), got {n}",
         )
     stops = tuple(pb.stop_sequences)
     if len(stops) > limits.max_stop_sequences:
         raise InvalidRequest(
             "stopping.stop_sequences",
-            f"at most {limits.max_stop_sequences} stop sequences, got {len(stops)}",
+            f"at most {limits.max_stop_sequences} (limit max_stop_sequences), got {len(stops)}",
         )
     for i, s in enumerate(stops):
         if not s:
@@ -111,7 +125,8 @@ def stop_params(pb: Any, limits: Limits) -> StopParams:
         if len(s) > limits.max_stop_sequence_chars:
             raise InvalidRequest(
                 f"stopping.stop_sequences[{i}]",
-                f"longer than max_stop_sequence_chars={limits.max_stop_sequence_chars}",
+                f"{len(s)} characters is over the limit "
+                f"max_stop_sequence_chars={limits.max_stop_sequence_chars}",
             )
     return StopParams(
         max_new_tokens=n,
@@ -127,9 +142,11 @@ def generation_request(
     ids = prompt_ids(pb, model, limits)
     sampling = sampling_params(pb.sampling)
     stopping = stop_params(pb.stopping, limits)
-    if pb.response.top_n > limits.max_top_n:
+    top_n_limit = min(limits.max_top_n, model.backend.vocab_size)
+    if pb.response.top_n > top_n_limit:
         raise InvalidRequest(
-            "response.top_n", f"must be 0..{limits.max_top_n}, got {pb.response.top_n}"
+            "response.top_n",
+            f"must be 0..{top_n_limit} (limit max_top_n), got {pb.response.top_n}",
         )
     return GenerationRequest(
         request_id=request_id,
@@ -146,7 +163,9 @@ def score_labels(pb: Any, model: LoadedModel, limits: Limits) -> list[list[int]]
     if not pb.labels:
         raise InvalidRequest("labels", "at least one label is required")
     if len(pb.labels) > limits.max_labels:
-        raise InvalidRequest("labels", f"at most {limits.max_labels} labels, got {len(pb.labels)}")
+        raise InvalidRequest(
+            "labels", f"at most {limits.max_labels} (limit max_labels), got {len(pb.labels)}"
+        )
     out = []
     for i, label in enumerate(pb.labels):
         ids = model.tokenizer(label, add_special_tokens=False)["input_ids"]

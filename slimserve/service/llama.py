@@ -8,6 +8,11 @@ matmul each. The cache is preallocated per layer as `(max_slots, n_kv_heads, max
 head_dim)`; a decode step writes one position per slot, each slot at its own length, and a
 mask lets each row attend only to its own slot's valid positions.
 
+On CPU the linear weights are prepacked for oneDNN (`pack_weights`), which is what makes
+bfloat16 pay off here; `weight_quant="int8"` stores decoder weights as int8 with per-channel
+scales, which is a little faster than packed bfloat16 at batch 1 and much slower at batch 16
+(measured on SmolLM2-135M, see `scripts/probe_llama_backend.py`).
+
 Construct from a loaded `LlamaForCausalLM` with `LlamaBackend.from_model(model, ...)`, or from
 its config and state dict with `LlamaBackend(config, state_dict, ...)`. `supports(config)` says
 whether a Hugging Face config can use this backend; `unsupported_reason(config)` says why not.
@@ -401,10 +406,11 @@ class LlamaBackend:
         """Append one token to each slot and run one step; float32 logits (len(slots), vocab).
 
         Raises:
-            ValueError: mismatched lengths, repeated, free or full slots.
+            ValueError: mismatched lengths, repeated, free or full slots, bad token id.
         """
         if len(slots) != len(token_ids) or not slots:
             raise ValueError(f"need one token per slot, got {len(slots)} slots, {len(token_ids)}")
+        self._check_ids(token_ids)
         if len(set(slots)) != len(slots):
             raise ValueError(f"slots repeat in one decode step: {slots}")
         for slot in slots:

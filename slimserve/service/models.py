@@ -6,6 +6,7 @@ import logging
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -18,11 +19,25 @@ from slimserve.compression.registry import Artifact, Registry, validate_alias
 from slimserve.service.backend import Backend
 from slimserve.service.config import ModelConfig
 from slimserve.service.engine import Engine, EngineConfig
-from slimserve.service.errors import IntegrityFailure, InvalidRequest, ModelNotFound, NotReady
+from slimserve.service.errors import (
+    IntegrityFailure,
+    InvalidRequest,
+    ModelNotFound,
+    NotReady,
+    ServiceError,
+)
 from slimserve.service.hf_backend import HFBackend
 from slimserve.service.types import GenerationRequest, SamplingParams, StopParams
 
 log = logging.getLogger(__name__)
+
+#: Wraps a freshly built backend (tests inject slow or failing devices through it).
+BackendHook = Callable[[Backend], Backend]
+
+
+class LoadFailed(ServiceError):
+    """A version passed its checksums but could not be loaded (FAILED_PRECONDITION)."""
+
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _CONTEXT_CAP = 4096
@@ -128,17 +143,31 @@ def build_backend(model: Any, config: ModelConfig, max_seq_len: int) -> Backend:
     return HFBackend(model, max_slots=config.max_batch, max_seq_len=max_seq_len)
 
 
-def load(artifact: Artifact, config: ModelConfig) -> LoadedModel:
-    """Verify, load, build the backend, start the engine and warm it up."""
+def load(
+    artifact: Artifact, config: ModelConfig, backend_hook: BackendHook | None = None
+) -> LoadedModel:
+    """Verify, load, build the backend, start the engine and warm it up.
+
+    Raises:
+        IntegrityFailure: a file fails its checksum.
+        LoadFailed: the files verify but do not make a model this server can run.
+    """
     device = resolve_device(config.device)
     dtype = resolve_dtype(config.dtype, device)
     try:
         model, tokenizer = load_model(artifact, device=device, dtype=dtype)
+        model_limit = int(getattr(model.config, "max_position_embeddings", 0) or _CONTEXT_CAP)
+        max_seq_len = config.max_seq_len or min(model_limit, _CONTEXT_CAP)
+        backend = build_backend(model, config, max_seq_len)
     except IntegrityError as exc:
         raise IntegrityFailure(str(exc)) from exc
-    model_limit = int(getattr(model.config, "max_position_embeddings", 0) or _CONTEXT_CAP)
-    max_seq_len = config.max_seq_len or min(model_limit, _CONTEXT_CAP)
-    backend = build_backend(model, config, max_seq_len)
+    except (CompressionError, torch.OutOfMemoryError):
+        raise
+    except Exception as exc:
+        why = f"{type(exc).__name__}: {exc}"
+        raise LoadFailed(f"{artifact.ref} could not be loaded: {why}") from exc
+    if backend_hook is not None:
+        backend = backend_hook(backend)
     eos = model.generation_config.eos_token_id if model.generation_config else None
     eos_ids = frozenset(eos if isinstance(eos, list) else [eos] if eos is not None else [])
     engine = Engine(
@@ -181,9 +210,19 @@ def warm_up(model: LoadedModel) -> None:
 class ModelManager:
     """The models this server holds; resolves request refs to a loaded version."""
 
-    def __init__(self, registry: Registry, config: ModelConfig) -> None:
+    def __init__(
+        self,
+        registry: Registry,
+        config: ModelConfig,
+        *,
+        retire_grace_s: float = 60.0,
+        backend_hook: BackendHook | None = None,
+    ) -> None:
         self.registry = registry
         self.config = config
+        #: Seconds a swapped-out version keeps running for its in-flight requests.
+        self.retire_grace_s = retire_grace_s
+        self.backend_hook = backend_hook
         self._models: dict[str, LoadedModel] = {}
         self._default: str | None = None
         self._lock = threading.Lock()
@@ -191,21 +230,35 @@ class ModelManager:
         self.loading = False
 
     def load(self, name: str, ref: str = "", *, make_default: bool = False) -> LoadedModel:
-        """Load a version beside the current one, then swap (blocking; not on the loop)."""
+        """Load a version beside the current one, then swap (blocking; not on the loop).
+
+        In-flight requests finish on the version they started with; a load that fails
+        leaves the current version serving. Loading the version already served is a no-op.
+        """
+        _check_ref(ref)
         try:
             artifact = self.registry.get(name, ref)
         except RegistryNotFound as exc:
             raise ModelNotFound(str(exc)) from exc
+        except IntegrityError as exc:
+            raise IntegrityFailure(str(exc)) from exc
         except CompressionError as exc:
             raise InvalidRequest("model", str(exc)) from exc
-        loaded = load(artifact, self.config)
+        with self._lock:
+            current = self._models.get(name)
+            if current is not None and current.artifact.digest == artifact.digest:
+                if make_default:
+                    self._default = name
+                return current  # already serving this exact version
+        loaded = load(artifact, self.config, self.backend_hook)
         with self._lock:
             old = self._models.get(name)
             self._models[name] = loaded
             if make_default or self._default is None:
                 self._default = name
-        if old is not None and old.artifact.version != loaded.artifact.version:
-            threading.Thread(target=_retire, args=(old,), daemon=True).start()
+        if old is not None:
+            threading.Thread(target=_retire, args=(old, self.retire_grace_s), daemon=True).start()
+        log.info("%s now serves %s", name, loaded.ref)
         return loaded
 
     def unload(self, name: str) -> None:
@@ -215,7 +268,7 @@ class ModelManager:
                 raise ModelNotFound(f"model {name!r} is not loaded")
             if self._default == name:
                 self._default = next(iter(self._models), None)
-        _retire(old)
+        _retire(old, self.retire_grace_s)
 
     def get(self, name: str = "", ref: str = "") -> LoadedModel:
         """The loaded model a request names; `ref` must resolve to the loaded version."""
@@ -259,6 +312,15 @@ class ModelManager:
             self._models.clear()
         for m in models:
             m.engine.shutdown()
+
+
+def _check_ref(ref: str) -> None:
+    if ref in ("", "latest") or (ref.isascii() and ref.isdigit()):
+        return
+    try:
+        validate_alias(ref)
+    except CompressionError as exc:
+        raise InvalidRequest("ref", str(exc)) from exc
 
 
 def _retire(model: LoadedModel, grace_s: float = 60.0) -> None:

@@ -1,4 +1,10 @@
-"""The gRPC server: services, health, reflection, model loading and graceful shutdown."""
+"""The gRPC server: services, health, reflection, model loading and graceful shutdown.
+
+Shutdown (SIGTERM): health turns NOT_SERVING (watchers are told), the server stops taking
+new calls (they get UNAVAILABLE), calls in flight get `grace_s` to finish, then the engines
+stop. Health watch streams never end by themselves, so they are cut as soon as every
+other call has finished instead of holding the process for the whole grace period.
+"""
 
 from __future__ import annotations
 
@@ -13,8 +19,10 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from slimserve.compression.registry import Registry, parse_model_ref
-from slimserve.service.config import ServerConfig
-from slimserve.service.models import ModelManager
+from slimserve.service.config import ServerConfig, TlsConfig
+from slimserve.service.interceptors import AuthInterceptor, InFlight, RequestInterceptor
+from slimserve.service.metrics import Metrics
+from slimserve.service.models import BackendHook, ModelManager
 from slimserve.service.servicer import GenerationServicer, ModelServicer
 from slimserve.v1 import generation_pb2, models_pb2
 from slimserve.v1 import generation_pb2_grpc as gen_grpc
@@ -37,6 +45,8 @@ class Server:
     port: int
     health: health.aio.HealthServicer
     models: ModelManager
+    metrics: Metrics
+    in_flight: InFlight
     ready: asyncio.Future[None] = field(default_factory=asyncio.Future)
     load_task: asyncio.Task[None] | None = None
 
@@ -62,26 +72,57 @@ class Server:
 
     async def stop(self, grace: float | None = None) -> None:
         """NOT_SERVING, refuse new calls, let in-flight ones finish, stop engines."""
+        grace = self.config.grace_s if grace is None else grace
         await self.health.enter_graceful_shutdown()
-        await self.grpc_server.stop(self.config.grace_s if grace is None else grace)
+        stopping = asyncio.ensure_future(self.grpc_server.stop(grace))
+        await asyncio.sleep(0)  # let stop() close the door before counting what is inside
+        if await self.in_flight.wait_idle(grace):
+            await self.grpc_server.stop(0)  # only health watches remain: cut them now
+        await stopping
+        self.metrics.close()
         await asyncio.to_thread(self.models.shutdown)
 
 
-async def build_server(config: ServerConfig, *, load: bool = True) -> tuple[Server, int]:
+def _credentials(tls: TlsConfig) -> grpc.ServerCredentials:
+    client_ca = tls.client_ca.read_bytes() if tls.client_ca else None
+    return grpc.ssl_server_credentials(
+        [(tls.key.read_bytes(), tls.cert.read_bytes())],
+        root_certificates=client_ca,
+        require_client_auth=client_ca is not None,
+    )
+
+
+async def build_server(
+    config: ServerConfig, *, load: bool = True, backend_hook: BackendHook | None = None
+) -> tuple[Server, int]:
     """Bind and start; model loading runs in the background (await `server.ready`).
 
+    `backend_hook` wraps each model's backend as it loads (tests inject faults with it).
     Returns the server and the bound port (useful with port 0).
     """
     limits = config.limits
-    grpc_server = grpc.aio.server(
-        options=[
-            ("grpc.max_receive_message_length", limits.max_message_bytes),
-            ("grpc.max_send_message_length", limits.max_message_bytes),
-        ]
+    models = ModelManager(
+        Registry(config.registry),
+        config.model,
+        retire_grace_s=max(config.grace_s, 60.0),
+        backend_hook=backend_hook,
     )
-    models = ModelManager(Registry(config.registry), config.model)
+    metrics = Metrics(models)
+    in_flight = InFlight()
+    interceptors: list[grpc.aio.ServerInterceptor] = [
+        RequestInterceptor(limits.max_message_bytes, metrics, in_flight)
+    ]
+    if config.auth.enabled:
+        interceptors.append(AuthInterceptor(config.auth))
+    grpc_server = grpc.aio.server(
+        interceptors=interceptors,
+        options=[
+            ("grpc.max_receive_message_length", limits.transport_message_bytes),
+            ("grpc.max_send_message_length", limits.transport_message_bytes),
+        ],
+    )
     gen_grpc.add_GenerationServiceServicer_to_server(
-        GenerationServicer(models, limits), grpc_server
+        GenerationServicer(models, limits, metrics), grpc_server
     )
     models_grpc.add_ModelServiceServicer_to_server(ModelServicer(models), grpc_server)
     health_servicer = health.aio.HealthServicer()
@@ -89,10 +130,17 @@ async def build_server(config: ServerConfig, *, load: bool = True) -> tuple[Serv
     reflection.enable_server_reflection(
         (*SERVICES, health.SERVICE_NAME, reflection.SERVICE_NAME), grpc_server
     )
-    port = grpc_server.add_insecure_port(f"{config.host}:{config.port}")
+    address = f"{config.host}:{config.port}"
+    if config.tls is not None:
+        port = grpc_server.add_secure_port(address, _credentials(config.tls))
+    else:
+        port = grpc_server.add_insecure_port(address)
     if port == 0:
-        raise OSError(f"could not bind {config.host}:{config.port}")
-    server = Server(config, grpc_server, port, health_servicer, models)
+        raise OSError(f"could not bind {address}")
+    if config.metrics_port is not None:
+        metrics.serve(config.host, config.metrics_port)
+        log.info("metrics on http://%s:%d/metrics", config.host, metrics.port)
+    server = Server(config, grpc_server, port, health_servicer, models, metrics, in_flight)
     for name in ("", *SERVICES):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
     await grpc_server.start()

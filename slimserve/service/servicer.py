@@ -4,25 +4,28 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
+import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, NoReturn, TypeVar
 
 import grpc
 
-from slimserve.compression.errors import CompressionError
-from slimserve.service import convert
+from slimserve.compression.errors import CompressionError, IntegrityError
+from slimserve.service import convert, logs
 from slimserve.service.config import Limits
+from slimserve.service.engine import Handle
 from slimserve.service.errors import (
     IntegrityFailure,
     InvalidRequest,
     ModelNotFound,
     NotReady,
     Overloaded,
-    ServiceError,
 )
-from slimserve.service.models import LoadedModel, ModelManager
-from slimserve.service.types import Event
+from slimserve.service.metrics import Metrics
+from slimserve.service.models import LoadedModel, LoadFailed, ModelManager
+from slimserve.service.types import Event, GenerationRequest
 from slimserve.v1 import generation_pb2 as gen_pb
 from slimserve.v1 import generation_pb2_grpc as gen_grpc
 from slimserve.v1 import models_pb2 as models_pb
@@ -39,6 +42,10 @@ STATUS: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
     (Overloaded, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (NotReady, grpc.StatusCode.UNAVAILABLE),
     (IntegrityFailure, grpc.StatusCode.DATA_LOSS),
+    (IntegrityError, grpc.StatusCode.DATA_LOSS),
+    (LoadFailed, grpc.StatusCode.FAILED_PRECONDITION),
+    # Other registry errors (a bad name or alias in a request) are the caller's to fix.
+    (CompressionError, grpc.StatusCode.INVALID_ARGUMENT),
 )
 
 
@@ -50,6 +57,8 @@ def status_for(exc: BaseException) -> grpc.StatusCode:
 
 
 async def _abort(context: grpc.aio.ServicerContext, exc: BaseException) -> NoReturn:
+    if isinstance(exc, grpc.aio.AbortError):
+        raise exc  # already a status
     code = status_for(exc)
     if code is grpc.StatusCode.INTERNAL:
         log.error("internal error", exc_info=exc)
@@ -58,7 +67,19 @@ async def _abort(context: grpc.aio.ServicerContext, exc: BaseException) -> NoRet
     raise AssertionError("unreachable")  # context.abort raises
 
 
+async def _guard(context: grpc.aio.ServicerContext, fn: Callable[[], Awaitable[T]]) -> T:
+    """Run a unary handler body; every exception becomes a status (never UNKNOWN)."""
+    try:
+        return await fn()
+    except Exception as exc:  # CancelledError is a BaseException and passes through
+        await _abort(context, exc)
+
+
 def request_id(context: grpc.aio.ServicerContext) -> str:
+    """The id the request interceptor chose (from `x-request-id` or fresh)."""
+    rid = logs.REQUEST_ID.get()
+    if rid:
+        return rid
     for key, value in context.invocation_metadata() or ():
         if key == "x-request-id" and isinstance(value, str) and 0 < len(value) <= 128:
             return value
@@ -80,77 +101,100 @@ class _EventQueue:
 
 
 class GenerationServicer(gen_grpc.GenerationServiceServicer):
-    def __init__(self, models: ModelManager, limits: Limits) -> None:
+    def __init__(self, models: ModelManager, limits: Limits, metrics: Metrics) -> None:
         self.models = models
         self.limits = limits
-
-    async def _guard(self, context: grpc.aio.ServicerContext, fn: Callable[[], Awaitable[T]]) -> T:
-        try:
-            return await fn()
-        except (ServiceError, CompressionError) as exc:
-            await _abort(context, exc)
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:
-            await _abort(context, exc)
+        self.metrics = metrics
 
     def _model(self, ref: Any) -> LoadedModel:
         return self.models.get(ref.name, ref.ref)
+
+    def _start(
+        self, request: gen_pb.GenerateRequest, context: grpc.aio.ServicerContext, queue: _EventQueue
+    ) -> tuple[LoadedModel, GenerationRequest, Handle]:
+        """Resolve the model and submit. A swap can retire the version between the two
+        steps; then the request goes to the version now serving (once)."""
+        rid = request_id(context)
+        for attempt in range(2):
+            model = self._model(request.model)
+            req = convert.generation_request(
+                request, model, self.limits, rid, context.time_remaining()
+            )
+            try:
+                handle = model.engine.submit(req, queue.put)
+            except NotReady:
+                if attempt or self._model(request.model) is model:
+                    raise
+                continue
+            logs.annotate(model=model.ref)
+            return model, req, handle
+        raise AssertionError("unreachable")
+
+    async def _events(
+        self, model: LoadedModel, queue: _EventQueue, method: str, t0: float
+    ) -> AsyncIterator[Event]:
+        """Engine events until the finish; records token gaps and the finished request."""
+        last_token = 0.0
+        while True:
+            event = await queue.get()
+            if event.error is not None:
+                raise event.error
+            if event.token_ids:
+                now = time.monotonic()
+                if last_token:
+                    self.metrics.token_gap(model, now - last_token)
+                last_token = now
+            if event.finish is not None:
+                f = event.finish
+                self.metrics.finished(model, f, method, time.monotonic() - t0)
+                logs.annotate(
+                    stop_reason=f.reason.value,
+                    input_tokens=f.input_tokens,
+                    generated_tokens=f.generated_tokens,
+                )
+            yield event
+            if event.finish is not None:
+                return
 
     async def Generate(
         self, request: gen_pb.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> gen_pb.GenerateResponse:
         async def run() -> gen_pb.GenerateResponse:
-            rid = request_id(context)
-            model = self._model(request.model)
-            req = convert.generation_request(
-                request, model, self.limits, rid, context.time_remaining()
-            )
+            t0 = time.monotonic()
             queue = _EventQueue()
-            handle = model.engine.submit(req, queue.put)
+            model, req, handle = self._start(request, context, queue)
             events: list[Event] = []
             try:
-                while True:
-                    event = await queue.get()
-                    if event.error is not None:
-                        raise event.error
+                async for event in self._events(model, queue, "Generate", t0):
                     events.append(event)
-                    if event.finish is not None:
-                        return convert.unary_response(
-                            events, model, rid, request.response.token_ids
-                        )
+                return convert.unary_response(
+                    events, model, req.request_id, request.response.token_ids
+                )
             finally:
                 handle.cancel()  # no-op once finished; frees the slot if the call died
 
-        return await self._guard(context, run)
+        return await _guard(context, run)
 
     async def GenerateStream(
         self, request: gen_pb.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[gen_pb.GenerateStreamResponse]:
-        rid = request_id(context)
+        t0 = time.monotonic()
         try:
-            model = self._model(request.model)
-            req = convert.generation_request(
-                request, model, self.limits, rid, context.time_remaining()
-            )
             queue = _EventQueue()
-            handle = model.engine.submit(req, queue.put)
-        except (ServiceError, CompressionError) as exc:
+            model, req, handle = self._start(request, context, queue)
+        except Exception as exc:
             await _abort(context, exc)
         try:
             yield gen_pb.GenerateStreamResponse(
-                request_id=rid,
+                request_id=req.request_id,
                 model=model.ref,
                 model_digest=model.artifact.digest,
                 usage=gen_pb.Usage(input_tokens=len(req.prompt_ids)),
             )
-            while True:
-                event = await queue.get()
-                if event.error is not None:
-                    await _abort(context, event.error)
+            async for event in self._events(model, queue, "GenerateStream", t0):
                 yield convert.stream_message(event, model, request.response.token_ids)
-                if event.finish is not None:
-                    return
+        except Exception as exc:  # an engine error for this request
+            await _abort(context, exc)
         finally:
             # Client cancelled, deadline passed, or we finished: the engine drops the
             # sequence at its next step either way.
@@ -160,12 +204,10 @@ class GenerationServicer(gen_grpc.GenerationServiceServicer):
         self, request: gen_pb.ScoreRequest, context: grpc.aio.ServicerContext
     ) -> gen_pb.ScoreResponse:
         async def run() -> gen_pb.ScoreResponse:
-            import math
-            import time
-
             t0 = time.monotonic()
             rid = request_id(context)
             model = self._model(request.model)
+            logs.annotate(model=model.ref)
             prompt = list(convert.prompt_ids(request, model, self.limits))
             labels = convert.score_labels(request, model, self.limits)
             longest = len(prompt) + max(map(len, labels))
@@ -176,7 +218,8 @@ class GenerationServicer(gen_grpc.GenerationServiceServicer):
             logps = await asyncio.wrap_future(model.engine.score(prompt, labels))
             top = max(logps)
             norm = math.log(sum(math.exp(lp - top) for lp in logps)) + top
-            total_ms = (time.monotonic() - t0) * 1e3
+            seconds = time.monotonic() - t0
+            self.metrics.scored(model, len(prompt), seconds)
             return gen_pb.ScoreResponse(
                 request_id=rid,
                 model=model.ref,
@@ -191,23 +234,24 @@ class GenerationServicer(gen_grpc.GenerationServiceServicer):
                     )
                     for label, lp, ids in zip(request.labels, logps, labels, strict=True)
                 ],
-                timings=gen_pb.Timings(total_ms=total_ms, ttft_ms=total_ms),
+                timings=gen_pb.Timings(total_ms=seconds * 1e3, ttft_ms=seconds * 1e3),
             )
 
-        return await self._guard(context, run)
+        return await _guard(context, run)
 
     async def Tokenize(
         self, request: gen_pb.TokenizeRequest, context: grpc.aio.ServicerContext
     ) -> gen_pb.TokenizeResponse:
         async def run() -> gen_pb.TokenizeResponse:
             model = self._model(request.model)
+            logs.annotate(model=model.ref)
             ids = convert.prompt_ids(request, model, self.limits)
             tokens = (
                 model.tokenizer.convert_ids_to_tokens(list(ids)) if request.return_tokens else []
             )
             return gen_pb.TokenizeResponse(model=model.ref, token_ids=ids, tokens=tokens)
 
-        return await self._guard(context, run)
+        return await _guard(context, run)
 
 
 class ModelServicer(models_grpc.ModelServiceServicer):
@@ -223,32 +267,36 @@ class ModelServicer(models_grpc.ModelServiceServicer):
     async def ListModels(
         self, request: models_pb.ListModelsRequest, context: grpc.aio.ServicerContext
     ) -> models_pb.ListModelsResponse:
-        return models_pb.ListModelsResponse(models=[self._info(m) for m in self.models.all()])
+        async def run() -> models_pb.ListModelsResponse:
+            return models_pb.ListModelsResponse(models=[self._info(m) for m in self.models.all()])
+
+        return await _guard(context, run)
 
     async def GetModelInfo(
         self, request: models_pb.GetModelInfoRequest, context: grpc.aio.ServicerContext
     ) -> models_pb.ModelInfo:
-        try:
+        async def run() -> models_pb.ModelInfo:
             return self._info(self.models.get(request.name, request.ref))
-        except (ServiceError, CompressionError) as exc:
-            await _abort(context, exc)
+
+        return await _guard(context, run)
 
     async def LoadModel(
         self, request: models_pb.LoadModelRequest, context: grpc.aio.ServicerContext
     ) -> models_pb.LoadModelResponse:
-        try:
+        async def run() -> models_pb.LoadModelResponse:
             loaded = await asyncio.to_thread(
                 self.models.load, request.name, request.ref, make_default=request.make_default
             )
-        except (ServiceError, CompressionError) as exc:
-            await _abort(context, exc)
-        return models_pb.LoadModelResponse(model=self._info(loaded))
+            logs.annotate(model=loaded.ref)
+            return models_pb.LoadModelResponse(model=self._info(loaded))
+
+        return await _guard(context, run)
 
     async def UnloadModel(
         self, request: models_pb.UnloadModelRequest, context: grpc.aio.ServicerContext
     ) -> models_pb.UnloadModelResponse:
-        try:
+        async def run() -> models_pb.UnloadModelResponse:
             await asyncio.to_thread(self.models.unload, request.name)
-        except ServiceError as exc:
-            await _abort(context, exc)
-        return models_pb.UnloadModelResponse()
+            return models_pb.UnloadModelResponse()
+
+        return await _guard(context, run)

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from slimserve.service.llama import LlamaBackend, supports
+from slimserve.service.llama import LlamaBackend, LlamaShape, supports
 
 VOCAB = 128
 ATOL = 1e-4  # fp32 against transformers' eager fp32 forward
@@ -223,3 +225,22 @@ def test_limits_are_enforced(plain_model: LlamaForCausalLM) -> None:
         backend.decode([0], [3])
     with pytest.raises(ValueError, match="dtype"):
         _backend(plain_model, dtype=torch.float16)
+
+
+def test_legacy_rope_theta_is_read() -> None:
+    legacy = SimpleNamespace(
+        model_type="llama",
+        num_hidden_layers=2,
+        hidden_size=64,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=96,
+        vocab_size=VOCAB,
+        rms_norm_eps=1e-5,
+        rope_theta=500000.0,
+        rope_scaling=None,
+    )
+    shape = LlamaShape.from_config(legacy)
+    assert (shape.rope_theta, shape.head_dim, shape.tie_word_embeddings) == (500000.0, 16, False)
+    legacy.rope_scaling = {"type": "dynamic", "factor": 2.0}
+    assert not supports(legacy)
