@@ -38,14 +38,11 @@ def library_versions() -> dict[str, str]:
 
 
 def count_parameters(model: PreTrainedModel) -> int:
-    """Unique parameters (a tied embedding/lm_head counts once)."""
-    seen: set[int] = set()
-    total = 0
-    for p in model.parameters():
-        if p.data_ptr() not in seen:
-            seen.add(p.data_ptr())
-            total += p.numel()
-    return total
+    """Unique parameters: `parameters()` yields a tied embedding/lm_head once.
+
+    (Deduplicating by `data_ptr()` would be wrong: quantized tensor subclasses report 0.)
+    """
+    return sum(p.numel() for p in model.parameters())
 
 
 def save_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, out: Path) -> None:

@@ -6,7 +6,7 @@ import logging
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -96,12 +96,24 @@ def torchao_scheme(model: Any) -> str | None:
     return type(getattr(qc, "quant_type", None)).__name__
 
 
-def _dequantized_state_dict(model: Any) -> dict[str, torch.Tensor]:
-    out = {}
-    for k, v in model.state_dict().items():
-        is_plain = type(v) in (torch.Tensor, torch.nn.Parameter)
-        out[k] = v if is_plain else v.dequantize().to(torch.float32)
-    return out
+class _DequantizedStateDict(Mapping[str, torch.Tensor]):
+    """A model's state dict with torchao tensors dequantized on access, one at a time,
+    so building a backend never holds a second full-precision copy of the weights."""
+
+    def __init__(self, model: Any) -> None:
+        self._sd = model.state_dict()
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        v = self._sd[key]
+        if type(v) in (torch.Tensor, torch.nn.Parameter):
+            return v  # type: ignore[no-any-return]
+        return v.dequantize().to(torch.float32)  # type: ignore[no-any-return]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._sd)
+
+    def __len__(self) -> int:
+        return len(self._sd)
 
 
 def build_backend(model: Any, config: ModelConfig, max_seq_len: int) -> Backend:
@@ -124,7 +136,7 @@ def build_backend(model: Any, config: ModelConfig, max_seq_len: int) -> Backend:
             # int8 values and runs them on aten._weight_int8pack_mm.
             return llama.LlamaBackend(
                 model.config,
-                _dequantized_state_dict(model),
+                _DequantizedStateDict(model),
                 max_slots=config.max_batch,
                 max_seq_len=max_seq_len,
                 dtype=dtype,
