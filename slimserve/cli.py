@@ -159,12 +159,22 @@ def cmd_compress(args: argparse.Namespace) -> int:
     registry = _open_registry(args)
     name, ref = parse_model_ref(args.source)
     parent = registry.get(name, ref)
+    target = args.to or name
+    if args.skip_existing:
+        for art in registry.artifacts():
+            r = art.manifest.get("recipe") or {}
+            same = r.get("digest") == recipe.digest and art.manifest.get("parent") == parent.ref
+            if art.name == target and same:
+                print(f"{art.ref} already made from {parent.ref} by recipe {recipe.name}")
+                if args.alias:
+                    registry.set_alias(target, args.alias, art.version)
+                return 0
     if args.threads:
         torch.set_num_threads(args.threads)
     job = CompressJob(
         recipe=recipe,
         parent=parent,
-        to_name=args.to or name,
+        to_name=target,
         data=args.data,
         eval_text=args.eval_text,
         device=args.device,
@@ -172,6 +182,8 @@ def cmd_compress(args: argparse.Namespace) -> int:
     bar, update = _rich_progress()
     with bar:
         art = compress(registry, job, update)
+    if args.alias:
+        registry.set_alias(art.name, args.alias, art.version)
     m = art.manifest["metrics"]
     print(
         f"published {art.ref} (parent {parent.ref}, recipe {recipe.name}): "
@@ -473,6 +485,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--to", help="name to publish under (default: the parent's)")
     p.add_argument("--data", type=Path, help="training text (.txt or .jsonl with 'text')")
     p.add_argument("--eval-text", type=Path, help="held-out text for perplexity")
+    p.add_argument("--alias", help="point this alias at the new version")
+    p.add_argument(
+        "--skip-existing",
+        action="store_true",
+        help="do nothing if a version made from this parent by this recipe exists",
+    )
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=0)
     _registry_arg(p)
