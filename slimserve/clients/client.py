@@ -50,6 +50,10 @@ def channel_target(target: str | Sequence[str]) -> tuple[str, list[tuple[str, An
     else:
         targets = list(target)
     if len(targets) == 1:
+        if targets[0].startswith("dns:"):
+            # A DNS name with several A records (a Kubernetes headless Service): spread calls
+            # over every replica instead of pinning the first (gRPC's default, pick_first).
+            options.append(("grpc.lb_policy_name", "round_robin"))
         return targets[0], options
     options.append(("grpc.lb_policy_name", "round_robin"))
     return "ipv4:" + ",".join(targets), options

@@ -79,7 +79,7 @@ class Server:
         if await self.in_flight.wait_idle(grace):
             await self.grpc_server.stop(0)  # only health watches remain: cut them now
         await stopping
-        self.metrics.close()
+        await asyncio.to_thread(self.metrics.close)  # joins the exporter's poll loop
         await asyncio.to_thread(self.models.shutdown)
 
 
