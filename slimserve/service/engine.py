@@ -270,7 +270,7 @@ class Engine:
             return
         seq.prefill_ms = (time.monotonic() - seq.t_admit) * 1e3
         self._running.append(seq)
-        self._on_token(seq, self._pick(seq, logits), logits)
+        self._advance(seq, None, logits)
 
     def _decode_step(self) -> None:
         batch = list(self._running)
@@ -282,12 +282,18 @@ class Engine:
             return
         with self._cond:
             self._stats.steps += 1
+        picks: list[int | None] = [None] * len(batch)
         if all(s.req.sampling.is_greedy for s in batch):
             picks = logits.argmax(dim=-1).tolist()  # one call for the common case
-        else:
-            picks = [self._pick(s, logits[i]) for i, s in enumerate(batch)]
         for i, seq in enumerate(batch):
-            self._on_token(seq, picks[i], logits[i])
+            self._advance(seq, picks[i], logits[i])
+
+    def _advance(self, seq: _Sequence, token: int | None, logits: torch.Tensor) -> None:
+        """Pick (unless given) and emit one token; a failure ends only this request."""
+        try:
+            self._on_token(seq, self._pick(seq, logits) if token is None else token, logits)
+        except Exception as exc:
+            self._fail(seq, exc)
 
     def _pick(self, seq: _Sequence, logits: torch.Tensor) -> int:
         params = seq.req.sampling

@@ -35,5 +35,9 @@ class NotReady(ServiceError):
     """The server or model cannot take requests right now."""
 
 
+class DeadlineExpired(ServiceError):
+    """The request's gRPC deadline passed before it finished."""
+
+
 class IntegrityFailure(ServiceError):
     """An artifact's files do not match its manifest."""

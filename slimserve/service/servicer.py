@@ -17,6 +17,7 @@ from slimserve.service import convert, logs
 from slimserve.service.config import Limits
 from slimserve.service.engine import Handle
 from slimserve.service.errors import (
+    DeadlineExpired,
     IntegrityFailure,
     InvalidRequest,
     ModelNotFound,
@@ -25,7 +26,7 @@ from slimserve.service.errors import (
 )
 from slimserve.service.metrics import Metrics
 from slimserve.service.models import LoadedModel, LoadFailed, ModelManager
-from slimserve.service.types import Event, GenerationRequest
+from slimserve.service.types import Event, GenerationRequest, StopReason
 from slimserve.v1 import generation_pb2 as gen_pb
 from slimserve.v1 import generation_pb2_grpc as gen_grpc
 from slimserve.v1 import models_pb2 as models_pb
@@ -42,6 +43,7 @@ STATUS: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
     (Overloaded, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (NotReady, grpc.StatusCode.UNAVAILABLE),
     (IntegrityFailure, grpc.StatusCode.DATA_LOSS),
+    (DeadlineExpired, grpc.StatusCode.DEADLINE_EXCEEDED),
     (IntegrityError, grpc.StatusCode.DATA_LOSS),
     (LoadFailed, grpc.StatusCode.FAILED_PRECONDITION),
     # Other registry errors (a bad name or alias in a request) are the caller's to fix.
@@ -131,14 +133,29 @@ class GenerationServicer(gen_grpc.GenerationServiceServicer):
         raise AssertionError("unreachable")
 
     async def _events(
-        self, model: LoadedModel, queue: _EventQueue, method: str, t0: float
+        self,
+        model: LoadedModel,
+        queue: _EventQueue,
+        method: str,
+        t0: float,
+        deadline: float | None,
     ) -> AsyncIterator[Event]:
-        """Engine events until the finish; records token gaps and the finished request."""
+        """Engine events until the finish; records token gaps and the finished request.
+
+        Raises DeadlineExpired when the engine stopped the request because its deadline
+        passed: the caller must not get an OK answer for a truncated generation.
+        """
         last_token = 0.0
         while True:
             event = await queue.get()
             if event.error is not None:
                 raise event.error
+            f = event.finish
+            expired = deadline is not None and time.monotonic() >= deadline
+            if f is not None and f.reason is StopReason.CANCELLED and expired:
+                raise DeadlineExpired(
+                    f"deadline exceeded after {f.generated_tokens} generated tokens"
+                )
             if event.token_ids:
                 now = time.monotonic()
                 if last_token:
@@ -165,7 +182,7 @@ class GenerationServicer(gen_grpc.GenerationServiceServicer):
             model, req, handle = self._start(request, context, queue)
             events: list[Event] = []
             try:
-                async for event in self._events(model, queue, "Generate", t0):
+                async for event in self._events(model, queue, "Generate", t0, req.deadline):
                     events.append(event)
                 return convert.unary_response(
                     events, model, req.request_id, request.response.token_ids
@@ -191,7 +208,7 @@ class GenerationServicer(gen_grpc.GenerationServiceServicer):
                 model_digest=model.artifact.digest,
                 usage=gen_pb.Usage(input_tokens=len(req.prompt_ids)),
             )
-            async for event in self._events(model, queue, "GenerateStream", t0):
+            async for event in self._events(model, queue, "GenerateStream", t0, req.deadline):
                 yield convert.stream_message(event, model, request.response.token_ids)
         except Exception as exc:  # an engine error for this request
             await _abort(context, exc)

@@ -214,3 +214,25 @@ def test_eos_stops_unless_ignored(model: Any, tokenizer: Any) -> None:
         assert events[-1].finish.reason is StopReason.MAX_TOKENS
     finally:
         eng.shutdown()
+
+
+def test_a_failing_request_does_not_stop_the_engine(model: Any, tokenizer: Any) -> None:
+    """An exception while sampling one request fails that request only."""
+    eng = make_engine(model, tokenizer)
+    try:
+        bad = GenerationRequest(
+            request_id="bad",
+            prompt_ids=tuple(tokenizer("the")["input_ids"]),
+            # Such a temperature overflows the logits: torch.multinomial raises on NaN.
+            sampling=SamplingParams(do_sample=True, temperature=1e-40, seed=1),
+            stopping=StopParams(max_new_tokens=4),
+        )
+        c = Collector()
+        eng.submit(bad, c)
+        events = c.wait()
+        assert events[-1].error is not None
+        assert eng.stats().free_slots == 4
+        ok = run_one(eng, request(tokenizer, "the quick", n=3))
+        assert ok[-1].finish.reason is StopReason.MAX_TOKENS
+    finally:
+        eng.shutdown()
