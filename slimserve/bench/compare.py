@@ -39,6 +39,7 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
     ax.set_xlabel("decode tokens/s (batch 1, serving engine)")
     ax.set_ylabel("perplexity (lower is better)")
     ax.set_title("quality against speed")
+    ax.margins(x=0.25, y=0.1)  # room for the labels
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
