@@ -168,7 +168,8 @@ class _Linear:
 
     - "dense": a plain tensor, `F.linear`.
     - "packed": prepacked into oneDNN's blocked layout (CPU). Same numbers as dense (to
-      float rounding); measured here 1.2x (fp32) to 2x (bf16) faster for decode shapes.
+      float rounding). Decode on SmolLM2-135M, one thread: bf16 ~1.5x faster at batch 1
+      and 16; fp32 unchanged at batch 1, ~1.5x at batch 16.
     - "int8": int8 weights with one scale per output channel, `aten._weight_int8pack_mm`
       on bfloat16 activations whatever the model dtype (its float32 CPU kernel is a slow
       reference path, ~10x slower).
