@@ -604,6 +604,10 @@ def build_parser() -> argparse.ArgumentParser:
     _registry_arg(p)
     p.set_defaults(func=cmd_bench_serve)
 
+    from slimserve.clients.fraud.cli import add_fraud_commands
+
+    add_fraud_commands(sub, _registry_arg, _target_arg)
+
     p = sub.add_parser("health", help="a server's gRPC health status")
     p.add_argument("--service", default="", help="service name ('' = whole server)")
     p.add_argument("--wait", type=float, default=0.0, help="wait up to N seconds for SERVING")

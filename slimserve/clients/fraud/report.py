@@ -1,0 +1,277 @@
+"""Compare served model versions and the classical baseline on one labelled file.
+
+For every model reference (``fraud-scorer@1``, ``fraud-scorer@production``, ...) the file is
+scored through the server that holds it (``Score``, one call per payment): first one call at
+a time, which gives the quality figures (ROC-AUC, PR-AUC, precision among the top ``k``
+scores) and the latency percentiles, then ``concurrency`` calls at a time over the first
+``throughput_rows`` payments, which gives the throughput under load. The baseline (gradient-
+boosted trees on the same streaming features) is trained on another labelled file and scored
+on the same rows in-process.
+
+A server holds one version per model name, so comparing versions of one name needs one
+server per version: ``routes`` sends a reference to its own address. A reference no server
+holds is reported before any scoring, as ``NotFound`` with what the server does hold.
+
+The report is ``<out>/report.md`` (the ``metrics.markdown_table`` of every system, then a
+throughput table) and ``<out>/report.png`` (ROC and precision-recall curves).
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Final
+
+from slimserve.clients.client import Client
+from slimserve.clients.errors import ClientError, NotFound
+from slimserve.clients.fraud.baseline import predict_features, train_baseline
+from slimserve.clients.fraud.features import LABEL_FRAUD, FeatureConfig, build_features
+from slimserve.clients.fraud.metrics import (
+    LatencySummary,
+    SystemMetrics,
+    SystemResult,
+    evaluate,
+    latency_summary,
+    markdown_table,
+    plot_curves,
+)
+from slimserve.clients.fraud.schema import RowError, Transaction, read_transactions
+from slimserve.clients.fraud.scorer import score_prompts, stream_prompts, time_sorted
+
+BASELINE_NAME: Final = "baseline (GBT)"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ReportConfig:
+    """What to compare and where: ``routes`` maps a model reference to its server address
+    (others use ``target``); ``limit`` (0 = all) scores a seeded uniform sample of rows."""
+
+    data: Path
+    models: tuple[str, ...]
+    target: str
+    routes: Mapping[str, str] = field(default_factory=dict)
+    baseline_train: Path | None = None
+    out: Path = Path("fraud-report")
+    limit: int = 0
+    seed: int = 0
+    k: int = 100
+    concurrency: int = 16
+    throughput_rows: int = 256
+    features: FeatureConfig = field(default_factory=FeatureConfig)
+
+    def __post_init__(self) -> None:
+        if not self.models and self.baseline_train is None:
+            raise ValueError("nothing to compare: give --models and/or --baseline-train")
+        if self.limit < 0:
+            raise ValueError(f"limit {self.limit} must be >= 0 (0 = every row)")
+        if self.k < 1:
+            raise ValueError(f"k {self.k} must be >= 1, e.g. 100")
+        if self.concurrency < 1 or self.throughput_rows < 1:
+            raise ValueError(
+                f"concurrency {self.concurrency} and throughput_rows {self.throughput_rows} "
+                "must be >= 1"
+            )
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Throughput:
+    """Requests per second of one model at one concurrency, and their latencies."""
+
+    name: str
+    concurrency: int
+    requests: int
+    seconds: float
+    latency: LatencySummary
+
+    @property
+    def per_s(self) -> float:
+        return self.requests / self.seconds if self.seconds > 0 else float("inf")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Report:
+    systems: tuple[SystemResult, ...]
+    metrics: tuple[SystemMetrics, ...]
+    throughput: tuple[Throughput, ...]
+    errors: tuple[RowError, ...]  # rejected lines of the data file
+    table: str  # the markdown written to ``markdown``
+    markdown: Path
+    png: Path
+
+
+def run_report(
+    config: ReportConfig,
+    connect: Callable[[str], Client],
+    *,
+    progress: Callable[[str], None] | None = None,
+) -> Report:
+    """Score, measure and write the report (see the module docstring).
+
+    ``connect(address)`` opens a client; each is closed when its model is done.
+
+    Raises:
+        NotFound: a model reference is not loaded where it is routed.
+        ValueError: the file has no labelled rows, or only one class among the chosen rows.
+        ClientError: any other server failure.
+    """
+    say = progress or (lambda _: None)
+    read = read_transactions(config.data)
+    rows = time_sorted(read.rows)
+    chosen = _choose(rows, config.limit, config.seed)
+    labels = [rows[i].is_fraud or 0 for i in chosen]
+    if len(set(labels)) < 2:
+        raise ValueError(f"the {len(chosen)} chosen rows hold one class only; use more rows")
+    refs = _check_served(config, connect)
+    prompts = stream_prompts(rows, config.features)
+    chosen_prompts = [prompts[i] for i in chosen]
+    systems: list[SystemResult] = []
+    throughput: list[Throughput] = []
+    for model, ref in refs.items():
+        name = ref if model == ref else f"{model} ({ref})"
+        with connect(config.routes.get(model, config.target)) as client:
+            say(f"{name}: scoring {len(chosen)} rows, one call at a time")
+            system, serial = _score_serially(client, model, name, chosen_prompts, labels)
+            say(f"{name}: {config.concurrency} concurrent calls over {config.throughput_rows}")
+            loaded = _measure_throughput(
+                client, model, name, chosen_prompts[: config.throughput_rows], config.concurrency
+            )
+        systems.append(system)
+        throughput.extend([serial, loaded])
+    if config.baseline_train is not None:
+        say(f"{BASELINE_NAME}: training on {config.baseline_train}")
+        systems.append(_baseline(config.baseline_train, config, rows, chosen, labels))
+    return _write(config, systems, throughput, read.errors)
+
+
+def throughput_table(rows: Sequence[Throughput]) -> str:
+    """Throughput and latency per model and concurrency, as a markdown table."""
+    lines = [
+        "| system | concurrency | requests | req/s | p50 ms | p99 ms |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    lines += [
+        f"| {t.name} | {t.concurrency} | {t.requests} | {t.per_s:.1f} | "
+        f"{t.latency.p50_ms:.1f} | {t.latency.p99_ms:.1f} |"
+        for t in rows
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def _choose(rows: Sequence[Transaction], limit: int, seed: int) -> list[int]:
+    """Indices of the labelled rows to score: all, or a seeded uniform sample, in order."""
+    labelled = [i for i, tx in enumerate(rows) if tx.is_fraud is not None]
+    if not labelled:
+        raise ValueError("the file has no labelled rows (is_fraud); a report needs labels")
+    if limit and limit < len(labelled):
+        labelled = sorted(random.Random(seed).sample(labelled, limit))
+    return labelled
+
+
+def _check_served(config: ReportConfig, connect: Callable[[str], Client]) -> dict[str, str]:
+    """Each model reference → the ``name@version`` serving it; all misses in one NotFound."""
+    refs: dict[str, str] = {}
+    missing: list[str] = []
+    for model in config.models:
+        address = config.routes.get(model, config.target)
+        with connect(address) as client:
+            try:
+                refs[model] = client.model_info(model).ref
+            except NotFound as exc:
+                missing.append(f"{model} is not served at {address}: {exc.details}")
+    if missing:
+        hint = (
+            "start a server with `slimserve serve --model NAME@VERSION` for each one and "
+            "pass --route NAME@VERSION=HOST:PORT"
+        )
+        raise NotFound("NOT_FOUND", "; ".join(missing) + f". To compare them, {hint}")
+    return refs
+
+
+def _score_serially(
+    client: Client, model: str, name: str, prompts: Sequence[str], labels: Sequence[int]
+) -> tuple[SystemResult, Throughput]:
+    start = time.perf_counter()
+    results = score_prompts(client, prompts, model, concurrency=1)
+    seconds = time.perf_counter() - start
+    scores, latencies = [], []
+    for result in results:
+        if isinstance(result, ClientError):
+            raise result  # a report needs every row scored
+        scores.append(result.probability(LABEL_FRAUD))
+        latencies.append(result.latency_ms)
+    system = SystemResult(name=name, labels=labels, scores=scores, latencies_ms=latencies)
+    serial = Throughput(
+        name=name,
+        concurrency=1,
+        requests=len(prompts),
+        seconds=seconds,
+        latency=latency_summary(latencies),
+    )
+    return system, serial
+
+
+def _measure_throughput(
+    client: Client, model: str, name: str, prompts: Sequence[str], concurrency: int
+) -> Throughput:
+    start = time.perf_counter()
+    results = score_prompts(client, prompts, model, concurrency=concurrency)
+    seconds = time.perf_counter() - start
+    latencies = []
+    for result in results:
+        if isinstance(result, ClientError):
+            raise result
+        latencies.append(result.latency_ms)
+    return Throughput(
+        name=name,
+        concurrency=concurrency,
+        requests=len(prompts),
+        seconds=seconds,
+        latency=latency_summary(latencies),
+    )
+
+
+def _baseline(
+    train_path: Path,
+    config: ReportConfig,
+    rows: Sequence[Transaction],
+    chosen: Sequence[int],
+    labels: Sequence[int],
+) -> SystemResult:
+    """The baseline scored in-process on the same rows; it has no served latency."""
+    train = read_transactions(train_path)
+    labelled = [tx for tx in time_sorted(train.rows) if tx.is_fraud is not None]
+    model = train_baseline(labelled, config=config.features, seed=config.seed)
+    features = build_features(rows, config.features)
+    scores = predict_features(model, [features[i] for i in chosen])
+    return SystemResult(name=BASELINE_NAME, labels=labels, scores=scores)
+
+
+def _write(
+    config: ReportConfig,
+    systems: Sequence[SystemResult],
+    throughput: Sequence[Throughput],
+    errors: Sequence[RowError],
+) -> Report:
+    config.out.mkdir(parents=True, exist_ok=True)
+    metrics = [evaluate(s, config.k) for s in systems]
+    table = markdown_table(metrics)
+    if throughput:
+        table += "\n" + throughput_table(throughput)
+    if errors:
+        lines = len({e.line_number for e in errors})
+        table += f"\n{lines} lines of {config.data.name} were rejected and not scored.\n"
+    markdown = config.out / "report.md"
+    markdown.write_text(table, encoding="utf-8")
+    png = plot_curves(config.out / "report.png", systems)
+    return Report(
+        systems=tuple(systems),
+        metrics=tuple(metrics),
+        throughput=tuple(throughput),
+        errors=tuple(errors),
+        table=table,
+        markdown=markdown,
+        png=png,
+    )

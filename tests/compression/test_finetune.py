@@ -1,0 +1,276 @@
+"""Fine-tuning a causal LM to answer with a label, and the fraud trainer built on it."""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from slimserve.clients.fraud import average_precision, write_transactions
+from slimserve.clients.fraud.simulate import simulate
+from slimserve.clients.fraud.train import (
+    TrainConfig,
+    evaluation_sample,
+    train_fraud_scorer,
+    training_pool,
+    weighted_average_precision,
+)
+from slimserve.compression.artifact import publish_model
+from slimserve.compression.finetune import (
+    FinetuneConfig,
+    FinetuneProgress,
+    finetune_,
+    label_probabilities,
+)
+from slimserve.compression.registry import Registry
+from tests.helpers import tiny_model, tiny_tokenizer
+
+# Single tokens in the tiny tokenizer (checked in a test below).
+YES, NO = " hello", " main"
+_WORDS = ["the", "quick", "brown", "lazy", "dog", "over", "numbers", "again", "code", "world"]
+
+
+def toy_examples(count: int, seed: int = 0) -> list[tuple[str, str]]:
+    """Separable: a prompt that starts with 'café' is YES, one that starts with 'python' NO."""
+    rng = random.Random(seed)
+    out = []
+    for i in range(count):
+        words = " ".join(rng.choices(_WORDS, k=rng.randint(2, 6)))
+        out.append((f"café {words}", YES) if i % 2 else (f"python {words}", NO))
+    return out
+
+
+def right_label_probability(model: Any, tok: Any, examples: list[tuple[str, str]]) -> float:
+    probs = label_probabilities(model, tok, [p for p, _ in examples], [YES, NO])
+    right = [p[0] if label == YES else p[1] for p, (_, label) in zip(probs, examples, strict=True)]
+    return sum(right) / len(right)
+
+
+@pytest.fixture(autouse=True)
+def one_thread() -> Iterator[None]:
+    # Two shared cores: with two threads spinning against other work, a 40-step tiny
+    # fine-tune took 67 s instead of 1.5 s.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture
+def tok() -> Any:
+    return tiny_tokenizer()
+
+
+def test_labels_are_single_tokens_of_the_tiny_tokenizer(tok: Any) -> None:
+    assert len(tok(YES, add_special_tokens=False)["input_ids"]) == 1
+    assert len(tok(NO, add_special_tokens=False)["input_ids"]) == 1
+
+
+@pytest.mark.parametrize("loss", ["labels", "vocab"])
+def test_finetune_learns_a_separable_task(tok: Any, loss: str) -> None:
+    model = tiny_model(len(tok), seed=1)
+    train, held_out = toy_examples(64, seed=0), toy_examples(20, seed=1)
+    before = right_label_probability(model, tok, held_out)
+    seen: list[FinetuneProgress] = []
+    config = FinetuneConfig(
+        steps=40, batch_size=8, lr=3e-3, warmup_steps=4, log_every=10, loss=loss, seed=0
+    )
+
+    report = finetune_(model, tok, train, config, progress=seen.append)
+
+    after = right_label_probability(model, tok, held_out)
+    assert report.steps == 40 and not report.stopped_early
+    assert report.final_loss < 0.5 * report.first_loss
+    assert before < 0.6
+    assert after > 0.9
+    assert [p.step for p in seen] == [10, 20, 30, 40]
+    assert report.label_counts == {YES: 32, NO: 32}
+    assert not model.training
+
+
+def test_oversampling_balances_a_rare_label(tok: Any) -> None:
+    # 4 YES among 64: without balancing the model would learn to always say NO.
+    examples = [e for e in toy_examples(120) if e[1] == NO][:60] + [
+        e for e in toy_examples(120) if e[1] == YES
+    ][:4]
+    model = tiny_model(len(tok), seed=2)
+    config = FinetuneConfig(steps=40, batch_size=8, lr=3e-3, warmup_steps=4, balance="oversample")
+
+    finetune_(model, tok, examples, config)
+
+    rare = [e for e in toy_examples(40, seed=5) if e[1] == YES]
+    assert right_label_probability(model, tok, rare) > 0.8
+
+
+def test_train_layers_freezes_earlier_blocks_and_embeddings(tok: Any) -> None:
+    model = tiny_model(len(tok), seed=3)
+    first = model.model.layers[0].mlp.up_proj.weight.detach().clone()
+    last = model.model.layers[-1].mlp.up_proj.weight.detach().clone()
+    embed = model.model.embed_tokens.weight.detach().clone()
+    config = FinetuneConfig(steps=3, batch_size=4, lr=1e-2, warmup_steps=0, train_layers=1)
+
+    finetune_(model, tok, toy_examples(16), config)
+
+    assert torch.equal(model.model.layers[0].mlp.up_proj.weight, first)
+    assert torch.equal(model.model.embed_tokens.weight, embed)
+    assert not torch.equal(model.model.layers[-1].mlp.up_proj.weight, last)
+    assert all(p.requires_grad for p in model.parameters())  # restored
+
+
+def test_batched_label_probabilities_match_one_unpadded_prompt_at_a_time(tok: Any) -> None:
+    model = tiny_model(len(tok), seed=4)
+    prompts = ["café naïve", "the quick brown fox jumps over the lazy dog", "hello"]
+    labels = [YES, " numbers"]  # a multi-token label takes the general path
+
+    batched = label_probabilities(model, tok, prompts, labels, batch_size=3)
+
+    for prompt, got in zip(prompts, batched, strict=True):
+        ids = tok(prompt)["input_ids"]
+        logps = []
+        for label in labels:
+            cont = tok(label, add_special_tokens=False)["input_ids"]
+            with torch.no_grad():
+                logits = model(input_ids=torch.tensor([ids + cont])).logits[0]
+            logp = torch.log_softmax(logits, dim=-1)
+            logps.append(sum(float(logp[len(ids) - 1 + j, t]) for j, t in enumerate(cont)))
+        norm = math.log(sum(math.exp(v) for v in logps))
+        assert got == pytest.approx([math.exp(v - norm) for v in logps], abs=1e-4)
+
+
+def test_max_minutes_stops_early(tok: Any) -> None:
+    model = tiny_model(len(tok))
+    config = FinetuneConfig(steps=1000, batch_size=2, max_minutes=1e-4)
+
+    report = finetune_(model, tok, toy_examples(8), config)
+
+    assert report.stopped_early and report.steps < 1000
+
+
+def test_labels_loss_refuses_multi_token_labels(tok: Any) -> None:
+    model = tiny_model(len(tok))
+    with pytest.raises(ValueError, match="single-token"):
+        finetune_(model, tok, [("café", " numbers")], FinetuneConfig(loss="labels"))
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("steps", 0),
+        ("batch_size", -1),
+        ("lr", 0.0),
+        ("lr", float("nan")),
+        ("weight_decay", -0.1),
+        ("warmup_steps", -1),
+        ("balance", "smote"),
+        ("loss", "focal"),
+        ("max_minutes", -1.0),
+        ("max_seq_len", 1),
+        ("train_layers", -2),
+        ("log_every", 0),
+        ("version", 2),
+    ],
+)
+def test_config_validation_names_the_field(field: str, value: object) -> None:
+    with pytest.raises(ValueError, match=field):
+        FinetuneConfig(**{field: value})  # type: ignore[arg-type]
+
+
+def test_config_round_trips_and_refuses_unknown_keys() -> None:
+    config = FinetuneConfig(steps=7, lr=1e-4, balance="weight", train_layers=2)
+
+    assert FinetuneConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config
+    with pytest.raises(ValueError, match="unknown FinetuneConfig keys \\['epochs'\\]"):
+        FinetuneConfig.from_dict({**config.to_dict(), "epochs": 3})
+
+
+def test_train_layers_beyond_the_model_is_refused(tok: Any) -> None:
+    with pytest.raises(ValueError, match="train_layers 5 exceeds the model's 2 blocks"):
+        finetune_(tiny_model(len(tok)), tok, toy_examples(4), FinetuneConfig(train_layers=5))
+
+
+# ---- the fraud trainer ---------------------------------------------------------------------
+def test_training_pool_keeps_every_fraud_and_samples_legit_before_the_cut() -> None:
+    labels = [0] * 90 + [1] * 10 + [1] * 5  # the last 5 are past the cut
+    pool = training_pool(labels, 100, 2.0, seed=0)
+
+    assert sum(labels[i] for i in pool) == 10
+    assert len(pool) == 30 and max(pool) < 100
+
+
+def test_evaluation_sample_weights_legit_to_the_file_mix() -> None:
+    labels = [0] * 1000 + [1] * 20
+    sample = evaluation_sample(labels, 0, frauds=10, legit=100, seed=0)
+
+    assert sum(labels[i] for i in sample.indices) == 10
+    # 100 legit stand for 1000, 10 frauds for 20: each legit counts (1000/100) * (10/20).
+    assert sample.legit_weight == pytest.approx(5.0)
+
+
+def test_weighted_average_precision_matches_replicated_rows() -> None:
+    rng = random.Random(0)
+    labels = [1] * 8 + [0] * 30
+    scores = [rng.random() for _ in labels]
+
+    ones = weighted_average_precision(labels, scores, [1.0] * len(labels))
+    tripled = weighted_average_precision(labels, scores, [1.0 if y else 3.0 for y in labels])
+    replicated = average_precision(
+        labels + [0] * 60, scores + [s for y, s in zip(labels, scores, strict=True) if not y] * 2
+    )
+
+    assert ones == pytest.approx(average_precision(labels, scores))
+    assert tripled == pytest.approx(replicated)
+
+
+def test_train_fraud_scorer_publishes_a_version_with_its_recipe(tmp_path: Path, tok: Any) -> None:
+    registry = Registry(tmp_path / "registry")
+    model = tiny_model(len(tok), max_position_embeddings=512)
+    publish_model(registry, "tiny", model, tok, source={"kind": "test"})
+    train_file, test_file = tmp_path / "train.csv", tmp_path / "test.jsonl"
+    write_transactions(train_file, simulate(25, 6, seed=1))
+    write_transactions(test_file, simulate(15, 6, seed=2))
+    config = TrainConfig(
+        data=train_file,
+        registry=registry.root,
+        finetune=FinetuneConfig(steps=2, batch_size=4, warmup_steps=0, max_seq_len=400),
+        base="tiny",
+        name="fraud-scorer",
+        alias="production",
+        eval_data=test_file,
+        eval_frauds=6,
+        eval_legit=10,
+    )
+
+    result = train_fraud_scorer(config)
+
+    artifact = registry.get("fraud-scorer", "production")
+    manifest = artifact.manifest
+    assert result.ref == artifact.ref == "fraud-scorer@1"
+    assert manifest["parent"] == "tiny@1"
+    assert manifest["recipe"]["name"] == "fraud-finetune"
+    assert FinetuneConfig.from_dict(manifest["recipe"]["finetune"]) == config.finetune
+    assert manifest["data"]["file"] == "train.csv"
+    assert len(manifest["data"]["sha256"]) == 64
+    assert manifest["data"]["eval_file"] == "test.jsonl"
+    for key in ("roc_auc", "pr_auc", "baseline_roc_auc", "baseline_pr_auc"):
+        assert 0.0 <= manifest["metrics"][key] <= 1.0
+    assert manifest["metrics"]["eval_frauds"] == 6
+
+
+def test_train_fraud_scorer_refuses_a_quantized_base(tmp_path: Path, tok: Any) -> None:
+    registry = Registry(tmp_path / "registry")
+    model = tiny_model(len(tok))
+    publish_model(registry, "tiny", model, tok, quantization={"scheme": "int8-weight-only"})
+    data = tmp_path / "train.csv"
+    write_transactions(data, simulate(10, 4, seed=1))
+    config = TrainConfig(
+        data=data, registry=registry.root, finetune=FinetuneConfig(steps=1), base="tiny"
+    )
+
+    with pytest.raises(ValueError, match="tiny@1 is quantized \\(int8-weight-only\\)"):
+        train_fraud_scorer(config)
