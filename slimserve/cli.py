@@ -279,6 +279,7 @@ def serve_config(args: argparse.Namespace) -> Any:
             backend=args.backend,
             max_batch=args.max_batch,
             max_seq_len=args.max_seq_len,
+            kv_cache_mb=args.kv_cache_mb,
             max_queue=args.max_queue,
         ),
         limits=Limits(
@@ -515,7 +516,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=50051)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = default)")
     p.add_argument("--max-batch", type=int, default=16, help="concurrent sequences")
-    p.add_argument("--max-seq-len", type=int, default=0, help="context per sequence")
+    p.add_argument(
+        "--max-seq-len", type=int, default=0, help="context per sequence (0 = fit the budget)"
+    )
+    p.add_argument("--kv-cache-mb", type=int, default=1024, help="KV-cache budget per model, MiB")
     p.add_argument("--max-queue", type=int, default=64, help="waiting requests at most")
     p.add_argument("--grace", type=float, default=10.0, help="shutdown grace seconds")
     p.add_argument("--metrics-port", type=int, help="Prometheus /metrics port (default: off)")

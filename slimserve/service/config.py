@@ -99,8 +99,11 @@ class ModelConfig:
     backend: Backend = "auto"
     #: Concurrent sequences per model (KV-cache slots).
     max_batch: int = 16
-    #: Longest prompt + generation per sequence; 0 = the model's own limit, capped at 4096.
+    #: Longest prompt + generation per sequence; 0 = the model's own limit, capped at 4096
+    #: and at what `kv_cache_mb` allows for `max_batch` sequences.
     max_seq_len: int = 0
+    #: KV-cache budget per model in MiB (the cache is allocated up front for every slot).
+    kv_cache_mb: int = 1024
     #: Requests waiting for a slot beyond this get RESOURCE_EXHAUSTED.
     max_queue: int = 64
     #: Warm-up generation before reporting SERVING.
@@ -113,6 +116,8 @@ class ModelConfig:
             raise ValueError(f"max_batch must be >= 1, got {self.max_batch}")
         if self.max_seq_len < 0:
             raise ValueError(f"max_seq_len must be >= 0, got {self.max_seq_len}")
+        if self.kv_cache_mb < 1:
+            raise ValueError(f"kv_cache_mb must be >= 1, got {self.kv_cache_mb}")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

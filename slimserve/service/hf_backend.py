@@ -15,7 +15,8 @@ if TYPE_CHECKING:
     from transformers import PreTrainedModel
 
 
-def _kv_bytes_per_token(config: Any, dtype: torch.dtype) -> int:
+def kv_bytes_per_token(config: Any, dtype: torch.dtype) -> int:
+    """Bytes of K and V cache one token takes across all layers."""
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
     heads = getattr(text, "num_key_value_heads", None) or text.num_attention_heads
     head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
@@ -63,7 +64,7 @@ class HFBackend:
         return score_with(self.model, prompt_ids, continuations, self.device)
 
     def kv_bytes_per_slot(self) -> int:
-        return _kv_bytes_per_token(self.model.config, self._dtype) * self.max_seq_len
+        return kv_bytes_per_token(self.model.config, self._dtype) * self.max_seq_len
 
 
 def score_with(

@@ -26,7 +26,7 @@ from slimserve.service.errors import (
     NotReady,
     ServiceError,
 )
-from slimserve.service.hf_backend import HFBackend
+from slimserve.service.hf_backend import HFBackend, kv_bytes_per_token
 from slimserve.service.types import GenerationRequest, SamplingParams, StopParams
 
 log = logging.getLogger(__name__)
@@ -116,6 +116,36 @@ class _DequantizedStateDict(Mapping[str, torch.Tensor]):
         return len(self._sd)
 
 
+_MIN_CONTEXT = 256
+
+
+def context_length(model: Any, config: ModelConfig, dtype: torch.dtype) -> int:
+    """Tokens per sequence: as configured, else the most the KV-cache budget allows.
+
+    Raises:
+        ValueError: the configured batch and context do not fit `kv_cache_mb`.
+    """
+    model_limit = int(getattr(model.config, "max_position_embeddings", 0) or _CONTEXT_CAP)
+    per_token = kv_bytes_per_token(model.config, dtype)
+    budget = config.kv_cache_mb * 2**20
+    if config.max_seq_len:
+        need = per_token * config.max_seq_len * config.max_batch
+        if need > budget:
+            raise ValueError(
+                f"KV cache for max_batch={config.max_batch} x max_seq_len={config.max_seq_len} "
+                f"needs {need / 2**20:.0f} MiB > kv_cache_mb={config.kv_cache_mb}; raise "
+                "--kv-cache-mb or lower --max-batch/--max-seq-len"
+            )
+        return config.max_seq_len
+    fit = budget // (per_token * config.max_batch)
+    if fit < _MIN_CONTEXT:
+        raise ValueError(
+            f"kv_cache_mb={config.kv_cache_mb} leaves {fit} tokens per sequence for "
+            f"max_batch={config.max_batch}; raise --kv-cache-mb or lower --max-batch"
+        )
+    return int(min(model_limit, _CONTEXT_CAP, fit))
+
+
 def build_backend(model: Any, config: ModelConfig, max_seq_len: int) -> Backend:
     """The fastest backend that supports this model, or the eager one."""
     from slimserve.service import llama
@@ -168,8 +198,7 @@ def load(
     dtype = resolve_dtype(config.dtype, device)
     try:
         model, tokenizer = load_model(artifact, device=device, dtype=dtype)
-        model_limit = int(getattr(model.config, "max_position_embeddings", 0) or _CONTEXT_CAP)
-        max_seq_len = config.max_seq_len or min(model_limit, _CONTEXT_CAP)
+        max_seq_len = context_length(model, config, dtype)
         backend = build_backend(model, config, max_seq_len)
     except IntegrityError as exc:
         raise IntegrityFailure(str(exc)) from exc
