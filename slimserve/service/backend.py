@@ -52,6 +52,10 @@ class Backend(Protocol):
         """
         ...
 
+    def score_batch(self, jobs: list[tuple[list[int], list[list[int]]]]) -> list[list[float]]:
+        """`score` for several (prompt, continuations) jobs, in as few passes as it can."""
+        ...
+
     def kv_bytes_per_slot(self) -> int:
         """Bytes of KV cache one slot can occupy at `max_seq_len`."""
         ...

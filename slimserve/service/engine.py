@@ -215,8 +215,8 @@ class Engine:
                 scores = list(self._scores)
                 self._scores.clear()
                 admitted = self._admit_locked()
-            for prompt, conts, fut in scores:
-                self._run_score(prompt, conts, fut)
+            if scores:
+                self._run_scores(scores)
             for seq in admitted:
                 self._prefill(seq)
             self._reap()
@@ -245,14 +245,36 @@ class Engine:
         while self._scores:
             self._scores.popleft()[2].set_exception(exc)
 
+    def _run_scores(
+        self,
+        jobs: list[tuple[list[int], list[list[int]], concurrent.futures.Future[list[float]]]],
+    ) -> None:
+        """Every Score queued since the last step in one batched forward.
+
+        If the batch fails, each job runs alone so one bad job fails only itself.
+        """
+        live = [j for j in jobs if j[2].set_running_or_notify_cancel()]
+        if not live:
+            return
+        try:
+            results = self.backend.score_batch([(p, c) for p, c, _ in live])
+        except torch.OutOfMemoryError as exc:
+            for _, _, fut in live:
+                fut.set_exception(Overloaded(f"out of memory while scoring: {exc}"))
+            return
+        except Exception:
+            for prompt, conts, fut in live:
+                self._run_score(prompt, conts, fut)
+            return
+        for (_, _, fut), result in zip(live, results, strict=True):
+            fut.set_result(result)
+
     def _run_score(
         self,
         prompt: list[int],
         conts: list[list[int]],
         fut: concurrent.futures.Future[list[float]],
     ) -> None:
-        if not fut.set_running_or_notify_cancel():
-            return
         try:
             fut.set_result(self.backend.score(prompt, conts))
         except torch.OutOfMemoryError as exc:

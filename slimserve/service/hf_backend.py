@@ -63,6 +63,10 @@ class HFBackend:
     def score(self, prompt_ids: list[int], continuations: list[list[int]]) -> list[float]:
         return score_with(self.model, prompt_ids, continuations, self.device)
 
+    def score_batch(self, jobs: list[tuple[list[int], list[list[int]]]]) -> list[list[float]]:
+        # Prompts differ in length; one padded batch per job keeps the eager path simple.
+        return [self.score(p, c) for p, c in jobs]
+
     def kv_bytes_per_slot(self) -> int:
         return kv_bytes_per_token(self.model.config, self._dtype) * self.max_seq_len
 

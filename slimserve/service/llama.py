@@ -471,37 +471,52 @@ class LlamaBackend:
         Raises:
             ValueError: empty prompt, a row longer than max_seq_len, token id out of range.
         """
-        if not prompt_ids:
-            raise ValueError("score needs a non-empty prompt (at least a BOS token)")
-        if not continuations:
-            return []
-        p = len(prompt_ids)
-        longest = p + max(len(c) for c in continuations)
+        return self.score_batch([(prompt_ids, continuations)])[0]
+
+    def score_batch(self, jobs: list[tuple[list[int], list[list[int]]]]) -> list[list[float]]:
+        """`score` for several prompts at once: every row of every job in one forward."""
+        rows: list[list[int]] = []
+        starts: list[int] = []  # per row: the prompt length
+        for prompt_ids, continuations in jobs:
+            if not prompt_ids:
+                raise ValueError("score needs a non-empty prompt (at least a BOS token)")
+            self._check_ids(prompt_ids)
+            for c in continuations:
+                self._check_ids(c)
+                rows.append(prompt_ids + c)
+                starts.append(len(prompt_ids))
+        if not rows:
+            return [[] for _ in jobs]
+        longest = max(map(len, rows))
         if longest > self.max_seq_len:
             raise ValueError(f"prompt + continuation has {longest} tokens > {self.max_seq_len}")
-        self._check_ids(prompt_ids)
-        for c in continuations:
-            self._check_ids(c)
-        rows = [prompt_ids + c + [0] * (longest - p - len(c)) for c in continuations]
         # Logits at position j predict token j + 1: gather only the rows' continuation spots.
-        row_idx = [r for r, c in enumerate(continuations) for _ in c]
-        pos_idx = [p - 1 + j for c in continuations for j in range(len(c))]
-        targets = [tok for c in continuations for tok in c]
+        row_idx = [r for r, row in enumerate(rows) for _ in range(len(row) - starts[r])]
+        pos_idx = [
+            starts[r] - 1 + j for r, row in enumerate(rows) for j in range(len(row) - starts[r])
+        ]
+        targets = [tok for r, row in enumerate(rows) for tok in row[starts[r] :]]
+        padded = [row + [0] * (longest - len(row)) for row in rows]  # causal: padding is inert
 
         def attention(_i: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
             return self._causal_attention(q, k, v)
 
         with torch.inference_mode():
-            tokens = torch.tensor(rows, device=self.device)  # (N, T)
-            positions = self._arange[:longest].expand(len(rows), longest)
+            tokens = torch.tensor(padded, device=self.device)  # (N, T)
+            positions = self._arange[:longest].expand(len(padded), longest)
             hidden = self._forward(tokens, positions, attention)  # (N, T, hidden)
-            rows_t = torch.tensor(row_idx, device=self.device)  # (M,)
-            picked = hidden[rows_t, torch.tensor(pos_idx, device=self.device)]  # (M, hidden)
+            rows_t = torch.tensor(row_idx, device=self.device, dtype=torch.long)  # (M,)
+            picked = hidden[rows_t, torch.tensor(pos_idx, device=self.device, dtype=torch.long)]
             logprobs = torch.log_softmax(self._logits(picked), dim=-1)  # (M, vocab)
-            wanted = torch.tensor(targets, device=self.device).view(-1, 1)  # (M, 1)
+            wanted = torch.tensor(targets, device=self.device, dtype=torch.long).view(-1, 1)
             per_token = logprobs.gather(1, wanted)[:, 0].double()  # (M,)
-            sums = per_token.new_zeros(len(continuations)).index_add_(0, rows_t, per_token)
-        return [float(x) for x in sums.cpu()]
+            sums = per_token.new_zeros(len(rows)).index_add_(0, rows_t, per_token)
+        flat = [float(x) for x in sums.cpu()]
+        out, at = [], 0
+        for _, continuations in jobs:
+            out.append(flat[at : at + len(continuations)])
+            at += len(continuations)
+        return out
 
     def kv_bytes_per_slot(self) -> int:
         """Bytes of K and V cache one slot occupies (allocated up front) at max_seq_len."""

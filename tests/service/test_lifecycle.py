@@ -62,6 +62,10 @@ class Faulty:
         self._maybe_oom("score")
         return self.inner.score(prompt_ids, continuations)  # type: ignore[no-any-return]
 
+    def score_batch(self, jobs: list[tuple[list[int], list[list[int]]]]) -> list[list[float]]:
+        self._maybe_oom("score")
+        return self.inner.score_batch(jobs)  # type: ignore[no-any-return]
+
 
 class HookedServer(ServerThread):
     """ServerThread whose backends are wrapped in `Faulty` (kept in `backends`, in order)."""

@@ -244,3 +244,17 @@ def test_legacy_rope_theta_is_read() -> None:
     assert (shape.rope_theta, shape.head_dim, shape.tie_word_embeddings) == (500000.0, 16, False)
     legacy.rope_scaling = {"type": "dynamic", "factor": 2.0}
     assert not supports(legacy)
+
+
+def test_score_batch_equals_scoring_each_job_alone() -> None:
+    from slimserve.service.llama import LlamaBackend
+    from tests.helpers import tiny_model
+
+    model = tiny_model(128, seed=3)
+    backend = LlamaBackend.from_model(model, max_slots=1, max_seq_len=64)
+    jobs = [([1, 5, 9], [[4], [7, 8]]), ([3, 3, 3, 3, 3, 3, 2], [[11, 12, 13]]), ([6], [[1]])]
+    batched = backend.score_batch(jobs)
+    alone = [backend.score(p, c) for p, c in jobs]
+    assert [len(b) for b in batched] == [2, 1, 1]
+    for b, a in zip(batched, alone, strict=True):
+        assert b == pytest.approx(a, abs=1e-4)
