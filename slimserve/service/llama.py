@@ -475,27 +475,37 @@ class LlamaBackend:
 
     def score_batch(self, jobs: list[tuple[list[int], list[list[int]]]]) -> list[list[float]]:
         """`score` for several prompts at once: every row of every job in one forward."""
+        # A continuation's last token is never an input (the position before it predicts
+        # it), so each row is prompt + continuation[:-1], and identical rows run once: for
+        # single-token labels every row of a job is just its prompt.
         rows: list[list[int]] = []
-        starts: list[int] = []  # per row: the prompt length
+        row_of: dict[tuple[int, ...], int] = {}
+        row_idx: list[int] = []  # per scored token: its row
+        pos_idx: list[int] = []  # per scored token: the position whose logits predict it
+        targets: list[int] = []
+        owner: list[int] = []  # per scored token: its continuation (flat index)
+        n_conts = 0
         for prompt_ids, continuations in jobs:
             if not prompt_ids:
                 raise ValueError("score needs a non-empty prompt (at least a BOS token)")
             self._check_ids(prompt_ids)
             for c in continuations:
                 self._check_ids(c)
-                rows.append(prompt_ids + c)
-                starts.append(len(prompt_ids))
+                inputs = tuple(prompt_ids + c[:-1])
+                if c and inputs not in row_of:
+                    row_of[inputs] = len(rows)
+                    rows.append(list(inputs))
+                for j, tok in enumerate(c):
+                    row_idx.append(row_of[inputs])
+                    pos_idx.append(len(prompt_ids) - 1 + j)
+                    targets.append(tok)
+                    owner.append(n_conts)
+                n_conts += 1
         if not rows:
-            return [[] for _ in jobs]
+            return [[0.0] * len(c) for _, c in jobs]
         longest = max(map(len, rows))
-        if longest > self.max_seq_len:
-            raise ValueError(f"prompt + continuation has {longest} tokens > {self.max_seq_len}")
-        # Logits at position j predict token j + 1: gather only the rows' continuation spots.
-        row_idx = [r for r, row in enumerate(rows) for _ in range(len(row) - starts[r])]
-        pos_idx = [
-            starts[r] - 1 + j for r, row in enumerate(rows) for j in range(len(row) - starts[r])
-        ]
-        targets = [tok for r, row in enumerate(rows) for tok in row[starts[r] :]]
+        if longest + 1 > self.max_seq_len:
+            raise ValueError(f"prompt + continuation has {longest + 1} tokens > {self.max_seq_len}")
         padded = [row + [0] * (longest - len(row)) for row in rows]  # causal: padding is inert
 
         def attention(_i: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -510,7 +520,8 @@ class LlamaBackend:
             logprobs = torch.log_softmax(self._logits(picked), dim=-1)  # (M, vocab)
             wanted = torch.tensor(targets, device=self.device, dtype=torch.long).view(-1, 1)
             per_token = logprobs.gather(1, wanted)[:, 0].double()  # (M,)
-            sums = per_token.new_zeros(len(rows)).index_add_(0, rows_t, per_token)
+            owners = torch.tensor(owner, device=self.device, dtype=torch.long)
+            sums = per_token.new_zeros(n_conts).index_add_(0, owners, per_token)
         flat = [float(x) for x in sums.cpu()]
         out, at = [], 0
         for _, continuations in jobs:
