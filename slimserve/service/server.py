@@ -30,9 +30,6 @@ from slimserve.v1 import models_pb2_grpc as models_grpc
 
 log = logging.getLogger(__name__)
 
-# Seconds a finished call gets to flush its last message before shutdown cuts what is left.
-_FLUSH_S = 1.0
-
 SERVICES = (
     generation_pb2.DESCRIPTOR.services_by_name["GenerationService"].full_name,
     models_pb2.DESCRIPTOR.services_by_name["ModelService"].full_name,
@@ -79,13 +76,8 @@ class Server:
         await self.health.enter_graceful_shutdown()
         stopping = asyncio.ensure_future(self.grpc_server.stop(grace))
         await asyncio.sleep(0)  # let stop() close the door before counting what is inside
-        t0 = asyncio.get_running_loop().time()
         if await self.in_flight.wait_idle(grace):
-            # A handler that has returned may not have flushed its last message yet; give
-            # it a moment (within the grace) before only health watches remain to be cut.
-            spent = asyncio.get_running_loop().time() - t0
-            await asyncio.sleep(max(0.0, min(_FLUSH_S, grace - spent)))
-            await self.grpc_server.stop(0)
+            await self.grpc_server.stop(0)  # only health watches remain: cut them now
         await stopping
         await asyncio.to_thread(self.metrics.close)  # joins the exporter's poll loop
         await asyncio.to_thread(self.models.shutdown)

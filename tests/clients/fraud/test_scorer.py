@@ -152,7 +152,10 @@ def test_scores_do_not_depend_on_concurrency_or_file_order(
 
     by_id = {r.transaction_id: r.score for r in shuffled}
     # Sorted by time before the features are built, so the reversed file scores the same.
-    assert [by_id[r.transaction_id] for r in serial] == pytest.approx([r.score for r in serial])
+    # Concurrent Scores share a batched forward; its size changes float rounding (~1e-6).
+    assert [by_id[r.transaction_id] for r in serial] == pytest.approx(
+        [r.score for r in serial], rel=1e-4
+    )
 
 
 def test_prompts_too_long_for_the_server_are_refused_row_by_row(
