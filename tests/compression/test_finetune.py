@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import math
 import random
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +30,8 @@ from slimserve.compression.finetune import (
 from slimserve.compression.registry import Registry
 from tests.helpers import tiny_model, tiny_tokenizer
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 # Single tokens in the tiny tokenizer (checked in a test below).
 YES, NO = " hello", " main"
 _WORDS = ["the", "quick", "brown", "lazy", "dog", "over", "numbers", "again", "code", "world"]
@@ -50,16 +51,6 @@ def right_label_probability(model: Any, tok: Any, examples: list[tuple[str, str]
     probs = label_probabilities(model, tok, [p for p, _ in examples], [YES, NO])
     right = [p[0] if label == YES else p[1] for p, (_, label) in zip(probs, examples, strict=True)]
     return sum(right) / len(right)
-
-
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    # Two shared cores: with two threads spinning against other work, a 40-step tiny
-    # fine-tune took 67 s instead of 1.5 s.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture

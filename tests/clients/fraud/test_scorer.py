@@ -29,6 +29,8 @@ from slimserve.clients.fraud.scorer import (
 from slimserve.clients.fraud.simulate import simulate
 from tests.helpers import ServerThread, tiny_model, tiny_tokenizer
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 # Three bad lines appended to a valid file: an unparseable amount, an unparseable
 # timestamp, an unknown channel.
 _BAD_LINES = (
@@ -38,21 +40,9 @@ _BAD_LINES = (
 )
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    # Two shared cores: two torch threads spinning against other work (the server's engine
-    # and this test share the process) run the tiny model many times slower than one.
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def fraud_server(
-    tmp_path_factory: pytest.TempPathFactory, one_thread: None
+    tmp_path_factory: pytest.TempPathFactory, one_torch_thread: None
 ) -> Iterator[ServerThread]:
     """Two tiny models, ``tiny`` and ``tiny-b``, with room for ~250-token fraud prompts.
 
