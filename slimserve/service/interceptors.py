@@ -78,10 +78,12 @@ class _Rejected:
 
 
 class InFlight:
-    """Counts slimserve RPCs that have not terminated, for a graceful drain."""
+    """Counts slimserve RPCs that have not terminated, for a graceful drain; once `closing`,
+    new ones are refused with UNAVAILABLE by `RequestInterceptor`."""
 
     def __init__(self) -> None:
         self.count = 0
+        self.closing = False
         self._idle = asyncio.Event()
         self._idle.set()
 
@@ -150,6 +152,9 @@ class RequestInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
             logs.REQUEST_FIELDS.set({})
             self.in_flight.started()
             context.add_done_callback(lambda _: self.in_flight.ended())
+            if self.in_flight.closing:
+                self._access(short, "UNAVAILABLE", time.monotonic())
+                await context.abort(grpc.StatusCode.UNAVAILABLE, "the server is shutting down")
             if isinstance(request, _Rejected):
                 self._access(short, "INVALID_ARGUMENT", time.monotonic())
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message)

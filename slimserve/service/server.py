@@ -2,8 +2,12 @@
 
 Shutdown (SIGTERM): health turns NOT_SERVING (watchers are told), the server stops taking
 new calls (they get UNAVAILABLE), calls in flight get `grace_s` to finish, then the engines
-stop. Health watch streams never end by themselves, so they are cut as soon as every
-other call has finished instead of holding the process for the whole grace period.
+stop. The door is closed by the request interceptor, not by gRPC's own `stop(grace)`: gRPC
+closes each connection the moment its last call ends, and a client that has not yet read
+that call's tail (a loaded machine) then loses it to the reset. So the server refuses new
+calls itself, waits for the calls in flight, lets the connections linger a moment so their
+last messages are read, and only then stops gRPC. Health watch streams end by themselves
+once they have said NOT_SERVING (`DrainingHealth`), so they never hold the stop.
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -30,10 +35,58 @@ from slimserve.v1 import models_pb2_grpc as models_grpc
 
 log = logging.getLogger(__name__)
 
+#: After the last call of a drain, how long connections stay open so clients read its tail.
+LINGER_S = 0.5
+
 SERVICES = (
     generation_pb2.DESCRIPTOR.services_by_name["GenerationService"].full_name,
     models_pb2.DESCRIPTOR.services_by_name["ModelService"].full_name,
 )
+
+
+class DrainingHealth(health.aio.HealthServicer):  # type: ignore[misc]
+    """The library's health servicer, but a Watch stream ends (OK) after it has sent NOT_SERVING
+    at shutdown. The library's Watch never ends, which would hold a graceful stop for its whole
+    grace period; cutting the watches with `stop(0)` instead cuts every other call too,
+    including the undelivered tail of a stream that has just finished."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._statuses: dict[str, int] = {"": health_pb2.HealthCheckResponse.SERVING}
+        self._changed = asyncio.Condition()
+        self._closing = False
+
+    async def set(self, service: str, status: int) -> None:
+        if self._closing:
+            return
+        await super().set(service, status)
+        async with self._changed:
+            self._statuses[service] = status
+            self._changed.notify_all()
+
+    async def enter_graceful_shutdown(self) -> None:
+        await super().enter_graceful_shutdown()
+        async with self._changed:
+            self._closing = True
+            not_serving = health_pb2.HealthCheckResponse.NOT_SERVING
+            self._statuses = dict.fromkeys(self._statuses, not_serving)
+            self._changed.notify_all()
+
+    async def Watch(
+        self, request: health_pb2.HealthCheckRequest, context: grpc.aio.ServicerContext
+    ) -> None:
+        last: int | None = None
+        async with self._changed:
+            while True:
+                status = self._statuses.get(
+                    request.service, health_pb2.HealthCheckResponse.SERVICE_UNKNOWN
+                )
+                if status != last:
+                    await context.write(health_pb2.HealthCheckResponse(status=status))
+                    last = status
+                if self._closing:
+                    return
+                await self._changed.wait()
 
 
 @dataclass
@@ -43,7 +96,7 @@ class Server:
     config: ServerConfig
     grpc_server: grpc.aio.Server
     port: int
-    health: health.aio.HealthServicer
+    health: DrainingHealth
     models: ModelManager
     metrics: Metrics
     in_flight: InFlight
@@ -73,12 +126,13 @@ class Server:
     async def stop(self, grace: float | None = None) -> None:
         """NOT_SERVING, refuse new calls, let in-flight ones finish, stop engines."""
         grace = self.config.grace_s if grace is None else grace
+        t0 = time.monotonic()
+        self.in_flight.closing = True
         await self.health.enter_graceful_shutdown()
-        stopping = asyncio.ensure_future(self.grpc_server.stop(grace))
-        await asyncio.sleep(0)  # let stop() close the door before counting what is inside
         if await self.in_flight.wait_idle(grace):
-            await self.grpc_server.stop(0)  # only health watches remain: cut them now
-        await stopping
+            await asyncio.sleep(min(LINGER_S, grace))
+        left = max(0.0, grace - (time.monotonic() - t0))
+        await self.grpc_server.stop(left)  # cancels whatever is still running after `grace`
         await asyncio.to_thread(self.metrics.close)  # joins the exporter's poll loop
         await asyncio.to_thread(self.models.shutdown)
 
@@ -125,7 +179,7 @@ async def build_server(
         GenerationServicer(models, limits, metrics), grpc_server
     )
     models_grpc.add_ModelServiceServicer_to_server(ModelServicer(models), grpc_server)
-    health_servicer = health.aio.HealthServicer()
+    health_servicer = DrainingHealth()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, grpc_server)
     reflection.enable_server_reflection(
         (*SERVICES, health.SERVICE_NAME, reflection.SERVICE_NAME), grpc_server
