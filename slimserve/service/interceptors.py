@@ -21,6 +21,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any
 
 import grpc
+from grpc._cython.cygrpc import ExecuteBatchError  # no public name for it
 
 from slimserve.service import logs
 from slimserve.service.config import AuthConfig
@@ -211,6 +212,10 @@ def _code_of(exc: BaseException, context: grpc.aio.ServicerContext) -> str:
         code = context.code()
         if isinstance(code, grpc.StatusCode):
             return str(code.name)
+    if isinstance(exc, ExecuteBatchError):
+        # Sending the status failed: the client had already gone (cancelled, or its deadline
+        # passed) while the handler was answering. Nothing reached anyone; count it as such.
+        return "CANCELLED"
     return "UNKNOWN"
 
 

@@ -358,6 +358,7 @@ def test_bounded_load_mix(tiny_registry: Path, tmp_path: Path) -> None:
     print("load test:", json.dumps(report))
     (tmp_path / "load.json").write_text(json.dumps(report, indent=2))
     assert not unexpected, unexpected[:10]
+    assert "UNKNOWN" not in codes, codes  # every call the server saw got a meaningful code
     assert ops["cancel"] > 0 and ops["deadline"] > 0 and ops["score"] > 0
     # Memory: no growth between the first and last third beyond allocator noise.
     assert last <= first * 1.10 + 16, report
