@@ -277,6 +277,8 @@ def serve_config(args: argparse.Namespace) -> Any:
             device=args.device,
             dtype=args.dtype,
             backend=args.backend,
+            gguf_type=args.gguf_type,
+            threads=args.threads,
             max_batch=args.max_batch,
             max_seq_len=args.max_seq_len,
             kv_cache_mb=args.kv_cache_mb,
@@ -434,6 +436,9 @@ def cmd_bench_serve(args: argparse.Namespace) -> int:
         gguf=gguf,
         gguf_q8=gguf_q8,
         max_batch=args.max_batch,
+        backend=args.backend,
+        hf_model=args.hf_model,
+        gguf_type=args.gguf_type,
     )
     report = bench.run(b, score=not args.no_score)
     env = report["environment"]
@@ -511,7 +516,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", action="append", required=True, help="NAME[@VERSION|@ALIAS]")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
-    p.add_argument("--backend", default="auto", choices=["auto", "hf", "llama"])
+    p.add_argument(
+        "--backend",
+        default="auto",
+        choices=["auto", "hf", "llama", "llamacpp"],
+        help="auto: llama.cpp on CPU when installed, else the torch Llama fast path, else eager",
+    )
+    p.add_argument(
+        "--gguf-type",
+        default="auto",
+        choices=["auto", "q8_0", "q4_1", "f16", "f32"],
+        help="llama.cpp weight format; auto keeps the artifact's precision (int8 -> q8_0)",
+    )
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=50051)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = default)")
@@ -602,6 +618,19 @@ def build_parser() -> argparse.ArgumentParser:
         "GGUF), llama_cpp_q8 (it re-encoded to Q8_0)",
     )
     p.add_argument("--gguf", type=Path, help="GGUF for llama_cpp (default: the shipped one)")
+    p.add_argument(
+        "--backend",
+        default="auto",
+        choices=["auto", "hf", "llama", "llamacpp"],
+        help="slimserve's serving backend for the slimserve and engine systems",
+    )
+    p.add_argument("--hf-model", help="NAME@REF for hf_generate (default: --model)")
+    p.add_argument(
+        "--gguf-type",
+        default="auto",
+        choices=["auto", "q8_0", "q4_1", "f16", "f32"],
+        help="llama.cpp backend weights for the slimserve and engine systems",
+    )
     p.add_argument("--no-score", action="store_true", help="skip the Score measurement")
     p.add_argument("--json", type=Path)
     p.add_argument("--plot", type=Path)

@@ -62,6 +62,10 @@ def tiny_server_config(registry: Path, **model_overrides: Any) -> Any:
 
     limits = model_overrides.pop("limits", Limits(max_new_tokens=64, default_max_new_tokens=16))
     models = model_overrides.pop("models", ("tiny",))
+    # The torch Llama backend unless a test asks otherwise: its scores and tokens do not depend
+    # on how requests are batched, which many service tests assert exactly. The llama.cpp
+    # backend has its own tests (tests/service/test_llamacpp_backend.py and _server.py).
+    model_overrides.setdefault("backend", "llama")
     return ServerConfig(
         registry=registry,
         models=models,

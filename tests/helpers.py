@@ -70,12 +70,12 @@ def tiny_model(vocab_size: int, seed: int = 0, **overrides: Any) -> Any:
     return model
 
 
-def publish_tiny(registry_root: Path, name: str = "tiny", seed: int = 0) -> Any:
+def publish_tiny(registry_root: Path, name: str = "tiny", seed: int = 0, **overrides: Any) -> Any:
     from slimserve.compression.artifact import publish_model
     from slimserve.compression.registry import Registry
 
     tok = tiny_tokenizer()
-    model = tiny_model(len(tok), seed=seed)
+    model = tiny_model(len(tok), seed=seed, **overrides)
     model.generation_config.eos_token_id = tok.eos_token_id
     return publish_model(Registry(registry_root), name, model, tok, source={"kind": "test"})
 

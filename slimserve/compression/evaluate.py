@@ -66,17 +66,40 @@ def perplexity(model: Any, chunks: torch.Tensor) -> tuple[float, int]:
     return math.exp(total / count), count
 
 
-def decode_speed(model: Any, tokenizer: Any, config: EvaluateConfig) -> dict[str, Any]:
-    """Greedy decode tokens/s and time to first token through the serving engine."""
+def served_perplexity(backend: Any, chunks: torch.Tensor) -> float:
+    """Perplexity of the chunks as the serving backend computes it (its Score path).
+
+    The backend may not run the artifact's weights as stored (llama.cpp runs a GGUF re-encode),
+    so this is the quality users get; `perplexity` is the artifact's own."""
+    total, count = 0.0, 0
+    for row in chunks.tolist():
+        total -= backend.score(row[:1], [row[1:]])[0]
+        count += len(row) - 1
+    return math.exp(total / count)
+
+
+def decode_speed(
+    model: Any, tokenizer: Any, config: EvaluateConfig, chunks: torch.Tensor | None = None
+) -> dict[str, Any]:
+    """Greedy decode tokens/s and time to first token through the serving engine, on the
+    backend the server would choose; with `chunks`, also the perplexity that backend gives."""
+    import tempfile
+
     from slimserve.service.config import ModelConfig
     from slimserve.service.engine import Engine, EngineConfig
     from slimserve.service.models import build_backend
     from slimserve.service.types import GenerationRequest, SamplingParams, StopParams
 
     ids = tuple(tokenizer(_SPEED_PROMPT)["input_ids"])
-    backend = build_backend(
-        model, ModelConfig(device="cpu", max_batch=1), len(ids) + config.speed_tokens + 8
-    )
+    longest = len(ids) + config.speed_tokens + 8
+    if chunks is not None:
+        longest = max(longest, chunks.shape[1] + 1)
+    with tempfile.TemporaryDirectory(prefix="slimserve-eval-") as tmp:
+        tokenizer.save_pretrained(tmp)  # tokenizer.json: what a GGUF export needs
+        backend = build_backend(
+            model, ModelConfig(device="cpu", max_batch=1), longest, Path(tmp) / "tokenizer.json"
+        )
+    served = {} if chunks is None else {"served_perplexity": served_perplexity(backend, chunks)}
     engine = Engine(backend, tokenizer, EngineConfig())
     engine.start()
     tps, ttft = [], []
@@ -115,6 +138,7 @@ def decode_speed(model: Any, tokenizer: Any, config: EvaluateConfig) -> dict[str
         "ttft_ms": sorted(ttft)[len(ttft) // 2],
         "backend": backend.name,
         "threads": torch.get_num_threads(),
+        **served,
     }
 
 
@@ -145,5 +169,5 @@ def evaluate(
     if model_bytes is not None:
         out["bytes"] = model_bytes
     if config.speed_tokens:
-        out.update(decode_speed(model, tokenizer, config))
+        out.update(decode_speed(model, tokenizer, config, chunks))
     return out

@@ -8,6 +8,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, cast
 
 import torch
@@ -146,14 +147,42 @@ def context_length(model: Any, config: ModelConfig, dtype: torch.dtype) -> int:
     return int(min(model_limit, _CONTEXT_CAP, fit))
 
 
-def build_backend(model: Any, config: ModelConfig, max_seq_len: int) -> Backend:
-    """The fastest backend that supports this model, or the eager one."""
-    from slimserve.service import llama
+def build_backend(
+    model: Any, config: ModelConfig, max_seq_len: int, tokenizer_json: Path | None = None
+) -> Backend:
+    """The fastest backend that supports this model, or the eager one.
+
+    "auto" on CPU is llama.cpp when llama-cpp-python is installed and the model is a Llama
+    whose weights export to GGUF; else the static-cache Llama forward in torch; else eager.
+    """
+    from slimserve.service import llama, llamacpp
 
     param = next(model.parameters())
     dtype = torch.float32 if param.dtype == torch.int8 else param.dtype
     reason = llama.unsupported_reason(model.config)
     scheme = torchao_scheme(model)
+    if config.backend == "llamacpp" or (
+        config.backend == "auto" and param.device.type == "cpu" and llamacpp.available()
+    ):
+        why = _llamacpp_unsupported(model, reason, scheme, tokenizer_json)
+        if why is None:
+            assert tokenizer_json is not None
+            weight_type = config.gguf_type
+            if weight_type == "auto":
+                int8 = scheme == "Int8WeightOnlyConfig"
+                weight_type = "q8_0" if int8 else "f32" if dtype == torch.float32 else "f16"
+            return llamacpp.LlamaCppBackend(
+                model.config,
+                _DequantizedStateDict(model),
+                tokenizer_json,
+                max_slots=config.max_batch,
+                max_seq_len=max_seq_len,
+                threads=config.threads,
+                weight_type=weight_type,
+            )
+        if config.backend == "llamacpp":
+            raise ValueError(f"backend 'llamacpp' cannot serve this model: {why}")
+        log.info("not using llama.cpp: %s", why)
     if reason is None and dtype not in (torch.float32, torch.bfloat16):
         reason = f"dtype {dtype} (float32 or bfloat16 only)"
     if reason is None and scheme not in (None, "Int8WeightOnlyConfig"):
@@ -185,6 +214,33 @@ def build_backend(model: Any, config: ModelConfig, max_seq_len: int) -> Backend:
     return HFBackend(model, max_slots=config.max_batch, max_seq_len=max_seq_len)
 
 
+def _llamacpp_unsupported(
+    model: Any, reason: str | None, scheme: str | None, tokenizer_json: Path | None
+) -> str | None:
+    from slimserve.service import llama, llamacpp
+
+    if not llamacpp.available():
+        return "llama-cpp-python is not installed (pip install 'slimserve[llamacpp]')"
+    if next(model.parameters()).device.type != "cpu":
+        return "llama.cpp serves on the CPU only here"
+    if reason is not None:
+        return reason
+    if scheme not in (None, "Int8WeightOnlyConfig"):
+        return f"torchao {scheme} has no GGUF equivalent"
+    if tokenizer_json is None or not tokenizer_json.is_file():
+        return "the artifact has no tokenizer.json"
+    cfg = model.config
+    n_heads = int(cfg.num_attention_heads)
+    head_dim = int(getattr(cfg, "head_dim", None) or cfg.hidden_size // n_heads)
+    dims = (int(cfg.hidden_size), int(cfg.intermediate_size), n_heads * head_dim)
+    if any(d % 32 for d in dims):
+        return f"hidden, intermediate and attention widths {dims} must be multiples of 32"
+    rope = llama._rope_parameters(cfg)
+    if rope["rope_type"] != "default":
+        return f"rope type {rope['rope_type']!r} is not exported to GGUF yet"
+    return None
+
+
 def load(
     artifact: Artifact, config: ModelConfig, backend_hook: BackendHook | None = None
 ) -> LoadedModel:
@@ -199,7 +255,7 @@ def load(
     try:
         model, tokenizer = load_model(artifact, device=device, dtype=dtype)
         max_seq_len = context_length(model, config, dtype)
-        backend = build_backend(model, config, max_seq_len)
+        backend = build_backend(model, config, max_seq_len, artifact.path / "tokenizer.json")
     except IntegrityError as exc:
         raise IntegrityFailure(str(exc)) from exc
     except (CompressionError, torch.OutOfMemoryError):
