@@ -7,18 +7,20 @@ from typing import Any
 
 
 def markdown(rows: list[dict[str, Any]]) -> str:
-    """One row per version; ratios against the first."""
+    """One row per version; ratios against the first. "served ppl" is the perplexity the
+    serving backend itself computes (llama.cpp runs a GGUF re-encode of the weights)."""
     base = rows[0]
     lines = [
-        "| model | perplexity | vs first | params M | MB | decode tok/s | speed-up | TTFT ms "
-        "| backend |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---|",
+        "| model | perplexity | vs first | served ppl | params M | MB | decode tok/s | speed-up "
+        "| TTFT ms | backend |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for r in rows:
         speed = r.get("decode_tokens_per_s", float("nan"))
         lines.append(
             f"| {r['model']} | {r['perplexity']:.2f} | {r['perplexity'] / base['perplexity']:.3f}× "
-            f"| {r['parameters'] / 1e6:.1f} | {r.get('bytes', 0) / 1e6:.0f} | {speed:.1f} | "
+            f"| {r.get('served_perplexity', float('nan')):.2f} | {r['parameters'] / 1e6:.1f} "
+            f"| {r.get('bytes', 0) / 1e6:.0f} | {speed:.1f} | "
             f"{speed / base.get('decode_tokens_per_s', float('nan')):.2f}× | "
             f"{r.get('ttft_ms', float('nan')):.0f} | {r.get('backend', '')} |"
         )

@@ -71,6 +71,12 @@ class Bench:
     gguf: Path | None
     max_batch: int
     gguf_q8: Path | None = None
+    #: slimserve's serving backend (`serve --backend`), for slimserve and engine alike.
+    backend: str = "auto"
+    #: llama.cpp backend weight format (`serve --gguf-type`).
+    gguf_type: str = "auto"
+    #: The version hf_generate runs (default: `model`), e.g. the fp32 parent of an int8 model.
+    hf_model: str | None = None
     samples: list[Sample] = field(default_factory=list)
 
 
@@ -95,8 +101,10 @@ class _Worker:
     def __init__(self, system: str, b: Bench) -> None:
         cmd = [
             sys.executable, "-m", "slimserve.bench.worker", system,
-            "--registry", str(b.registry), "--model", b.model,
+            "--registry", str(b.registry),
+            "--model", (b.hf_model or b.model) if system == "hf_generate" else b.model,
             "--threads", str(b.threads), "--max-batch", str(b.max_batch),
+            "--backend", b.backend, "--gguf-type", b.gguf_type,
         ]  # fmt: skip
         gguf = b.gguf_q8 if system == "llama_cpp_q8" else b.gguf
         if gguf is not None:
@@ -132,7 +140,8 @@ class _Server:
             sys.executable, "-m", "slimserve.cli", "serve", "--model", b.model,
             "--registry", str(b.registry), "--port", str(self.port),
             "--threads", str(b.threads), "--max-batch", str(b.max_batch),
-            "--max-seq-len", "1024", "--device", "cpu",
+            "--max-seq-len", "1024", "--device", "cpu", "--backend", b.backend,
+            "--gguf-type", b.gguf_type,
         ]  # fmt: skip
         self.log = open(os.devnull, "w")  # noqa: SIM115 - lives as long as the server
         self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT)
@@ -140,6 +149,9 @@ class _Server:
 
         with Client(self.target, retries=0) as c:
             c.wait_ready(600)
+            info = c.model_info()
+        #: What served the figures: "<name>@<version> on <backend>".
+        self.served = f"{info.name}@{info.version} on {info.backend}"
 
     @property
     def target(self) -> str:
@@ -305,6 +317,7 @@ def environment(b: Bench) -> dict[str, Any]:
         "torch": torch.__version__,
         "threads": b.threads,
         "model": b.model,
+        "hf_generate_model": b.hf_model or b.model,
         "new_tokens": b.new_tokens,
         "repeats": b.repeats,
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
@@ -362,4 +375,7 @@ def run(b: Bench, *, score: bool = True) -> dict[str, Any]:
             server.close()
         for w in workers.values():
             w.close()
-    return {"environment": environment(b), "results": summarise(b), "score": scores}
+    env = environment(b)
+    if server is not None:
+        env["slimserve_backend"] = server.served
+    return {"environment": env, "results": summarise(b), "score": scores}

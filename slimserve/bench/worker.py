@@ -107,13 +107,25 @@ class HFGenerate:
 
 
 class InProcessEngine:
-    def __init__(self, registry: Path, model: str, max_batch: int) -> None:
+    def __init__(
+        self,
+        registry: Path,
+        model: str,
+        max_batch: int,
+        backend: str = "auto",
+        gguf_type: str = "auto",
+    ) -> None:
         from slimserve.compression.registry import Registry, parse_model_ref
         from slimserve.service.config import ModelConfig
         from slimserve.service.models import load
 
         name, ref = parse_model_ref(model)
-        cfg = ModelConfig(device="cpu", max_batch=max_batch, max_seq_len=1024)
+        cfg = ModelConfig(
+            device="cpu",
+            max_batch=max_batch,
+            max_seq_len=1024,
+            backend=backend,  # type: ignore[arg-type]
+        )
         self.loaded = load(Registry(registry).get(name, ref), cfg)
 
     def run(self, prompts: list[str], new_tokens: int) -> dict[str, Any]:
@@ -267,6 +279,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, required=True)
     p.add_argument("--max-batch", type=int, default=16)
     p.add_argument("--gguf", type=Path, help="llama_cpp: the GGUF file")
+    p.add_argument("--backend", default="auto", help="engine: slimserve's serving backend")
+    p.add_argument("--gguf-type", default="auto", help="engine: llama.cpp backend weights")
     args = p.parse_args(argv)
     import torch
 
@@ -275,7 +289,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.system == "hf_generate":
         runner = HFGenerate(args.registry, args.model)
     elif args.system == "engine":
-        runner = InProcessEngine(args.registry, args.model, args.max_batch)
+        runner = InProcessEngine(
+            args.registry, args.model, args.max_batch, args.backend, args.gguf_type
+        )
     else:
         runner = LlamaCpp(args.gguf, args.threads)  # llama_cpp_q8 gets the re-encoded file
     print(json.dumps({"ready": True, "peak_rss_mb": peak_rss_mb()}), flush=True)
