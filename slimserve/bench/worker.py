@@ -125,6 +125,7 @@ class InProcessEngine:
             max_batch=max_batch,
             max_seq_len=1024,
             backend=backend,  # type: ignore[arg-type]
+            gguf_type=gguf_type,  # type: ignore[arg-type]
         )
         self.loaded = load(Registry(registry).get(name, ref), cfg)
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import hashlib
 import inspect
 import json
@@ -496,7 +497,22 @@ def _accumulate(
 
 
 def _autocast(device: torch.device, config: DistillConfig) -> torch.autocast:
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.autocast_bf16)
+    return torch.autocast(
+        device.type, dtype=torch.bfloat16, enabled=config.autocast_bf16 and bf16_pays(device)
+    )
+
+
+@functools.cache
+def bf16_pays(device: torch.device) -> bool:
+    """Whether bfloat16 matmuls are native here. On x86 CPUs without AVX-512 BF16/AMX (or
+    AVX-NE-CONVERT) oneDNN emulates them, and a recipe asking for bf16 autocast would run
+    several times slower than float32; it then runs in float32 and says so once."""
+    if device.type != "cpu":
+        return True
+    native = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    if not native:
+        log.warning("this CPU has no native bfloat16: autocast_bf16 is ignored (float32)")
+    return native
 
 
 def _grad_sync(model: nn.Module, *, last_micro: bool) -> contextlib.AbstractContextManager[object]:
