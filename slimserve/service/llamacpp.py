@@ -36,6 +36,8 @@ log = logging.getLogger(__name__)
 #: Sequence ids reserved for Score rows, run together in one llama_decode call.
 SCORE_ROWS = 8
 _BATCH_TOKENS = 4096
+#: Cache cells reserved for Score rows (at least max_seq_len, so any one row fits).
+_SCORE_CELLS = 1024
 
 
 def available() -> bool:
@@ -96,7 +98,12 @@ class LlamaCppBackend:
         ctx = lc.llama_context_default_params()
         self._n_seqs = max_slots + SCORE_ROWS
         ctx.n_seq_max = self._n_seqs
-        ctx.n_ctx = self._n_seqs * max_seq_len  # each sequence gets max_seq_len cells
+        # One pool of cache cells shared by every sequence: max_seq_len per slot, plus room for
+        # one batch of Score rows (grouped below to fit it). Split per sequence instead, each
+        # of the SCORE_ROWS scratch sequences would hold max_seq_len cells too (+50% memory).
+        ctx.kv_unified = True
+        self._score_cells = max(max_seq_len, _SCORE_CELLS)
+        ctx.n_ctx = max_slots * max_seq_len + self._score_cells
         ctx.n_batch = _BATCH_TOKENS
         ctx.n_ubatch = 512
         ctx.n_threads = ctx.n_threads_batch = max(1, threads or torch.get_num_threads())
@@ -220,8 +227,16 @@ class LlamaCppBackend:
         need: dict[int, dict[int, list[tuple[int, int]]]] = {}  # row -> pos -> [(tok, cont)]
         for row, pos, tok, cont in wanted:
             need.setdefault(row, {}).setdefault(pos, []).append((tok, cont))
-        for first in range(0, len(rows), SCORE_ROWS):
-            group = range(first, min(first + SCORE_ROWS, len(rows)))
+        groups: list[range] = []  # consecutive rows: at most SCORE_ROWS, within the cells
+        start, cells = 0, 0
+        for r, inputs in enumerate(rows):
+            if r > start and (r - start == SCORE_ROWS or cells + len(inputs) > self._score_cells):
+                groups.append(range(start, r))
+                start, cells = r, 0
+            cells += len(inputs)
+        if rows:
+            groups.append(range(start, len(rows)))
+        for group in groups:
             entries: list[tuple[int, int, int, bool]] = []
             order: list[tuple[int, int]] = []  # output index -> (row, pos)
             for k, r in enumerate(group):
@@ -232,8 +247,6 @@ class LlamaCppBackend:
                     entries.append((tok, pos, seq, want))
                     if want:
                         order.append((r, pos))
-            if len(entries) > _BATCH_TOKENS:
-                raise ValueError(f"score rows hold {len(entries)} tokens > {_BATCH_TOKENS}")
             n = self._run(entries)
             logprobs = torch.log_softmax(self._logits(n).double(), dim=-1)
             for index, (r, pos) in enumerate(order):

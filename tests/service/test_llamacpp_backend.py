@@ -120,3 +120,16 @@ def test_bad_calls_are_refused(pair: tuple[LlamaBackend, llamacpp.LlamaCppBacken
 def test_kv_bytes(pair: tuple[LlamaBackend, llamacpp.LlamaCppBackend]) -> None:
     ref, cpp = pair
     assert cpp.kv_bytes_per_slot() == ref.kv_bytes_per_slot()  # both float32
+
+
+def test_long_score_rows_are_split_to_fit_the_reserved_cells(
+    pair: tuple[LlamaBackend, llamacpp.LlamaCppBackend],
+) -> None:
+    ref, cpp = pair
+    cpp._score_cells = 100  # three 60-token rows cannot share one llama_decode call
+    try:
+        jobs = [(_ids(59, 40 + i, ref.vocab_size), [[5, 6]]) for i in range(3)]
+        got, want = cpp.score_batch(jobs), ref.score_batch(jobs)
+    finally:
+        cpp._score_cells = max(cpp.max_seq_len, llamacpp._SCORE_CELLS)
+    torch.testing.assert_close(torch.tensor(got), torch.tensor(want), atol=1e-2, rtol=0)
