@@ -278,7 +278,6 @@ def serve_config(args: argparse.Namespace) -> Any:
             dtype=args.dtype,
             backend=args.backend,
             gguf_type=args.gguf_type,
-            threads=args.threads,
             max_batch=args.max_batch,
             max_seq_len=args.max_seq_len,
             kv_cache_mb=args.kv_cache_mb,

@@ -7,9 +7,61 @@ A backend never sees a request, a tokenizer or protobuf.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Protocol
 
 import torch
+
+ScoreJobs = list[tuple[list[int], list[list[int]]]]
+
+
+@dataclass(frozen=True, slots=True)
+class ScorePlan:
+    """What a batch of Score jobs needs computed, shared by every backend's `score_batch`.
+
+    A continuation's last token is never an input (the position before it predicts it), so
+    each row is prompt + continuation[:-1], and identical rows run once: for single-token
+    labels every row of a job is just its prompt.
+    """
+
+    #: Distinct input rows.
+    rows: list[list[int]]
+    #: Per scored token: (row, position whose logits predict it, target id, continuation).
+    tokens: list[tuple[int, int, int, int]]
+    #: Continuations over all jobs (flat index order).
+    n_continuations: int
+
+    @classmethod
+    def of(cls, jobs: ScoreJobs, check_ids: Callable[[list[int]], None]) -> ScorePlan:
+        """Raises ValueError for an empty prompt or (through `check_ids`) a bad token id."""
+        rows: list[list[int]] = []
+        row_of: dict[tuple[int, ...], int] = {}
+        tokens: list[tuple[int, int, int, int]] = []
+        n = 0
+        for prompt_ids, continuations in jobs:
+            if not prompt_ids:
+                raise ValueError("score needs a non-empty prompt (at least a BOS token)")
+            check_ids(prompt_ids)
+            for c in continuations:
+                check_ids(c)
+                inputs = tuple(prompt_ids + c[:-1])
+                if c and inputs not in row_of:
+                    row_of[inputs] = len(rows)
+                    rows.append(list(inputs))
+                for j, tok in enumerate(c):
+                    tokens.append((row_of[inputs], len(prompt_ids) - 1 + j, tok, n))
+                n += 1
+        return cls(rows, tokens, n)
+
+    @staticmethod
+    def by_job(sums: list[float], jobs: ScoreJobs) -> list[list[float]]:
+        """Flat per-continuation sums back into one list per job."""
+        out, at = [], 0
+        for _, continuations in jobs:
+            out.append(sums[at : at + len(continuations)])
+            at += len(continuations)
+        return out
 
 
 class Backend(Protocol):

@@ -101,8 +101,6 @@ class ModelConfig:
     #: How the llama.cpp backend stores linear weights (slimserve.compression.gguf_export);
     #: "auto" keeps the artifact's own precision: q8_0 for int8 artifacts, else f16 or f32.
     gguf_type: GgufWeights = "auto"
-    #: Threads for llama.cpp's forward passes; 0 = torch's thread count.
-    threads: int = 0
     #: Concurrent sequences per model (KV-cache slots).
     max_batch: int = 16
     #: Longest prompt + generation per sequence; 0 = the model's own limit, capped at 4096
@@ -122,8 +120,6 @@ class ModelConfig:
             raise ValueError(f"max_batch must be >= 1, got {self.max_batch}")
         if self.max_seq_len < 0:
             raise ValueError(f"max_seq_len must be >= 0, got {self.max_seq_len}")
-        if self.threads < 0:
-            raise ValueError(f"threads must be >= 0, got {self.threads}")
         if self.kv_cache_mb < 1:
             raise ValueError(f"kv_cache_mb must be >= 1, got {self.kv_cache_mb}")
 

@@ -28,6 +28,8 @@ from typing import TYPE_CHECKING, Any, Literal
 import torch
 import torch.nn.functional as F  # noqa: N812
 
+from slimserve.service.backend import ScorePlan
+
 if TYPE_CHECKING:
     from torch import nn
 
@@ -475,32 +477,8 @@ class LlamaBackend:
 
     def score_batch(self, jobs: list[tuple[list[int], list[list[int]]]]) -> list[list[float]]:
         """`score` for several prompts at once: every row of every job in one forward."""
-        # A continuation's last token is never an input (the position before it predicts
-        # it), so each row is prompt + continuation[:-1], and identical rows run once: for
-        # single-token labels every row of a job is just its prompt.
-        rows: list[list[int]] = []
-        row_of: dict[tuple[int, ...], int] = {}
-        row_idx: list[int] = []  # per scored token: its row
-        pos_idx: list[int] = []  # per scored token: the position whose logits predict it
-        targets: list[int] = []
-        owner: list[int] = []  # per scored token: its continuation (flat index)
-        n_conts = 0
-        for prompt_ids, continuations in jobs:
-            if not prompt_ids:
-                raise ValueError("score needs a non-empty prompt (at least a BOS token)")
-            self._check_ids(prompt_ids)
-            for c in continuations:
-                self._check_ids(c)
-                inputs = tuple(prompt_ids + c[:-1])
-                if c and inputs not in row_of:
-                    row_of[inputs] = len(rows)
-                    rows.append(list(inputs))
-                for j, tok in enumerate(c):
-                    row_idx.append(row_of[inputs])
-                    pos_idx.append(len(prompt_ids) - 1 + j)
-                    targets.append(tok)
-                    owner.append(n_conts)
-                n_conts += 1
+        plan = ScorePlan.of(jobs, self._check_ids)
+        rows = plan.rows
         if not rows:
             return [[0.0] * len(c) for _, c in jobs]
         longest = max(map(len, rows))
@@ -515,19 +493,13 @@ class LlamaBackend:
             tokens = torch.tensor(padded, device=self.device)  # (N, T)
             positions = self._arange[:longest].expand(len(padded), longest)
             hidden = self._forward(tokens, positions, attention)  # (N, T, hidden)
-            rows_t = torch.tensor(row_idx, device=self.device, dtype=torch.long)  # (M,)
-            picked = hidden[rows_t, torch.tensor(pos_idx, device=self.device, dtype=torch.long)]
+            # (M, 4): row, position, target, continuation per scored token
+            index = torch.tensor(plan.tokens, device=self.device, dtype=torch.long)
+            picked = hidden[index[:, 0], index[:, 1]]  # (M, hidden)
             logprobs = torch.log_softmax(self._logits(picked), dim=-1)  # (M, vocab)
-            wanted = torch.tensor(targets, device=self.device, dtype=torch.long).view(-1, 1)
-            per_token = logprobs.gather(1, wanted)[:, 0].double()  # (M,)
-            owners = torch.tensor(owner, device=self.device, dtype=torch.long)
-            sums = per_token.new_zeros(n_conts).index_add_(0, owners, per_token)
-        flat = [float(x) for x in sums.cpu()]
-        out, at = [], 0
-        for _, continuations in jobs:
-            out.append(flat[at : at + len(continuations)])
-            at += len(continuations)
-        return out
+            per_token = logprobs.gather(1, index[:, 2:3])[:, 0].double()  # (M,)
+            sums = per_token.new_zeros(plan.n_continuations).index_add_(0, index[:, 3], per_token)
+        return ScorePlan.by_job([float(x) for x in sums.cpu()], jobs)
 
     def kv_bytes_per_slot(self) -> int:
         """Bytes of K and V cache one slot occupies (allocated up front) at max_seq_len."""

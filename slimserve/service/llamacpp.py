@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from slimserve.compression.gguf_export import GgufType, export_gguf
+from slimserve.service.backend import ScorePlan
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +41,7 @@ _BATCH_TOKENS = 4096
 _SCORE_CELLS = 1024
 
 
+@functools.cache
 def available() -> bool:
     """Whether llama-cpp-python is installed (it is an optional extra that compiles)."""
     try:
@@ -71,8 +73,11 @@ class LlamaCppBackend:
         """
         import llama_cpp as lc
 
-        if max_slots < 1 or max_seq_len < 1:
-            raise ValueError(f"max_slots ({max_slots}), max_seq_len ({max_seq_len}) must be >= 1")
+        if min(max_slots, max_seq_len, threads) < 1:
+            raise ValueError(
+                f"max_slots ({max_slots}), max_seq_len ({max_seq_len}) and threads ({threads}) "
+                "must be >= 1"
+            )
         self.lc = lc
         self.name = f"llama.cpp-{weight_type}"
         self.weight_type = weight_type
@@ -106,7 +111,7 @@ class LlamaCppBackend:
         ctx.n_ctx = max_slots * max_seq_len + self._score_cells
         ctx.n_batch = _BATCH_TOKENS
         ctx.n_ubatch = 512
-        ctx.n_threads = ctx.n_threads_batch = max(1, threads or torch.get_num_threads())
+        ctx.n_threads = ctx.n_threads_batch = threads
         ctx.no_perf = True
         # The KV cache in float32 for float32 weights (what the torch backend keeps), else in
         # float16 (llama.cpp's default): an fp32 artifact is then served at fp32 precision.
@@ -201,31 +206,13 @@ class LlamaCppBackend:
     def score_batch(self, jobs: list[tuple[list[int], list[list[int]]]]) -> list[list[float]]:
         """Rows are prompt + continuation[:-1], identical rows run once, up to SCORE_ROWS
         rows in one llama_decode call (each in its own scratch sequence)."""
-        rows: list[tuple[int, ...]] = []
-        row_of: dict[tuple[int, ...], int] = {}
-        wanted: list[tuple[int, int, int, int]] = []  # (row, position, target, continuation)
-        n_conts = 0
-        for prompt_ids, continuations in jobs:
-            if not prompt_ids:
-                raise ValueError("score needs a non-empty prompt (at least a BOS token)")
-            self._check_ids(prompt_ids)
-            for c in continuations:
-                self._check_ids(c)
-                inputs = tuple(prompt_ids + c[:-1])
-                if c and inputs not in row_of:
-                    if len(inputs) + 1 > self.max_seq_len:
-                        raise ValueError(
-                            f"prompt + continuation has {len(inputs) + 1} tokens "
-                            f"> {self.max_seq_len}"
-                        )
-                    row_of[inputs] = len(rows)
-                    rows.append(inputs)
-                for j, tok in enumerate(c):
-                    wanted.append((row_of[inputs], len(prompt_ids) - 1 + j, tok, n_conts))
-                n_conts += 1
-        sums = [0.0] * n_conts
+        plan = ScorePlan.of(jobs, self._check_ids)
+        rows = plan.rows
+        longest = max(map(len, rows), default=0)
+        if longest + 1 > self.max_seq_len:
+            raise ValueError(f"prompt + continuation has {longest + 1} tokens > {self.max_seq_len}")
         need: dict[int, dict[int, list[tuple[int, int]]]] = {}  # row -> pos -> [(tok, cont)]
-        for row, pos, tok, cont in wanted:
+        for row, pos, tok, cont in plan.tokens:
             need.setdefault(row, {}).setdefault(pos, []).append((tok, cont))
         groups: list[range] = []  # consecutive rows: at most SCORE_ROWS, within the cells
         start, cells = 0, 0
@@ -236,29 +223,26 @@ class LlamaCppBackend:
             cells += len(inputs)
         if rows:
             groups.append(range(start, len(rows)))
+        sums = [0.0] * plan.n_continuations
         for group in groups:
             entries: list[tuple[int, int, int, bool]] = []
             order: list[tuple[int, int]] = []  # output index -> (row, pos)
             for k, r in enumerate(group):
-                seq = self.max_slots + k
-                self.lc.llama_memory_seq_rm(self._mem, seq, -1, -1)
                 for pos, tok in enumerate(rows[r]):
                     want = pos in need.get(r, {})
-                    entries.append((tok, pos, seq, want))
+                    entries.append((tok, pos, self.max_slots + k, want))
                     if want:
                         order.append((r, pos))
-            n = self._run(entries)
-            logprobs = torch.log_softmax(self._logits(n).double(), dim=-1)
+            try:
+                n = self._run(entries)
+                logprobs = torch.log_softmax(self._logits(n).double(), dim=-1)
+            finally:  # scratch sequences are always left empty for the next group
+                for k in range(len(group)):
+                    self.lc.llama_memory_seq_rm(self._mem, self.max_slots + k, -1, -1)
             for index, (r, pos) in enumerate(order):
                 for tok, cont in need[r][pos]:
                     sums[cont] += float(logprobs[index, tok])
-            for k in range(len(group)):
-                self.lc.llama_memory_seq_rm(self._mem, self.max_slots + k, -1, -1)
-        out, at = [], 0
-        for _, continuations in jobs:
-            out.append(sums[at : at + len(continuations)])
-            at += len(continuations)
-        return out
+        return ScorePlan.by_job(sums, jobs)
 
     def kv_bytes_per_slot(self) -> int:
         """K and V (float32 or float16, see __init__) for max_seq_len tokens."""

@@ -177,7 +177,7 @@ def build_backend(
                 tokenizer_json,
                 max_slots=config.max_batch,
                 max_seq_len=max_seq_len,
-                threads=config.threads,
+                threads=torch.get_num_threads(),  # what `serve --threads` set
                 weight_type=weight_type,
             )
         if config.backend == "llamacpp":
