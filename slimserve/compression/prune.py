@@ -1,9 +1,16 @@
 """Structured pruning of Llama-architecture Hugging Face causal LMs, in place.
 
 Steps, in Torch-Pruning's LLM-example order: plan the counts (fails fast on a ratio that
-would empty a layer) → importance (weights, activations on calibration text, or one
+would empty a layer) → optionally remove whole decoder layers (depth), ranked by Block
+Influence on calibration text → importance (weights, activations on calibration text, or one
 gradient of the calibration LM loss) → remove MLP channels and whole query heads → rewrite
 ``model.config`` so a plain ``AutoModelForCausalLM.from_pretrained`` reloads the result.
+
+Depth and width together follow NVIDIA's Minitron recipe (prune both, then recover by
+distillation). Block Influence is ShortGPT's score (Men et al., 2024): one minus the mean
+cosine similarity between the hidden state entering a layer and the one leaving it; a layer
+that barely turns the residual stream goes first. Torch-Pruning has no depth pruning, so this
+part is written here (a forward hook and a list surgery).
 
 Shapes stay uniform across layers: Hugging Face's ``LlamaConfig`` has one
 ``intermediate_size``, one ``num_attention_heads`` and one ``num_key_value_heads``, so a
@@ -45,13 +52,16 @@ class PruneConfig:
     ``mlp_ratio``: MLP intermediate channels removed per layer. ``head_ratio``: query heads
     removed within each kv group (so every group keeps the same count and grouped-query
     attention stays consistent). ``kv_head_ratio``: whole kv heads removed, each with its
-    query heads. Counts round half up per layer / per group.
+    query heads. Counts round half up per layer / per group. ``layers_removed``: whole decoder
+    layers removed first, lowest Block Influence on the calibration text first (always
+    calibrated, whatever ``importance`` ranks heads and channels by).
     """
 
     version: int = CONFIG_VERSION
     mlp_ratio: float = 0.0
     head_ratio: float = 0.0
     kv_head_ratio: float = 0.0
+    layers_removed: int = 0
     # Weight magnitude ranks worse than random on SmolLM2 (DESIGN §7): activation is the
     # default, Taylor the alternative.
     importance: Importance = "activation"
@@ -71,13 +81,22 @@ class PruneConfig:
                 raise ValueError(f"{name}={value!r} must be a number in [0, 1)")
             if not 0.0 <= value < 1.0:
                 raise ValueError(f"{name}={value!r} is outside [0, 1); use e.g. 0.2 for 20%")
-        if self.mlp_ratio == self.head_ratio == self.kv_head_ratio == 0:
-            raise ValueError("mlp_ratio, head_ratio and kv_head_ratio are all 0: nothing to prune")
+        nothing = self.mlp_ratio == self.head_ratio == self.kv_head_ratio == 0
+        if nothing and self.layers_removed == 0:
+            raise ValueError(
+                "mlp_ratio, head_ratio, kv_head_ratio and layers_removed are all 0: "
+                "nothing to prune"
+            )
         if self.importance not in get_args(Importance):
             raise ValueError(
                 f"importance={self.importance!r} is not known; use one of {get_args(Importance)}"
             )
-        for name, low in (("calibration_samples", 1), ("seq_len", 2), ("seed", 0)):
+        for name, low in (
+            ("calibration_samples", 1),
+            ("seq_len", 2),
+            ("seed", 0),
+            ("layers_removed", 0),
+        ):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ValueError(f"{name}={value!r} must be an integer >= {low}")
@@ -97,7 +116,8 @@ class PruneConfig:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class LayerPruneReport:
-    layer: int
+    layer: int  # index in the pruned model
+    source_layer: int  # index in the model before pruning
     kept_heads: tuple[int, ...]  # original query-head indices
     kept_kv_heads: tuple[int, ...]  # original kv-head indices
     kept_channels: int
@@ -110,6 +130,9 @@ class PruneReport:
     intermediate_size: tuple[int, int]  # (before, after)
     num_attention_heads: tuple[int, int]
     num_key_value_heads: tuple[int, int]
+    num_hidden_layers: tuple[int, int]
+    # Block Influence of every original layer (empty when no layer was removed).
+    layer_influence: tuple[float, ...]
     layers: tuple[LayerPruneReport, ...]
 
     def to_dict(self) -> dict[str, Any]:
@@ -180,19 +203,36 @@ def prune_(
 
     Raises:
         ValueError: the model is not Llama-shaped, a ratio would remove every head or
-            channel of a layer or group, or calibration is missing or too small. Raised
-            before the model is touched.
+            channel of a layer or group, ``layers_removed`` would leave no layer, or
+            calibration is missing or too small. Raised before the model is touched.
     """
     blocks = _blocks(model)
     shape = _shape(model)
     plan = _plan(config, shape)
-    batches = _calibration(config, calibration) if config.importance in _CALIBRATED else None
+    layers_before = len(blocks)
+    if config.layers_removed >= layers_before:
+        raise ValueError(
+            f"layers_removed={config.layers_removed} would remove all {layers_before} layers; "
+            f"use at most {layers_before - 1}"
+        )
+    calibrated = config.importance in _CALIBRATED or config.layers_removed > 0
+    batches = _calibration(config, calibration) if calibrated else None
     params_before = _count(model)
+
+    influence: list[float] = []
+    source = list(range(layers_before))
+    if config.layers_removed:
+        assert batches is not None  # calibrated above
+        with _eval_mode(model):
+            scores_by_layer = _block_influence(model, batches, progress)
+        influence = scores_by_layer.tolist()
+        source = _remove_layers(model, scores_by_layer, layers_before - config.layers_removed)
+        blocks = _blocks(model)
 
     scores = _importance(model, blocks, shape, config, batches=batches, progress=progress)
     reports = []
     for i, (block, score) in enumerate(zip(blocks, scores, strict=True)):
-        reports.append(_prune_block(i, block, score, shape, plan))
+        reports.append(_prune_block(i, block, score, shape, plan, source=source[i]))
         if progress is not None:
             progress("prune", i + 1, len(blocks))
     _rewrite_config(model, shape, plan)
@@ -203,6 +243,8 @@ def prune_(
         intermediate_size=(shape.channels, plan.channels),
         num_attention_heads=(shape.heads, plan.kv_heads * plan.heads_per_group),
         num_key_value_heads=(shape.kv_heads, plan.kv_heads),
+        num_hidden_layers=(layers_before, len(blocks)),
+        layer_influence=tuple(influence),
         layers=tuple(reports),
     )
     log.info("pruned %d -> %d parameters", report.params_before, report.params_after)
@@ -274,6 +316,11 @@ def _plan(config: PruneConfig, shape: _Shape) -> _Plan:
 def _calibration(config: PruneConfig, calibration: torch.Tensor | None) -> list[torch.Tensor]:
     n, t = config.calibration_samples, config.seq_len
     if calibration is None:
+        if config.importance not in _CALIBRATED:  # only depth pruning asked for it
+            raise ValueError(
+                f"layers_removed={config.layers_removed} needs calibration token ids of shape "
+                f"(>= {n}, >= {t}) to rank layers by Block Influence; pass them"
+            )
         raise ValueError(
             f"importance={config.importance!r} needs calibration token ids of shape "
             f"(>= {n}, >= {t}); pass them, or use importance='random'/'magnitude'"
@@ -431,6 +478,62 @@ def _run(
     return grads
 
 
+@torch.no_grad()
+def _block_influence(
+    model: nn.Module, batches: list[torch.Tensor], progress: Progress | None
+) -> torch.Tensor:
+    """Block Influence of every decoder layer, (layers,): 1 - mean over calibration tokens of
+    cos(hidden state in, hidden state out). Higher = the layer changes more."""
+    layers = _decoder_layers(model)
+    sums = torch.zeros(len(layers), dtype=torch.float64)
+    tokens = sum(b.numel() for b in batches)
+
+    def hook(i: int) -> Callable[..., None]:
+        def fn(_: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> None:
+            x = args[0] if args else kwargs["hidden_states"]
+            y = out[0] if isinstance(out, tuple) else out
+            cos = torch.nn.functional.cosine_similarity(x.float(), y.float(), dim=-1)
+            sums[i] += float(cos.double().sum())
+
+        return fn
+
+    handles = [
+        layer.register_forward_hook(hook(i), with_kwargs=True) for i, layer in enumerate(layers)
+    ]
+    try:
+        _run(model, batches, progress)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return (1.0 - sums / tokens).float()
+
+
+def _decoder_layers(model: nn.Module) -> nn.ModuleList:
+    layers = getattr(getattr(model, "model", None), "layers", None)
+    if not isinstance(layers, nn.ModuleList):
+        raise ValueError(f"{type(model).__name__} has no model.layers ModuleList")
+    return layers
+
+
+def _remove_layers(model: nn.Module, influence: torch.Tensor, keep: int) -> list[int]:
+    """Keep the ``keep`` layers of highest influence, in their order; renumber them for the
+    KV cache and rewrite ``num_hidden_layers``. Returns the kept layers' original indices."""
+    kept = _select(influence, keep)
+    layers = _decoder_layers(model)
+    inner: Any = model.model  # LlamaModel
+    inner.layers = nn.ModuleList([layers[i] for i in kept])
+    for new, layer in enumerate(inner.layers):
+        # The attention's layer_idx addresses the KV cache; gaps would index past its end.
+        layer.self_attn.layer_idx = new
+    cfg: Any = model.config
+    cfg.num_hidden_layers = keep
+    types = getattr(cfg, "layer_types", None)
+    if isinstance(types, list) and len(types) == len(influence):
+        cfg.layer_types = [types[i] for i in kept]
+    log.info("removed layers %s", sorted(set(range(len(influence))) - set(kept)))
+    return kept
+
+
 @contextmanager
 def _eval_mode(model: nn.Module) -> Iterator[None]:
     was_training = model.training
@@ -462,7 +565,7 @@ def _select(scores: torch.Tensor, keep: int) -> list[int]:
 
 
 def _prune_block(
-    i: int, block: _Block, scores: _Scores, shape: _Shape, plan: _Plan
+    i: int, block: _Block, scores: _Scores, shape: _Shape, plan: _Plan, *, source: int
 ) -> LayerPruneReport:
     group = shape.heads // shape.kv_heads
     # Query head h reads kv head h // group (transformers' repeat_kv layout), so a kv head's
@@ -498,6 +601,7 @@ def _prune_block(
     block.mlp.intermediate_size = plan.channels
     return LayerPruneReport(
         layer=i,
+        source_layer=source,
         kept_heads=tuple(kept_heads),
         kept_kv_heads=tuple(kept_kv),
         kept_channels=len(kept_channels),

@@ -145,6 +145,80 @@ def test_each_importance_prunes_and_runs(
     assert all(p.grad is None and not p.requires_grad for p in model.parameters())
 
 
+def _deep_model(layers: int) -> LlamaForCausalLM:
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=HEADS * HEAD_DIM,
+        intermediate_size=INTERMEDIATE,
+        num_hidden_layers=layers,
+        num_attention_heads=HEADS,
+        num_key_value_heads=KV_HEADS,
+        max_position_embeddings=64,
+        tie_word_embeddings=True,
+    )
+    model = LlamaForCausalLM(config)
+    model.train(False)
+    return model
+
+
+def test_depth_pruning_removes_the_layer_that_changes_nothing(
+    calibration: torch.Tensor, tmp_path: Path
+) -> None:
+    model = _deep_model(4)
+    idle = model.model.layers[2]
+    with torch.no_grad():  # layer 2 now adds nothing to the residual stream: influence 0
+        idle.self_attn.o_proj.weight.zero_()
+        idle.mlp.down_proj.weight.zero_()
+    before = _logits(model, calibration)
+
+    report = prune_(model, _config(mlp_ratio=0.0, head_ratio=0.0, layers_removed=1), calibration)
+
+    assert report.num_hidden_layers == (4, 3)
+    assert [r.source_layer for r in report.layers] == [0, 1, 3]
+    assert report.layer_influence[2] == pytest.approx(0.0, abs=1e-6)
+    assert min(report.layer_influence[i] for i in (0, 1, 3)) > 0.01
+    assert model.config.num_hidden_layers == 3
+    assert [layer.self_attn.layer_idx for layer in model.model.layers] == [0, 1, 2]
+    # Removing a layer that added nothing leaves the function unchanged.
+    torch.testing.assert_close(_logits(model, calibration), before)
+
+    # The KV cache is addressed by the renumbered layers: cached decoding equals no-cache.
+    ids = calibration[:1, :8]
+    with torch.no_grad():
+        cached = model.generate(ids, max_new_tokens=6, do_sample=False, use_cache=True)
+        plain = model.generate(ids, max_new_tokens=6, do_sample=False, use_cache=False)
+    assert torch.equal(cached, plain)
+
+    model.save_pretrained(tmp_path)
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path)
+    reloaded.train(False)
+    assert reloaded.config.num_hidden_layers == 3
+    torch.testing.assert_close(_logits(reloaded, calibration), before)
+
+
+def test_depth_and_width_together(calibration: torch.Tensor) -> None:
+    model = _deep_model(4)
+    report = prune_(model, _config(importance="magnitude", layers_removed=2), calibration)
+
+    assert report.num_hidden_layers == (4, 2)
+    assert report.intermediate_size == (128, 96)
+    assert len(report.layers) == 2 == len(model.model.layers)
+    assert report.params_after == sum(p.numel() for p in model.parameters())
+    assert torch.isfinite(_logits(model, calibration)).all()
+
+
+def test_removing_every_layer_is_refused_untouched(calibration: torch.Tensor) -> None:
+    model = _deep_model(2)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match="would remove all 2 layers"):
+        prune_(model, _config(layers_removed=2), calibration)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    with pytest.raises(ValueError, match="layers_removed=1 needs calibration"):
+        prune_(model, _config(importance="random", layers_removed=1), None)
+    assert len(model.model.layers) == 2
+
+
 def test_calibrated_importance_needs_calibration(model: LlamaForCausalLM) -> None:
     with pytest.raises(ValueError, match="needs calibration"):
         prune_(model, _config(importance="taylor"), None)
@@ -188,6 +262,8 @@ def test_config_round_trips_and_rejects_unknown_keys() -> None:
         ({"seq_len": 1}, "seq_len=1 must be an integer >= 2"),
         ({"version": 2}, "version=2 is not supported"),
         ({"mlp_ratio": 0.0, "head_ratio": 0.0}, "nothing to prune"),
+        ({"layers_removed": -1}, "layers_removed=-1 must be an integer >= 0"),
+        ({"layers_removed": 1.5}, "layers_removed=1.5 must be an integer >= 0"),
     ],
 )
 def test_config_validation_names_the_field(overrides: dict[str, object], match: str) -> None:

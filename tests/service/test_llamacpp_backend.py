@@ -5,6 +5,8 @@ Skipped where llama-cpp-python is not installed (it is an optional extra that co
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -133,3 +135,29 @@ def test_long_score_rows_are_split_to_fit_the_reserved_cells(
     finally:
         cpp._score_cells = max(cpp.max_seq_len, llamacpp._SCORE_CELLS)
     torch.testing.assert_close(torch.tensor(got), torch.tensor(want), atol=1e-2, rtol=0)
+
+
+def test_a_width_and_depth_pruned_model_serves_alike_on_both_backends(tmp_path: Path) -> None:
+    from slimserve.compression.prune import PruneConfig, prune_
+
+    tok = tiny_tokenizer()
+    model = tiny_model(len(tok), seed=5, num_hidden_layers=4)
+    calibration = torch.tensor([_ids(32, s, len(tok)) for s in range(4)])
+    config = PruneConfig(
+        mlp_ratio=0.25, head_ratio=0.5, layers_removed=2, calibration_samples=4, seq_len=32
+    )
+    prune_(model, config, calibration)
+    assert model.config.num_hidden_layers == 2 and model.config.num_attention_heads == 2
+    tok.save_pretrained(tmp_path)
+    ref = LlamaBackend.from_model(model, max_slots=1, max_seq_len=64, pack_weights=False)
+    cpp = llamacpp.LlamaCppBackend(
+        model.config, model.state_dict(), tmp_path / "tokenizer.json",
+        max_slots=1, max_seq_len=64, threads=1, weight_type="f32",
+    )  # fmt: skip
+    prompt = _ids(7, 9, len(tok))
+    with torch.no_grad():
+        hf = model(input_ids=torch.tensor([prompt])).logits[0, -1]
+    torch.testing.assert_close(ref.prefill(0, prompt), hf, atol=ATOL, rtol=0)
+    torch.testing.assert_close(cpp.prefill(0, prompt), hf, atol=ATOL, rtol=0)
+    step = _ids(1, 10, len(tok))
+    torch.testing.assert_close(cpp.decode([0], step), ref.decode([0], step), atol=ATOL, rtol=0)
