@@ -60,6 +60,11 @@ class Cancelled(ClientError): ...
 class DataLoss(ClientError): ...
 
 
+class FailedPrecondition(ClientError):
+    """The system is not in a state the call needs (e.g. a model that does not fit the
+    client)."""
+
+
 class ServerError(ClientError): ...
 
 
@@ -73,6 +78,7 @@ _BY_CODE: dict[grpc.StatusCode, type[ClientError]] = {
     grpc.StatusCode.DEADLINE_EXCEEDED: DeadlineExceeded,
     grpc.StatusCode.CANCELLED: Cancelled,
     grpc.StatusCode.DATA_LOSS: DataLoss,
+    grpc.StatusCode.FAILED_PRECONDITION: FailedPrecondition,
 }
 
 

@@ -39,13 +39,22 @@ LABEL_FRAUD: Final = " yes"
 LABEL_LEGIT: Final = " no"
 # Indexed by ``is_fraud``: LABELS[0] is the legitimate answer.
 LABELS: Final = (LABEL_LEGIT, LABEL_FRAUD)
-PROMPT_QUESTION: Final = "Is this payment fraud? Answer yes or no.\nAnswer:"
+PROMPT_QUESTION: Final = "Fraud? Answer:"
+# Bumped whenever ``render_prompt`` changes what a model reads. ``fraud train`` records it in
+# the version's metrics; the scoring client refuses a model trained on another format.
+PROMPT_FORMAT: Final = 2
 
 _HOUR: Final = 3_600.0
 _DAY: Final = 86_400.0
 # Stand-in for "no earlier payment" in the vector: a month, in hours.
 _NO_PREVIOUS_HOURS: Final = 720.0
 _HOUR_NEIGHBOURHOOD: Final = 2  # hours either side counted as "near this hour"
+# Where the prompt names a level. Set from the scenarios' definitions, not fitted to labels.
+_HIGH_RATIO: Final = 3.0
+_VERY_HIGH_RATIO: Final = 8.0  # amount_spike draws 8-40x the typical amount
+_TINY_BURST: Final = 2  # card testing: 3-8 tiny online payments minutes apart
+_ODD_HOUR_SHARE: Final = 0.05
+_HIGH_TERMINAL_RATE: Final = 0.2
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -295,27 +304,46 @@ def feature_vector(features: Features) -> list[float]:
 def render_prompt(tx: Transaction, features: Features) -> str:
     """A short, deterministic English description of the payment, ending in the question.
 
-    About 100 tokens (55-115) for the SmolLM2 tokenizer (each digit is a token, so numbers are
-    rounded); the answer is ``LABEL_FRAUD`` or ``LABEL_LEGIT``.
+    The strongest signals come first (the terminal's known fraud rate, the amount against the
+    customer's own history, a burst of tiny online payments), then the payment itself. Each
+    number is followed by a word for its level where one helps (``very high``, ``odd hour``,
+    ``risky``): a fine-tuned model reads a word faster than it learns to compare digits.
+    About 60 SmolLM2 tokens (each digit is a token, so numbers are rounded); the answer is
+    ``LABEL_FRAUD`` or ``LABEL_LEGIT``.
     """
     f = features
-    what = MERCHANT_CATEGORIES.get(tx.merchant_category, f"MCC {tx.merchant_category}")
+    mcc = tx.merchant_category
+    what = MERCHANT_CATEGORIES.get(mcc, f"MCC {mcc}")
+    if mcc in RISKY_MERCHANT_CATEGORIES:
+        what += " (risky)"
     channel = "online" if tx.channel == "online" else "in person"
+    terminal = f"Terminal fraud {_percent(f.terminal_fraud_rate)} of {f.terminal_labelled}"
+    if f.terminal_labelled and f.terminal_fraud_rate >= _HIGH_TERMINAL_RATE:
+        terminal += " (high)"
+    amount = f"{_money(tx.amount)} {tx.currency}"
     if f.home_country is None:
-        where, history = tx.country, "First payment of this customer."
+        where, history = tx.country, f"{amount}, first payment."
     else:
-        where = f"{tx.country} (abroad, home {f.home_country})" if f.foreign else tx.country
+        where = f"{tx.country} abroad" if f.foreign else tx.country
         history = (
-            f"{_ratio(f.amount_ratio)}x avg {f.avg_amount:.0f} of {f.customer_history} payments; "
-            f"{f.count_24h} in 24h, {f.count_7d} in 7d; last {_hours(f.hours_since_last)} ago; "
-            f"{_percent(f.hour_share)} at this hour."
+            f"{amount} = {_ratio(f.amount_ratio)}x avg {f.avg_amount:.0f} "
+            f"({_level(f.amount_ratio)}); {f.count_1h} in 1h, {f.count_24h} in 24h, "
+            f"last {_hours(f.hours_since_last)} ago."
         )
-    return (
-        f"Payment {_money(tx.amount)} {tx.currency} {channel}, {what}, in {where} at "
-        f"{tx.timestamp.hour:02d}h. {history} Tiny online last hour: {f.tiny_online_1h}. "
-        f"Terminal fraud {_percent(f.terminal_fraud_rate)} of {f.terminal_labelled}."
-        f"\n{PROMPT_QUESTION}"
-    )
+    tiny = f"Tiny online 1h: {f.tiny_online_1h}"
+    if f.tiny_online_1h >= _TINY_BURST:
+        tiny += " (burst)"
+    hour = f"{tx.timestamp.hour:02d}h"
+    if f.hour_share is not None:
+        hour += f" ({_percent(f.hour_share)} usual"
+        hour += ", odd hour)" if f.hour_share < _ODD_HOUR_SHARE else ")"
+    return f"{terminal}. {history} {tiny}. {channel} {what}, {where}, {hour}.\n{PROMPT_QUESTION}"
+
+
+def _level(ratio: float) -> str:
+    if ratio >= _VERY_HIGH_RATIO:
+        return "very high"
+    return "high" if ratio >= _HIGH_RATIO else "usual"
 
 
 def _hours(hours: float | None) -> str:

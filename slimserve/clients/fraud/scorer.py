@@ -25,10 +25,11 @@ from pathlib import Path
 from typing import Final, TextIO
 
 from slimserve.clients.client import Client
-from slimserve.clients.errors import ClientError, InvalidArgument, Overloaded
+from slimserve.clients.errors import ClientError, FailedPrecondition, InvalidArgument, Overloaded
 from slimserve.clients.fraud.features import (
     LABEL_FRAUD,
     LABEL_LEGIT,
+    PROMPT_FORMAT,
     PROMPT_QUESTION,
     FeatureConfig,
     build_features,
@@ -124,6 +125,25 @@ def stream_prompts(rows: Sequence[Transaction], config: FeatureConfig | None = N
     return [render_prompt(tx, f) for tx, f in zip(rows, features, strict=True)]
 
 
+def check_prompt_format(client: Client, model: str) -> None:
+    """Refuse a model trained on prompts another ``PROMPT_FORMAT`` wrote: its scores would be
+    silently meaningless. Versions without the metric (made by a compression recipe from a
+    trained scorer, or by older releases) pass.
+
+    Raises:
+        FailedPrecondition: the model records another prompt format.
+    """
+    info = client.model_info(model)
+    trained = info.metrics.get("prompt_format")
+    if trained is not None and int(trained) != PROMPT_FORMAT:
+        raise FailedPrecondition(
+            "FAILED_PRECONDITION",
+            f"{info.ref} was trained on fraud prompt format {int(trained)}, and this client "
+            f"writes format {PROMPT_FORMAT}; retrain it with `slimserve fraud train` or score "
+            "with the client release that trained it",
+        )
+
+
 def time_sorted(rows: Sequence[Transaction]) -> list[Transaction]:
     """The rows by timestamp; rows with equal timestamps keep their order."""
     return sorted(rows, key=lambda tx: tx.timestamp)
@@ -165,6 +185,7 @@ def score_rows(
     Raises:
         ClientError: a failure that is not about one row (see ``score_prompts``).
     """
+    check_prompt_format(client, options.model)
     order = sorted(range(len(rows)), key=lambda i: rows[i].timestamp)
     prompts = stream_prompts([rows[i] for i in order], options.features)
     results = score_prompts(client, prompts, options.model, concurrency=options.concurrency)

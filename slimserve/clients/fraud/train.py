@@ -41,6 +41,7 @@ from slimserve.clients.fraud.features import (
     LABEL_FRAUD,
     LABEL_LEGIT,
     LABELS,
+    PROMPT_FORMAT,
     FeatureConfig,
     build_features,
 )
@@ -376,6 +377,7 @@ def _metrics(
         "train_seconds": report.seconds,
         "train_loss_first": report.first_loss,
         "train_loss_final": report.final_loss,
+        "prompt_format": float(PROMPT_FORMAT),
     }
 
 
@@ -385,6 +387,7 @@ def _recipe(config: TrainConfig, report: FinetuneReport, pool: int) -> dict[str,
         "finetune": config.finetune.to_dict(),
         "labels": {"fraud": LABEL_FRAUD, "legit": LABEL_LEGIT},
         "prompt": "slimserve.clients.fraud.features.render_prompt",
+        "prompt_format": PROMPT_FORMAT,
         "features": {
             "label_delay_s": config.features.label_delay.total_seconds(),
             "terminal_window_s": config.features.terminal_window.total_seconds(),

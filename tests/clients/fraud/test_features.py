@@ -207,10 +207,11 @@ def test_a_prompt_states_the_facts() -> None:
     prompt = render_prompt(rows[-1], last_features(rows))
     print(prompt)
 
-    assert prompt.startswith(
-        "Payment 450 EUR in person, quasi-cash, in NG (abroad, home NL) at 12h."
-    )
-    assert "30x avg 15 of 2 payments" in prompt
-    assert "last 2.0h ago" in prompt
+    assert prompt.startswith("Terminal fraud 0% of 0. 450 EUR = 30x avg 15 (very high);")
+    assert "0 in 1h, 1 in 24h, last 2.0h ago." in prompt
+    assert "in person quasi-cash (risky), NG abroad, 12h (50% usual)." in prompt
+    assert "Tiny online 1h: 0." in prompt
     huge = replace(rows[-1], amount=4500.0)
     assert "300x avg 15" in render_prompt(huge, last_features([*rows[:-1], huge]))
+    first = render_prompt(rows[0], last_features(rows[:1]))
+    assert "first payment." in first and "usual" not in first

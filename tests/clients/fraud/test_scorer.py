@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from slimserve.clients import Client, NotFound
-from slimserve.clients.fraud import COLUMNS, read_transactions, write_transactions
+from slimserve.clients import Client, FailedPrecondition, NotFound
+from slimserve.clients.fraud import COLUMNS, PROMPT_FORMAT, read_transactions, write_transactions
 from slimserve.clients.fraud.cli import add_fraud_commands
 from slimserve.clients.fraud.report import BASELINE_NAME, ReportConfig, run_report
 from slimserve.clients.fraud.scorer import (
@@ -25,6 +25,8 @@ from slimserve.clients.fraud.scorer import (
     ScoreOptions,
     score_file,
     score_rows,
+    stream_prompts,
+    time_sorted,
 )
 from slimserve.clients.fraud.simulate import simulate
 from tests.helpers import ServerThread, tiny_model, tiny_tokenizer
@@ -55,13 +57,16 @@ def fraud_server(
 
     root = tmp_path_factory.mktemp("fraud-registry")
     tok = tiny_tokenizer()
-    for seed, name in enumerate(("tiny", "tiny-b")):
+    # tiny-b records the prompt format this client writes; tiny-old an earlier one.
+    formats = {"tiny": None, "tiny-b": PROMPT_FORMAT, "tiny-old": PROMPT_FORMAT - 1}
+    for seed, (name, fmt) in enumerate(formats.items()):
         model = tiny_model(len(tok), seed=seed, max_position_embeddings=512)
         model.generation_config.eos_token_id = tok.eos_token_id
-        publish_model(Registry(root), name, model, tok, source={"kind": "test"})
+        metrics = None if fmt is None else {"prompt_format": float(fmt)}
+        publish_model(Registry(root), name, model, tok, source={"kind": "test"}, metrics=metrics)
     config = ServerConfig(
         registry=root,
-        models=("tiny", "tiny-b"),
+        models=tuple(formats),
         port=0,
         # The torch backend: its scores are bit-identical however requests are batched, which
         # test_scores_do_not_depend_on_concurrency_or_file_order asserts. llama.cpp's differ in
@@ -154,19 +159,38 @@ def test_scores_do_not_depend_on_concurrency_or_file_order(
 def test_prompts_too_long_for_the_server_are_refused_row_by_row(
     tiny_server: ServerThread, payments: Path
 ) -> None:
-    rows = read_transactions(payments).rows[:5]
-    with Client(tiny_server.target) as client:  # 128-token context: every prompt is too long
+    rows = read_transactions(payments).rows[:40]
+    with Client(tiny_server.target) as client:  # a 128-token context: the longer prompts fail
         scored, failed = score_rows(client, rows, ScoreOptions(model="tiny", concurrency=2))
+    ordered = time_sorted(rows)
+    prompts = dict(zip((r.transaction_id for r in ordered), stream_prompts(ordered), strict=True))
+    tokenizer = tiny_tokenizer()  # the tiny model's own
+    length = {k: len(tokenizer.encode(p)) for k, p in prompts.items()}
 
-    assert not scored
-    assert [f.transaction_id for f in failed] == [r.transaction_id for r in rows]
+    assert scored and failed
+    assert {r.transaction_id for r in scored} | {f.transaction_id for f in failed} == set(prompts)
     assert all("INVALID_ARGUMENT" in f.message for f in failed)
+    # Refused because too long, and only then: every refused prompt outgrows every scored one.
+    assert min(length[f.transaction_id] for f in failed) > max(
+        length[r.transaction_id] for r in scored
+    )
 
 
 def test_a_model_the_server_lacks_ends_the_run(fraud_server: ServerThread, payments: Path) -> None:
     rows = read_transactions(payments).rows[:3]
     with Client(fraud_server.target) as client, pytest.raises(NotFound):
         score_rows(client, rows, ScoreOptions(model="fraud-scorer@production"))
+
+
+def test_a_model_trained_on_another_prompt_format_is_refused(
+    fraud_server: ServerThread, payments: Path
+) -> None:
+    rows = read_transactions(payments).rows[:3]
+    with Client(fraud_server.target) as client:
+        with pytest.raises(FailedPrecondition, match=f"prompt format {PROMPT_FORMAT - 1}"):
+            score_rows(client, rows, ScoreOptions(model="tiny-old"))
+        scored, failed = score_rows(client, rows, ScoreOptions(model="tiny-b"))
+    assert len(scored) == 3 and not failed
 
 
 def test_score_command_writes_the_output_file_and_explains_flagged_rows(
