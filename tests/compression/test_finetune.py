@@ -11,14 +11,13 @@ from typing import Any
 import pytest
 import torch
 
-from slimserve.clients.fraud import average_precision, write_transactions
+from slimserve.clients.fraud import write_transactions
 from slimserve.clients.fraud.simulate import simulate
 from slimserve.clients.fraud.train import (
     TrainConfig,
     evaluation_sample,
     train_fraud_scorer,
     training_pool,
-    weighted_average_precision,
 )
 from slimserve.compression.artifact import publish_model
 from slimserve.compression.finetune import (
@@ -201,21 +200,6 @@ def test_evaluation_sample_weights_legit_to_the_file_mix() -> None:
     assert sum(labels[i] for i in sample.indices) == 10
     # 100 legit stand for 1000, 10 frauds for 20: each legit counts (1000/100) * (10/20).
     assert sample.legit_weight == pytest.approx(5.0)
-
-
-def test_weighted_average_precision_matches_replicated_rows() -> None:
-    rng = random.Random(0)
-    labels = [1] * 8 + [0] * 30
-    scores = [rng.random() for _ in labels]
-
-    ones = weighted_average_precision(labels, scores, [1.0] * len(labels))
-    tripled = weighted_average_precision(labels, scores, [1.0 if y else 3.0 for y in labels])
-    replicated = average_precision(
-        labels + [0] * 60, scores + [s for y, s in zip(labels, scores, strict=True) if not y] * 2
-    )
-
-    assert ones == pytest.approx(average_precision(labels, scores))
-    assert tripled == pytest.approx(replicated)
 
 
 def test_train_fraud_scorer_publishes_a_version_with_its_recipe(tmp_path: Path, tok: Any) -> None:

@@ -116,6 +116,13 @@ def _add_report(sub: Any, target_arg: AddArgs) -> None:
     p.add_argument("--baseline-train", type=Path, help="labelled file to train the baseline on")
     p.add_argument("--out", type=Path, default=Path("fraud-report"), help="output directory")
     p.add_argument("--limit", type=int, default=0, help="score a seeded sample of N rows")
+    p.add_argument(
+        "--frauds",
+        type=int,
+        default=0,
+        help="with --limit: a class-stratified sample of up to N frauds (the rest legit, "
+        "reweighted to the file's fraud rate) instead of a uniform one",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--k", type=int, default=100, help="precision among the top k scores")
     p.add_argument("--concurrency", type=int, default=16, help="for the throughput run")
@@ -225,6 +232,7 @@ def cmd_report(args: argparse.Namespace) -> int:
         baseline_train=args.baseline_train,
         out=args.out,
         limit=args.limit,
+        frauds=args.frauds,
         seed=args.seed,
         k=args.k,
         concurrency=args.concurrency,

@@ -37,6 +37,9 @@ class SystemResult:
     labels: npt.ArrayLike  # (n,) 0/1
     scores: npt.ArrayLike  # (n,) higher = more likely fraud
     latencies_ms: npt.ArrayLike = ()  # any count; empty when not timed
+    # (n,) how many payments of the file each row stands for; empty = 1 each. A class-
+    # stratified sample weights its legitimate rows so PR-AUC and precision@k are the file's.
+    weights: npt.ArrayLike = ()
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -67,51 +70,69 @@ def roc_auc(labels: npt.ArrayLike, scores: npt.ArrayLike) -> float:
     return (rank_sum - positives * (positives + 1) / 2) / (positives * negatives)
 
 
-def average_precision(labels: npt.ArrayLike, scores: npt.ArrayLike) -> float:
+def average_precision(
+    labels: npt.ArrayLike, scores: npt.ArrayLike, weights: npt.ArrayLike | None = None
+) -> float:
     """PR-AUC as average precision: sum over thresholds of (recall step) x precision.
+
+    ``weights`` (one per row, as scikit-learn's ``sample_weight``) count each row that many
+    times.
 
     Raises:
         ValueError: lengths differ, or only one class is present.
     """
-    precision, recall, _ = precision_recall_curve(labels, scores)
+    precision, recall, _ = precision_recall_curve(labels, scores, weights)
     # recall decreases along the curve, so each step is negative.
     return float(max(0.0, -np.sum(np.diff(recall) * precision[:-1])))
 
 
-def precision_at_k(labels: npt.ArrayLike, scores: npt.ArrayLike, k: int) -> float:
+def precision_at_k(
+    labels: npt.ArrayLike, scores: npt.ArrayLike, k: int, weights: npt.ArrayLike | None = None
+) -> float:
     """Share of frauds among the ``k`` highest scores (ties keep input order).
 
+    With ``weights``, the top rows are taken until they stand for ``k`` payments (the last
+    one may overshoot) and the share is weighted.
+
     Raises:
-        ValueError: ``k`` outside 1..n, or lengths differ.
+        ValueError: ``k`` outside 1..n (or above the total weight), or lengths differ.
     """
     y = np.asarray(labels, dtype=np.int64)
     s = np.asarray(scores, dtype=np.float64)
+    w = _weights(weights, y.size)
     if y.shape != s.shape:
         raise ValueError(f"{y.size} labels but {s.size} scores; give one score per label")
-    if not 1 <= k <= y.size:
-        raise ValueError(f"k={k} must be between 1 and the number of scores ({y.size})")
-    top = np.argsort(-s, kind="stable")[:k]
-    return float(y[top].mean())
+    payments = y.size if weights is None else float(w.sum())
+    if not 1 <= k <= payments:
+        raise ValueError(f"k={k} must be between 1 and the number of scores ({payments:g})")
+    order = np.argsort(-s, kind="stable")
+    taken = int(np.searchsorted(np.cumsum(w[order]), k - 1e-9)) + 1
+    top = order[:taken]
+    return float((w[top] * y[top]).sum() / w[top].sum())
 
 
 def roc_curve(labels: npt.ArrayLike, scores: npt.ArrayLike) -> tuple[_Array, _Array]:
-    """False- and true-positive rates, from (0, 0) to (1, 1), one point per distinct score."""
+    """False- and true-positive rates, from (0, 0) to (1, 1), one point per distinct score.
+
+    Unweighted: weights that are constant within each class leave every rate unchanged.
+    """
     y, s = _check(labels, scores)
-    true_pos, false_pos, _ = _cumulative(y, s)
+    true_pos, false_pos, _ = _cumulative(y, s, np.ones(y.size))
     tpr = np.concatenate([[0.0], true_pos / true_pos[-1]])
     fpr = np.concatenate([[0.0], false_pos / false_pos[-1]])
     return fpr, tpr
 
 
 def precision_recall_curve(
-    labels: npt.ArrayLike, scores: npt.ArrayLike
+    labels: npt.ArrayLike, scores: npt.ArrayLike, weights: npt.ArrayLike | None = None
 ) -> tuple[_Array, _Array, _Array]:
     """Precision, recall and thresholds, as scikit-learn orders them (recall decreasing).
 
-    The last point is (precision 1, recall 0) and has no threshold.
+    The last point is (precision 1, recall 0) and has no threshold. ``weights``: as in
+    ``average_precision``.
     """
     y, s = _check(labels, scores)
-    true_pos, false_pos, thresholds = _cumulative(y, s)
+    true_pos, false_pos, thresholds = _cumulative(y, s, _weights(weights, y.size))
     precision = true_pos / (true_pos + false_pos)
     recall = true_pos / true_pos[-1]
     return (
@@ -145,14 +166,15 @@ def evaluate(system: SystemResult, k: int = 100) -> SystemMetrics:
     """All figures of one system; ``k`` is capped at the number of scores."""
     labels = np.asarray(system.labels, dtype=np.int64)
     latencies = np.asarray(system.latencies_ms, dtype=np.float64)
-    k = min(k, labels.size)
+    weights = _system_weights(system)
+    k = min(k, labels.size if weights is None else int(np.sum(weights)))
     return SystemMetrics(
         name=system.name,
         count=int(labels.size),
         frauds=int(labels.sum()),
         roc_auc=roc_auc(labels, system.scores),
-        pr_auc=average_precision(labels, system.scores),
-        precision_at_k=precision_at_k(labels, system.scores, k),
+        pr_auc=average_precision(labels, system.scores, weights),
+        precision_at_k=precision_at_k(labels, system.scores, k, weights),
         k=k,
         latency=latency_summary(latencies) if latencies.size else None,
     )
@@ -180,6 +202,15 @@ def markdown_table(rows: Sequence[SystemMetrics]) -> str:
     return header + "\n".join(lines) + "\n"
 
 
+def weighting_note(legit_weight: float) -> str:
+    """The line under a table of a class-stratified sample."""
+    return (
+        f"\nClass-stratified sample: each legitimate payment stands for {legit_weight:.2f} of "
+        "the file's, so PR-AUC and precision@k are at the file's fraud rate; ROC-AUC does not "
+        "depend on the class mix.\n"
+    )
+
+
 def plot_curves(path: str | Path, systems: Sequence[SystemResult]) -> Path:
     """Write a PNG with ROC (left) and precision-recall (right) curves of every system."""
     import matplotlib
@@ -194,8 +225,9 @@ def plot_curves(path: str | Path, systems: Sequence[SystemResult]) -> Path:
             roc_axes.plot(
                 fpr, tpr, label=f"{system.name} ({roc_auc(system.labels, system.scores):.3f})"
             )
-            precision, recall, _ = precision_recall_curve(system.labels, system.scores)
-            ap = average_precision(system.labels, system.scores)
+            weights = _system_weights(system)
+            precision, recall, _ = precision_recall_curve(system.labels, system.scores, weights)
+            ap = average_precision(system.labels, system.scores, weights)
             pr_axes.step(recall, precision, where="post", label=f"{system.name} ({ap:.3f})")
         roc_axes.plot([0, 1], [0, 1], color="grey", linestyle=":", linewidth=1)
         roc_axes.set(xlabel="false positive rate", ylabel="true positive rate", title="ROC")
@@ -254,11 +286,27 @@ def _average_ranks(values: _Array) -> _Array:
     return ranks
 
 
-def _cumulative(y: npt.NDArray[np.int64], s: _Array) -> tuple[_Array, _Array, _Array]:
-    """True and false positives at each distinct threshold, from the highest score down."""
+def _cumulative(y: npt.NDArray[np.int64], s: _Array, w: _Array) -> tuple[_Array, _Array, _Array]:
+    """(Weighted) true and false positives at each distinct threshold, highest score first."""
     order = np.argsort(-s, kind="mergesort")
-    s, y = s[order], y[order]
+    s, y, w = s[order], y[order], w[order]
     last_of_run = np.flatnonzero(np.concatenate([s[1:] != s[:-1], [True]]))
-    true_pos = np.cumsum(y, dtype=np.float64)[last_of_run]
-    false_pos = (last_of_run + 1) - true_pos
+    true_pos = np.cumsum(w * y)[last_of_run]
+    false_pos = np.cumsum(w * (1 - y))[last_of_run]
     return true_pos, false_pos, s[last_of_run]
+
+
+def _weights(weights: npt.ArrayLike | None, n: int) -> _Array:
+    if weights is None:
+        return np.ones(n)
+    w = np.asarray(weights, dtype=np.float64)
+    if w.shape != (n,):
+        raise ValueError(f"{w.size} weights for {n} rows; give one weight per row")
+    if not (np.isfinite(w).all() and (w > 0).all()):
+        raise ValueError("weights must be finite and positive")
+    return w
+
+
+def _system_weights(system: SystemResult) -> _Array | None:
+    w = np.asarray(system.weights, dtype=np.float64)
+    return w if w.size else None

@@ -21,7 +21,7 @@ from __future__ import annotations
 import random
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Final
 
@@ -37,6 +37,7 @@ from slimserve.clients.fraud.metrics import (
     latency_summary,
     markdown_table,
     plot_curves,
+    weighting_note,
 )
 from slimserve.clients.fraud.schema import RowError, Transaction, read_transactions
 from slimserve.clients.fraud.scorer import score_prompts, stream_prompts, time_sorted
@@ -47,7 +48,9 @@ BASELINE_NAME: Final = "baseline (GBT)"
 @dataclass(frozen=True, slots=True, kw_only=True)
 class ReportConfig:
     """What to compare and where: ``routes`` maps a model reference to its server address
-    (others use ``target``); ``limit`` (0 = all) scores a seeded uniform sample of rows."""
+    (others use ``target``); ``limit`` (0 = all) scores a seeded uniform sample of rows, or
+    with ``frauds`` a class-stratified one: up to ``frauds`` frauds and the rest legitimate
+    payments, each legitimate one weighted so PR-AUC and precision@k are the file's."""
 
     data: Path
     models: tuple[str, ...]
@@ -56,6 +59,7 @@ class ReportConfig:
     baseline_train: Path | None = None
     out: Path = Path("fraud-report")
     limit: int = 0
+    frauds: int = 0
     seed: int = 0
     k: int = 100
     concurrency: int = 16
@@ -67,6 +71,11 @@ class ReportConfig:
             raise ValueError("nothing to compare: give --models and/or --baseline-train")
         if self.limit < 0:
             raise ValueError(f"limit {self.limit} must be >= 0 (0 = every row)")
+        if self.frauds < 0 or (self.frauds and not 0 < self.frauds < self.limit):
+            raise ValueError(
+                f"frauds {self.frauds} must be 0 (a uniform sample) or between 1 and "
+                f"limit - 1 ({self.limit - 1}); it needs --limit"
+            )
         if self.k < 1:
             raise ValueError(f"k {self.k} must be >= 1, e.g. 100")
         if self.concurrency < 1 or self.throughput_rows < 1:
@@ -120,8 +129,9 @@ def run_report(
     say = progress or (lambda _: None)
     read = read_transactions(config.data)
     rows = time_sorted(read.rows)
-    chosen = _choose(rows, config.limit, config.seed)
+    chosen, legit_weight = _choose(rows, config)
     labels = [rows[i].is_fraud or 0 for i in chosen]
+    weights = [] if legit_weight is None else [1.0 if y else legit_weight for y in labels]
     if len(set(labels)) < 2:
         raise ValueError(f"the {len(chosen)} chosen rows hold one class only; use more rows")
     refs = _check_served(config, connect)
@@ -134,6 +144,7 @@ def run_report(
         with connect(config.routes.get(model, config.target)) as client:
             say(f"{name}: scoring {len(chosen)} rows, one call at a time")
             system, serial = _score_serially(client, model, name, chosen_prompts, labels)
+            system = replace(system, weights=weights)
             say(f"{name}: {config.concurrency} concurrent calls over {config.throughput_rows}")
             loaded = _measure_throughput(
                 client, model, name, chosen_prompts[: config.throughput_rows], config.concurrency
@@ -142,8 +153,9 @@ def run_report(
         throughput.extend([serial, loaded])
     if config.baseline_train is not None:
         say(f"{BASELINE_NAME}: training on {config.baseline_train}")
-        systems.append(_baseline(config.baseline_train, config, rows, chosen, labels))
-    return _write(config, systems, throughput, read.errors)
+        baseline = _baseline(config.baseline_train, config, rows, chosen, labels)
+        systems.append(replace(baseline, weights=weights))
+    return _write(config, systems, throughput, read.errors, legit_weight)
 
 
 def throughput_table(rows: Sequence[Throughput]) -> str:
@@ -160,14 +172,26 @@ def throughput_table(rows: Sequence[Throughput]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _choose(rows: Sequence[Transaction], limit: int, seed: int) -> list[int]:
-    """Indices of the labelled rows to score: all, or a seeded uniform sample, in order."""
+def _choose(rows: Sequence[Transaction], config: ReportConfig) -> tuple[list[int], float | None]:
+    """Indices of the labelled rows to score, in order: all, a seeded uniform sample, or a
+    class-stratified one; and the weight of a sampled legitimate row (None: unweighted)."""
     labelled = [i for i, tx in enumerate(rows) if tx.is_fraud is not None]
     if not labelled:
         raise ValueError("the file has no labelled rows (is_fraud); a report needs labels")
-    if limit and limit < len(labelled):
-        labelled = sorted(random.Random(seed).sample(labelled, limit))
-    return labelled
+    if not config.limit or config.limit >= len(labelled):
+        return labelled, None
+    rng = random.Random(config.seed)
+    if not config.frauds:
+        return sorted(rng.sample(labelled, config.limit)), None
+    pos = [i for i in labelled if rows[i].is_fraud]
+    neg = [i for i in labelled if not rows[i].is_fraud]
+    picked_pos = rng.sample(pos, min(config.frauds, len(pos)))
+    picked_neg = rng.sample(neg, min(config.limit - len(picked_pos), len(neg)))
+    if not picked_pos or not picked_neg:
+        return sorted(picked_pos + picked_neg), None  # one class: the caller refuses it
+    # Frauds beyond the cap are left out too: weight legit so the mix matches the file.
+    weight = (len(neg) / len(picked_neg)) * (len(picked_pos) / len(pos))
+    return sorted(picked_pos + picked_neg), weight
 
 
 def _check_served(config: ReportConfig, connect: Callable[[str], Client]) -> dict[str, str]:
@@ -254,10 +278,13 @@ def _write(
     systems: Sequence[SystemResult],
     throughput: Sequence[Throughput],
     errors: Sequence[RowError],
+    legit_weight: float | None,
 ) -> Report:
     config.out.mkdir(parents=True, exist_ok=True)
     metrics = [evaluate(s, config.k) for s in systems]
     table = markdown_table(metrics)
+    if legit_weight is not None:
+        table += weighting_note(legit_weight)
     if throughput:
         table += "\n" + throughput_table(throughput)
     if errors:

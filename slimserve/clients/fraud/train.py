@@ -33,9 +33,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
-import numpy as np
-import numpy.typing as npt
-
 from slimserve.clients.fraud.baseline import predict_features, train_baseline
 from slimserve.clients.fraud.features import (
     LABEL_FRAUD,
@@ -192,31 +189,6 @@ def evaluation_sample(
     return EvalSample(sorted(picked_pos + picked_neg), weight)
 
 
-def weighted_average_precision(
-    labels: npt.ArrayLike, scores: npt.ArrayLike, weights: npt.ArrayLike
-) -> float:
-    """Average precision with a weight per row (as scikit-learn's ``sample_weight``).
-
-    Raises:
-        ValueError: lengths differ, or there is no positive weight.
-    """
-    y = np.asarray(labels, dtype=np.float64)
-    s = np.asarray(scores, dtype=np.float64)
-    w = np.asarray(weights, dtype=np.float64)
-    if not y.shape == s.shape == w.shape:
-        raise ValueError(f"labels {y.shape}, scores {s.shape}, weights {w.shape} must match")
-    order = np.argsort(-s, kind="mergesort")
-    s, y, w = s[order], y[order], w[order]
-    last_of_run = np.flatnonzero(np.concatenate([s[1:] != s[:-1], [True]]))
-    true_pos = np.cumsum(w * y)[last_of_run]
-    false_pos = np.cumsum(w * (1 - y))[last_of_run]
-    if true_pos[-1] <= 0:
-        raise ValueError("no positive weight: average precision needs a fraud")
-    precision = true_pos / (true_pos + false_pos)
-    recall_steps = np.diff(np.concatenate([[0.0], true_pos / true_pos[-1]]))
-    return float(np.sum(recall_steps * precision))
-
-
 def sample_metrics(
     labels: Sequence[int], scores: Sequence[float], legit_weight: float
 ) -> dict[str, float]:
@@ -224,7 +196,7 @@ def sample_metrics(
     weights = [1.0 if y else legit_weight for y in labels]
     return {
         "roc_auc": roc_auc(labels, scores),
-        "pr_auc": weighted_average_precision(labels, scores, weights),
+        "pr_auc": average_precision(labels, scores, weights),
     }
 
 

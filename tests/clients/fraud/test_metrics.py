@@ -97,3 +97,38 @@ def test_the_report_writes_a_table_and_a_png(tmp_path: Path) -> None:
     assert text.count("\n") == 4  # header, rule, two systems
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert png.stat().st_size > 10_000
+
+
+def test_weights_count_a_row_that_many_times() -> None:
+    """A class-stratified sample, reweighted, gives the figures of the rows it stands for."""
+    rng = np.random.default_rng(0)
+    labels = np.array([1] * 8 + [0] * 30)
+    scores = np.round(rng.normal(size=labels.size) + labels, 1)  # with ties
+    weights = np.where(labels == 1, 1.0, 3.0)
+    replicated_labels = np.concatenate([labels, np.zeros(60, dtype=np.int64)])
+    replicated_scores = np.concatenate([scores, np.tile(scores[labels == 0], 2)])
+
+    assert average_precision(labels, scores, np.ones(labels.size)) == pytest.approx(
+        average_precision(labels, scores)
+    )
+    assert average_precision(labels, scores, weights) == pytest.approx(
+        average_precision(replicated_labels, replicated_scores)
+    )
+    for k in (1, 7, 30, 98):
+        weighted = precision_at_k(labels, scores, k, weights)
+        # Replicated legit rows tie with their originals; the weighted cut may overshoot by
+        # less than one row's weight, so compare with the replicated figure at that depth.
+        order = np.argsort(-scores, kind="stable")
+        taken = int(np.searchsorted(np.cumsum(weights[order]), k - 1e-9)) + 1
+        depth = int(weights[order][:taken].sum())
+        assert weighted == pytest.approx(
+            precision_at_k(replicated_labels, replicated_scores, depth)
+        )
+    system = SystemResult(name="s", labels=labels, scores=scores, weights=weights)
+    metrics = evaluate(system, k=200)
+    assert metrics.k == 98 and metrics.count == 38 and metrics.frauds == 8
+    assert metrics.pr_auc == pytest.approx(average_precision(replicated_labels, replicated_scores))
+    with pytest.raises(ValueError, match="3 weights for 38 rows"):
+        average_precision(labels, scores, [1.0, 2.0, 3.0])
+    with pytest.raises(ValueError, match="finite and positive"):
+        precision_at_k(labels, scores, 5, np.zeros(labels.size))

@@ -11,8 +11,10 @@ import argparse
 import csv
 import io
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from slimserve.clients import Client, FailedPrecondition, NotFound
@@ -295,6 +297,36 @@ def test_report_command_prints_the_table(
     printed = capsys.readouterr().out
     assert "| tiny (tiny@1) | 60 |" in printed
     assert (out / "report.md").is_file() and (out / "report.png").is_file()
+
+
+def test_a_stratified_report_keeps_the_frauds_and_reweights_the_rest(
+    fraud_server: ServerThread, payments: Path, tmp_path: Path
+) -> None:
+    rows = read_transactions(payments).rows
+    frauds = sum(1 for r in rows if r.is_fraud)
+    legit = len(rows) - frauds
+    assert frauds >= 3
+    config = ReportConfig(
+        data=payments,
+        models=("tiny",),
+        target=fraud_server.target,
+        out=tmp_path / "report",
+        limit=30,
+        frauds=3,
+        throughput_rows=4,
+        concurrency=2,
+    )
+
+    report = run_report(config, Client)
+
+    (metrics,) = report.metrics
+    assert (metrics.count, metrics.frauds) == (30, 3)
+    weight = (legit / 27) * (3 / frauds)
+    (system,) = report.systems
+    assert sorted(set(np.asarray(system.weights).tolist())) == sorted({1.0, weight})
+    assert f"each legitimate payment stands for {weight:.2f}" in report.table
+    with pytest.raises(ValueError, match="it needs --limit"):
+        replace(config, limit=0)
 
 
 def test_simulate_command_writes_a_reproducible_file(tmp_path: Path) -> None:
