@@ -281,7 +281,6 @@ def _train(
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
     weights = _label_weights([e.label for e in examples], len(labels.texts), config.balance)
     draw = _sampler(examples, config)
-    schedule = _schedule(config)
     pad_id = _pad_id(tokenizer)
     start = time.monotonic()
     deadline = start + 60 * config.max_minutes if config.max_minutes else math.inf
@@ -291,7 +290,7 @@ def _train(
     model.train()
     while step < config.steps and time.monotonic() < deadline:
         batch = draw()
-        lr = config.lr * schedule(step)
+        lr = config.lr * lr_factor(config, step, time.monotonic() - start)
         for group in optimizer.param_groups:
             group["lr"] = lr
         per_example = _example_losses(model, batch, labels, config.loss, pad_id)  # (B,)
@@ -445,18 +444,21 @@ def _sampler(examples: list[_Example], config: FinetuneConfig) -> Callable[[], l
     return lambda: [rng.choice(rng.choice(groups)) for _ in range(config.batch_size)]
 
 
-def _schedule(config: FinetuneConfig) -> Callable[[int], float]:
-    """Multiplier of ``lr`` at a step: linear warm-up, then cosine to ``min_lr_ratio``."""
+def lr_factor(config: FinetuneConfig, step: int, elapsed_s: float) -> float:
+    """Multiplier of ``lr`` at a step: linear warm-up, then cosine to ``min_lr_ratio``.
 
-    def factor(step: int) -> float:
-        if step < config.warmup_steps:
-            return (step + 1) / config.warmup_steps
-        decay_steps = max(config.steps - config.warmup_steps, 1)
-        progress = min((step - config.warmup_steps) / decay_steps, 1.0)
-        cosine = 0.5 * (1 + math.cos(math.pi * progress))
-        return config.min_lr_ratio + (1 - config.min_lr_ratio) * cosine
-
-    return factor
+    With ``max_minutes``, the cosine runs to whichever end comes first, the last step or the
+    time limit (by ``elapsed_s``, seconds since training began): a run the clock stops still
+    anneals to the low rate instead of ending at the peak.
+    """
+    if step < config.warmup_steps:
+        return (step + 1) / config.warmup_steps
+    decay_steps = max(config.steps - config.warmup_steps, 1)
+    progress = (step - config.warmup_steps) / decay_steps
+    if config.max_minutes:
+        progress = max(progress, elapsed_s / (60 * config.max_minutes))
+    cosine = 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+    return config.min_lr_ratio + (1 - config.min_lr_ratio) * cosine
 
 
 def _freeze_below_(model: PreTrainedModel, train_layers: int) -> Callable[[], None]:

@@ -25,6 +25,7 @@ from slimserve.compression.finetune import (
     FinetuneProgress,
     finetune_,
     label_probabilities,
+    lr_factor,
 )
 from slimserve.compression.registry import Registry
 from tests.helpers import tiny_model, tiny_tokenizer
@@ -249,3 +250,16 @@ def test_train_fraud_scorer_refuses_a_quantized_base(tmp_path: Path, tok: Any) -
 
     with pytest.raises(ValueError, match="tiny@1 is quantized \\(int8-weight-only\\)"):
         train_fraud_scorer(config)
+
+
+def test_the_learning_rate_anneals_by_the_step_or_the_clock_whichever_ends_first() -> None:
+    steps = FinetuneConfig(steps=100, warmup_steps=10, min_lr_ratio=0.1)
+    assert lr_factor(steps, 0, 0.0) == pytest.approx(0.1)  # warm-up: 1/10
+    assert lr_factor(steps, 10, 0.0) == pytest.approx(1.0)
+    assert lr_factor(steps, 55, 1e9) == pytest.approx(0.55)  # no time limit: half-way
+    assert lr_factor(steps, 100, 0.0) == pytest.approx(0.1)
+
+    timed = FinetuneConfig(steps=100, warmup_steps=10, min_lr_ratio=0.1, max_minutes=2.0)
+    assert lr_factor(timed, 20, 60.0) == pytest.approx(0.55)  # half the time gone
+    assert lr_factor(timed, 20, 120.0) == pytest.approx(0.1)  # out of time: the floor
+    assert lr_factor(timed, 55, 1.0) == pytest.approx(0.55)  # the steps run out first
