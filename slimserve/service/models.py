@@ -164,13 +164,13 @@ def build_backend(
     if config.backend == "llamacpp" or (
         config.backend == "auto" and param.device.type == "cpu" and llamacpp.available()
     ):
-        why = _llamacpp_unsupported(model, reason, scheme, tokenizer_json)
+        weight_type = config.gguf_type
+        if weight_type == "auto":
+            int8 = scheme == "Int8WeightOnlyConfig"
+            weight_type = "q8_0" if int8 else "f32" if dtype == torch.float32 else "f16"
+        why = _llamacpp_unsupported(model, reason, scheme, tokenizer_json, weight_type)
         if why is None:
             assert tokenizer_json is not None
-            weight_type = config.gguf_type
-            if weight_type == "auto":
-                int8 = scheme == "Int8WeightOnlyConfig"
-                weight_type = "q8_0" if int8 else "f32" if dtype == torch.float32 else "f16"
             return llamacpp.LlamaCppBackend(
                 model.config,
                 _DequantizedStateDict(model),
@@ -215,7 +215,11 @@ def build_backend(
 
 
 def _llamacpp_unsupported(
-    model: Any, reason: str | None, scheme: str | None, tokenizer_json: Path | None
+    model: Any,
+    reason: str | None,
+    scheme: str | None,
+    tokenizer_json: Path | None,
+    weight_type: str,
 ) -> str | None:
     from slimserve.service import llama, llamacpp
 
@@ -233,8 +237,12 @@ def _llamacpp_unsupported(
     n_heads = int(cfg.num_attention_heads)
     head_dim = int(getattr(cfg, "head_dim", None) or cfg.hidden_size // n_heads)
     dims = (int(cfg.hidden_size), int(cfg.intermediate_size), n_heads * head_dim)
-    if any(d % 32 for d in dims):
-        return f"hidden, intermediate and attention widths {dims} must be multiples of 32"
+    # Quantized GGUF blocks hold 32 weights of a row: a pruned width like 1229 does not split.
+    if weight_type in ("q8_0", "q4_1") and any(d % 32 for d in dims):
+        return (
+            f"{weight_type} needs hidden, intermediate and attention widths that are multiples "
+            f"of 32, and this model has {dims}"
+        )
     rope = llama._rope_parameters(cfg)
     if rope["rope_type"] != "default":
         return f"rope type {rope['rope_type']!r} is not exported to GGUF yet"
