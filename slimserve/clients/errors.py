@@ -60,12 +60,12 @@ class Cancelled(ClientError): ...
 class DataLoss(ClientError): ...
 
 
-class FailedPrecondition(ClientError):
-    """The system is not in a state the call needs (e.g. a model that does not fit the
-    client)."""
-
-
 class ServerError(ClientError): ...
+
+
+class FailedPrecondition(ServerError):
+    """The system is not in a state the call needs: a version that could not be loaded, or
+    a model that does not fit the client. A ServerError, as it was before it had a class."""
 
 
 _BY_CODE: dict[grpc.StatusCode, type[ClientError]] = {

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -76,7 +77,18 @@ def test_metrics_endpoint_after_requests(metrics_server: ServerThread) -> None:
         score = c.score("the quick", [" fox", " dog"])
         with pytest.raises(InvalidArgument):
             c.generate("hello", max_new_tokens=10_000)
+    # context.abort sends the status before the handler's `finally` counts the call: the
+    # client can see the error a moment before the counter moves.
+    invalid = {"method": "Generate", "code": "INVALID_ARGUMENT"}
+    deadline = time.monotonic() + 5.0
     after = scrape(port)
+    while (
+        value(after, "slimserve_rpcs_total", **invalid)
+        == value(before, "slimserve_rpcs_total", **invalid)
+        and time.monotonic() < deadline
+    ):
+        time.sleep(0.05)
+        after = scrape(port)
 
     def delta(name: str, **labels: str) -> float:
         return value(after, name, **labels) - value(before, name, **labels)
