@@ -256,15 +256,13 @@ def prune_(
 
 def _blocks(model: nn.Module) -> list[_Block]:
     names = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-    layers = getattr(getattr(model, "model", None), "layers", None)
     try:
-        if not isinstance(layers, nn.ModuleList):
-            raise TypeError("no model.layers")
+        layers = _decoder_layers(model)
         return [
             _Block(layer.self_attn, layer.mlp, *(_linear(layer, n) for n in names))
             for layer in layers
         ]
-    except (AttributeError, TypeError) as e:
+    except (AttributeError, TypeError, ValueError) as e:
         raise ValueError(
             "prune_ supports Llama-architecture models (model.layers[i].self_attn.q_proj, "
             f"mlp.gate_proj, ...); got {type(model).__name__}: {e}"

@@ -16,6 +16,18 @@ import torch
 ScoreJobs = list[tuple[list[int], list[list[int]]]]
 
 
+def check_slot(slot: int, max_slots: int) -> None:
+    """Refuse a slot outside 0..max_slots-1 (every backend's bounds check)."""
+    if not 0 <= slot < max_slots:
+        raise ValueError(f"slot {slot} is out of range 0..{max_slots - 1}")
+
+
+def check_ids(token_ids: list[int], vocab_size: int) -> None:
+    """Refuse token ids outside the vocabulary before they reach a kernel."""
+    if token_ids and not 0 <= min(token_ids) <= max(token_ids) < vocab_size:
+        raise ValueError(f"token ids must lie in 0..{vocab_size - 1}")
+
+
 @dataclass(frozen=True, slots=True)
 class ScorePlan:
     """What a batch of Score jobs needs computed, shared by every backend's `score_batch`.

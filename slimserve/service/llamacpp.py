@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from slimserve.compression.gguf_export import GgufType, export_gguf
-from slimserve.service.backend import ScorePlan
+from slimserve.service.backend import ScorePlan, check_ids, check_slot
 
 log = logging.getLogger(__name__)
 
@@ -251,12 +251,10 @@ class LlamaCppBackend:
     # ------------------------------------------------------------------ checks
 
     def _check_slot(self, slot: int) -> None:
-        if not 0 <= slot < self.max_slots:
-            raise ValueError(f"slot {slot} is out of range 0..{self.max_slots - 1}")
+        check_slot(slot, self.max_slots)
 
     def _check_ids(self, token_ids: list[int]) -> None:
-        if token_ids and not 0 <= min(token_ids) <= max(token_ids) < self.vocab_size:
-            raise ValueError(f"token ids must lie in 0..{self.vocab_size - 1}")
+        check_ids(token_ids, self.vocab_size)
 
 
 _GGML_LOG_ERROR = 4

@@ -6,6 +6,7 @@ Skipped where llama-cpp-python is not installed (it is an optional extra that co
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -25,10 +26,17 @@ def pair(tmp_path_factory: pytest.TempPathFactory) -> tuple[LlamaBackend, llamac
     model = tiny_model(len(tok), seed=3)
     out = tmp_path_factory.mktemp("tok")
     tok.save_pretrained(out)
-    ref = LlamaBackend.from_model(model, max_slots=3, max_seq_len=64, pack_weights=False)
+    return _backends(model, out, slots=3)
+
+
+def _backends(
+    model: Any, tokenizer_dir: Path, slots: int
+) -> tuple[LlamaBackend, llamacpp.LlamaCppBackend]:
+    """The torch reference and llama.cpp (f32) over the same weights, 64-token slots."""
+    ref = LlamaBackend.from_model(model, max_slots=slots, max_seq_len=64, pack_weights=False)
     cpp = llamacpp.LlamaCppBackend(
-        model.config, model.state_dict(), out / "tokenizer.json",
-        max_slots=3, max_seq_len=64, threads=1, weight_type="f32",
+        model.config, model.state_dict(), tokenizer_dir / "tokenizer.json",
+        max_slots=slots, max_seq_len=64, threads=1, weight_type="f32",
     )  # fmt: skip
     return ref, cpp
 
@@ -149,11 +157,7 @@ def test_a_width_and_depth_pruned_model_serves_alike_on_both_backends(tmp_path: 
     prune_(model, config, calibration)
     assert model.config.num_hidden_layers == 2 and model.config.num_attention_heads == 2
     tok.save_pretrained(tmp_path)
-    ref = LlamaBackend.from_model(model, max_slots=1, max_seq_len=64, pack_weights=False)
-    cpp = llamacpp.LlamaCppBackend(
-        model.config, model.state_dict(), tmp_path / "tokenizer.json",
-        max_slots=1, max_seq_len=64, threads=1, weight_type="f32",
-    )  # fmt: skip
+    ref, cpp = _backends(model, tmp_path, slots=1)
     prompt = _ids(7, 9, len(tok))
     with torch.no_grad():
         hf = model(input_ids=torch.tensor([prompt])).logits[0, -1]

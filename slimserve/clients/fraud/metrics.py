@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from random import Random
 
 import numpy as np
 import numpy.typing as npt
@@ -200,6 +201,18 @@ def markdown_table(rows: Sequence[SystemMetrics]) -> str:
             f"| {m.precision_at_k:.3f} (k={m.k}) {times} |"
         )
     return header + "\n".join(lines) + "\n"
+
+
+def stratified_sample(
+    positives: Sequence[int], negatives: Sequence[int], frauds: int, legit: int, rng: Random
+) -> tuple[list[int], float]:
+    """Up to ``frauds`` positives and ``legit`` negatives drawn with ``rng``, sorted, and the
+    weight of a drawn negative so the sample's class mix is the population's (positives left
+    out count too). Both lists must be non-empty."""
+    picked_pos = rng.sample(list(positives), min(frauds, len(positives)))
+    picked_neg = rng.sample(list(negatives), min(legit, len(negatives)))
+    weight = (len(negatives) / len(picked_neg)) * (len(picked_pos) / len(positives))
+    return sorted(picked_pos + picked_neg), weight
 
 
 def weighting_note(legit_weight: float) -> str:

@@ -37,6 +37,7 @@ from slimserve.clients.fraud.metrics import (
     latency_summary,
     markdown_table,
     plot_curves,
+    stratified_sample,
     weighting_note,
 )
 from slimserve.clients.fraud.schema import RowError, Transaction, read_transactions
@@ -185,13 +186,11 @@ def _choose(rows: Sequence[Transaction], config: ReportConfig) -> tuple[list[int
         return sorted(rng.sample(labelled, config.limit)), None
     pos = [i for i in labelled if rows[i].is_fraud]
     neg = [i for i in labelled if not rows[i].is_fraud]
-    picked_pos = rng.sample(pos, min(config.frauds, len(pos)))
-    picked_neg = rng.sample(neg, min(config.limit - len(picked_pos), len(neg)))
-    if not picked_pos or not picked_neg:
-        return sorted(picked_pos + picked_neg), None  # one class: the caller refuses it
-    # Frauds beyond the cap are left out too: weight legit so the mix matches the file.
-    weight = (len(neg) / len(picked_neg)) * (len(picked_pos) / len(pos))
-    return sorted(picked_pos + picked_neg), weight
+    if not pos or not neg:
+        return pos + neg, None  # one class: the caller refuses it
+    return stratified_sample(
+        pos, neg, config.frauds, config.limit - min(config.frauds, len(pos)), rng
+    )
 
 
 def _check_served(config: ReportConfig, connect: Callable[[str], Client]) -> dict[str, str]:

@@ -42,7 +42,7 @@ from slimserve.clients.fraud.features import (
     FeatureConfig,
     build_features,
 )
-from slimserve.clients.fraud.metrics import average_precision, roc_auc
+from slimserve.clients.fraud.metrics import average_precision, roc_auc, stratified_sample
 from slimserve.clients.fraud.schema import RowError, Transaction, read_transactions
 from slimserve.clients.fraud.scorer import stream_prompts, time_sorted
 
@@ -182,11 +182,7 @@ def evaluation_sample(
             f"the held-out part holds {len(pos)} frauds and {len(neg)} legitimate payments; "
             "it needs both (raise --holdout or give --eval-data)"
         )
-    picked_pos = rng.sample(pos, min(frauds, len(pos)))
-    picked_neg = rng.sample(neg, min(legit, len(neg)))
-    # Frauds beyond eval_frauds are dropped too; weight legit so the mix matches the file.
-    weight = (len(neg) / len(picked_neg)) * (len(picked_pos) / len(pos))
-    return EvalSample(sorted(picked_pos + picked_neg), weight)
+    return EvalSample(*stratified_sample(pos, neg, frauds, legit, rng))
 
 
 def sample_metrics(
