@@ -45,6 +45,10 @@ STAGES: dict[str, type[Any]] = {
     "quantize": QuantizeConfig,
     "evaluate": EvaluateConfig,
 }
+# Metrics that describe how a model must be fed rather than how well it does: a compressed
+# version reads the same inputs as its parent, so it keeps them (``prompt_format``: the fraud
+# client refuses a scorer trained on prompts it no longer writes).
+INHERITED_METRICS = ("prompt_format",)
 _ORDER = {"prune": 0, "distill": 1, "quantize": 2, "evaluate": 3}
 
 #: progress(stage label, done, total)
@@ -226,13 +230,18 @@ def compress(registry: Registry, job: CompressJob, progress: Progress | None = N
             tok,
             parent=job.parent.ref,
             recipe={**job.recipe.to_dict(), "digest": job.recipe.digest, "reports": reports},
-            metrics=metrics,
+            metrics={**_inherited_metrics(job.parent), **metrics},
             quantization=quant,
             data={"train": {"name": train.name, "sha256": train.digest}},
         )
         artifact = registry.publish(job.to_name, staged, manifest)
     shutil.rmtree(work, ignore_errors=True)
     return artifact
+
+
+def _inherited_metrics(parent: Artifact) -> dict[str, Any]:
+    known = parent.manifest.get("metrics") or {}
+    return {key: known[key] for key in INHERITED_METRICS if key in known}
 
 
 def _adapt(progress: Progress | None, label: str) -> Callable[[str, int, int], None] | None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -87,6 +88,25 @@ def test_int8_recipe_publishes_a_version_with_lineage_and_metrics(registry: Regi
     with torch.inference_mode():
         diff = (q(ids).logits - f(ids).logits).abs().max().item()
     assert diff < 0.05, diff  # per-row int8 on a random tiny model
+
+
+def test_a_compressed_version_keeps_the_input_contract_of_its_parent(registry: Registry) -> None:
+    # A fraud scorer records the prompt format it was trained on; its int8 copy reads the same
+    # prompts, so it must say so too (the client checks the version it is served).
+    parent = registry.get("tiny", "1")
+    scorer = replace(parent, manifest={**parent.manifest, "metrics": {"prompt_format": 3}})
+    job = CompressJob(
+        recipe=recipe({"type": "quantize", "scheme": "int8-weight-only"}, name="int8"),
+        parent=scorer,
+        to_name="tiny",
+    )
+
+    art = compress(registry, job)
+
+    assert art.manifest["metrics"]["prompt_format"] == 3
+    assert "perplexity" in art.manifest["metrics"]  # measured afresh, not copied
+    plain = compress(registry, replace(job, parent=parent))
+    assert "prompt_format" not in plain.manifest["metrics"]
 
 
 def test_interrupted_run_publishes_nothing_then_resumes(registry: Registry) -> None:

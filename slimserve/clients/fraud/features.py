@@ -39,10 +39,10 @@ LABEL_FRAUD: Final = " yes"
 LABEL_LEGIT: Final = " no"
 # Indexed by ``is_fraud``: LABELS[0] is the legitimate answer.
 LABELS: Final = (LABEL_LEGIT, LABEL_FRAUD)
-PROMPT_QUESTION: Final = "Fraud? Answer:"
+PROMPT_QUESTION: Final = "; fraud?"
 # Bumped whenever ``render_prompt`` changes what a model reads. ``fraud train`` records it in
 # the version's metrics; the scoring client refuses a model trained on another format.
-PROMPT_FORMAT: Final = 2
+PROMPT_FORMAT: Final = 3
 
 _HOUR: Final = 3_600.0
 _DAY: Final = 86_400.0
@@ -54,6 +54,8 @@ _HIGH_RATIO: Final = 3.0
 _VERY_HIGH_RATIO: Final = 8.0  # amount_spike draws 8-40x the typical amount
 _TINY_BURST: Final = 2  # card testing: 3-8 tiny online payments minutes apart
 _ODD_HOUR_SHARE: Final = 0.05
+_RARE_HOUR_SHARE: Final = 0.2
+_LOW_RATIO: Final = 0.3
 _HIGH_TERMINAL_RATE: Final = 0.2
 
 
@@ -302,67 +304,82 @@ def feature_vector(features: Features) -> list[float]:
 
 
 def render_prompt(tx: Transaction, features: Features) -> str:
-    """A short, deterministic English description of the payment, ending in the question.
+    """A terse, deterministic description of the payment, ending in the question.
 
     The strongest signals come first (the terminal's known fraud rate, the amount against the
-    customer's own history, a burst of tiny online payments), then the payment itself. Each
-    number is followed by a word for its level where one helps (``very high``, ``odd hour``,
-    ``risky``): a fine-tuned model reads a word faster than it learns to compare digits.
-    About 60 SmolLM2 tokens (each digit is a token, so numbers are rounded); the answer is
-    ``LABEL_FRAUD`` or ``LABEL_LEGIT``.
+    customer's own history, a burst of tiny online payments), then the payment itself. A
+    number is followed by a word for its level where one helps (``very high``, ``burst``,
+    ``odd hour``): a fine-tuned model reads a word faster than it learns to compare digits.
+
+    Every token is paid for at scoring time (scoring is one prefill), and each digit is a
+    SmolLM2 token, so numbers are rounded to two significant figures, the currency and the
+    average amount are left out (the ratio carries them) and the tiny-payment count appears
+    only when there is one. About 45 SmolLM2 tokens at the median (format 2 took 86). The
+    answer is ``LABEL_FRAUD`` or ``LABEL_LEGIT``.
     """
     f = features
     mcc = tx.merchant_category
     what = MERCHANT_CATEGORIES.get(mcc, f"MCC {mcc}")
     if mcc in RISKY_MERCHANT_CATEGORIES:
-        what += " (risky)"
+        what += " risky"
     channel = "online" if tx.channel == "online" else "in person"
-    terminal = f"Terminal fraud {_percent(f.terminal_fraud_rate)} of {f.terminal_labelled}"
-    if f.terminal_labelled and f.terminal_fraud_rate >= _HIGH_TERMINAL_RATE:
-        terminal += " (high)"
-    amount = f"{_money(tx.amount)} {tx.currency}"
-    if f.home_country is None:
-        where, history = tx.country, f"{amount}, first payment."
+    if not f.terminal_labelled:
+        terminal = "new terminal"
     else:
-        where = f"{tx.country} abroad" if f.foreign else tx.country
+        terminal = f"terminal {_percent(f.terminal_fraud_rate)}"
+        if f.terminal_fraud_rate >= _HIGH_TERMINAL_RATE:
+            terminal += " high"
+    amount = _number(tx.amount)
+    if f.home_country is None:
+        where, history = tx.country, f"{amount}, first"
+    else:
+        where = f"abroad {tx.country}" if f.foreign else "home"
         history = (
-            f"{amount} = {_ratio(f.amount_ratio)}x avg {f.avg_amount:.0f} "
-            f"({_level(f.amount_ratio)}); {f.count_1h} in 1h, {f.count_24h} in 24h, "
-            f"last {_hours(f.hours_since_last)} ago."
+            f"{amount} {_number(f.amount_ratio)}x {_level(f.amount_ratio)}, "
+            f"{f.count_1h}/1h {f.count_24h}/day, last {_since(f.hours_since_last)}"
         )
-    tiny = f"Tiny online 1h: {f.tiny_online_1h}"
-    if f.tiny_online_1h >= _TINY_BURST:
-        tiny += " (burst)"
-    hour = f"{tx.timestamp.hour:02d}h"
+    tiny = ""
+    if f.tiny_online_1h:
+        tiny = f" tiny {f.tiny_online_1h}/1h"
+        tiny += " burst;" if f.tiny_online_1h >= _TINY_BURST else ";"
+    hour = ""
     if f.hour_share is not None:
-        hour += f" ({_percent(f.hour_share)} usual"
-        hour += ", odd hour)" if f.hour_share < _ODD_HOUR_SHARE else ")"
-    return f"{terminal}. {history} {tiny}. {channel} {what}, {where}, {hour}.\n{PROMPT_QUESTION}"
+        hour = f", {_hour_level(f.hour_share)} hour"
+    return f"{terminal}; {history};{tiny} {channel} {what}, {where}{hour}{PROMPT_QUESTION}"
 
 
 def _level(ratio: float) -> str:
     if ratio >= _VERY_HIGH_RATIO:
         return "very high"
-    return "high" if ratio >= _HIGH_RATIO else "usual"
+    if ratio >= _HIGH_RATIO:
+        return "high"
+    return "low" if ratio < _LOW_RATIO else "usual"
 
 
-def _hours(hours: float | None) -> str:
+def _hour_level(share: float) -> str:
+    if share < _ODD_HOUR_SHARE:
+        return "odd"
+    return "rare" if share < _RARE_HOUR_SHARE else "usual"
+
+
+def _since(hours: float | None) -> str:
     hours = hours or 0.0
-    return f"{hours:.1f}h" if hours < 10 else f"{hours:.0f}h"
+    if hours < 1:
+        return f"{60 * hours:.0f}m"
+    return f"{hours:.0f}h" if hours < 48 else f"{hours / 24:.0f}d"
 
 
-def _ratio(ratio: float) -> str:
-    # Two significant digits without exponents: 0.032, 6.5, 140.
-    return f"{ratio:.2g}" if ratio < 10 else f"{ratio:.0f}"
+def _number(x: float) -> str:
+    # Two significant figures at most, without exponents: 0.04, 0.7, 9.7, 27, 174.
+    if x >= 10:
+        return f"{x:.0f}"
+    if x >= 0.1:
+        return f"{x:.1f}".removesuffix(".0")
+    return f"{x:.2f}"
 
 
-def _money(amount: float) -> str:
-    # Cents matter for card testing, not for a 1,234 purchase.
-    return f"{amount:.2f}" if amount < 100 else f"{amount:.0f}"
-
-
-def _percent(share: float | None) -> str:
-    return "n/a" if share is None else f"{100 * share:.0f}%"
+def _percent(share: float) -> str:
+    return f"{100 * share:.0f}%"
 
 
 def _zscore(customer: _Customer, amount: float) -> float:

@@ -41,7 +41,12 @@ from slimserve.clients.fraud.metrics import (
     weighting_note,
 )
 from slimserve.clients.fraud.schema import RowError, Transaction, read_transactions
-from slimserve.clients.fraud.scorer import score_prompts, stream_prompts, time_sorted
+from slimserve.clients.fraud.scorer import (
+    check_prompt_format,
+    score_prompts,
+    stream_prompts,
+    time_sorted,
+)
 
 BASELINE_NAME: Final = "baseline (GBT)"
 
@@ -194,7 +199,11 @@ def _choose(rows: Sequence[Transaction], config: ReportConfig) -> tuple[list[int
 
 
 def _check_served(config: ReportConfig, connect: Callable[[str], Client]) -> dict[str, str]:
-    """Each model reference → the ``name@version`` serving it; all misses in one NotFound."""
+    """Each model reference → the ``name@version`` serving it; all misses in one NotFound.
+
+    A model trained on another prompt format is refused (``FailedPrecondition``) before
+    anything is scored: its figures would be noise presented as a measurement.
+    """
     refs: dict[str, str] = {}
     missing: list[str] = []
     for model in config.models:
@@ -204,6 +213,8 @@ def _check_served(config: ReportConfig, connect: Callable[[str], Client]) -> dic
                 refs[model] = client.model_info(model).ref
             except NotFound as exc:
                 missing.append(f"{model} is not served at {address}: {exc.details}")
+                continue
+            check_prompt_format(client, model)
     if missing:
         hint = (
             "start a server with `slimserve serve --model NAME@VERSION` for each one and "

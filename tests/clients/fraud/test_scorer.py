@@ -281,6 +281,18 @@ def test_report_names_every_model_the_server_lacks(
     assert "--route" in message
 
 
+def test_report_refuses_a_model_trained_on_another_prompt_format(
+    fraud_server: ServerThread, payments: Path, tmp_path: Path
+) -> None:
+    config = ReportConfig(
+        data=payments, models=("tiny-b", "tiny-old"), target=fraud_server.target, out=tmp_path
+    )
+
+    with pytest.raises(FailedPrecondition, match=f"prompt format {PROMPT_FORMAT - 1}"):
+        run_report(config, Client)
+    assert not list(tmp_path.iterdir())  # nothing half-written
+
+
 def test_report_command_prints_the_table(
     fraud_server: ServerThread, payments: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
