@@ -13,7 +13,10 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from slimserve.compression.registry import Registry
 
 ENV_REGISTRY = "SLIMSERVE_REGISTRY"
 ENV_HOME = "SLIMSERVE_HOME"
@@ -78,19 +81,28 @@ def cmd_import(args: argparse.Namespace) -> int:
     if args.default:
         name = args.name or DEFAULT_MODEL_NAME
         if args.if_missing and registry.versions(name):
-            art = registry.get(name)
-            print(f"{art.ref} already imported ({art.digest[:12]})")
+            print(_already_imported(registry, name))
             return 0
         art = import_default(registry, name)
     else:
         if not args.source or not args.name:
             raise SystemExit("import needs SOURCE and --name (or --default)")
         if args.if_missing and registry.versions(args.name):
-            print(f"{registry.get(args.name).ref} already imported")
+            print(_already_imported(registry, args.name))
             return 0
         art = import_model(registry, args.source, args.name, revision=args.revision)
     print(f"imported {art.ref} digest {art.digest[:12]} into {registry.root}")
     return 0
+
+
+def _already_imported(registry: Registry, name: str) -> str:
+    """Names the imported version (the first, which has no parent), not the newest one."""
+    versions = registry.versions(name)
+    first = registry.get(name, str(versions[0]))
+    return (
+        f"{first.ref} already imported ({first.digest[:12]}); {name} has {len(versions)} "
+        "version(s); skipped"
+    )
 
 
 def cmd_registry(args: argparse.Namespace) -> int:

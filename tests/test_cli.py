@@ -53,6 +53,11 @@ def test_import_hf_directory_then_alias(tmp_path: Path) -> None:
     assert art.manifest["source"]["kind"] == "hf_dir"
     assert run_cli("registry", "alias", "imported", "1", "production", *reg).returncode == 0
     assert Registry(tmp_path / "reg").resolve("imported", "production") == 1
+    assert run_cli("import", str(src), "--name", "imported", *reg).returncode == 0  # @2
+    again = run_cli("import", str(src), "--name", "imported", "--if-missing", *reg)
+    assert again.returncode == 0, again.stderr
+    assert "imported@1 already imported" in again.stdout and "2 version(s)" in again.stdout
+    assert Registry(tmp_path / "reg").versions("imported") == [1, 2]
 
 
 def test_import_refuses_pickled_weights_and_bad_sources(tmp_path: Path) -> None:
