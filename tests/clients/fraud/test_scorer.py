@@ -31,6 +31,7 @@ from slimserve.clients.fraud.scorer import (
     time_sorted,
 )
 from slimserve.clients.fraud.simulate import simulate
+from tests.conftest import tiny_server_config
 from tests.helpers import ServerThread, tiny_model, tiny_tokenizer
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -48,10 +49,11 @@ _BAD_LINES = (
 def fraud_server(
     tmp_path_factory: pytest.TempPathFactory, one_torch_thread: None
 ) -> Iterator[ServerThread]:
-    """Two tiny models, ``tiny`` and ``tiny-b``, with room for ~250-token fraud prompts.
+    """Tiny models ``tiny``, ``tiny-b`` and ``tiny-old``, with room for 320-token sequences.
 
-    The shared ``tiny_server`` caps sequences at 128 tokens; the tiny byte-level tokenizer
-    spends 160-240 tokens on a fraud prompt (SmolLM2 ~100).
+    The tiny byte-level tokenizer spends 45-110 tokens on a fraud prompt (SmolLM2 ~40); an
+    explanation's question adds its own sentence to that, beyond the shared ``tiny_server``'s
+    128-token cap.
     """
     from slimserve.compression.artifact import publish_model
     from slimserve.compression.registry import Registry
@@ -159,15 +161,24 @@ def test_scores_do_not_depend_on_concurrency_or_file_order(
 
 
 def test_prompts_too_long_for_the_server_are_refused_row_by_row(
-    tiny_server: ServerThread, payments: Path
+    tiny_registry: Path, payments: Path
 ) -> None:
+    from slimserve.service.config import Limits
+
     rows = read_transactions(payments).rows[:40]
-    with Client(tiny_server.target) as client:  # a 128-token context: the longer prompts fail
-        scored, failed = score_rows(client, rows, ScoreOptions(model="tiny", concurrency=2))
     ordered = time_sorted(rows)
     prompts = dict(zip((r.transaction_id for r in ordered), stream_prompts(ordered), strict=True))
     tokenizer = tiny_tokenizer()  # the tiny model's own
     length = {k: len(tokenizer.encode(p)) for k, p in prompts.items()}
+    # A server whose prompt limit falls inside the spread of these prompts' lengths.
+    limit = sorted(length.values())[len(length) // 2]
+    limits = Limits(max_new_tokens=64, default_max_new_tokens=16, max_prompt_tokens=limit)
+    server = ServerThread(tiny_server_config(tiny_registry, limits=limits))
+    try:
+        with Client(server.start().target) as client:
+            scored, failed = score_rows(client, rows, ScoreOptions(model="tiny", concurrency=2))
+    finally:
+        server.stop()
 
     assert scored and failed
     assert {r.transaction_id for r in scored} | {f.transaction_id for f in failed} == set(prompts)
