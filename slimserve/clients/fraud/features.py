@@ -314,7 +314,7 @@ def render_prompt(tx: Transaction, features: Features) -> str:
     Every token is paid for at scoring time (scoring is one prefill), and each digit is a
     SmolLM2 token, so numbers are rounded to two significant figures, the currency and the
     average amount are left out (the ratio carries them) and the tiny-payment count appears
-    only when there is one. About 45 SmolLM2 tokens at the median (format 2 took 86). The
+    only when there is one. About 41 SmolLM2 tokens at the median (format 2 took 86). The
     answer is ``LABEL_FRAUD`` or ``LABEL_LEGIT``.
     """
     f = features

@@ -210,11 +210,12 @@ def _check_served(config: ReportConfig, connect: Callable[[str], Client]) -> dic
         address = config.routes.get(model, config.target)
         with connect(address) as client:
             try:
-                refs[model] = client.model_info(model).ref
+                info = client.model_info(model)
             except NotFound as exc:
                 missing.append(f"{model} is not served at {address}: {exc.details}")
                 continue
-            check_prompt_format(client, model)
+            check_prompt_format(info)
+            refs[model] = info.ref
     if missing:
         hint = (
             "start a server with `slimserve serve --model NAME@VERSION` for each one and "

@@ -36,7 +36,7 @@ from slimserve.clients.fraud.features import (
     render_prompt,
 )
 from slimserve.clients.fraud.schema import RowError, Transaction, read_transactions
-from slimserve.clients.types import ChatMessage, ScoreResult
+from slimserve.clients.types import ChatMessage, ModelInfo, ScoreResult
 
 OUTPUT_COLUMNS: Final = ("transaction_id", "score", "decision", "model_version", "latency_ms")
 # Sent to Score in this order; the score is the first label's probability.
@@ -125,15 +125,14 @@ def stream_prompts(rows: Sequence[Transaction], config: FeatureConfig | None = N
     return [render_prompt(tx, f) for tx, f in zip(rows, features, strict=True)]
 
 
-def check_prompt_format(client: Client, model: str) -> None:
+def check_prompt_format(info: ModelInfo) -> None:
     """Refuse a model trained on prompts another ``PROMPT_FORMAT`` wrote: its scores would be
-    silently meaningless. Versions without the metric (made by a compression recipe from a
-    trained scorer, or by older releases) pass.
+    silently meaningless. ``info`` is the served version's (``Client.model_info``). Versions
+    without the metric (made by older releases) pass; a compressed version keeps its parent's.
 
     Raises:
         FailedPrecondition: the model records another prompt format.
     """
-    info = client.model_info(model)
     trained = info.metrics.get("prompt_format")
     if trained is not None and int(trained) != PROMPT_FORMAT:
         raise FailedPrecondition(
@@ -185,7 +184,7 @@ def score_rows(
     Raises:
         ClientError: a failure that is not about one row (see ``score_prompts``).
     """
-    check_prompt_format(client, options.model)
+    check_prompt_format(client.model_info(options.model))
     order = sorted(range(len(rows)), key=lambda i: rows[i].timestamp)
     prompts = stream_prompts([rows[i] for i in order], options.features)
     results = score_prompts(client, prompts, options.model, concurrency=options.concurrency)
