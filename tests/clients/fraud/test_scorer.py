@@ -172,8 +172,7 @@ def test_prompts_too_long_for_the_server_are_refused_row_by_row(
     length = {k: len(tokenizer.encode(p)) for k, p in prompts.items()}
     # A server whose prompt limit falls inside the spread of these prompts' lengths.
     limit = sorted(length.values())[len(length) // 2]
-    limits = Limits(max_new_tokens=64, default_max_new_tokens=16, max_prompt_tokens=limit)
-    server = ServerThread(tiny_server_config(tiny_registry, limits=limits))
+    server = ServerThread(tiny_server_config(tiny_registry, limits=Limits(max_prompt_tokens=limit)))
     try:
         with Client(server.start().target) as client:
             scored, failed = score_rows(client, rows, ScoreOptions(model="tiny", concurrency=2))
