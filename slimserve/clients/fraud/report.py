@@ -12,8 +12,10 @@ A server holds one version per model name, so comparing versions of one name nee
 server per version: ``routes`` sends a reference to its own address. A reference no server
 holds is reported before any scoring, as ``NotFound`` with what the server does hold.
 
-The report is ``<out>/report.md`` (the ``metrics.markdown_table`` of every system, then a
-throughput table) and ``<out>/report.png`` (ROC and precision-recall curves).
+The report is ``<out>/report.md`` (the ``metrics.markdown_table`` of every system, each model's
+ROC-AUC gap to the baseline with a paired bootstrap interval, then a throughput table),
+``<out>/report.png`` (ROC and precision-recall curves) and ``<out>/scores.csv`` (every
+scored row's label, weight and each system's score, to recompute any figure).
 """
 
 from __future__ import annotations
@@ -30,12 +32,15 @@ from slimserve.clients.errors import ClientError, NotFound
 from slimserve.clients.fraud.baseline import predict_features, train_baseline
 from slimserve.clients.fraud.features import LABEL_FRAUD, FeatureConfig, build_features
 from slimserve.clients.fraud.metrics import (
+    AucDifference,
     LatencySummary,
     SystemMetrics,
     SystemResult,
+    difference_table,
     evaluate,
     latency_summary,
     markdown_table,
+    paired_auc_difference,
     plot_curves,
     stratified_sample,
     weighting_note,
@@ -112,6 +117,7 @@ class Report:
     metrics: tuple[SystemMetrics, ...]
     throughput: tuple[Throughput, ...]
     errors: tuple[RowError, ...]  # rejected lines of the data file
+    against_baseline: tuple[AucDifference, ...]  # each model minus the baseline; () without one
     table: str  # the markdown written to ``markdown``
     markdown: Path
     png: Path
@@ -161,7 +167,8 @@ def run_report(
         say(f"{BASELINE_NAME}: training on {config.baseline_train}")
         baseline = _baseline(config.baseline_train, config, rows, chosen, labels)
         systems.append(replace(baseline, weights=weights))
-    return _write(config, systems, throughput, read.errors, legit_weight)
+    ids = [rows[i].transaction_id for i in chosen]
+    return _write(config, systems, throughput, read.errors, legit_weight, ids=ids)
 
 
 def throughput_table(rows: Sequence[Throughput]) -> str:
@@ -290,12 +297,17 @@ def _write(
     throughput: Sequence[Throughput],
     errors: Sequence[RowError],
     legit_weight: float | None,
+    *,
+    ids: Sequence[str],
 ) -> Report:
     config.out.mkdir(parents=True, exist_ok=True)
     metrics = [evaluate(s, config.k) for s in systems]
     table = markdown_table(metrics)
     if legit_weight is not None:
         table += weighting_note(legit_weight)
+    against = _against_baseline(systems, config.seed)
+    if against:
+        table += "\n" + difference_table(against)
     if throughput:
         table += "\n" + throughput_table(throughput)
     if errors:
@@ -304,12 +316,47 @@ def _write(
     markdown = config.out / "report.md"
     markdown.write_text(table, encoding="utf-8")
     png = plot_curves(config.out / "report.png", systems)
+    _write_scores(config.out / "scores.csv", systems, ids)
     return Report(
         systems=tuple(systems),
         metrics=tuple(metrics),
         throughput=tuple(throughput),
         errors=tuple(errors),
+        against_baseline=tuple(against),
         table=table,
         markdown=markdown,
         png=png,
     )
+
+
+def _against_baseline(systems: Sequence[SystemResult], seed: int) -> list[AucDifference]:
+    """Each model's ROC-AUC minus the baseline's, paired on the same rows."""
+    baseline = next((s for s in systems if s.name == BASELINE_NAME), None)
+    if baseline is None:
+        return []
+    return [
+        paired_auc_difference(
+            s.labels, s.scores, baseline.scores, names=(s.name, BASELINE_NAME), seed=seed
+        )
+        for s in systems
+        if s is not baseline
+    ]
+
+
+def _write_scores(path: Path, systems: Sequence[SystemResult], ids: Sequence[str]) -> None:
+    """Every scored row: its id, label, sample weight and each system's score, so any figure
+    of the report can be recomputed (or another test run) without scoring again."""
+    import csv
+
+    import numpy as np
+
+    labels = np.asarray(systems[0].labels, dtype=np.int64)
+    weights = np.asarray(systems[0].weights, dtype=np.float64)
+    if not weights.size:
+        weights = np.ones(labels.size)
+    scores = np.column_stack([np.asarray(s.scores, dtype=np.float64) for s in systems])
+    with path.open("w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["transaction_id", "is_fraud", "weight", *(s.name for s in systems)])
+        for tx_id, label, weight, row in zip(ids, labels, weights, scores, strict=True):
+            writer.writerow([tx_id, int(label), f"{weight:.6g}", *(f"{v:.9g}" for v in row)])

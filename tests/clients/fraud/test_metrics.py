@@ -8,9 +8,11 @@ import pytest
 from slimserve.clients.fraud import (
     SystemResult,
     average_precision,
+    difference_table,
     evaluate,
     latency_summary,
     markdown_table,
+    paired_auc_difference,
     precision_at_k,
     precision_recall_curve,
     roc_auc,
@@ -132,3 +134,56 @@ def test_weights_count_a_row_that_many_times() -> None:
         average_precision(labels, scores, [1.0, 2.0, 3.0])
     with pytest.raises(ValueError, match="finite and positive"):
         precision_at_k(labels, scores, 5, np.zeros(labels.size))
+
+
+def _hanley_mcneil_se(auc: float, positives: int, negatives: int) -> float:
+    """The textbook standard error of one ROC-AUC (Hanley & McNeil, 1982)."""
+    q1, q2 = auc / (2 - auc), 2 * auc**2 / (1 + auc)
+    variance = (
+        auc * (1 - auc) + (positives - 1) * (q1 - auc**2) + (negatives - 1) * (q2 - auc**2)
+    ) / (positives * negatives)
+    return float(np.sqrt(variance))
+
+
+def test_the_paired_bootstrap_interval_has_the_textbook_width() -> None:
+    """Against a constant scorer (AUC exactly 0.5 on every resample) the gap's interval is
+    the first system's own AUC interval, whose width the Hanley-McNeil formula predicts."""
+    rng = np.random.default_rng(3)
+    labels = np.array([1] * 150 + [0] * 850)
+    scores = rng.normal(size=labels.size) + 1.5 * labels
+    constant = np.zeros(labels.size)
+
+    gap = paired_auc_difference(labels, scores, constant, names=("model", "flat"), seed=1)
+
+    auc = roc_auc(labels, scores)
+    assert gap.difference == pytest.approx(auc - 0.5)
+    assert gap.low < gap.difference < gap.high
+    expected = 1.96 * _hanley_mcneil_se(auc, 150, 850)
+    assert (gap.high - gap.low) / 2 == pytest.approx(expected, rel=0.2)
+    assert gap.verdict == "above"
+    assert paired_auc_difference(labels, constant, scores).verdict == "below"
+    again = paired_auc_difference(labels, scores, constant, names=("model", "flat"), seed=1)
+    assert again == gap  # seeded: a report reruns to the same interval
+
+
+def test_a_paired_gap_is_level_when_two_scorers_differ_by_noise() -> None:
+    rng = np.random.default_rng(5)
+    labels = np.array([1] * 40 + [0] * 400)
+    signal = rng.normal(size=labels.size) + labels
+    a = signal + rng.normal(scale=0.05, size=labels.size)
+    b = signal + rng.normal(scale=0.05, size=labels.size)
+
+    same = paired_auc_difference(labels, a, a)
+    close = paired_auc_difference(labels, a, b, names=("a", "b"))
+
+    assert (same.difference, same.low, same.high, same.verdict) == (0.0, 0.0, 0.0, "level")
+    assert close.verdict == "level" and close.low < 0 < close.high
+    # Pairing is what makes the interval narrow: both systems see the same resampled rows,
+    # so the gap varies far less than either AUC alone.
+    assert close.high - close.low < 0.25 * 2 * 1.96 * _hanley_mcneil_se(roc_auc(labels, a), 40, 400)
+    table = difference_table([close])
+    assert "| a | " in table and "| level |" in table and "2000 resamples" in table
+    with pytest.raises(ValueError, match="equal length"):
+        paired_auc_difference(labels, a, b[:-1])
+    with pytest.raises(ValueError, match="resamples"):
+        paired_auc_difference(labels, a, b, resamples=0)

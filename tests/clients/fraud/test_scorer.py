@@ -274,6 +274,22 @@ def test_report_writes_table_and_curves_with_the_baseline(
     assert f"| {BASELINE_NAME} |" in table and "| tiny@1 | 4 | 16 |" in table
     assert "3 lines of payments.csv were rejected" in table
     assert report.png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # Each model against the baseline, paired on the same rows.
+    assert [(d.a, d.b) for d in report.against_baseline] == [
+        (names[0], BASELINE_NAME),
+        (names[1], BASELINE_NAME),
+    ]
+    for gap, model in zip(report.against_baseline, report.metrics, strict=False):
+        assert gap.difference == pytest.approx(model.roc_auc - report.metrics[-1].roc_auc)
+        assert gap.low <= gap.high
+        assert f"| {gap.a} | {gap.difference:+.4f} |" in table
+    # Every scored row, with each system's score, to recompute the figures from.
+    with (report.markdown.parent / "scores.csv").open(newline="") as handle:
+        written = list(csv.DictReader(handle))
+    assert len(written) == report.metrics[0].count
+    for system in report.systems:
+        assert [float(r[system.name]) for r in written] == pytest.approx(list(system.scores))
+    assert [int(r["is_fraud"]) for r in written] == list(report.systems[0].labels)
 
 
 def test_report_names_every_model_the_server_lacks(
