@@ -64,11 +64,7 @@ def roc_auc(labels: npt.ArrayLike, scores: npt.ArrayLike) -> float:
         ValueError: lengths differ, or only one class is present.
     """
     y, s = _check(labels, scores)
-    ranks = _average_ranks(s)
-    positives = int(y.sum())
-    negatives = y.size - positives
-    rank_sum = float(ranks[y == 1].sum())
-    return (rank_sum - positives * (positives + 1) / 2) / (positives * negatives)
+    return _auc_of_ranks(_average_ranks(s), y == 1)
 
 
 def average_precision(
@@ -196,10 +192,13 @@ def paired_auc_difference(
     pos, neg = np.flatnonzero(y == 1), np.flatnonzero(y == 0)
     rng = np.random.default_rng(seed)
     differences = np.empty(resamples)
-    resampled_labels = np.concatenate([np.ones(pos.size), np.zeros(neg.size)])
+    # A resample puts its frauds first; the inputs were checked once above, not per resample.
+    is_fraud = np.arange(pos.size + neg.size) < pos.size
     for i in range(resamples):
         rows = np.concatenate([rng.choice(pos, pos.size), rng.choice(neg, neg.size)])
-        differences[i] = roc_auc(resampled_labels, a[rows]) - roc_auc(resampled_labels, b[rows])
+        differences[i] = _auc_of_ranks(_average_ranks(a[rows]), is_fraud) - _auc_of_ranks(
+            _average_ranks(b[rows]), is_fraud
+        )
     tail = (1 - confidence) / 2 * 100
     low, high = np.percentile(differences, [tail, 100 - tail])
     return AucDifference(
@@ -373,6 +372,14 @@ def _check(labels: npt.ArrayLike, scores: npt.ArrayLike) -> tuple[npt.NDArray[np
     if not np.isfinite(s).all():
         raise ValueError("scores must be finite")
     return y, s
+
+
+def _auc_of_ranks(ranks: _Array, is_fraud: npt.NDArray[np.bool_]) -> float:
+    """ROC-AUC from 1-based average ranks (Mann-Whitney U over positives x negatives)."""
+    positives = int(is_fraud.sum())
+    negatives = is_fraud.size - positives
+    rank_sum = float(ranks[is_fraud].sum())
+    return (rank_sum - positives * (positives + 1) / 2) / (positives * negatives)
 
 
 def _average_ranks(values: _Array) -> _Array:

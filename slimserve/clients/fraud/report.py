@@ -20,12 +20,15 @@ scored row's label, weight and each system's score, to recompute any figure).
 
 from __future__ import annotations
 
+import csv
 import random
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Final
+
+import numpy as np
 
 from slimserve.clients.client import Client
 from slimserve.clients.errors import ClientError, NotFound
@@ -346,10 +349,6 @@ def _against_baseline(systems: Sequence[SystemResult], seed: int) -> list[AucDif
 def _write_scores(path: Path, systems: Sequence[SystemResult], ids: Sequence[str]) -> None:
     """Every scored row: its id, label, sample weight and each system's score, so any figure
     of the report can be recomputed (or another test run) without scoring again."""
-    import csv
-
-    import numpy as np
-
     labels = np.asarray(systems[0].labels, dtype=np.int64)
     weights = np.asarray(systems[0].weights, dtype=np.float64)
     if not weights.size:
