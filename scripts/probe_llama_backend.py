@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from slimserve.service.llama import LlamaBackend, WeightQuant
+from slimserve.engine.backends.llama import LlamaBackend, WeightQuant
 
 PROMPT = "Here is a short story about a lighthouse keeper who finds a message in a bottle."
 CHAT = "Write a short story about a lighthouse keeper who finds a message in a bottle."

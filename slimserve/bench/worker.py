@@ -62,8 +62,8 @@ def _record(t0: float, times: list[float], tokens: int) -> dict[str, Any]:
 
 class HFGenerate:
     def __init__(self, registry: Path, ref: str) -> None:
-        from slimserve.compression.artifact import load_model
-        from slimserve.compression.registry import Registry, parse_model_ref
+        from slimserve.registry.artifact import load_model
+        from slimserve.registry.store import Registry, parse_model_ref
 
         loaded, self.tok = load_model(Registry(registry).get(*parse_model_ref(ref)))
         self.model: Any = loaded
@@ -115,9 +115,9 @@ class InProcessEngine:
         backend: str = "auto",
         gguf_type: str = "auto",
     ) -> None:
-        from slimserve.compression.registry import Registry, parse_model_ref
-        from slimserve.service.config import ModelConfig
-        from slimserve.service.models import load
+        from slimserve.engine.config import ModelConfig
+        from slimserve.engine.loader import load
+        from slimserve.registry.store import Registry, parse_model_ref
 
         name, ref = parse_model_ref(model)
         cfg = ModelConfig(
@@ -130,7 +130,7 @@ class InProcessEngine:
         self.loaded = load(Registry(registry).get(name, ref), cfg)
 
     def run(self, prompts: list[str], new_tokens: int) -> dict[str, Any]:
-        from slimserve.service.types import GenerationRequest, SamplingParams, StopParams
+        from slimserve.engine.types import GenerationRequest, SamplingParams, StopParams
 
         # Sinks run on the engine thread: they must never block it.
         done = threading.Event()

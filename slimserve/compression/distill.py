@@ -40,8 +40,9 @@ import torch.distributed as dist
 import torch.nn.functional as F  # noqa: N812
 from torch import nn
 
-from slimserve.compression.errors import CompressionError, IntegrityError
-from slimserve.compression.registry import sha256_file
+from slimserve.compression.errors import CompressionError
+from slimserve.registry.errors import IntegrityError
+from slimserve.registry.store import sha256_file
 
 if TYPE_CHECKING:
     from slimserve.compression.data import Tokenizer

@@ -1,11 +1,9 @@
-"""Errors raised by the compression toolkit and the registry.
+"""Errors raised by the compression toolkit (the registry's own are in `slimserve.registry`).
 
 CompressionError
-├── InvalidName          a model name, alias or ref that is not allowed
-├── ModelNotFound        no such name, version or alias in the registry
-├── IntegrityError       a file's checksum or size differs from the manifest
 ├── ImportFailed         a source could not be imported
-└── RecipeError          a recipe that is malformed or cannot run (before any work)
+├── RecipeError          a recipe that is malformed or cannot run (before any work)
+└── CheckpointError      a training checkpoint fails its checksum or does not match the run
 """
 
 from __future__ import annotations
@@ -13,18 +11,6 @@ from __future__ import annotations
 
 class CompressionError(Exception):
     """Base class of every error this package raises on purpose."""
-
-
-class InvalidName(CompressionError, ValueError):
-    """A name, alias or version reference that the registry does not accept."""
-
-
-class ModelNotFound(CompressionError, LookupError):
-    """The registry has no such name, version or alias."""
-
-
-class IntegrityError(CompressionError):
-    """An artifact's files do not match its manifest (tampered, truncated or extra)."""
 
 
 class ImportFailed(CompressionError):

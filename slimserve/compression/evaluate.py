@@ -85,10 +85,10 @@ def decode_speed(
     backend the server would choose; with `chunks`, also the perplexity that backend gives."""
     import tempfile
 
-    from slimserve.service.config import ModelConfig
-    from slimserve.service.engine import Engine, EngineConfig
-    from slimserve.service.models import build_backend
-    from slimserve.service.types import GenerationRequest, SamplingParams, StopParams
+    from slimserve.engine.config import ModelConfig
+    from slimserve.engine.loader import build_backend
+    from slimserve.engine.scheduler import Engine, EngineConfig
+    from slimserve.engine.types import GenerationRequest, SamplingParams, StopParams
 
     ids = tuple(tokenizer(_SPEED_PROMPT)["input_ids"])
     longest = len(ids) + config.speed_tokens + 8
@@ -151,7 +151,7 @@ def evaluate(
     model_bytes: int | None = None,
 ) -> dict[str, Any]:
     """Every metric a manifest records. `model_bytes`: size on disk, when known."""
-    from slimserve.compression.artifact import count_parameters
+    from slimserve.registry.artifact import count_parameters
 
     source = eval_source(text)
     chunks = token_chunks(tokenizer, source.text, config.seq_len, config.max_chunks)

@@ -14,9 +14,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
 
-from slimserve.compression.artifact import publish_model
 from slimserve.compression.errors import ImportFailed
-from slimserve.compression.registry import Artifact, Registry, sha256_file, validate_name
+from slimserve.registry.artifact import publish_model
+from slimserve.registry.store import Artifact, Registry, sha256_file, validate_name
 
 log = logging.getLogger(__name__)
 

@@ -30,11 +30,12 @@ import torch
 
 from slimserve.compression.data import TextSource, load_text_file, pydoc_topics, token_chunks
 from slimserve.compression.distill import DistillConfig, distill_
-from slimserve.compression.errors import IntegrityError, RecipeError
+from slimserve.compression.errors import RecipeError
 from slimserve.compression.evaluate import EvaluateConfig, evaluate
 from slimserve.compression.prune import PruneConfig, prune_
 from slimserve.compression.quantize import QuantizeConfig, check_supported, quantize
-from slimserve.compression.registry import Artifact, Registry, validate_name
+from slimserve.registry.errors import IntegrityError
+from slimserve.registry.store import Artifact, Registry, validate_name
 
 log = logging.getLogger(__name__)
 
@@ -143,7 +144,7 @@ def _train_source(path: Path | None) -> TextSource:
 
 
 def _load_parent(parent: Artifact, device: torch.device) -> tuple[Any, Any]:
-    from slimserve.compression.artifact import load_model
+    from slimserve.registry.artifact import load_model
 
     if (parent.manifest.get("quantization") or {}).get("scheme", "none") != "none":
         raise RecipeError(f"{parent.ref} is quantized; compress from an unquantized version")
@@ -163,7 +164,7 @@ def compress(registry: Registry, job: CompressJob, progress: Progress | None = N
         IntegrityError: the parent fails its checksums (nothing is loaded).
         RecipeError: a stage cannot run here (e.g. int4 without CUDA), before any work.
     """
-    from slimserve.compression.artifact import build_manifest, save_model
+    from slimserve.registry.artifact import build_manifest, save_model
 
     validate_name(job.to_name)
     device = torch.device(job.device)

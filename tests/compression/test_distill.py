@@ -25,7 +25,8 @@ from slimserve.compression.distill import (
     sample_indices,
     teacher_generate_batches,
 )
-from slimserve.compression.errors import CompressionError, IntegrityError
+from slimserve.compression.errors import CompressionError
+from slimserve.registry.errors import IntegrityError
 from tests.compression.ddp_distill_main import (
     SEQ_LEN,
     VOCAB,

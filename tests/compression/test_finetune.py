@@ -11,15 +11,6 @@ from typing import Any
 import pytest
 import torch
 
-from slimserve.clients.fraud import write_transactions
-from slimserve.clients.fraud.simulate import simulate
-from slimserve.clients.fraud.train import (
-    TrainConfig,
-    evaluation_sample,
-    train_fraud_scorer,
-    training_pool,
-)
-from slimserve.compression.artifact import publish_model
 from slimserve.compression.finetune import (
     FinetuneConfig,
     FinetuneProgress,
@@ -27,7 +18,16 @@ from slimserve.compression.finetune import (
     label_probabilities,
     lr_factor,
 )
-from slimserve.compression.registry import Registry
+from slimserve.fraud import write_transactions
+from slimserve.fraud.simulate import simulate
+from slimserve.fraud.train import (
+    TrainConfig,
+    evaluation_sample,
+    train_fraud_scorer,
+    training_pool,
+)
+from slimserve.registry.artifact import publish_model
+from slimserve.registry.store import Registry
 from tests.helpers import tiny_model, tiny_tokenizer
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

@@ -11,10 +11,11 @@ from typing import Any
 import pytest
 import torch
 
-from slimserve.compression.artifact import load_model
-from slimserve.compression.errors import IntegrityError, RecipeError
+from slimserve.compression.errors import RecipeError
 from slimserve.compression.recipe import CompressJob, compress, load_recipe, parse_recipe
-from slimserve.compression.registry import Registry
+from slimserve.registry.artifact import load_model
+from slimserve.registry.errors import IntegrityError
+from slimserve.registry.store import Registry
 
 ROOT = Path(__file__).resolve().parents[2]
 FAST_EVAL = {"type": "evaluate", "seq_len": 32, "max_chunks": 2, "speed_tokens": 8,

@@ -26,7 +26,7 @@ def test_serving_with_the_fast_backend(client: Client) -> None:
     assert client.health() == "SERVING"
     (info,) = client.models()
     assert info.ref == f"{MODEL}@1" and info.is_default
-    from slimserve.service import llamacpp
+    from slimserve.engine.backends import llamacpp
 
     # "auto" on CPU: llama.cpp when installed, keeping the fp32 artifact's precision.
     assert info.backend == ("llama.cpp-f32" if llamacpp.available() else "llama-static-cache")
@@ -48,8 +48,8 @@ def test_chat_stream_is_incremental_and_matches_unary(client: Client) -> None:
 def test_greedy_tokens_equal_transformers_generate(client: Client, default_registry: Path) -> None:
     import torch
 
-    from slimserve.compression.artifact import load_model
-    from slimserve.compression.registry import Registry
+    from slimserve.registry.artifact import load_model
+    from slimserve.registry.store import Registry
 
     prompt = "The three primary colours are"
     got = client.generate(prompt, max_new_tokens=24, ignore_eos=True, token_ids=True)
@@ -64,8 +64,8 @@ def test_greedy_tokens_equal_transformers_generate(client: Client, default_regis
 def test_score_equals_transformers_logprobs(client: Client, default_registry: Path) -> None:
     import torch
 
-    from slimserve.compression.artifact import load_model
-    from slimserve.compression.registry import Registry
+    from slimserve.registry.artifact import load_model
+    from slimserve.registry.store import Registry
 
     prompt = "Question: Is Paris the capital of France? Answer yes or no.\nAnswer:"
     labels = [" yes", " no", " maybe not"]

@@ -13,13 +13,13 @@ import sys
 import time
 from pathlib import Path
 
-from slimserve.compression.registry import Registry
+from slimserve.registry.store import Registry
 
 # Publishes versions of "m" forever: several files per version (written, checksummed and
 # fsynced by `publish`), then moves the "production" alias to the new version.
 PUBLISHER = """
 import os, sys
-from slimserve.compression.registry import Registry
+from slimserve.registry.store import Registry
 reg = Registry(sys.argv[1])
 rng = os.urandom
 while True:

@@ -1,0 +1,272 @@
+"""A backend that runs the forward passes in llama.cpp (through llama-cpp-python).
+
+On CPUs without AVX-512, PyTorch's quantized matrix-vector kernels are compute-bound (int8
+`_weight_int8pack_mm` barely beats fp32 on SmolLM2's shapes; the int4 one is slower still),
+while llama.cpp's hand-tuned Q8_0/Q4_1 dot products read each weight byte once. This backend
+gives the engine those kernels and keeps everything else slimserve's: the scheduler,
+sampling, stop handling, detokenization, the registry's provenance and checksums, the API.
+
+The model comes from a published artifact, verified and loaded as usual, and converted in
+memory to a private GGUF file (`slimserve.engine.backends.gguf_export`) in a fresh temporary
+directory. llama.cpp maps it, and the file is deleted at once, so no GGUF ever outlives the
+load or comes from outside the registry.
+
+Slots are llama.cpp sequence ids. Scoring uses extra sequence ids after the slots, so a
+Score never disturbs a running generation's cache.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import functools
+import logging
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from slimserve.engine.backends.base import ScorePlan, check_ids, check_slot
+from slimserve.engine.backends.gguf_export import GgufType, export_gguf
+
+log = logging.getLogger(__name__)
+
+#: Sequence ids reserved for Score rows, run together in one llama_decode call.
+SCORE_ROWS = 8
+_BATCH_TOKENS = 4096
+#: Cache cells reserved for Score rows (at least max_seq_len, so any one row fits).
+_SCORE_CELLS = 1024
+
+
+@functools.cache
+def available() -> bool:
+    """Whether llama-cpp-python is installed (it is an optional extra that compiles)."""
+    try:
+        import llama_cpp  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+class LlamaCppBackend:
+    """`backends.base.Backend` over one llama.cpp context (see module docstring)."""
+
+    def __init__(
+        self,
+        config: Any,
+        state_dict: Mapping[str, torch.Tensor],
+        tokenizer_json: Path,
+        *,
+        max_slots: int,
+        max_seq_len: int,
+        threads: int,
+        weight_type: GgufType = "q8_0",
+    ) -> None:
+        """Convert the weights, load them into llama.cpp and allocate the KV cache.
+
+        Raises:
+            ImportError: llama-cpp-python is not installed.
+            ValueError: the model cannot be exported, or llama.cpp refuses it.
+        """
+        import llama_cpp as lc
+
+        if min(max_slots, max_seq_len, threads) < 1:
+            raise ValueError(
+                f"max_slots ({max_slots}), max_seq_len ({max_seq_len}) and threads ({threads}) "
+                "must be >= 1"
+            )
+        self.lc = lc
+        self.name = f"llama.cpp-{weight_type}"
+        self.weight_type = weight_type
+        self.max_slots = max_slots
+        self.max_seq_len = max_seq_len
+        self.device = torch.device("cpu")
+        self._n_layers = int(config.num_hidden_layers)
+        n_heads = int(config.num_attention_heads)
+        self._kv_dim = int(getattr(config, "num_key_value_heads", None) or n_heads) * int(
+            getattr(config, "head_dim", None) or config.hidden_size // n_heads
+        )
+        lc.llama_backend_init()
+        lc.llama_log_set(_log_callback(), ctypes.c_void_p())
+        with tempfile.TemporaryDirectory(prefix="slimserve-gguf-") as tmp:
+            path = export_gguf(config, state_dict, tokenizer_json, Path(tmp) / "model.gguf",
+                               weight_type)  # fmt: skip
+            params = lc.llama_model_default_params()
+            params.use_mmap = False  # read into memory: the file goes with the directory
+            self._model = lc.llama_model_load_from_file(str(path).encode(), params)
+        if not self._model:
+            raise ValueError("llama.cpp could not load the exported model")
+        self.vocab_size = int(lc.llama_vocab_n_tokens(lc.llama_model_get_vocab(self._model)))
+        ctx = lc.llama_context_default_params()
+        self._n_seqs = max_slots + SCORE_ROWS
+        ctx.n_seq_max = self._n_seqs
+        # One pool of cache cells shared by every sequence: max_seq_len per slot, plus room for
+        # one batch of Score rows (grouped below to fit it). Split per sequence instead, each
+        # of the SCORE_ROWS scratch sequences would hold max_seq_len cells too (+50% memory).
+        ctx.kv_unified = True
+        self._score_cells = max(max_seq_len, _SCORE_CELLS)
+        ctx.n_ctx = max_slots * max_seq_len + self._score_cells
+        ctx.n_batch = _BATCH_TOKENS
+        ctx.n_ubatch = 512
+        ctx.n_threads = ctx.n_threads_batch = threads
+        ctx.no_perf = True
+        # The KV cache in float32 for float32 weights (what the torch backend keeps), else in
+        # float16 (llama.cpp's default): an fp32 artifact is then served at fp32 precision.
+        self._kv_bytes = 4 if weight_type == "f32" else 2
+        ctx.type_k = ctx.type_v = lc.GGML_TYPE_F32 if self._kv_bytes == 4 else lc.GGML_TYPE_F16
+        if self._kv_bytes == 4:  # flash attention on CPU rounds Q and K to float16
+            ctx.flash_attn_type = lc.LLAMA_FLASH_ATTN_TYPE_DISABLED
+        self._ctx = lc.llama_init_from_model(self._model, ctx)
+        if not self._ctx:
+            raise ValueError("llama.cpp could not create a context (KV cache too large?)")
+        self._mem = lc.llama_get_memory(self._ctx)
+        self._batch = lc.llama_batch_init(_BATCH_TOKENS, 0, 1)
+        self._lengths = [0] * max_slots
+
+    def close(self) -> None:
+        if getattr(self, "_ctx", None):
+            self.lc.llama_batch_free(self._batch)
+            self.lc.llama_free(self._ctx)
+            self.lc.llama_model_free(self._model)
+            self._ctx = None
+
+    def __del__(self) -> None:
+        with contextlib.suppress(Exception):  # interpreter shutdown: ctypes may be gone
+            self.close()
+
+    # ------------------------------------------------------------------ llama.cpp calls
+
+    def _run(self, entries: list[tuple[int, int, int, bool]]) -> int:
+        """One llama_decode over (token, position, sequence, wants logits); returns outputs."""
+        b = self._batch
+        for i, (tok, pos, seq, want) in enumerate(entries):
+            b.token[i] = tok
+            b.pos[i] = pos
+            b.n_seq_id[i] = 1
+            b.seq_id[i][0] = seq
+            b.logits[i] = want
+        b.n_tokens = len(entries)
+        rc = self.lc.llama_decode(self._ctx, b)
+        if rc != 0:
+            raise RuntimeError(f"llama_decode failed ({rc}): no room in the KV cache?")
+        return sum(1 for e in entries if e[3])
+
+    def _logits(self, n: int) -> torch.Tensor:
+        """The last decode's `n` output rows as float32 (n, vocab), copied."""
+        ptr = self.lc.llama_get_logits(self._ctx)
+        rows = np.ctypeslib.as_array(ptr, shape=(n, self.vocab_size))
+        return torch.from_numpy(rows.copy())
+
+    # ------------------------------------------------------------------ Backend protocol
+
+    def prefill(self, slot: int, token_ids: list[int]) -> torch.Tensor:
+        self._check_slot(slot)
+        t = len(token_ids)
+        if not 0 < t <= self.max_seq_len:
+            raise ValueError(f"prompt has {t} tokens; need 1..max_seq_len ({self.max_seq_len})")
+        self._check_ids(token_ids)
+        self.lc.llama_memory_seq_rm(self._mem, slot, -1, -1)
+        self._lengths[slot] = 0
+        for start in range(0, t, _BATCH_TOKENS):
+            chunk = token_ids[start : start + _BATCH_TOKENS]
+            self._run([(tok, start + j, slot, start + j == t - 1) for j, tok in enumerate(chunk)])
+        self._lengths[slot] = t
+        return self._logits(1)[0]
+
+    def decode(self, slots: list[int], token_ids: list[int]) -> torch.Tensor:
+        if len(slots) != len(token_ids) or not slots:
+            raise ValueError(f"need one token per slot, got {len(slots)} slots, {len(token_ids)}")
+        if len(set(slots)) != len(slots):
+            raise ValueError(f"slots repeat in one decode step: {slots}")
+        self._check_ids(token_ids)
+        for slot in slots:
+            self._check_slot(slot)
+            if self._lengths[slot] == 0:
+                raise ValueError(f"slot {slot} is free: prefill it before decoding")
+            if self._lengths[slot] >= self.max_seq_len:
+                raise ValueError(f"slot {slot} is full ({self.max_seq_len} tokens)")
+        n = self._run(
+            [(tok, self._lengths[s], s, True) for s, tok in zip(slots, token_ids, strict=True)]
+        )
+        for slot in slots:
+            self._lengths[slot] += 1
+        return self._logits(n)
+
+    def release(self, slot: int) -> None:
+        self._check_slot(slot)
+        self.lc.llama_memory_seq_rm(self._mem, slot, -1, -1)
+        self._lengths[slot] = 0
+
+    def score(self, prompt_ids: list[int], continuations: list[list[int]]) -> list[float]:
+        return self.score_batch([(prompt_ids, continuations)])[0]
+
+    def score_batch(self, jobs: list[tuple[list[int], list[list[int]]]]) -> list[list[float]]:
+        """Rows are prompt + continuation[:-1], identical rows run once, up to SCORE_ROWS
+        rows in one llama_decode call (each in its own scratch sequence)."""
+        plan = ScorePlan.of(jobs, self._check_ids)
+        rows = plan.rows
+        longest = max(map(len, rows), default=0)
+        if longest + 1 > self.max_seq_len:
+            raise ValueError(f"prompt + continuation has {longest + 1} tokens > {self.max_seq_len}")
+        need: dict[int, dict[int, list[tuple[int, int]]]] = {}  # row -> pos -> [(tok, cont)]
+        for row, pos, tok, cont in plan.tokens:
+            need.setdefault(row, {}).setdefault(pos, []).append((tok, cont))
+        groups: list[range] = []  # consecutive rows: at most SCORE_ROWS, within the cells
+        start, cells = 0, 0
+        for r, inputs in enumerate(rows):
+            if r > start and (r - start == SCORE_ROWS or cells + len(inputs) > self._score_cells):
+                groups.append(range(start, r))
+                start, cells = r, 0
+            cells += len(inputs)
+        if rows:
+            groups.append(range(start, len(rows)))
+        sums = [0.0] * plan.n_continuations
+        for group in groups:
+            entries: list[tuple[int, int, int, bool]] = []
+            order: list[tuple[int, int]] = []  # output index -> (row, pos)
+            for k, r in enumerate(group):
+                for pos, tok in enumerate(rows[r]):
+                    want = pos in need.get(r, {})
+                    entries.append((tok, pos, self.max_slots + k, want))
+                    if want:
+                        order.append((r, pos))
+            try:
+                n = self._run(entries)
+                logprobs = torch.log_softmax(self._logits(n).double(), dim=-1)
+            finally:  # scratch sequences are always left empty for the next group
+                for k in range(len(group)):
+                    self.lc.llama_memory_seq_rm(self._mem, self.max_slots + k, -1, -1)
+            for index, (r, pos) in enumerate(order):
+                for tok, cont in need[r][pos]:
+                    sums[cont] += float(logprobs[index, tok])
+        return ScorePlan.by_job(sums, jobs)
+
+    def kv_bytes_per_slot(self) -> int:
+        """K and V (float32 or float16, see __init__) for max_seq_len tokens."""
+        return 2 * self._n_layers * self._kv_dim * self.max_seq_len * self._kv_bytes
+
+    # ------------------------------------------------------------------ checks
+
+    def _check_slot(self, slot: int) -> None:
+        check_slot(slot, self.max_slots)
+
+    def _check_ids(self, token_ids: list[int]) -> None:
+        check_ids(token_ids, self.vocab_size)
+
+
+_GGML_LOG_ERROR = 4
+
+
+@functools.cache  # one callback for the process, kept alive: llama.cpp holds the pointer
+def _log_callback() -> Any:
+    """llama.cpp logs every load at INFO to stderr; keep only its errors, in our log."""
+    import llama_cpp as lc
+
+    def forward(level: int, text: bytes, _user: Any) -> None:
+        if level == _GGML_LOG_ERROR:
+            log.error("llama.cpp: %s", text.decode(errors="replace").rstrip())
+
+    return lc.llama_log_callback(forward)

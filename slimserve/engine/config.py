@@ -1,0 +1,43 @@
+"""How to run a model: built once by the CLI (or a test), passed whole to the engine."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+BackendName = Literal["auto", "hf", "llama", "llamacpp"]
+GgufWeights = Literal["auto", "q8_0", "q4_1", "f16", "f32"]
+Dtype = Literal["auto", "float32", "bfloat16", "float16"]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ModelConfig:
+    """How to run a model: device, dtype, batch and context sizes, backend."""
+
+    device: str = "auto"
+    dtype: Dtype = "auto"
+    backend: BackendName = "auto"
+    #: How the llama.cpp backend stores linear weights (slimserve.engine.backends.gguf_export);
+    #: "auto" keeps the artifact's own precision: q8_0 for int8 artifacts, else f16 or f32.
+    gguf_type: GgufWeights = "auto"
+    #: Concurrent sequences per model (KV-cache slots).
+    max_batch: int = 16
+    #: Longest prompt + generation per sequence; 0 = the model's own limit, capped at 4096
+    #: and at what `kv_cache_mb` allows for `max_batch` sequences.
+    max_seq_len: int = 0
+    #: KV-cache budget per model in MiB (the cache is allocated up front for every slot).
+    kv_cache_mb: int = 1024
+    #: Requests waiting for a slot beyond this get RESOURCE_EXHAUSTED.
+    max_queue: int = 64
+    #: Warm-up generation before reporting SERVING.
+    warmup: bool = True
+
+    def __post_init__(self) -> None:
+        if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
+            raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
+        if self.max_batch < 1:
+            raise ValueError(f"max_batch must be >= 1, got {self.max_batch}")
+        if self.max_seq_len < 0:
+            raise ValueError(f"max_seq_len must be >= 0, got {self.max_seq_len}")
+        if self.kv_cache_mb < 1:
+            raise ValueError(f"kv_cache_mb must be >= 1, got {self.kv_cache_mb}")

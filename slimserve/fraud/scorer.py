@@ -1,0 +1,295 @@
+"""Score a file of card payments through a slimserve server, one ``Score`` call per payment.
+
+Rows are validated as ``read_transactions`` validates them: every bad field is reported with
+its line number and the row is left out; every valid row is scored. Features come from the
+payments before each one in time (the file is sorted by timestamp, stably, so an unsorted
+export still yields causal features), and the prompt is ``render_prompt``'s. The score is
+the probability the model gives ``LABEL_FRAUD`` against ``LABEL_LEGIT`` after the prompt, so
+it lies in [0, 1]. Output rows keep the file's order, with ``OUTPUT_COLUMNS``.
+
+A call the server refuses for that row alone (``InvalidArgument``, e.g. a prompt longer than
+the model's context; ``Overloaded`` after retries) is reported per row and counted; anything
+else (model not loaded, server down) ends the run, since every other row would fail too.
+
+Only ``slimserve.clients`` is used: no torch, no server code.
+"""
+
+from __future__ import annotations
+
+import csv
+import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Final, TextIO
+
+from slimserve.clients.client import Client
+from slimserve.clients.errors import ClientError, FailedPrecondition, InvalidArgument, Overloaded
+from slimserve.clients.types import ChatMessage, ModelInfo, ScoreResult
+from slimserve.fraud.features import (
+    LABEL_FRAUD,
+    LABEL_LEGIT,
+    PROMPT_FORMAT,
+    PROMPT_QUESTION,
+    FeatureConfig,
+    build_features,
+    render_prompt,
+)
+from slimserve.fraud.schema import RowError, Transaction, read_transactions
+
+OUTPUT_COLUMNS: Final = ("transaction_id", "score", "decision", "model_version", "latency_ms")
+# Sent to Score in this order; the score is the first label's probability.
+SCORE_LABELS: Final = (LABEL_FRAUD, LABEL_LEGIT)
+DECISION_FRAUD: Final = "fraud"
+DECISION_LEGIT: Final = "legit"
+
+_OVERLOAD_RETRIES: Final = 5
+_OVERLOAD_BACKOFF_S: Final = 0.05
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ScoreOptions:
+    """How to score: the model reference, the decision threshold, parallel calls, and
+    whether to stream an explanation (at most ``explain_tokens`` tokens) per flagged row."""
+
+    model: str
+    threshold: float = 0.5
+    concurrency: int = 1
+    explain: bool = False
+    explain_tokens: int = 48
+    features: FeatureConfig = field(default_factory=FeatureConfig)
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.threshold <= 1.0:
+            raise ValueError(f"threshold {self.threshold} must be in [0, 1], e.g. 0.5")
+        if self.concurrency < 1:
+            raise ValueError(f"concurrency {self.concurrency} must be >= 1")
+        if self.explain_tokens < 1:
+            raise ValueError(f"explain_tokens {self.explain_tokens} must be >= 1, e.g. 48")
+
+
+@dataclass(frozen=True, slots=True)
+class ScoredRow:
+    """One output row; ``model_version`` is the served ``name@version``."""
+
+    transaction_id: str
+    score: float  # probability of fraud, 0..1
+    decision: str  # DECISION_FRAUD when score >= threshold, else DECISION_LEGIT
+    model_version: str
+    latency_ms: float  # client-side round trip of the Score call
+
+
+@dataclass(frozen=True, slots=True)
+class ScoreFailure:
+    """A valid row the server would not score."""
+
+    transaction_id: str
+    message: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ScoreSummary:
+    """What a run did: rejected input lines, scored rows, and rows the server refused."""
+
+    errors: tuple[RowError, ...]
+    scored: tuple[ScoredRow, ...]
+    failed: tuple[ScoreFailure, ...]
+    wall_s: float
+
+    @property
+    def rejected(self) -> int:
+        """Input lines left out (a line with several bad fields counts once)."""
+        return len({e.line_number for e in self.errors})
+
+    @property
+    def flagged(self) -> int:
+        return sum(r.decision == DECISION_FRAUD for r in self.scored)
+
+    def describe(self) -> str:
+        """A one-line summary for people."""
+        return (
+            f"scored {len(self.scored)} rows ({self.flagged} flagged), rejected "
+            f"{self.rejected} lines, server refused {len(self.failed)} rows, "
+            f"in {self.wall_s:.1f} s"
+        )
+
+
+def stream_prompts(rows: Sequence[Transaction], config: FeatureConfig | None = None) -> list[str]:
+    """``render_prompt`` of every row, its features built from the rows before it.
+
+    Raises:
+        ValueError: the rows are not sorted by timestamp.
+    """
+    features = build_features(rows, config)
+    return [render_prompt(tx, f) for tx, f in zip(rows, features, strict=True)]
+
+
+def check_prompt_format(info: ModelInfo) -> None:
+    """Refuse a model trained on prompts another ``PROMPT_FORMAT`` wrote: its scores would be
+    silently meaningless. ``info`` is the served version's (``Client.model_info``). Versions
+    without the metric (made by older releases) pass; a compressed version keeps its parent's.
+
+    Raises:
+        FailedPrecondition: the model records another prompt format.
+    """
+    trained = info.metrics.get("prompt_format")
+    if trained is not None and int(trained) != PROMPT_FORMAT:
+        raise FailedPrecondition(
+            "FAILED_PRECONDITION",
+            f"{info.ref} was trained on fraud prompt format {int(trained)}, and this client "
+            f"writes format {PROMPT_FORMAT}; retrain it with `slimserve fraud train` or score "
+            "with the client release that trained it",
+        )
+
+
+def time_sorted(rows: Sequence[Transaction]) -> list[Transaction]:
+    """The rows by timestamp; rows with equal timestamps keep their order."""
+    return sorted(rows, key=lambda tx: tx.timestamp)
+
+
+def score_prompts(
+    client: Client, prompts: Sequence[str], model: str, *, concurrency: int = 1
+) -> list[ScoreResult | ClientError]:
+    """One ``Score`` call per prompt, ``concurrency`` at a time, results in prompt order.
+
+    A row-level refusal (``InvalidArgument``, or ``Overloaded`` after retries) is returned
+    in that row's place.
+
+    Raises:
+        ClientError: any other failure (model not loaded, server unavailable, ...).
+    """
+
+    def one(prompt: str) -> ScoreResult | ClientError:
+        return _score_one(client, prompt, model)
+
+    if concurrency == 1:
+        return [one(p) for p in prompts]
+    with ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="score") as pool:
+        return list(pool.map(one, prompts))
+
+
+def score_rows(
+    client: Client,
+    rows: Sequence[Transaction],
+    options: ScoreOptions,
+    *,
+    explain_to: TextIO | None = None,
+) -> tuple[list[ScoredRow], list[ScoreFailure]]:
+    """Score valid rows; results keep the order of ``rows``.
+
+    With ``options.explain`` and ``explain_to``, each flagged row's explanation is streamed
+    there as it is generated.
+
+    Raises:
+        ClientError: a failure that is not about one row (see ``score_prompts``).
+    """
+    check_prompt_format(client.model_info(options.model))
+    order = sorted(range(len(rows)), key=lambda i: rows[i].timestamp)
+    prompts = stream_prompts([rows[i] for i in order], options.features)
+    results = score_prompts(client, prompts, options.model, concurrency=options.concurrency)
+    by_row: dict[int, tuple[str, ScoreResult | ClientError]] = {
+        i: (prompt, result) for i, prompt, result in zip(order, prompts, results, strict=True)
+    }
+    scored: list[ScoredRow] = []
+    failed: list[ScoreFailure] = []
+    for i, tx in enumerate(rows):
+        prompt, result = by_row[i]
+        if isinstance(result, ClientError):
+            failed.append(ScoreFailure(tx.transaction_id, str(result)))
+            continue
+        row = _scored_row(tx, result, options.threshold)
+        scored.append(row)
+        if options.explain and explain_to is not None and row.decision == DECISION_FRAUD:
+            explain(client, prompt, row, options, explain_to)
+    return scored, failed
+
+
+def explain(client: Client, prompt: str, row: ScoredRow, options: ScoreOptions, out: TextIO) -> str:
+    """Stream a short explanation of why ``row`` looks risky to ``out``; returns its text."""
+    facts = prompt.removesuffix(PROMPT_QUESTION).strip()
+    question = (
+        f"{facts}\nA fraud model gave this card payment a risk score of {row.score:.2f}. "
+        "In one or two short sentences, say which of these facts make it look risky."
+    )
+    out.write(f"[{row.transaction_id} score {row.score:.3f}] ")
+    pieces: list[str] = []
+    for chunk in client.stream(
+        [ChatMessage("user", question)], model=options.model, max_new_tokens=options.explain_tokens
+    ):
+        pieces.append(chunk.text)
+        out.write(chunk.text)
+        out.flush()
+    out.write("\n")
+    return "".join(pieces)
+
+
+def score_file(
+    path: str | Path,
+    client: Client,
+    options: ScoreOptions,
+    *,
+    out: TextIO,
+    log: TextIO,
+    explain_to: TextIO | None = None,
+) -> ScoreSummary:
+    """Read, validate and score ``path``; write ``OUTPUT_COLUMNS`` CSV to ``out``.
+
+    Every rejected field goes to ``log`` as ``FILE:LINE: FIELD: message``, and every row the
+    server refused as ``TRANSACTION_ID: message``.
+
+    Raises:
+        ValueError: the extension is neither CSV nor JSONL.
+        OSError: the file cannot be read.
+        ClientError: a failure that is not about one row.
+    """
+    start = time.perf_counter()
+    read = read_transactions(path)
+    for error in read.errors:
+        log.write(f"{path}:{error.line_number}: {error.field}: {error.message}\n")
+    scored, failed = score_rows(client, read.rows, options, explain_to=explain_to)
+    for failure in failed:
+        log.write(f"{failure.transaction_id}: {failure.message}\n")
+    write_scores(out, scored)
+    return ScoreSummary(
+        errors=tuple(read.errors),
+        scored=tuple(scored),
+        failed=tuple(failed),
+        wall_s=time.perf_counter() - start,
+    )
+
+
+def write_scores(out: TextIO, rows: Sequence[ScoredRow]) -> None:
+    """CSV with a header of ``OUTPUT_COLUMNS``; score to 6 decimals, latency to 0.01 ms."""
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(OUTPUT_COLUMNS)
+    for r in rows:
+        writer.writerow(
+            [r.transaction_id, f"{r.score:.6f}", r.decision, r.model_version, f"{r.latency_ms:.2f}"]
+        )
+
+
+def _score_one(client: Client, prompt: str, model: str) -> ScoreResult | ClientError:
+    delay = _OVERLOAD_BACKOFF_S
+    for attempt in range(_OVERLOAD_RETRIES + 1):
+        try:
+            return client.score(prompt, SCORE_LABELS, model=model)
+        except InvalidArgument as exc:
+            return exc
+        except Overloaded as exc:
+            if attempt == _OVERLOAD_RETRIES:
+                return exc
+            time.sleep(delay)
+            delay *= 2
+    raise AssertionError("unreachable")
+
+
+def _scored_row(tx: Transaction, result: ScoreResult, threshold: float) -> ScoredRow:
+    score = result.probability(LABEL_FRAUD)
+    return ScoredRow(
+        transaction_id=tx.transaction_id,
+        score=score,
+        decision=DECISION_FRAUD if score >= threshold else DECISION_LEGIT,
+        model_version=result.model,
+        latency_ms=result.latency_ms,
+    )

@@ -1,0 +1,338 @@
+"""A model registry on a filesystem: immutable, versioned, checksummed artifacts.
+
+Layout::
+
+    <root>/<name>/<version>/manifest.json + model files   (read-only once published)
+    <root>/<name>/aliases.json                             {"production": 3, ...}
+    <root>/.staging/<random>/                              work in progress, never listed
+
+A version becomes visible by one `rename` of a complete, fsynced staging directory, so a
+crash at any moment leaves either no new version or a whole one. Every write that moves
+state (version numbers, aliases) happens under an exclusive `flock` on `<root>/<name>/.lock`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import os
+import re
+import shutil
+import tempfile
+import time
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from slimserve.registry.errors import IntegrityError, InvalidName, ModelNotFound
+
+MANIFEST = "manifest.json"
+ALIASES = "aliases.json"
+MANIFEST_FORMAT = 1
+
+_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
+# Aliases start with a letter so they can never be mistaken for a version number.
+_ALIAS_RE = re.compile(r"^[a-z][a-z0-9-]{0,63}$")
+_CHUNK = 1 << 20
+
+
+def validate_name(name: str) -> str:
+    """Return `name` if it is a legal model name, else raise `InvalidName`."""
+    if not _NAME_RE.fullmatch(name) or ".." in name:
+        raise InvalidName(
+            f"invalid model name {name!r}: use 1-64 characters of a-z, 0-9, '.', '_', '-', "
+            "starting with a letter or digit, without '..'"
+        )
+    return name
+
+
+def validate_alias(alias: str) -> str:
+    """Return `alias` if it is a legal alias, else raise `InvalidName`."""
+    if not _ALIAS_RE.fullmatch(alias) or alias == "latest":
+        raise InvalidName(
+            f"invalid alias {alias!r}: use 1-64 characters of a-z, 0-9, '-', starting with a "
+            "letter ('latest' is reserved)"
+        )
+    return alias
+
+
+def parse_model_ref(text: str) -> tuple[str, str]:
+    """Split ``name[@ref]`` into (name, ref); ref is '' when absent."""
+    name, _, ref = text.partition("@")
+    validate_name(name)
+    if ref and not ref.isdigit() and ref != "latest":
+        validate_alias(ref)
+    return name, ref
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(_CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_json_atomic(path: Path, data: Any) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f, indent=2, sort_keys=True)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        _fsync_dir(path.parent)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+@dataclass(frozen=True, slots=True)
+class Artifact:
+    """One published version: where it lives and what its manifest says."""
+
+    name: str
+    version: int
+    path: Path
+    manifest: Mapping[str, Any]
+    #: sha256 of manifest.json's bytes: the artifact's identity.
+    digest: str
+
+    @property
+    def ref(self) -> str:
+        return f"{self.name}@{self.version}"
+
+    @property
+    def files(self) -> Mapping[str, Mapping[str, Any]]:
+        files: Mapping[str, Mapping[str, Any]] = self.manifest["files"]
+        return files
+
+    def verify(self) -> None:
+        """Check every file's size and sha256 against the manifest.
+
+        Raises:
+            IntegrityError: naming the first file that is missing, differs, or is not listed.
+        """
+        listed = set(self.files)
+        for rel, meta in self.files.items():
+            path = self.path / rel
+            if not path.is_file() or path.is_symlink():
+                raise IntegrityError(f"{self.ref}: file {rel} is missing")
+            size = path.stat().st_size
+            if size != meta["size"]:
+                raise IntegrityError(
+                    f"{self.ref}: file {rel} has {size} bytes, manifest says {meta['size']}"
+                )
+            if sha256_file(path) != meta["sha256"]:
+                raise IntegrityError(f"{self.ref}: file {rel} fails its sha256 checksum")
+        for path in self.path.rglob("*"):
+            rel = path.relative_to(self.path).as_posix()
+            if path.is_file() and rel != MANIFEST and rel not in listed:
+                raise IntegrityError(f"{self.ref}: file {rel} is not in the manifest")
+
+
+class Registry:
+    """A directory of named, versioned artifacts. Safe for concurrent processes."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root).expanduser()
+
+    # ---- reading ------------------------------------------------------------------------
+    def names(self) -> list[str]:
+        if not self.root.is_dir():
+            return []
+        return sorted(
+            p.name for p in self.root.iterdir() if p.is_dir() and _NAME_RE.fullmatch(p.name)
+        )
+
+    def versions(self, name: str) -> list[int]:
+        base = self._name_dir(name)
+        if not base.is_dir():
+            return []
+        return sorted(int(p.name) for p in base.iterdir() if p.name.isdigit() and p.is_dir())
+
+    def aliases(self, name: str) -> dict[str, int]:
+        path = self._name_dir(name) / ALIASES
+        if not path.is_file():
+            return {}
+        data = json.loads(path.read_text())
+        return {str(k): int(v) for k, v in data.items()}
+
+    def resolve(self, name: str, ref: str = "") -> int:
+        """The version that `ref` (number, alias, 'latest' or '') names.
+
+        Raises:
+            ModelNotFound: unknown name, version or alias.
+        """
+        versions = self.versions(name)
+        if not versions:
+            raise ModelNotFound(f"no model named {name!r} in registry {self.root}")
+        if ref in ("", "latest"):
+            return versions[-1]
+        if ref.isdigit():
+            if int(ref) not in versions:
+                raise ModelNotFound(
+                    f"{name} has no version {ref} (versions: {', '.join(map(str, versions))})"
+                )
+            return int(ref)
+        validate_alias(ref)
+        aliases = self.aliases(name)
+        if ref not in aliases:
+            known = ", ".join(sorted(aliases)) or "none"
+            raise ModelNotFound(f"{name} has no alias {ref!r} (aliases: {known})")
+        return aliases[ref]
+
+    def get(self, name: str, ref: str = "") -> Artifact:
+        """Open one version (without verifying checksums: call `Artifact.verify`)."""
+        version = self.resolve(name, ref)
+        path = self._name_dir(name) / str(version)
+        self._check_inside(path)
+        manifest_path = path / MANIFEST
+        if not manifest_path.is_file():
+            raise IntegrityError(f"{name}@{version}: {MANIFEST} is missing")
+        raw = manifest_path.read_bytes()
+        manifest = json.loads(raw)
+        return Artifact(
+            name=name,
+            version=version,
+            path=path,
+            manifest=manifest,
+            digest=hashlib.sha256(raw).hexdigest(),
+        )
+
+    def artifacts(self) -> list[Artifact]:
+        return [self.get(n, str(v)) for n in self.names() for v in self.versions(n)]
+
+    # ---- writing ------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def staging(self) -> Iterator[Path]:
+        """A scratch directory on the registry's filesystem; removed unless published."""
+        base = self.root / ".staging"
+        base.mkdir(parents=True, exist_ok=True)
+        path = Path(tempfile.mkdtemp(dir=base))
+        try:
+            yield path
+        finally:
+            shutil.rmtree(path, ignore_errors=True)
+
+    def publish(self, name: str, staged: Path, manifest: Mapping[str, Any]) -> Artifact:
+        """Checksum `staged`, write its manifest, and make it `name`'s next version.
+
+        `manifest` holds everything but name, version, created_at, files and format,
+        which this method fills in. `staged` must come from `staging()`; it is moved.
+        """
+        validate_name(name)
+        staged = Path(staged)
+        if staged.parent != self.root / ".staging":
+            raise ValueError(f"{staged} is not a staging directory of {self.root}")
+        files: dict[str, dict[str, Any]] = {}
+        for path in sorted(staged.rglob("*")):
+            if path.is_symlink():
+                raise IntegrityError(f"refusing to publish a symbolic link: {path.name}")
+            if path.is_file():
+                rel = path.relative_to(staged).as_posix()
+                files[rel] = {"sha256": sha256_file(path), "size": path.stat().st_size}
+                with path.open("rb") as f:
+                    os.fsync(f.fileno())
+        base = self._name_dir(name)
+        base.mkdir(parents=True, exist_ok=True)
+        with self._lock(name):
+            versions = self.versions(name)
+            version = (versions[-1] + 1) if versions else 1
+            full = {
+                **manifest,
+                "format": MANIFEST_FORMAT,
+                "name": name,
+                "version": version,
+                "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                "files": files,
+            }
+            _write_json_atomic(staged / MANIFEST, full)
+            for path in staged.rglob("*"):
+                if path.is_file():
+                    path.chmod(0o444)
+            staged.chmod(0o755)  # mkdtemp made it private
+            _fsync_dir(staged)
+            target = base / str(version)
+            os.rename(staged, target)
+            _fsync_dir(base)
+        return self.get(name, str(version))
+
+    def set_alias(self, name: str, alias: str, version: int) -> None:
+        """Point `alias` at `version` (atomically replaces any previous target)."""
+        validate_alias(alias)
+        if version not in self.versions(name):
+            raise ModelNotFound(f"{name} has no version {version}")
+        with self._lock(name):
+            aliases = self.aliases(name)
+            aliases[alias] = version
+            _write_json_atomic(self._name_dir(name) / ALIASES, aliases)
+
+    def remove_alias(self, name: str, alias: str) -> None:
+        validate_alias(alias)
+        with self._lock(name):
+            aliases = self.aliases(name)
+            if alias not in aliases:
+                raise ModelNotFound(f"{name} has no alias {alias!r}")
+            del aliases[alias]
+            _write_json_atomic(self._name_dir(name) / ALIASES, aliases)
+
+    def aliases_of(self, name: str, version: int) -> list[str]:
+        return sorted(a for a, v in self.aliases(name).items() if v == version)
+
+    # ---- helpers ------------------------------------------------------------------------
+    def _name_dir(self, name: str) -> Path:
+        path = self.root / validate_name(name)
+        self._check_inside(path)
+        return path
+
+    def _check_inside(self, path: Path) -> None:
+        # A symlink inside the registry must not lead out of it.
+        root = self.root.resolve()
+        if path.exists() and not path.resolve().is_relative_to(root):
+            raise InvalidName(f"{path} resolves outside the registry {root}")
+
+    @contextlib.contextmanager
+    def _lock(self, name: str) -> Iterator[None]:
+        lock_path = self._name_dir(name) / ".lock"
+        with lock_path.open("a") as f:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+
+
+def describe(artifact: Artifact, aliases: list[str]) -> dict[str, Any]:
+    """The summary `registry list --json` prints for one version."""
+    m = artifact.manifest
+    recipe = m.get("recipe")
+    return {
+        "name": artifact.name,
+        "version": artifact.version,
+        "ref": artifact.ref,
+        "aliases": aliases,
+        "parent": m.get("parent"),
+        "source": (m.get("source") or {}).get("uri"),
+        "recipe": {"name": recipe["name"]} if recipe else None,
+        "digest": artifact.digest,
+        "created_at": m.get("created_at"),
+        "dtype": m.get("dtype"),
+        "quantization": (m.get("quantization") or {}).get("scheme", "none"),
+        "parameters": m.get("parameters"),
+        "bytes": sum(int(f["size"]) for f in artifact.files.values()),
+        "metrics": m.get("metrics", {}),
+    }

@@ -1,0 +1,223 @@
+"""The gRPC server: services, health, reflection, model loading and graceful shutdown.
+
+Shutdown (SIGTERM): health turns NOT_SERVING (watchers are told), the server stops taking
+new calls (they get UNAVAILABLE), calls in flight get `grace_s` to finish, then the engines
+stop. The door is closed by the request interceptor, not by gRPC's own `stop(grace)`: gRPC
+closes each connection the moment its last call ends, and a client that has not yet read
+that call's tail (a loaded machine) then loses it to the reset. So the server refuses new
+calls itself, waits for the calls in flight, lets the connections linger a moment so their
+last messages are read, and only then stops gRPC. Health watch streams end by themselves
+once they have said NOT_SERVING (`DrainingHealth`), so they never hold the stop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from slimserve.engine.loader import BackendHook, ModelManager
+from slimserve.registry.store import Registry, parse_model_ref
+from slimserve.server.config import ServerConfig, TlsConfig
+from slimserve.server.interceptors import AuthInterceptor, InFlight, RequestInterceptor
+from slimserve.server.metrics import Metrics
+from slimserve.server.servicer import GenerationServicer, ModelServicer
+from slimserve.v1 import generation_pb2, models_pb2
+from slimserve.v1 import generation_pb2_grpc as gen_grpc
+from slimserve.v1 import models_pb2_grpc as models_grpc
+
+log = logging.getLogger(__name__)
+
+#: After the last call of a drain, how long connections stay open so clients read its tail.
+LINGER_S = 0.5
+
+SERVICES = (
+    generation_pb2.DESCRIPTOR.services_by_name["GenerationService"].full_name,
+    models_pb2.DESCRIPTOR.services_by_name["ModelService"].full_name,
+)
+
+
+class DrainingHealth(health.aio.HealthServicer):  # type: ignore[misc]
+    """The library's health servicer, but a Watch stream ends (OK) after it has sent NOT_SERVING
+    at shutdown. The library's Watch never ends, which would hold a graceful stop for its whole
+    grace period; cutting the watches with `stop(0)` instead cuts every other call too,
+    including the undelivered tail of a stream that has just finished."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._statuses: dict[str, int] = {"": health_pb2.HealthCheckResponse.SERVING}
+        self._changed = asyncio.Condition()
+        self._closing = False
+
+    async def set(self, service: str, status: int) -> None:
+        if self._closing:
+            return
+        await super().set(service, status)
+        async with self._changed:
+            self._statuses[service] = status
+            self._changed.notify_all()
+
+    async def enter_graceful_shutdown(self) -> None:
+        await super().enter_graceful_shutdown()
+        async with self._changed:
+            self._closing = True
+            not_serving = health_pb2.HealthCheckResponse.NOT_SERVING
+            self._statuses = dict.fromkeys(self._statuses, not_serving)
+            self._changed.notify_all()
+
+    async def Watch(
+        self, request: health_pb2.HealthCheckRequest, context: grpc.aio.ServicerContext
+    ) -> None:
+        last: int | None = None
+        async with self._changed:
+            while True:
+                status = self._statuses.get(
+                    request.service, health_pb2.HealthCheckResponse.SERVICE_UNKNOWN
+                )
+                if status != last:
+                    await context.write(health_pb2.HealthCheckResponse(status=status))
+                    last = status
+                if self._closing:
+                    return
+                await self._changed.wait()
+
+
+@dataclass
+class Server:
+    """A running server; `ready` completes once every configured model is warm."""
+
+    config: ServerConfig
+    grpc_server: grpc.aio.Server
+    port: int
+    health: DrainingHealth
+    models: ModelManager
+    metrics: Metrics
+    in_flight: InFlight
+    ready: asyncio.Future[None] = field(default_factory=asyncio.Future)
+    load_task: asyncio.Task[None] | None = None
+
+    async def _set_status(self, status: int) -> None:
+        for name in ("", *SERVICES):
+            await self.health.set(name, status)
+
+    async def load_configured(self) -> None:
+        """Load the configured models off the event loop, then report SERVING."""
+        try:
+            for i, text in enumerate(self.config.models):
+                name, ref = parse_model_ref(text)
+                await asyncio.to_thread(self.models.load, name, ref, make_default=i == 0)
+        except BaseException as exc:
+            self.models.loading = False
+            log.error("loading models failed: %s", exc)
+            self.ready.set_exception(exc)
+            return
+        self.models.loading = False
+        await self._set_status(health_pb2.HealthCheckResponse.SERVING)
+        self.ready.set_result(None)
+        log.info("serving on %s:%d", self.config.host, self.port)
+
+    async def stop(self, grace: float | None = None) -> None:
+        """NOT_SERVING, refuse new calls, let in-flight ones finish, stop engines."""
+        grace = self.config.grace_s if grace is None else grace
+        t0 = time.monotonic()
+        self.in_flight.closing = True
+        await self.health.enter_graceful_shutdown()
+        if await self.in_flight.wait_idle(grace):
+            await asyncio.sleep(min(LINGER_S, grace))
+        left = max(0.0, grace - (time.monotonic() - t0))
+        await self.grpc_server.stop(left)  # cancels whatever is still running after `grace`
+        await asyncio.to_thread(self.metrics.close)  # joins the exporter's poll loop
+        await asyncio.to_thread(self.models.shutdown)
+
+
+def _credentials(tls: TlsConfig) -> grpc.ServerCredentials:
+    client_ca = tls.client_ca.read_bytes() if tls.client_ca else None
+    return grpc.ssl_server_credentials(
+        [(tls.key.read_bytes(), tls.cert.read_bytes())],
+        root_certificates=client_ca,
+        require_client_auth=client_ca is not None,
+    )
+
+
+async def build_server(
+    config: ServerConfig, *, load: bool = True, backend_hook: BackendHook | None = None
+) -> tuple[Server, int]:
+    """Bind and start; model loading runs in the background (await `server.ready`).
+
+    `backend_hook` wraps each model's backend as it loads (tests inject faults with it).
+    Returns the server and the bound port (useful with port 0).
+    """
+    limits = config.limits
+    models = ModelManager(
+        Registry(config.registry),
+        config.model,
+        retire_grace_s=max(config.grace_s, 60.0),
+        backend_hook=backend_hook,
+    )
+    metrics = Metrics(models)
+    in_flight = InFlight()
+    interceptors: list[grpc.aio.ServerInterceptor] = [
+        RequestInterceptor(limits.max_message_bytes, metrics, in_flight)
+    ]
+    if config.auth.enabled:
+        interceptors.append(AuthInterceptor(config.auth))
+    grpc_server = grpc.aio.server(
+        interceptors=interceptors,
+        options=[
+            ("grpc.max_receive_message_length", limits.transport_message_bytes),
+            ("grpc.max_send_message_length", limits.transport_message_bytes),
+        ],
+    )
+    gen_grpc.add_GenerationServiceServicer_to_server(
+        GenerationServicer(models, limits, metrics), grpc_server
+    )
+    models_grpc.add_ModelServiceServicer_to_server(ModelServicer(models), grpc_server)
+    health_servicer = DrainingHealth()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, grpc_server)
+    reflection.enable_server_reflection(
+        (*SERVICES, health.SERVICE_NAME, reflection.SERVICE_NAME), grpc_server
+    )
+    address = f"{config.host}:{config.port}"
+    if config.tls is not None:
+        port = grpc_server.add_secure_port(address, _credentials(config.tls))
+    else:
+        port = grpc_server.add_insecure_port(address)
+    if port == 0:
+        raise OSError(f"could not bind {address}")
+    if config.metrics_port is not None:
+        metrics.serve(config.host, config.metrics_port)
+        log.info("metrics on http://%s:%d/metrics", config.host, metrics.port)
+    server = Server(config, grpc_server, port, health_servicer, models, metrics, in_flight)
+    for name in ("", *SERVICES):
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+    await grpc_server.start()
+    if load:
+        models.loading = True
+        server.load_task = asyncio.create_task(server.load_configured())
+    return server, port
+
+
+async def serve(config: ServerConfig) -> int:
+    """Run until SIGTERM/SIGINT, then shut down gracefully. Returns the exit code."""
+    server, _ = await build_server(config)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    ready: asyncio.Future[Any] = asyncio.ensure_future(asyncio.shield(server.ready))
+    waiter: asyncio.Future[Any] = asyncio.ensure_future(stop.wait())
+    done, _ = await asyncio.wait({ready, waiter}, return_when=asyncio.FIRST_COMPLETED)
+    if ready in done and ready.exception() is not None:
+        await server.stop(0)
+        return 1
+    await waiter
+    log.info("shutting down (grace %.1fs)", config.grace_s)
+    await server.stop()
+    return 0

@@ -1,0 +1,263 @@
+"""Protobuf ↔ domain objects, with every request field validated here, named on failure."""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Any
+
+from slimserve.engine.errors import InvalidRequest
+from slimserve.engine.loader import LoadedModel
+from slimserve.engine.types import (
+    Event,
+    Finish,
+    GenerationRequest,
+    SamplingParams,
+    StopParams,
+    StopReason,
+    TokenLogprob,
+)
+from slimserve.server.config import Limits
+from slimserve.v1 import generation_pb2 as gen_pb
+from slimserve.v1 import models_pb2 as models_pb
+
+_ROLES = frozenset({"system", "user", "assistant"})
+_STOP_REASONS = {r: gen_pb.StopReason.Value(r.value) for r in StopReason}
+
+
+def _finite(field: str, value: float) -> float:
+    if not math.isfinite(value):
+        raise InvalidRequest(field, f"must be a finite number, got {value}")
+    return value
+
+
+def prompt_ids(msg: Any, model: LoadedModel, limits: Limits) -> tuple[int, ...]:
+    """Token ids of a request's `text` or `chat` input (GenerateRequest/Score/Tokenize)."""
+    tok = model.tokenizer
+    which = msg.WhichOneof("input")
+    if which == "text":
+        if not msg.text.strip():
+            raise InvalidRequest("text", "the prompt must not be empty")
+        ids = tok(msg.text, add_special_tokens=True)["input_ids"]
+    elif which == "chat":
+        ids = _chat_ids(msg.chat, tok)
+    else:
+        raise InvalidRequest("input", "set either text or chat")
+    limit = min(limits.max_prompt_tokens, model.max_context - 1)
+    if not ids:
+        raise InvalidRequest(which, "the prompt encodes to no tokens")
+    if len(ids) > limit:
+        raise InvalidRequest(
+            which,
+            f"the prompt has {len(ids)} tokens; the limit is {limit} "
+            f"(max_prompt_tokens={limits.max_prompt_tokens}, context={model.max_context})",
+        )
+    return tuple(int(i) for i in ids)
+
+
+def _chat_ids(chat: Any, tok: Any) -> list[int]:
+    if not getattr(tok, "chat_template", None):
+        raise InvalidRequest("chat", "this model has no chat template; send text instead")
+    if not chat.messages:
+        raise InvalidRequest("chat.messages", "at least one message is required")
+    messages = []
+    for i, m in enumerate(chat.messages):
+        if m.role not in _ROLES:
+            raise InvalidRequest(
+                f"chat.messages[{i}].role", f"must be system, user or assistant, got {m.role!r}"
+            )
+        messages.append({"role": m.role, "content": m.content})
+    if not any(m["content"].strip() for m in messages):
+        raise InvalidRequest("chat.messages", "every message is empty")
+    text = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    return list(tok(text, add_special_tokens=False)["input_ids"])
+
+
+#: Softmax temperatures below this overflow float32 logits (inf → NaN probabilities).
+MIN_TEMPERATURE = 1e-3
+#: Repetition penalties outside this range overflow penalised logits the same way.
+PENALTY_RANGE = (1e-2, 1e2)
+
+
+def sampling_params(pb: Any) -> SamplingParams:
+    temperature = _finite("sampling.temperature", pb.temperature)
+    if temperature < 0 or 0 < temperature < MIN_TEMPERATURE:
+        raise InvalidRequest(
+            "sampling.temperature",
+            f"must be 0 (unset) or >= {MIN_TEMPERATURE}, got {temperature}",
+        )
+    top_p = _finite("sampling.top_p", pb.top_p)
+    if top_p < 0 or top_p > 1:
+        raise InvalidRequest("sampling.top_p", f"must be in (0, 1], got {top_p}")
+    penalty = _finite("sampling.repetition_penalty", pb.repetition_penalty)
+    low, high = PENALTY_RANGE
+    if penalty != 0 and not low <= penalty <= high:
+        raise InvalidRequest(
+            "sampling.repetition_penalty",
+            f"must be 0 (unset) or in [{low}, {high}], got {penalty}",
+        )
+    return SamplingParams(
+        do_sample=pb.do_sample,
+        temperature=temperature or 1.0,
+        top_k=pb.top_k,
+        top_p=top_p or 1.0,
+        seed=pb.seed if pb.HasField("seed") else None,
+        repetition_penalty=penalty or 1.0,
+    )
+
+
+def stop_params(pb: Any, limits: Limits) -> StopParams:
+    n = pb.max_new_tokens or limits.default_max_new_tokens
+    if n > limits.max_new_tokens:
+        raise InvalidRequest(
+            "stopping.max_new_tokens",
+            f"must be 1..{limits.max_new_tokens} (limit max_new_tokens), got {n}",
+        )
+    stops = tuple(pb.stop_sequences)
+    if len(stops) > limits.max_stop_sequences:
+        raise InvalidRequest(
+            "stopping.stop_sequences",
+            f"at most {limits.max_stop_sequences} (limit max_stop_sequences), got {len(stops)}",
+        )
+    for i, s in enumerate(stops):
+        if not s:
+            raise InvalidRequest(f"stopping.stop_sequences[{i}]", "must not be empty")
+        if len(s) > limits.max_stop_sequence_chars:
+            raise InvalidRequest(
+                f"stopping.stop_sequences[{i}]",
+                f"{len(s)} characters is over the limit "
+                f"max_stop_sequence_chars={limits.max_stop_sequence_chars}",
+            )
+    return StopParams(
+        max_new_tokens=n,
+        stop_sequences=stops,
+        time_limit_s=pb.time_limit_ms / 1e3 if pb.time_limit_ms else None,
+        ignore_eos=pb.ignore_eos,
+    )
+
+
+def generation_request(
+    pb: Any, model: LoadedModel, limits: Limits, request_id: str, timeout_s: float | None
+) -> GenerationRequest:
+    ids = prompt_ids(pb, model, limits)
+    sampling = sampling_params(pb.sampling)
+    stopping = stop_params(pb.stopping, limits)
+    top_n_limit = min(limits.max_top_n, model.backend.vocab_size)
+    if pb.response.top_n > top_n_limit:
+        raise InvalidRequest(
+            "response.top_n",
+            f"must be 0..{top_n_limit} (limit max_top_n), got {pb.response.top_n}",
+        )
+    return GenerationRequest(
+        request_id=request_id,
+        prompt_ids=ids,
+        sampling=sampling,
+        stopping=stopping,
+        logprobs=pb.response.logprobs or pb.response.top_n > 0,
+        top_n=pb.response.top_n,
+        deadline=time.monotonic() + timeout_s if timeout_s is not None else None,
+    )
+
+
+def score_labels(pb: Any, model: LoadedModel, limits: Limits) -> list[list[int]]:
+    if not pb.labels:
+        raise InvalidRequest("labels", "at least one label is required")
+    if len(pb.labels) > limits.max_labels:
+        raise InvalidRequest(
+            "labels", f"at most {limits.max_labels} (limit max_labels), got {len(pb.labels)}"
+        )
+    out = []
+    for i, label in enumerate(pb.labels):
+        ids = model.tokenizer(label, add_special_tokens=False)["input_ids"]
+        if not label or not ids:
+            raise InvalidRequest(f"labels[{i}]", "must be a non-empty string")
+        out.append([int(t) for t in ids])
+    return out
+
+
+def _token_infos(model: LoadedModel, lps: tuple[TokenLogprob, ...]) -> list[Any]:
+    out = []
+    for lp in lps:
+        top = [
+            gen_pb.TopToken(token_id=t, text=model.tokenizer.decode([t]), logprob=v)
+            for t, v in lp.top
+        ]
+        out.append(gen_pb.TokenInfo(token_id=lp.token_id, logprob=lp.logprob, top=top))
+    return out
+
+
+def fill_finish(msg: Any, finish: Finish) -> None:
+    msg.stop_reason = _STOP_REASONS[finish.reason]
+    msg.stop_sequence = finish.stop_sequence
+    msg.usage.input_tokens = finish.input_tokens
+    msg.usage.generated_tokens = finish.generated_tokens
+    t = finish.timings
+    msg.timings.queue_ms = t.queue_ms
+    msg.timings.prefill_ms = t.prefill_ms
+    msg.timings.ttft_ms = t.ttft_ms
+    msg.timings.decode_ms = t.decode_ms
+    msg.timings.total_ms = t.total_ms
+
+
+def stream_message(
+    event: Event, model: LoadedModel, want_ids: bool
+) -> gen_pb.GenerateStreamResponse:
+    msg = gen_pb.GenerateStreamResponse(text=event.text)
+    if want_ids:
+        msg.token_ids.extend(event.token_ids)
+    if event.logprobs:
+        msg.tokens.extend(_token_infos(model, event.logprobs))
+    if event.finish is not None:
+        fill_finish(msg, event.finish)
+    return msg
+
+
+def unary_response(
+    events: list[Event], model: LoadedModel, request_id: str, want_ids: bool
+) -> gen_pb.GenerateResponse:
+    msg = gen_pb.GenerateResponse(
+        request_id=request_id,
+        model=model.ref,
+        model_digest=model.artifact.digest,
+        text="".join(e.text for e in events),
+    )
+    if want_ids:
+        msg.token_ids.extend(t for e in events for t in e.token_ids)
+    lps = tuple(lp for e in events for lp in e.logprobs)
+    if lps:
+        msg.tokens.extend(_token_infos(model, lps))
+    last = events[-1].finish
+    if last is not None:
+        fill_finish(msg, last)
+    return msg
+
+
+def model_info(model: LoadedModel, *, is_default: bool, aliases: list[str]) -> models_pb.ModelInfo:
+    m = model.artifact.manifest
+    recipe = m.get("recipe") or {}
+    metrics = {k: float(v) for k, v in (m.get("metrics") or {}).items() if _is_number(v)}
+    return models_pb.ModelInfo(
+        name=model.name,
+        version=model.artifact.version,
+        aliases=aliases,
+        digest=model.artifact.digest,
+        parent=m.get("parent") or "",
+        source=(m.get("source") or {}).get("uri", ""),
+        recipe=recipe.get("name", ""),
+        device=str(model.device),
+        dtype=str(model.dtype).removeprefix("torch."),
+        backend=model.backend.name,
+        quantization=(m.get("quantization") or {}).get("scheme", "none"),
+        parameters=int(m.get("parameters") or 0),
+        max_context=model.max_context,
+        max_batch=model.backend.max_slots,
+        kv_bytes_per_sequence=model.backend.kv_bytes_per_slot(),
+        has_chat_template=bool(getattr(model.tokenizer, "chat_template", None)),
+        metrics=metrics,
+        is_default=is_default,
+        state="READY",
+    )
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)

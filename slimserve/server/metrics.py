@@ -1,0 +1,135 @@
+"""Prometheus metrics, per model and version, on their own registry (no global state).
+
+Histograms: time to first token, inter-token latency, queue time, end-to-end latency.
+Gauges (read from each engine at scrape time, so they can never drift): running and
+queued requests, free KV-cache slots. Counters: prompt and generated tokens, and RPCs by
+method and status code.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+if TYPE_CHECKING:
+    from slimserve.engine.loader import LoadedModel, ModelManager
+    from slimserve.engine.types import Finish
+
+_LABELS = ("model", "version")
+# Seconds; TTFT and end-to-end on CPU range from milliseconds to tens of seconds.
+_LATENCY = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+_TOKEN_GAP = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56)
+
+
+class _EngineCollector(Collector):
+    def __init__(self, models: ModelManager) -> None:
+        self._models = models
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        running = GaugeMetricFamily(
+            "slimserve_requests_running", "Sequences in the running batch.", labels=_LABELS
+        )
+        queued = GaugeMetricFamily(
+            "slimserve_requests_queued", "Requests waiting for a batch slot.", labels=_LABELS
+        )
+        free = GaugeMetricFamily(
+            "slimserve_slots_free", "KV-cache slots not held by a sequence.", labels=_LABELS
+        )
+        for model in self._models.all():
+            stats = model.engine.stats()
+            labels = [model.name, str(model.artifact.version)]
+            running.add_metric(labels, stats.running)
+            queued.add_metric(labels, stats.queued)
+            free.add_metric(labels, stats.free_slots)
+        yield from (running, queued, free)
+
+
+class Metrics:
+    """The server's metrics; `serve` exposes them over HTTP for Prometheus to scrape."""
+
+    def __init__(self, models: ModelManager) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.ttft = Histogram(
+            "slimserve_time_to_first_token_seconds",
+            "Arrival to first generated token.",
+            _LABELS,
+            buckets=_LATENCY,
+            registry=r,
+        )
+        self.inter_token = Histogram(
+            "slimserve_inter_token_latency_seconds",
+            "Gap between consecutive generated tokens of one request.",
+            _LABELS,
+            buckets=_TOKEN_GAP,
+            registry=r,
+        )
+        self.queue = Histogram(
+            "slimserve_queue_time_seconds",
+            "Arrival to admission into the running batch.",
+            _LABELS,
+            buckets=_LATENCY,
+            registry=r,
+        )
+        self.e2e = Histogram(
+            "slimserve_request_duration_seconds",
+            "Handler start to the last response, for completed requests.",
+            (*_LABELS, "method"),
+            buckets=_LATENCY,
+            registry=r,
+        )
+        self.prompt_tokens = Counter(
+            "slimserve_prompt_tokens", "Prompt tokens processed.", _LABELS, registry=r
+        )
+        self.generated_tokens = Counter(
+            "slimserve_generated_tokens", "Tokens generated.", _LABELS, registry=r
+        )
+        self.rpcs = Counter(
+            "slimserve_rpcs", "RPCs handled, by method and status code.", ("method", "code"),
+            registry=r,
+        )  # fmt: skip
+        r.register(_EngineCollector(models))
+        self._http: Any = None
+        self.port: int | None = None
+
+    @staticmethod
+    def _labels(model: LoadedModel) -> tuple[str, str]:
+        return model.name, str(model.artifact.version)
+
+    def token_gap(self, model: LoadedModel, seconds: float) -> None:
+        self.inter_token.labels(*self._labels(model)).observe(seconds)
+
+    def finished(self, model: LoadedModel, finish: Finish, method: str, seconds: float) -> None:
+        """A generation ended (any stop reason): engine timings and token counts."""
+        labels = self._labels(model)
+        t = finish.timings
+        self.queue.labels(*labels).observe(t.queue_ms / 1e3)
+        if finish.generated_tokens:
+            self.ttft.labels(*labels).observe(t.ttft_ms / 1e3)
+        self.e2e.labels(*labels, method).observe(seconds)
+        self.prompt_tokens.labels(*labels).inc(finish.input_tokens)
+        self.generated_tokens.labels(*labels).inc(finish.generated_tokens)
+
+    def scored(self, model: LoadedModel, prompt_tokens: int, seconds: float) -> None:
+        labels = self._labels(model)
+        self.e2e.labels(*labels, "Score").observe(seconds)
+        self.prompt_tokens.labels(*labels).inc(prompt_tokens)
+
+    def rpc(self, method: str, code: str) -> None:
+        self.rpcs.labels(method, code).inc()
+
+    def serve(self, host: str, port: int) -> int:
+        """Start the HTTP exporter on a daemon thread; returns the bound port."""
+        self._http, _ = start_http_server(port, addr=host, registry=self.registry)
+        self.port = int(self._http.server_port)
+        return self.port
+
+    def close(self) -> None:
+        if self._http is not None:
+            self._http.shutdown()
+            self._http.server_close()
+            self._http = None

@@ -1,0 +1,188 @@
+"""LlamaCppBackend against the torch LlamaBackend on a tiny model exported as float32 GGUF.
+
+Skipped where llama-cpp-python is not installed (it is an optional extra that compiles).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from slimserve.engine.backends import llamacpp
+from slimserve.engine.backends.llama import LlamaBackend
+from tests.helpers import tiny_model, tiny_tokenizer
+
+pytestmark = pytest.mark.skipif(not llamacpp.available(), reason="llama-cpp-python not installed")
+
+ATOL = 2e-4  # float32 weights and cache in both; llama.cpp sums in a different order
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory: pytest.TempPathFactory) -> tuple[LlamaBackend, llamacpp.LlamaCppBackend]:
+    tok = tiny_tokenizer()
+    model = tiny_model(len(tok), seed=3)
+    out = tmp_path_factory.mktemp("tok")
+    tok.save_pretrained(out)
+    return _backends(model, out, slots=3)
+
+
+def _backends(
+    model: Any, tokenizer_dir: Path, slots: int
+) -> tuple[LlamaBackend, llamacpp.LlamaCppBackend]:
+    """The torch reference and llama.cpp (f32) over the same weights, 64-token slots."""
+    ref = LlamaBackend.from_model(model, max_slots=slots, max_seq_len=64, pack_weights=False)
+    cpp = llamacpp.LlamaCppBackend(
+        model.config, model.state_dict(), tokenizer_dir / "tokenizer.json",
+        max_slots=slots, max_seq_len=64, threads=1, weight_type="f32",
+    )  # fmt: skip
+    return ref, cpp
+
+
+def _ids(n: int, seed: int, vocab: int) -> list[int]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(3, vocab, (n,), generator=g).tolist()
+
+
+def test_prefill_and_decode_match_the_torch_backend(
+    pair: tuple[LlamaBackend, llamacpp.LlamaCppBackend],
+) -> None:
+    ref, cpp = pair
+    prompt = _ids(9, 0, ref.vocab_size)
+    torch.testing.assert_close(cpp.prefill(0, prompt), ref.prefill(0, prompt), atol=ATOL, rtol=0)
+    for tok in _ids(6, 1, ref.vocab_size):
+        torch.testing.assert_close(
+            cpp.decode([0], [tok]), ref.decode([0], [tok]), atol=ATOL, rtol=0
+        )
+    ref.release(0)
+    cpp.release(0)
+
+
+def test_slots_joining_and_leaving_mid_batch_match_each_alone(
+    pair: tuple[LlamaBackend, llamacpp.LlamaCppBackend],
+) -> None:
+    ref, cpp = pair
+    v = ref.vocab_size
+    a, b, c = _ids(5, 2, v), _ids(11, 3, v), _ids(3, 4, v)
+    cpp.prefill(0, a)
+    cpp.prefill(1, b)
+    first = cpp.decode([0, 1], [7, 8])
+    cpp.release(0)  # leaves; a new sequence takes slot 2, another reuses slot 0
+    cpp.prefill(2, c)
+    cpp.prefill(0, c)
+    second = cpp.decode([1, 2, 0], [9, 10, 10])
+    for s in (0, 1, 2):
+        cpp.release(s)
+
+    def alone(prompt: list[int], steps: list[int]) -> torch.Tensor:
+        ref.prefill(0, prompt)
+        out = torch.empty(0)
+        for tok in steps:
+            out = ref.decode([0], [tok])[0]
+        ref.release(0)
+        return out
+
+    torch.testing.assert_close(first[0], alone(a, [7]), atol=ATOL, rtol=0)
+    torch.testing.assert_close(first[1], alone(b, [8]), atol=ATOL, rtol=0)
+    torch.testing.assert_close(second[0], alone(b, [8, 9]), atol=ATOL, rtol=0)
+    torch.testing.assert_close(second[1], alone(c, [10]), atol=ATOL, rtol=0)
+    torch.testing.assert_close(second[2], second[1], atol=1e-6, rtol=0)  # same history
+
+
+def test_score_batch_matches_the_torch_backend(
+    pair: tuple[LlamaBackend, llamacpp.LlamaCppBackend],
+) -> None:
+    ref, cpp = pair
+    v = ref.vocab_size
+    jobs = [(_ids(6 + i, 10 + i, v), [[5], [6, 7], [], _ids(3, 20 + i, v)]) for i in range(11)]
+    got = cpp.score_batch(jobs)  # 11 jobs x 3 distinct rows: more than SCORE_ROWS per call
+    want = ref.score_batch(jobs)
+    assert [len(g) for g in got] == [4] * 11 and all(g[2] == 0.0 for g in got)
+    torch.testing.assert_close(torch.tensor(got), torch.tensor(want), atol=1e-2, rtol=0)
+    # Scoring never touches a slot that is generating.
+    cpp.prefill(1, jobs[0][0])
+    before = cpp.decode([1], [5])
+    cpp.score_batch(jobs[:3])
+    cpp.release(1)
+    cpp.prefill(1, jobs[0][0])
+    torch.testing.assert_close(cpp.decode([1], [5]), before, atol=1e-6, rtol=0)
+    cpp.release(1)
+
+
+def test_bad_calls_are_refused(pair: tuple[LlamaBackend, llamacpp.LlamaCppBackend]) -> None:
+    _, cpp = pair
+    with pytest.raises(ValueError, match="out of range"):
+        cpp.prefill(3, [1, 2])
+    with pytest.raises(ValueError, match="max_seq_len"):
+        cpp.prefill(0, [1] * 65)
+    with pytest.raises(ValueError, match="token ids"):
+        cpp.prefill(0, [cpp.vocab_size])
+    with pytest.raises(ValueError, match="free"):
+        cpp.decode([2], [1])
+    with pytest.raises(ValueError, match="repeat"):
+        cpp.decode([0, 0], [1, 1])
+    with pytest.raises(ValueError, match="non-empty prompt"):
+        cpp.score([], [[1]])
+
+
+def test_kv_bytes(pair: tuple[LlamaBackend, llamacpp.LlamaCppBackend]) -> None:
+    ref, cpp = pair
+    assert cpp.kv_bytes_per_slot() == ref.kv_bytes_per_slot()  # both float32
+
+
+def test_long_score_rows_are_split_to_fit_the_reserved_cells(
+    pair: tuple[LlamaBackend, llamacpp.LlamaCppBackend],
+) -> None:
+    ref, cpp = pair
+    cpp._score_cells = 100  # three 60-token rows cannot share one llama_decode call
+    try:
+        jobs = [(_ids(59, 40 + i, ref.vocab_size), [[5, 6]]) for i in range(3)]
+        got, want = cpp.score_batch(jobs), ref.score_batch(jobs)
+    finally:
+        cpp._score_cells = max(cpp.max_seq_len, llamacpp._SCORE_CELLS)
+    torch.testing.assert_close(torch.tensor(got), torch.tensor(want), atol=1e-2, rtol=0)
+
+
+def test_a_width_and_depth_pruned_model_serves_alike_on_both_backends(tmp_path: Path) -> None:
+    from slimserve.compression.prune import PruneConfig, prune_
+
+    tok = tiny_tokenizer()
+    model = tiny_model(len(tok), seed=5, num_hidden_layers=4)
+    calibration = torch.tensor([_ids(32, s, len(tok)) for s in range(4)])
+    config = PruneConfig(
+        mlp_ratio=0.25, head_ratio=0.5, layers_removed=2, calibration_samples=4, seq_len=32
+    )
+    prune_(model, config, calibration)
+    assert model.config.num_hidden_layers == 2 and model.config.num_attention_heads == 2
+    tok.save_pretrained(tmp_path)
+    ref, cpp = _backends(model, tmp_path, slots=1)
+    prompt = _ids(7, 9, len(tok))
+    with torch.no_grad():
+        hf = model(input_ids=torch.tensor([prompt])).logits[0, -1]
+    torch.testing.assert_close(ref.prefill(0, prompt), hf, atol=ATOL, rtol=0)
+    torch.testing.assert_close(cpp.prefill(0, prompt), hf, atol=ATOL, rtol=0)
+    step = _ids(1, 10, len(tok))
+    torch.testing.assert_close(cpp.decode([0], step), ref.decode([0], step), atol=ATOL, rtol=0)
+
+
+def test_odd_pruned_widths_serve_in_f32_and_are_refused_in_q8_0(tmp_path: Path) -> None:
+    from slimserve.engine.config import ModelConfig
+    from slimserve.engine.loader import build_backend
+
+    tok = tiny_tokenizer()
+    model = tiny_model(len(tok), seed=6, intermediate_size=100)  # as a pruned MLP may be
+    tok.save_pretrained(tmp_path)
+    tokenizer_json = tmp_path / "tokenizer.json"
+
+    auto = build_backend(model, ModelConfig(device="cpu", max_batch=1), 64, tokenizer_json)
+    assert auto.name == "llama.cpp-f32"
+    prompt = _ids(5, 11, len(tok))
+    with torch.no_grad():
+        hf = model(input_ids=torch.tensor([prompt])).logits[0, -1]
+    torch.testing.assert_close(auto.prefill(0, prompt), hf, atol=ATOL, rtol=0)
+
+    q8 = ModelConfig(device="cpu", max_batch=1, backend="llamacpp", gguf_type="q8_0")
+    with pytest.raises(ValueError, match=r"q8_0 needs .* multiples of 32.*\(64, 100, 64\)"):
+        build_backend(model, q8, 64, tokenizer_json)

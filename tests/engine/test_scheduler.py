@@ -1,0 +1,238 @@
+"""Scheduler behaviour on a tiny model: batching, cancellation, limits, stops."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import torch
+
+from slimserve.engine.backends.hf import HFBackend
+from slimserve.engine.errors import Overloaded
+from slimserve.engine.scheduler import Engine, EngineConfig
+from slimserve.engine.types import GenerationRequest, SamplingParams, StopParams, StopReason
+from tests.helpers import Collector, tiny_model
+
+
+@pytest.fixture()
+def model(tokenizer: Any) -> Any:
+    return tiny_model(len(tokenizer), seed=1)
+
+
+def make_engine(model: Any, tokenizer: Any, slots: int = 4, queue: int = 8, **kw: Any) -> Engine:
+    backend = kw.pop("backend", None) or HFBackend(model, max_slots=slots, max_seq_len=128)
+    engine = Engine(backend, tokenizer, EngineConfig(max_queue=queue, **kw))
+    engine.start()
+    return engine
+
+
+@pytest.fixture()
+def engine(model: Any, tokenizer: Any) -> Iterator[Engine]:
+    eng = make_engine(model, tokenizer)
+    yield eng
+    eng.shutdown()
+
+
+def request(
+    tokenizer: Any, prompt: str, n: int = 12, rid: str = "r", **stop: Any
+) -> GenerationRequest:
+    return GenerationRequest(
+        request_id=rid,
+        prompt_ids=tuple(tokenizer(prompt)["input_ids"]),
+        sampling=SamplingParams(),
+        stopping=StopParams(max_new_tokens=n, ignore_eos=stop.pop("ignore_eos", True), **stop),
+    )
+
+
+def run_one(engine: Engine, req: GenerationRequest) -> list[Any]:
+    c = Collector()
+    engine.submit(req, c)
+    return c.wait()
+
+
+def generated_ids(events: list[Any]) -> list[int]:
+    return [t for e in events for t in e.token_ids]
+
+
+def test_greedy_matches_transformers_generate(engine: Engine, model: Any, tokenizer: Any) -> None:
+    req = request(tokenizer, "the quick brown", n=16)
+    events = run_one(engine, req)
+    ref = model.generate(
+        torch.tensor([req.prompt_ids]), max_new_tokens=16, do_sample=False, eos_token_id=None
+    )[0, len(req.prompt_ids) :].tolist()
+    assert generated_ids(events) == ref
+    fin = events[-1].finish
+    assert fin.reason is StopReason.MAX_TOKENS and fin.generated_tokens == 16
+    assert "".join(e.text for e in events) == tokenizer.decode(ref)
+
+
+def test_requests_joining_and_leaving_mid_batch_match_running_alone(
+    model: Any, tokenizer: Any
+) -> None:
+    prompts = ["the quick brown", "café naïve", "hello world, hello", "def main():"]
+    lengths = [20, 5, 14, 9]
+    alone = make_engine(model, tokenizer, slots=1)
+    try:
+        expected = [
+            generated_ids(run_one(alone, request(tokenizer, p, n)))
+            for p, n in zip(prompts, lengths, strict=True)
+        ]
+    finally:
+        alone.shutdown()
+    eng = make_engine(model, tokenizer, slots=4)
+    try:
+        collectors = []
+        for i, (p, n) in enumerate(zip(prompts, lengths, strict=True)):
+            c = Collector()
+            eng.submit(request(tokenizer, p, n, rid=str(i)), c)
+            collectors.append(c)
+            time.sleep(0.02 * i)  # staggered arrivals join a running batch
+        got = [generated_ids(c.wait()) for c in collectors]
+        assert eng.stats().steps < sum(lengths)  # they really shared decode steps
+    finally:
+        eng.shutdown()
+    assert got == expected
+
+
+class _SlowBackend(HFBackend):
+    """Counts decode steps and can pause, so tests can act between steps."""
+
+    def __init__(self, *a: Any, **kw: Any) -> None:
+        super().__init__(*a, **kw)
+        self.steps = 0
+        self.slots_per_step: list[list[int]] = []
+
+    def decode(self, slots: list[int], token_ids: list[int]) -> torch.Tensor:
+        self.steps += 1
+        self.slots_per_step.append(list(slots))
+        time.sleep(0.01)
+        return super().decode(slots, token_ids)
+
+
+def test_cancel_frees_the_slot_within_one_step(model: Any, tokenizer: Any) -> None:
+    backend = _SlowBackend(model, max_slots=2, max_seq_len=128)
+    eng = make_engine(model, tokenizer, backend=backend)
+    try:
+        c = Collector()
+        handle = eng.submit(request(tokenizer, "the quick", n=100), c)
+        while backend.steps < 3:
+            time.sleep(0.005)
+        handle.cancel()
+        step_at_cancel = backend.steps
+        events = c.wait()
+        assert events[-1].finish.reason is StopReason.CANCELLED
+        # At most the step already running when cancel() was called, then it is gone.
+        assert backend.steps <= step_at_cancel + 1
+        stats = eng.stats()
+        assert stats.running == 0 and stats.free_slots == 2
+    finally:
+        eng.shutdown()
+
+
+def test_queue_bound_is_enforced(model: Any, tokenizer: Any) -> None:
+    backend = _SlowBackend(model, max_slots=1, max_seq_len=128)
+    eng = make_engine(model, tokenizer, backend=backend, queue=2)
+    try:
+        handles = [
+            eng.submit(request(tokenizer, "the", n=50, rid=str(i)), Collector()) for i in range(3)
+        ]
+        with pytest.raises(Overloaded, match="admission queue full"):
+            eng.submit(request(tokenizer, "the", n=50, rid="x"), Collector())
+        for h in handles:
+            h.cancel()
+    finally:
+        eng.shutdown()
+
+
+def test_stop_sequence_straddling_tokens_is_honoured(engine: Engine, tokenizer: Any) -> None:
+    full = "".join(e.text for e in run_one(engine, request(tokenizer, "hello world", n=24)))
+    assert len(full) > 6
+    # A stop string that starts inside one token and ends in another.
+    stop = full[3:7]
+    events = run_one(engine, request(tokenizer, "hello world", n=24, stop_sequences=(stop,)))
+    text = "".join(e.text for e in events)
+    assert events[-1].finish.reason is StopReason.STOP_SEQUENCE
+    assert events[-1].finish.stop_sequence == stop
+    assert text == full[: full.index(stop)]
+
+
+def test_deadline_and_time_limit(engine: Engine, tokenizer: Any) -> None:
+    req = request(tokenizer, "the quick", n=100)
+    past = GenerationRequest(
+        request_id="late",
+        prompt_ids=req.prompt_ids,
+        sampling=req.sampling,
+        stopping=req.stopping,
+        deadline=time.monotonic() - 1,
+    )
+    assert run_one(engine, past)[-1].finish.reason is StopReason.CANCELLED
+    limited = request(tokenizer, "the quick", n=10_000, time_limit_s=0.05)
+    assert run_one(engine, limited)[-1].finish.reason in (
+        StopReason.TIME_LIMIT,
+        StopReason.TOKEN_LIMIT,
+    )
+
+
+def test_context_limit_ends_with_token_limit(model: Any, tokenizer: Any) -> None:
+    backend = HFBackend(model, max_slots=1, max_seq_len=12)
+    eng = make_engine(model, tokenizer, backend=backend)
+    try:
+        req = request(tokenizer, "the quick brown", n=100)
+        events = run_one(eng, req)
+        assert events[-1].finish.reason is StopReason.TOKEN_LIMIT
+        assert len(req.prompt_ids) + events[-1].finish.generated_tokens == 12
+    finally:
+        eng.shutdown()
+
+
+def test_score_matches_logits(engine: Engine, model: Any, tokenizer: Any) -> None:
+    prompt = tokenizer("the quick")["input_ids"]
+    labels = [tokenizer(" brown")["input_ids"], tokenizer(" fox jumps")["input_ids"]]
+    got = engine.score(prompt, labels).result(30)
+    for label, lp in zip(labels, got, strict=True):
+        ids = torch.tensor([prompt + label])
+        with torch.no_grad():
+            logp = torch.log_softmax(model(ids).logits[0].float(), -1)
+        want = sum(float(logp[len(prompt) - 1 + i, t]) for i, t in enumerate(label))
+        assert abs(lp - want) < 1e-4
+
+
+def test_eos_stops_unless_ignored(model: Any, tokenizer: Any) -> None:
+    # Make the tiny model's first greedy token its EOS, so EOS must end the request.
+    first = generated_ids(
+        run_one(eng := make_engine(model, tokenizer), request(tokenizer, "the", n=1))
+    )[0]
+    eng.shutdown()
+    eng = make_engine(model, tokenizer, eos_token_ids=frozenset({first}))
+    try:
+        events = run_one(eng, request(tokenizer, "the", n=10, ignore_eos=False))
+        assert events[-1].finish.reason is StopReason.EOS_TOKEN
+        assert events[-1].finish.generated_tokens == 1
+        events = run_one(eng, request(tokenizer, "the", n=10, ignore_eos=True))
+        assert events[-1].finish.reason is StopReason.MAX_TOKENS
+    finally:
+        eng.shutdown()
+
+
+def test_a_failing_request_does_not_stop_the_engine(model: Any, tokenizer: Any) -> None:
+    """An exception while sampling one request fails that request only."""
+    eng = make_engine(model, tokenizer)
+    try:
+        bad = GenerationRequest(
+            request_id="bad",
+            prompt_ids=tuple(tokenizer("the")["input_ids"]),
+            # Such a temperature overflows the logits: torch.multinomial raises on NaN.
+            sampling=SamplingParams(do_sample=True, temperature=1e-40, seed=1),
+            stopping=StopParams(max_new_tokens=4),
+        )
+        c = Collector()
+        eng.submit(bad, c)
+        events = c.wait()
+        assert events[-1].error is not None
+        assert eng.stats().free_slots == 4
+        ok = run_one(eng, request(tokenizer, "the quick", n=3))
+        assert ok[-1].finish.reason is StopReason.MAX_TOKENS
+    finally:
+        eng.shutdown()
