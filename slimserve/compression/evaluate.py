@@ -85,8 +85,8 @@ def decode_speed(
     backend the server would choose; with `chunks`, also the perplexity that backend gives."""
     import tempfile
 
+    from slimserve.engine.backends.select import build_backend
     from slimserve.engine.config import ModelConfig
-    from slimserve.engine.loader import build_backend
     from slimserve.engine.scheduler import Engine, EngineConfig
     from slimserve.engine.types import GenerationRequest, SamplingParams, StopParams
 

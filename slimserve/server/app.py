@@ -23,7 +23,8 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from slimserve.engine.loader import BackendHook, ModelManager
+from slimserve.engine.loader import BackendHook
+from slimserve.engine.manager import ModelManager
 from slimserve.registry.store import Registry, parse_model_ref
 from slimserve.server.config import ServerConfig, TlsConfig
 from slimserve.server.interceptors import AuthInterceptor, InFlight, RequestInterceptor

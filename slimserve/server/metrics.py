@@ -16,7 +16,8 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 if TYPE_CHECKING:
-    from slimserve.engine.loader import LoadedModel, ModelManager
+    from slimserve.engine.loader import LoadedModel
+    from slimserve.engine.manager import ModelManager
     from slimserve.engine.types import Finish
 
 _LABELS = ("model", "version")

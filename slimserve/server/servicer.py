@@ -20,7 +20,8 @@ from slimserve.engine.errors import (
     Overloaded,
     UnknownModel,
 )
-from slimserve.engine.loader import LoadedModel, LoadFailed, ModelManager
+from slimserve.engine.loader import LoadedModel, LoadFailed
+from slimserve.engine.manager import ModelManager
 from slimserve.engine.scheduler import Handle
 from slimserve.engine.types import Event, GenerationRequest, StopReason
 from slimserve.registry.errors import IntegrityError, RegistryError

@@ -168,8 +168,8 @@ def test_a_width_and_depth_pruned_model_serves_alike_on_both_backends(tmp_path: 
 
 
 def test_odd_pruned_widths_serve_in_f32_and_are_refused_in_q8_0(tmp_path: Path) -> None:
+    from slimserve.engine.backends.select import build_backend
     from slimserve.engine.config import ModelConfig
-    from slimserve.engine.loader import build_backend
 
     tok = tiny_tokenizer()
     model = tiny_model(len(tok), seed=6, intermediate_size=100)  # as a pruned MLP may be

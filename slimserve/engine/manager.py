@@ -1,0 +1,149 @@
+"""The models one server holds: load beside, swap, retire, resolve a request's ref."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+
+from slimserve.engine.config import ModelConfig
+from slimserve.engine.errors import (
+    IntegrityFailure,
+    InvalidRequest,
+    NotReady,
+    UnknownModel,
+)
+from slimserve.engine.loader import BackendHook, LoadedModel, load
+from slimserve.registry.errors import IntegrityError, RegistryError
+from slimserve.registry.errors import ModelNotFound as RegistryNotFound
+from slimserve.registry.store import Registry, validate_alias
+
+log = logging.getLogger(__name__)
+
+
+class ModelManager:
+    """The models this server holds; resolves request refs to a loaded version."""
+
+    def __init__(
+        self,
+        registry: Registry,
+        config: ModelConfig,
+        *,
+        retire_grace_s: float = 60.0,
+        backend_hook: BackendHook | None = None,
+    ) -> None:
+        self.registry = registry
+        self.config = config
+        #: Seconds a swapped-out version keeps running for its in-flight requests.
+        self.retire_grace_s = retire_grace_s
+        self.backend_hook = backend_hook
+        self._models: dict[str, LoadedModel] = {}
+        self._default: str | None = None
+        self._lock = threading.Lock()
+        #: True while the server loads its configured models (requests get UNAVAILABLE).
+        self.loading = False
+
+    def load(self, name: str, ref: str = "", *, make_default: bool = False) -> LoadedModel:
+        """Load a version beside the current one, then swap (blocking; not on the loop).
+
+        In-flight requests finish on the version they started with; a load that fails
+        leaves the current version serving. Loading the version already served is a no-op.
+        """
+        _check_ref(ref)
+        try:
+            artifact = self.registry.get(name, ref)
+        except RegistryNotFound as exc:
+            raise UnknownModel(str(exc)) from exc
+        except IntegrityError as exc:
+            raise IntegrityFailure(str(exc)) from exc
+        except RegistryError as exc:
+            raise InvalidRequest("model", str(exc)) from exc
+        with self._lock:
+            current = self._models.get(name)
+            if current is not None and current.artifact.digest == artifact.digest:
+                if make_default:
+                    self._default = name
+                return current  # already serving this exact version
+        loaded = load(artifact, self.config, self.backend_hook)
+        with self._lock:
+            old = self._models.get(name)
+            self._models[name] = loaded
+            if make_default or self._default is None:
+                self._default = name
+        if old is not None:
+            threading.Thread(target=_retire, args=(old, self.retire_grace_s), daemon=True).start()
+        log.info("%s now serves %s", name, loaded.ref)
+        return loaded
+
+    def unload(self, name: str) -> None:
+        with self._lock:
+            old = self._models.pop(name, None)
+            if old is None:
+                raise UnknownModel(f"model {name!r} is not loaded")
+            if self._default == name:
+                self._default = next(iter(self._models), None)
+        _retire(old, self.retire_grace_s)
+
+    def get(self, name: str = "", ref: str = "") -> LoadedModel:
+        """The loaded model a request names; `ref` must resolve to the loaded version."""
+        with self._lock:
+            key = name or self._default
+            loaded = self._models.get(key) if key else None
+            loaded_names = sorted(self._models)
+        if loaded is None and self.loading:
+            raise NotReady("models are still loading; retry shortly")
+        if loaded is None:
+            what = f"model {name!r} is not loaded" if name else "no default model is loaded"
+            raise UnknownModel(f"{what} (loaded: {', '.join(loaded_names) or 'none'})")
+        if ref and ref != str(loaded.artifact.version):
+            if ref.isdigit():
+                raise UnknownModel(
+                    f"{loaded.name} version {ref} is not loaded (serving {loaded.ref})"
+                )
+            try:
+                validate_alias(ref) if ref != "latest" else None
+                version = self.registry.resolve(loaded.name, ref)
+            except (RegistryNotFound, RegistryError) as exc:
+                raise UnknownModel(str(exc)) from exc
+            if version != loaded.artifact.version:
+                raise UnknownModel(
+                    f"{loaded.name}@{ref} is version {version}, which is not loaded "
+                    f"(serving {loaded.ref})"
+                )
+        return loaded
+
+    def all(self) -> list[LoadedModel]:
+        with self._lock:
+            return list(self._models.values())
+
+    @property
+    def default_name(self) -> str | None:
+        return self._default
+
+    def shutdown(self) -> None:
+        with self._lock:
+            models = list(self._models.values())
+            self._models.clear()
+        for m in models:
+            m.engine.shutdown()
+
+
+def _check_ref(ref: str) -> None:
+    if ref in ("", "latest") or (ref.isascii() and ref.isdigit()):
+        return
+    try:
+        validate_alias(ref)
+    except RegistryError as exc:
+        raise InvalidRequest("ref", str(exc)) from exc
+
+
+def _retire(model: LoadedModel, grace_s: float = 60.0) -> None:
+    """Let in-flight requests finish on the old version, then stop its engine."""
+    deadline = time.monotonic() + grace_s
+    while time.monotonic() < deadline:
+        stats = model.engine.stats()
+        if stats.running == 0 and stats.queued == 0:
+            break
+        time.sleep(0.05)
+    model.engine.shutdown()
+    log.info("retired %s", model.ref)
