@@ -32,6 +32,8 @@ import torch
 import torch_pruning as tp
 from torch import nn
 
+from slimserve.engine.spec import head_dim_of
+
 log = logging.getLogger(__name__)
 
 Importance = Literal["magnitude", "activation", "taylor", "random"]
@@ -280,7 +282,7 @@ def _linear(layer: nn.Module, name: str) -> nn.Linear:
 def _shape(model: nn.Module) -> _Shape:
     cfg: Any = model.config
     heads, kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
-    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+    head_dim = head_dim_of(cfg)
     return _Shape(heads, kv_heads, head_dim, cfg.intermediate_size)
 
 

@@ -13,7 +13,6 @@ from typing import Any, cast
 import torch
 
 from slimserve.engine.backends.base import Backend
-from slimserve.engine.backends.hf import kv_bytes_per_token
 from slimserve.engine.backends.select import build_backend
 from slimserve.engine.config import ModelConfig
 from slimserve.engine.errors import (
@@ -21,6 +20,7 @@ from slimserve.engine.errors import (
     IntegrityFailure,
 )
 from slimserve.engine.scheduler import Engine, EngineConfig
+from slimserve.engine.spec import kv_bytes_per_token
 from slimserve.engine.types import GenerationRequest, SamplingParams, StopParams
 from slimserve.registry.artifact import load_model
 from slimserve.registry.errors import IntegrityError, RegistryError

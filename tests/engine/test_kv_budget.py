@@ -7,10 +7,10 @@ from typing import Any
 import pytest
 import torch
 
-from slimserve.engine.backends.hf import kv_bytes_per_token
 from slimserve.engine.backends.select import build_backend
 from slimserve.engine.config import ModelConfig
 from slimserve.engine.loader import context_length
+from slimserve.engine.spec import kv_bytes_per_token
 from tests.helpers import tiny_model
 
 

@@ -8,7 +8,8 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from slimserve.engine.backends.llama import LlamaBackend, LlamaShape, supports
+from slimserve.engine.backends.llama import LlamaBackend
+from slimserve.engine.spec import LlamaShape, supports
 
 VOCAB = 128
 ATOL = 1e-4  # fp32 against transformers' eager fp32 forward

@@ -70,13 +70,14 @@ def export_gguf(
     """
     import gguf
 
-    from slimserve.engine.backends.llama import LlamaShape
+    from slimserve.engine.spec import LlamaShape, gguf_unsupported_reason
 
     if weight_type not in GGUF_TYPES:
         raise ValueError(f"weight type {weight_type!r} is not one of {GGUF_TYPES}")
-    shape = LlamaShape.from_config(config)  # raises for what llama.cpp's llama arch lacks
-    if shape.rope["rope_type"] != "default":
-        raise ValueError(f"rope type {shape.rope['rope_type']!r} is not exported yet")
+    reason = gguf_unsupported_reason(config, weight_type)
+    if reason is not None:
+        raise ValueError(f"cannot export to GGUF: {reason}")
+    shape = LlamaShape.from_config(config)
     q = gguf.GGMLQuantizationType
     linear_type = {"q8_0": q.Q8_0, "q4_1": q.Q4_1, "f16": q.F16, "f32": q.F32}[weight_type]
     embed_type = {"q8_0": q.Q8_0, "q4_1": q.Q8_0, "f16": q.F16, "f32": q.F32}[weight_type]

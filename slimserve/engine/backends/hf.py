@@ -11,17 +11,10 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from slimserve.engine.spec import kv_bytes_per_token
+
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
-
-
-def kv_bytes_per_token(config: Any, dtype: torch.dtype) -> int:
-    """Bytes of K and V cache one token takes across all layers."""
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
-    heads = getattr(text, "num_key_value_heads", None) or text.num_attention_heads
-    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
-    elem = torch.empty((), dtype=dtype).element_size()
-    return int(2 * text.num_hidden_layers * heads * head_dim * elem)
 
 
 class HFBackend:

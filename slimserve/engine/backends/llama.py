@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F  # noqa: N812
 
 from slimserve.engine.backends.base import ScorePlan, check_ids, check_slot
+from slimserve.engine.spec import LlamaShape
 
 if TYPE_CHECKING:
     from torch import nn
@@ -36,91 +37,9 @@ if TYPE_CHECKING:
 WeightQuant = Literal["none", "int8"]
 
 _DTYPES = (torch.float32, torch.bfloat16)
-_ROPE_TYPES = ("default", "linear", "llama3")
 
 # (layer index, q (B, H, T, D), k (B, Hkv, T, D), v (B, Hkv, T, D)) -> (B, T, H * D)
 _Attention = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class LlamaShape:
-    """The dimensions of a Llama model, read from its Hugging Face config."""
-
-    n_layers: int
-    hidden_size: int
-    n_heads: int
-    n_kv_heads: int
-    head_dim: int
-    intermediate_size: int
-    vocab_size: int
-    rms_norm_eps: float
-    rope_theta: float
-    #: The rope type ("default", "linear", "llama3") and its parameters.
-    rope: Mapping[str, Any]
-    tie_word_embeddings: bool
-
-    @classmethod
-    def from_config(cls, config: Any) -> LlamaShape:
-        """Read a `LlamaConfig` (or anything with its attributes).
-
-        Raises:
-            ValueError: the config uses a feature this backend does not implement.
-        """
-        reason = unsupported_reason(config)
-        if reason is not None:
-            raise ValueError(f"LlamaBackend cannot run this model: {reason}")
-        rope = _rope_parameters(config)
-        n_heads = int(config.num_attention_heads)
-        return cls(
-            n_layers=int(config.num_hidden_layers),
-            hidden_size=int(config.hidden_size),
-            n_heads=n_heads,
-            n_kv_heads=int(getattr(config, "num_key_value_heads", None) or n_heads),
-            head_dim=int(getattr(config, "head_dim", None) or config.hidden_size // n_heads),
-            intermediate_size=int(config.intermediate_size),
-            vocab_size=int(config.vocab_size),
-            rms_norm_eps=float(config.rms_norm_eps),
-            rope_theta=float(rope["rope_theta"]),
-            rope=rope,
-            tie_word_embeddings=bool(getattr(config, "tie_word_embeddings", False)),
-        )
-
-
-def _rope_parameters(config: Any) -> dict[str, Any]:
-    """`config.rope_parameters` (transformers 5), else legacy `rope_theta` + `rope_scaling`."""
-    params = getattr(config, "rope_parameters", None)
-    if params is None:
-        params = dict(getattr(config, "rope_scaling", None) or {})
-        params.setdefault("rope_theta", getattr(config, "rope_theta", 10000.0))
-    params = dict(params)
-    params["rope_type"] = params.get("rope_type", params.get("type", "default"))
-    return params
-
-
-def unsupported_reason(config: Any) -> str | None:
-    """Why `config` cannot use `LlamaBackend`, or None when it can."""
-    if getattr(config, "model_type", None) != "llama":
-        return f"model_type is {getattr(config, 'model_type', None)!r}, not 'llama'"
-    if getattr(config, "hidden_act", "silu") != "silu":
-        return f"hidden_act {config.hidden_act!r} is not 'silu'"
-    for flag in ("attention_bias", "mlp_bias"):
-        if getattr(config, flag, False):
-            return f"{flag}=True is not implemented (only bias-free projections)"
-    rope = _rope_parameters(config)
-    if rope["rope_type"] not in _ROPE_TYPES:
-        return f"rope type {rope['rope_type']!r} is not one of {_ROPE_TYPES}"
-    if rope.get("partial_rotary_factor", 1.0) != 1.0:
-        return "partial_rotary_factor != 1.0 is not implemented"
-    n_heads = int(config.num_attention_heads)
-    n_kv = int(getattr(config, "num_key_value_heads", None) or n_heads)
-    if n_heads % n_kv != 0:
-        return f"num_attention_heads {n_heads} is not a multiple of num_key_value_heads {n_kv}"
-    return None
-
-
-def supports(config: Any) -> bool:
-    """Whether a Hugging Face config describes a model `LlamaBackend` can run."""
-    return unsupported_reason(config) is None
 
 
 def _inv_freq(shape: LlamaShape) -> torch.Tensor:

@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from slimserve.engine import spec
 from slimserve.engine.backends.base import ScorePlan, check_ids, check_slot
 from slimserve.engine.backends.gguf_export import GgufType, export_gguf
 
@@ -85,10 +86,7 @@ class LlamaCppBackend:
         self.max_seq_len = max_seq_len
         self.device = torch.device("cpu")
         self._n_layers = int(config.num_hidden_layers)
-        n_heads = int(config.num_attention_heads)
-        self._kv_dim = int(getattr(config, "num_key_value_heads", None) or n_heads) * int(
-            getattr(config, "head_dim", None) or config.hidden_size // n_heads
-        )
+        self._kv_dim = spec.kv_heads_of(config) * spec.head_dim_of(config)
         lc.llama_backend_init()
         lc.llama_log_set(_log_callback(), ctypes.c_void_p())
         with tempfile.TemporaryDirectory(prefix="slimserve-gguf-") as tmp:

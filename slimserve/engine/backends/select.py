@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 
+from slimserve.engine import spec
 from slimserve.engine.backends.base import Backend
 from slimserve.engine.backends.hf import HFBackend
 from slimserve.engine.config import ModelConfig
@@ -67,7 +68,7 @@ def build_backend(
 
     param = next(model.parameters())
     dtype = torch.float32 if param.dtype == torch.int8 else param.dtype
-    reason = llama.unsupported_reason(model.config)
+    reason = spec.unsupported_reason(model.config)
     scheme = torchao_scheme(model)
     if config.backend == "llamacpp" or (
         config.backend == "auto" and param.device.type == "cpu" and llamacpp.available()
@@ -129,7 +130,7 @@ def _llamacpp_unsupported(
     tokenizer_json: Path | None,
     weight_type: str,
 ) -> str | None:
-    from slimserve.engine.backends import llama, llamacpp
+    from slimserve.engine.backends import llamacpp
 
     if not llamacpp.available():
         return "llama-cpp-python is not installed (pip install 'slimserve[llamacpp]')"
@@ -141,17 +142,5 @@ def _llamacpp_unsupported(
         return f"torchao {scheme} has no GGUF equivalent"
     if tokenizer_json is None or not tokenizer_json.is_file():
         return "the artifact has no tokenizer.json"
-    cfg = model.config
-    n_heads = int(cfg.num_attention_heads)
-    head_dim = int(getattr(cfg, "head_dim", None) or cfg.hidden_size // n_heads)
-    dims = (int(cfg.hidden_size), int(cfg.intermediate_size), n_heads * head_dim)
     # Quantized GGUF blocks hold 32 weights of a row: a pruned width like 1229 does not split.
-    if weight_type in ("q8_0", "q4_1") and any(d % 32 for d in dims):
-        return (
-            f"{weight_type} needs hidden, intermediate and attention widths that are multiples "
-            f"of 32, and this model has {dims}"
-        )
-    rope = llama._rope_parameters(cfg)
-    if rope["rope_type"] != "default":
-        return f"rope type {rope['rope_type']!r} is not exported to GGUF yet"
-    return None
+    return spec.gguf_unsupported_reason(model.config, weight_type)
