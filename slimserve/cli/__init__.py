@@ -125,7 +125,7 @@ def cmd_registry(args: argparse.Namespace) -> int:
     name, ref = parse_model_ref(args.model)
     if args.action == "show":
         art = registry.get(name, ref)
-        print(json.dumps({"digest": art.digest, **art.manifest}, indent=2))
+        print(json.dumps({"digest": art.digest, **art.manifest.to_dict()}, indent=2))
     elif args.action == "verify":
         art = registry.get(name, ref)
         art.verify()
@@ -174,8 +174,8 @@ def cmd_compress(args: argparse.Namespace) -> int:
     target = args.to or name
     if args.skip_existing:
         for art in registry.artifacts():
-            r = art.manifest.get("recipe") or {}
-            same = r.get("digest") == recipe.digest and art.manifest.get("parent") == parent.ref
+            r = art.manifest.recipe
+            same = r.get("digest") == recipe.digest and art.manifest.parent == parent.ref
             if art.name == target and same:
                 print(f"{art.ref} already made from {parent.ref} by recipe {recipe.name}")
                 if args.alias:
@@ -196,7 +196,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
         art = compress(registry, job, update)
     if args.alias:
         registry.set_alias(art.name, args.alias, art.version)
-    m = art.manifest["metrics"]
+    m = art.manifest.metrics
     print(
         f"published {art.ref} (parent {parent.ref}, recipe {recipe.name}): "
         f"perplexity {m['perplexity']:.2f}, {m['parameters'] / 1e6:.1f} M params, "

@@ -146,7 +146,7 @@ def _train_source(path: Path | None) -> TextSource:
 def _load_parent(parent: Artifact, device: torch.device) -> tuple[Any, Any]:
     from slimserve.registry.artifact import load_model
 
-    if (parent.manifest.get("quantization") or {}).get("scheme", "none") != "none":
+    if parent.manifest.is_quantized:
         raise RecipeError(f"{parent.ref} is quantized; compress from an unquantized version")
     model, tok = load_model(parent, device=device, dtype=torch.float32)
     return model, tok
@@ -241,7 +241,7 @@ def compress(registry: Registry, job: CompressJob, progress: Progress | None = N
 
 
 def _inherited_metrics(parent: Artifact) -> dict[str, Any]:
-    known = parent.manifest.get("metrics") or {}
+    known = parent.manifest.metrics
     return {key: known[key] for key in INHERITED_METRICS if key in known}
 
 

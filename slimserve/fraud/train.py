@@ -275,7 +275,7 @@ def _full_precision_base(registry: Registry, ref: str) -> Artifact:
     from slimserve.registry.store import parse_model_ref
 
     base = registry.get(*parse_model_ref(ref))
-    scheme = (base.manifest.get("quantization") or {}).get("scheme", "none")
+    scheme = base.manifest.quantization_scheme
     if scheme != "none":
         raise ValueError(
             f"{base.ref} is quantized ({scheme}); fine-tune a full-precision version, "

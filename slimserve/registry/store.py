@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from slimserve.registry.errors import IntegrityError, InvalidName, ModelNotFound
+from slimserve.registry.manifest import Manifest
 
 MANIFEST = "manifest.json"
 ALIASES = "aliases.json"
@@ -107,9 +108,13 @@ class Artifact:
     name: str
     version: int
     path: Path
-    manifest: Mapping[str, Any]
+    manifest: Manifest
     #: sha256 of manifest.json's bytes: the artifact's identity.
     digest: str
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.manifest, Manifest):  # a plain dict from a caller
+            object.__setattr__(self, "manifest", Manifest(self.manifest))
 
     @property
     def ref(self) -> str:
@@ -117,8 +122,7 @@ class Artifact:
 
     @property
     def files(self) -> Mapping[str, Mapping[str, Any]]:
-        files: Mapping[str, Mapping[str, Any]] = self.manifest["files"]
-        return files
+        return self.manifest.files
 
     def verify(self) -> None:
         """Check every file's size and sha256 against the manifest.
@@ -209,7 +213,7 @@ class Registry:
             name=name,
             version=version,
             path=path,
-            manifest=manifest,
+            manifest=Manifest(manifest),
             digest=hashlib.sha256(raw).hexdigest(),
         )
 
@@ -319,20 +323,19 @@ class Registry:
 def describe(artifact: Artifact, aliases: list[str]) -> dict[str, Any]:
     """The summary `registry list --json` prints for one version."""
     m = artifact.manifest
-    recipe = m.get("recipe")
     return {
         "name": artifact.name,
         "version": artifact.version,
         "ref": artifact.ref,
         "aliases": aliases,
-        "parent": m.get("parent"),
-        "source": (m.get("source") or {}).get("uri"),
-        "recipe": {"name": recipe["name"]} if recipe else None,
+        "parent": m.parent,
+        "source": m.source_uri or None,
+        "recipe": {"name": m.recipe_name} if m.recipe else None,
         "digest": artifact.digest,
-        "created_at": m.get("created_at"),
-        "dtype": m.get("dtype"),
-        "quantization": (m.get("quantization") or {}).get("scheme", "none"),
+        "created_at": m.created_at,
+        "dtype": m.dtype,
+        "quantization": m.quantization_scheme,
         "parameters": m.get("parameters"),
-        "bytes": sum(int(f["size"]) for f in artifact.files.values()),
-        "metrics": m.get("metrics", {}),
+        "bytes": sum(int(f["size"]) for f in m.files.values()),
+        "metrics": dict(m.metrics),
     }

@@ -234,21 +234,20 @@ def unary_response(
 
 def model_info(model: LoadedModel, *, is_default: bool, aliases: list[str]) -> models_pb.ModelInfo:
     m = model.artifact.manifest
-    recipe = m.get("recipe") or {}
-    metrics = {k: float(v) for k, v in (m.get("metrics") or {}).items() if _is_number(v)}
+    metrics = {k: float(v) for k, v in m.metrics.items() if _is_number(v)}
     return models_pb.ModelInfo(
         name=model.name,
         version=model.artifact.version,
         aliases=aliases,
         digest=model.artifact.digest,
-        parent=m.get("parent") or "",
-        source=(m.get("source") or {}).get("uri", ""),
-        recipe=recipe.get("name", ""),
+        parent=m.parent or "",
+        source=m.source_uri,
+        recipe=m.recipe_name,
         device=str(model.device),
         dtype=str(model.dtype).removeprefix("torch."),
         backend=model.backend.name,
-        quantization=(m.get("quantization") or {}).get("scheme", "none"),
-        parameters=int(m.get("parameters") or 0),
+        quantization=m.quantization_scheme,
+        parameters=m.parameters,
         max_context=model.max_context,
         max_batch=model.backend.max_slots,
         kv_bytes_per_sequence=model.backend.kv_bytes_per_slot(),
