@@ -31,6 +31,11 @@ class ModelConfig:
     max_queue: int = 64
     #: Warm-up generation before reporting SERVING.
     warmup: bool = True
+    #: Run each model's engine in its own supervised process (the server then holds no
+    #: weights and survives a native crash). False runs it in the server process.
+    engine_process: bool = True
+    #: Extra backends as "module:factory" import paths, qualified and raced like the others.
+    backend_plugins: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
@@ -39,5 +44,8 @@ class ModelConfig:
             raise ValueError(f"max_batch must be >= 1, got {self.max_batch}")
         if self.max_seq_len < 0:
             raise ValueError(f"max_seq_len must be >= 0, got {self.max_seq_len}")
+        for plugin in self.backend_plugins:
+            if plugin.count(":") != 1 or not all(plugin.split(":")):
+                raise ValueError(f"backend plugin {plugin!r} must be 'module:factory'")
         if self.kv_cache_mb < 1:
             raise ValueError(f"kv_cache_mb must be >= 1, got {self.kv_cache_mb}")

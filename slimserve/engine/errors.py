@@ -2,10 +2,13 @@
 
 EngineError
 ├── InvalidRequest     INVALID_ARGUMENT  (names the offending field)
-├── UnknownModel      NOT_FOUND
+├── UnknownModel       NOT_FOUND
 ├── Overloaded         RESOURCE_EXHAUSTED
-├── NotReady           UNAVAILABLE       (loading, draining, shutting down)
-└── IntegrityFailure   DATA_LOSS         (an artifact fails its checksums)
+├── NotReady           UNAVAILABLE       (loading, draining, restarting after a crash)
+├── DeadlineExpired    DEADLINE_EXCEEDED
+├── IntegrityFailure   DATA_LOSS         (an artifact fails its checksums)
+├── LoadFailed         FAILED_PRECONDITION (verified files that do not make a servable model)
+└── EngineFailure      INTERNAL          (an unexpected error inside an engine process)
 """
 
 from __future__ import annotations
@@ -41,3 +44,11 @@ class DeadlineExpired(EngineError):
 
 class IntegrityFailure(EngineError):
     """An artifact's files do not match its manifest."""
+
+
+class LoadFailed(EngineError):
+    """A version passed its checksums but could not be loaded."""
+
+
+class EngineFailure(EngineError):
+    """An engine process reported an error of no domain kind (its message names it)."""

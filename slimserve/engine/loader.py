@@ -1,27 +1,38 @@
-"""Loading one model: registry artifact → weights on a device → backend → running engine."""
+"""Loading one model in this process: artifact → weights on a device → backend → engine.
+
+The engine process (`slimserve.engine.process`) calls `load` for the model it serves; so do
+in-process callers (evaluate, benchmarks, tests that wrap a backend). `LoadedModel` is what
+the server holds either way: the artifact, the tokenizer and an engine, local or remote.
+"""
 
 from __future__ import annotations
 
+import concurrent.futures
 import logging
+import os
 import threading
 import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any, Protocol, cast
 
 import torch
 
 from slimserve.engine.backends.base import Backend
-from slimserve.engine.backends.select import build_backend
+from slimserve.engine.backends.select import Plan, build_backend, plans_for
 from slimserve.engine.config import ModelConfig
-from slimserve.engine.errors import (
-    EngineError,
-    IntegrityFailure,
-)
-from slimserve.engine.scheduler import Engine, EngineConfig
+from slimserve.engine.errors import IntegrityFailure, LoadFailed
+from slimserve.engine.scheduler import Engine, EngineConfig, Sink
 from slimserve.engine.spec import kv_bytes_per_token
-from slimserve.engine.types import GenerationRequest, SamplingParams, StopParams
+from slimserve.engine.types import (
+    BackendInfo,
+    EngineInfo,
+    EngineStats,
+    GenerationRequest,
+    SamplingParams,
+    StopParams,
+)
 from slimserve.registry.artifact import load_model
 from slimserve.registry.errors import IntegrityError, RegistryError
 from slimserve.registry.store import Artifact
@@ -30,10 +41,6 @@ log = logging.getLogger(__name__)
 
 #: Wraps a freshly built backend (tests inject slow or failing devices through it).
 BackendHook = Callable[[Backend], Backend]
-
-
-class LoadFailed(EngineError):
-    """A version passed its checksums but could not be loaded (FAILED_PRECONDITION)."""
 
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -55,15 +62,35 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return _DTYPES[name]
 
 
+class EngineLike(Protocol):
+    """What the server calls on a model's engine, in this process or in its own."""
+
+    info: EngineInfo
+
+    def submit(self, req: GenerationRequest, sink: Sink) -> HandleLike: ...
+
+    def score(
+        self, prompt_ids: list[int], continuations: list[list[int]]
+    ) -> concurrent.futures.Future[list[float]]: ...
+
+    def stats(self) -> EngineStats: ...
+
+    def shutdown(self, timeout: float = 10.0) -> None: ...
+
+
+class HandleLike(Protocol):
+    request_id: str
+
+    def cancel(self) -> None: ...
+
+
 @dataclass(frozen=True, slots=True)
 class LoadedModel:
+    """One served version: its artifact, the tokenizer (in the server), and its engine."""
+
     artifact: Artifact
     tokenizer: Any
-    engine: Engine
-    backend: Backend
-    device: torch.device
-    dtype: torch.dtype
-    max_context: int
+    engine: EngineLike
     loaded_at: float
 
     @property
@@ -73,6 +100,27 @@ class LoadedModel:
     @property
     def ref(self) -> str:
         return self.artifact.ref
+
+    @property
+    def info(self) -> EngineInfo:
+        """How it is served now (a restarted engine process may serve by another plan)."""
+        return self.engine.info
+
+    @property
+    def backend(self) -> BackendInfo:
+        return self.engine.info.backend
+
+    @property
+    def device(self) -> torch.device:
+        return torch.device(self.engine.info.device)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return getattr(torch, self.engine.info.dtype)  # type: ignore[no-any-return]
+
+    @property
+    def max_context(self) -> int:
+        return self.engine.info.max_context
 
 
 _MIN_CONTEXT = 256
@@ -106,9 +154,13 @@ def context_length(model: Any, config: ModelConfig, dtype: torch.dtype) -> int:
 
 
 def load(
-    artifact: Artifact, config: ModelConfig, backend_hook: BackendHook | None = None
+    artifact: Artifact,
+    config: ModelConfig,
+    backend_hook: BackendHook | None = None,
+    plan: Plan | None = None,
+    refused: dict[str, str] | None = None,
 ) -> LoadedModel:
-    """Verify, load, build the backend, start the engine and warm it up.
+    """Verify, load, build the backend, start the engine in this process and warm it up.
 
     Raises:
         IntegrityFailure: a file fails its checksum.
@@ -119,7 +171,10 @@ def load(
     try:
         model, tokenizer = load_model(artifact, device=device, dtype=dtype)
         max_seq_len = context_length(model, config, dtype)
-        backend = build_backend(model, config, max_seq_len, artifact.path / "tokenizer.json")
+        if plan is None:
+            plans, refused = plans_for(model, config, artifact.path / "tokenizer.json")
+            plan = plans[0]
+        backend = build_backend(model, config, max_seq_len, artifact.path / "tokenizer.json", plan)
         eos = model.generation_config.eos_token_id if model.generation_config else None
         eos_ids = frozenset(eos if isinstance(eos, list) else [eos] if eos is not None else [])
     except IntegrityError as exc:
@@ -133,26 +188,50 @@ def load(
     _return_freed_memory()
     if backend_hook is not None:
         backend = backend_hook(backend)
+    info = EngineInfo(
+        backend=BackendInfo(
+            name=backend.name,
+            max_slots=backend.max_slots,
+            max_seq_len=backend.max_seq_len,
+            vocab_size=backend.vocab_size,
+            kv_bytes=backend.kv_bytes_per_slot(),
+        ),
+        plan=plan.key,
+        kernels=describe_plan(plan),
+        device=str(backend.device),
+        dtype=plan.dtype if plan.backend != "hf" else str(dtype).removeprefix("torch."),
+        max_context=max_seq_len,
+        threads=torch.get_num_threads(),
+        pid=os.getpid(),
+        in_process=True,
+        eos_token_ids=tuple(sorted(eos_ids)),
+        refused=dict(refused or {}),
+    )
     engine = Engine(
         backend,
         cast(Any, tokenizer),
         EngineConfig(max_queue=config.max_queue, eos_token_ids=eos_ids),
+        info=info,
     )
     engine.start()
     loaded = LoadedModel(
-        artifact=artifact,
-        tokenizer=tokenizer,
-        engine=engine,
-        backend=backend,
-        device=device,
-        dtype=dtype,
-        max_context=max_seq_len,
-        loaded_at=time.time(),
+        artifact=artifact, tokenizer=tokenizer, engine=engine, loaded_at=time.time()
     )
     if config.warmup:
         warm_up(loaded)
-    log.info("serving %s with backend %s on %s/%s", artifact.ref, backend.name, device, dtype)
+    log.info("serving %s with %s on %s/%s", artifact.ref, info.kernels, device, info.dtype)
     return loaded
+
+
+def describe_plan(plan: Plan) -> str:
+    """A plan in words, as `slimserve models` shows it."""
+    if plan.backend == "llamacpp":
+        return f"llama.cpp {plan.weights}, extra buffers {'on' if plan.extra_buffers else 'off'}"
+    if plan.backend == "llama":
+        return f"torch Llama {plan.dtype}" + (" int8 weights" if plan.weights == "int8" else "")
+    if plan.backend == "hf":
+        return f"transformers eager {plan.dtype}"
+    return f"plugin {plan.backend}"
 
 
 def _return_freed_memory() -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import collections
 import concurrent.futures
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -25,6 +26,8 @@ from slimserve.engine.errors import NotReady, Overloaded
 from slimserve.engine.sampling import make_generator, select, token_logprob
 from slimserve.engine.text import Decoder, IncrementalDetokenizer, StopMatcher
 from slimserve.engine.types import (
+    BackendInfo,
+    EngineInfo,
     EngineStats,
     Event,
     Finish,
@@ -53,6 +56,26 @@ class EngineConfig:
     def __post_init__(self) -> None:
         if self.max_queue < 0:
             raise ValueError(f"max_queue must be >= 0, got {self.max_queue}")
+
+
+def _bare_info(backend: Backend) -> EngineInfo:
+    return EngineInfo(
+        backend=BackendInfo(
+            name=backend.name,
+            max_slots=backend.max_slots,
+            max_seq_len=backend.max_seq_len,
+            vocab_size=backend.vocab_size,
+            kv_bytes=backend.kv_bytes_per_slot(),
+        ),
+        plan=backend.name,
+        kernels=backend.name,
+        device=str(backend.device),
+        dtype="float32",
+        max_context=backend.max_seq_len,
+        threads=torch.get_num_threads(),
+        pid=os.getpid(),
+        in_process=True,
+    )
 
 
 class Handle:
@@ -117,8 +140,16 @@ class _Sequence:
 class Engine:
     """Continuous batching over one backend. Thread-safe `submit`, `score` and `cancel`."""
 
-    def __init__(self, backend: Backend, tokenizer: Tokenizer, config: EngineConfig) -> None:
+    def __init__(
+        self,
+        backend: Backend,
+        tokenizer: Tokenizer,
+        config: EngineConfig,
+        info: EngineInfo | None = None,
+    ) -> None:
         self.backend = backend
+        #: How this engine serves (set by the loader; tests that build an engine may omit it).
+        self.info: EngineInfo = info or _bare_info(backend)
         self.tokenizer = tokenizer
         self.config = config
         eos = set(config.eos_token_ids)

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
+from typing import Any
 
 
 class StopReason(enum.Enum):
@@ -96,3 +97,57 @@ class EngineStats:
     steps: int = 0
     generated_tokens: int = 0
     finished: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class BackendInfo:
+    """What the server needs to know of a backend that may live in another process."""
+
+    name: str
+    max_slots: int
+    max_seq_len: int
+    vocab_size: int
+    kv_bytes: int
+
+    def kv_bytes_per_slot(self) -> int:
+        return self.kv_bytes
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class EngineInfo:
+    """How one model is being served: by which plan, where, and what was refused."""
+
+    backend: BackendInfo
+    #: The serving plan's key ("llamacpp/q8_0/extra-on", "llama/bfloat16", ...).
+    plan: str
+    #: The kernels in words ("llama.cpp q8_0, extra buffers on").
+    kernels: str
+    device: str
+    dtype: str
+    #: Tokens per sequence (prompt + generated).
+    max_context: int
+    #: Threads of the forward pass (torch intra-op or llama.cpp).
+    threads: int
+    #: The engine process's pid (the server's own when in-process).
+    pid: int
+    in_process: bool
+    eos_token_ids: tuple[int, ...] = ()
+    #: Plan or backend -> why it does not serve here (refused, crashed, slower, worse).
+    refused: dict[str, str] = field(default_factory=dict)
+    #: The serving plan's measurements (decode tokens/s, perplexity ratio, ...).
+    measured: dict[str, float] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["eos_token_ids"] = list(self.eos_token_ids)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> EngineInfo:
+        return cls(
+            **{
+                **d,
+                "backend": BackendInfo(**d["backend"]),
+                "eos_token_ids": tuple(d["eos_token_ids"]),
+            }
+        )

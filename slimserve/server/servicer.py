@@ -16,13 +16,13 @@ from slimserve.engine.errors import (
     DeadlineExpired,
     IntegrityFailure,
     InvalidRequest,
+    LoadFailed,
     NotReady,
     Overloaded,
     UnknownModel,
 )
-from slimserve.engine.loader import LoadedModel, LoadFailed
+from slimserve.engine.loader import HandleLike, LoadedModel
 from slimserve.engine.manager import ModelManager
-from slimserve.engine.scheduler import Handle
 from slimserve.engine.types import Event, GenerationRequest, StopReason
 from slimserve.registry.errors import IntegrityError, RegistryError
 from slimserve.server import convert, logs
@@ -114,7 +114,7 @@ class GenerationServicer(gen_grpc.GenerationServiceServicer):
 
     def _start(
         self, request: gen_pb.GenerateRequest, context: grpc.aio.ServicerContext, queue: _EventQueue
-    ) -> tuple[LoadedModel, GenerationRequest, Handle]:
+    ) -> tuple[LoadedModel, GenerationRequest, HandleLike]:
         """Resolve the model and submit. A swap can retire the version between the two
         steps; then the request goes to the version now serving (once)."""
         rid = request_id(context)

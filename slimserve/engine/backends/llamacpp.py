@@ -65,6 +65,7 @@ class LlamaCppBackend:
         max_seq_len: int,
         threads: int,
         weight_type: GgufType = "q8_0",
+        extra_buffers: bool = True,
     ) -> None:
         """Convert the weights, load them into llama.cpp and allocate the KV cache.
 
@@ -81,6 +82,8 @@ class LlamaCppBackend:
             )
         self.lc = lc
         self.name = f"llama.cpp-{weight_type}"
+        #: Repacked / AMX weight buffers: faster kernels, qualified per CPU before serving.
+        self.extra_buffers = extra_buffers
         self.weight_type = weight_type
         self.max_slots = max_slots
         self.max_seq_len = max_seq_len
@@ -93,7 +96,9 @@ class LlamaCppBackend:
             path = export_gguf(config, state_dict, tokenizer_json, Path(tmp) / "model.gguf",
                                weight_type)  # fmt: skip
             params = lc.llama_model_default_params()
-            params.use_mmap = False  # read into memory: the file goes with the directory
+            # Read into memory: the file goes with the directory.
+            _set_field(params, "load_mode", lc.LLAMA_LOAD_MODE_NONE)
+            _set_field(params, "use_extra_bufts", extra_buffers)
             self._model = lc.llama_model_load_from_file(str(path).encode(), params)
         if not self._model:
             raise ValueError("llama.cpp could not load the exported model")
@@ -139,6 +144,8 @@ class LlamaCppBackend:
 
     def _run(self, entries: list[tuple[int, int, int, bool]]) -> int:
         """One llama_decode over (token, position, sequence, wants logits); returns outputs."""
+        if len(entries) > _BATCH_TOKENS:  # the ctypes batch holds no more: never write past it
+            raise ValueError(f"{len(entries)} tokens in one llama_decode > {_BATCH_TOKENS}")
         b = self._batch
         for i, (tok, pos, seq, want) in enumerate(entries):
             b.token[i] = tok
@@ -232,8 +239,14 @@ class LlamaCppBackend:
                     if want:
                         order.append((r, pos))
             try:
-                n = self._run(entries)
-                logprobs = torch.log_softmax(self._logits(n).double(), dim=-1)
+                # A group may hold more tokens than one batch (max_seq_len > _BATCH_TOKENS):
+                # it runs in chunks, each sequence's cache carrying over between them.
+                outs = []
+                for at in range(0, len(entries), _BATCH_TOKENS):
+                    n = self._run(entries[at : at + _BATCH_TOKENS])
+                    if n:
+                        outs.append(self._logits(n))
+                logprobs = torch.log_softmax(torch.cat(outs).double(), dim=-1)
             finally:  # scratch sequences are always left empty for the next group
                 for k in range(len(group)):
                     self.lc.llama_memory_seq_rm(self._mem, self.max_slots + k, -1, -1)
@@ -256,6 +269,14 @@ class LlamaCppBackend:
 
 
 _GGML_LOG_ERROR = 4
+
+
+def _set_field(struct: Any, name: str, value: Any) -> None:
+    """Set a ctypes struct field, refusing a name the struct lacks: plain attribute
+    assignment on a ctypes Structure creates a Python attribute that llama.cpp never sees."""
+    if name not in {f[0] for f in type(struct)._fields_}:
+        raise AttributeError(f"{type(struct).__name__} has no field {name!r} in this llama.cpp")
+    setattr(struct, name, value)
 
 
 @functools.cache  # one callback for the process, kept alive: llama.cpp holds the pointer

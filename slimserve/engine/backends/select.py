@@ -1,9 +1,20 @@
-"""Which backend serves a loaded model: llama.cpp, the static-cache Llama forward, or eager."""
+"""The ways a loaded model can be served (`Plan`s), and building the backend for one.
+
+A plan names a backend, its weight format and its kernels: llama.cpp with a GGUF type and
+its extra (repacked, AMX) weight buffers on or off, the static-cache Llama forward in
+float32, bfloat16 or int8, the eager Hugging Face forward, or a backend plugin named by
+import path. `plans_for` lists what an artifact allows on this machine, with the reason for
+each refusal; which of them serves is decided by measurement (`slimserve.engine.qualify`).
+`build_backend(..., plan=None)` keeps the static choice for in-process callers (evaluate,
+benchmarks). Imports torch and engine modules only.
+"""
 
 from __future__ import annotations
 
+import importlib
 import logging
 from collections.abc import Iterator, Mapping
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -13,11 +24,11 @@ from slimserve.engine import spec
 from slimserve.engine.backends.base import Backend
 from slimserve.engine.backends.hf import HFBackend
 from slimserve.engine.config import ModelConfig
+from slimserve.engine.machine import cpu_info, llamacpp_build_problem
 
 log = logging.getLogger(__name__)
 
 
-#: Wraps a freshly built backend (tests inject slow or failing devices through it).
 def torchao_scheme(model: Any) -> str | None:
     """The torchao config type a model was quantized with (e.g. "Int8WeightOnlyConfig")."""
     qc = getattr(model.config, "quantization_config", None)
@@ -56,50 +67,142 @@ class _DequantizedStateDict(Mapping[str, torch.Tensor]):
         return len(self._sd)
 
 
-def build_backend(
-    model: Any, config: ModelConfig, max_seq_len: int, tokenizer_json: Path | None = None
-) -> Backend:
-    """The fastest backend that supports this model, or the eager one.
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Plan:
+    """One way to serve an artifact."""
 
-    "auto" on CPU is llama.cpp when llama-cpp-python is installed and the model is a Llama
-    whose weights export to GGUF; else the static-cache Llama forward in torch; else eager.
+    #: "llamacpp", "llama" (torch static cache), "hf" (eager), or "module:factory", a plugin
+    #: called as factory(model, config, max_seq_len, tokenizer_json) -> Backend.
+    backend: str
+    #: llama.cpp: the GGUF type of linear weights; llama: "int8" or "none".
+    weights: str = "none"
+    #: The torch dtype of weights and activations ("float32" or "bfloat16").
+    dtype: str = "float32"
+    #: llama.cpp: repacked / AMX weight buffers (the fast kernels this CPU qualifies for).
+    extra_buffers: bool = False
+
+    @property
+    def key(self) -> str:
+        if self.backend == "llamacpp":
+            return f"llamacpp/{self.weights}/extra-{'on' if self.extra_buffers else 'off'}"
+        if self.backend == "llama":
+            return f"llama/{self.dtype}" + ("/int8" if self.weights == "int8" else "")
+        return f"{self.backend}/{self.dtype}"
+
+    @property
+    def trusted(self) -> bool:
+        """The float32 torch forwards are the reference every other plan is checked against."""
+        return self.backend in ("llama", "hf") and self.dtype == "float32"
+
+    def to_dict(self) -> dict[str, object]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, object]) -> Plan:
+        return cls(
+            backend=str(d["backend"]),
+            weights=str(d.get("weights", "none")),
+            dtype=str(d.get("dtype", "float32")),
+            extra_buffers=bool(d.get("extra_buffers", False)),
+        )
+
+
+def _gguf_weights(config: ModelConfig, scheme: str | None, dtype: torch.dtype) -> str:
+    if config.gguf_type != "auto":
+        return config.gguf_type
+    if scheme == "Int8WeightOnlyConfig":
+        return "q8_0"
+    return "f32" if dtype == torch.float32 else "f16"
+
+
+def plans_for(
+    model: Any, config: ModelConfig, tokenizer_json: Path | None
+) -> tuple[list[Plan], dict[str, str]]:
+    """The plans this model can be served with here, in the static order of preference, and
+    why each other backend is refused (backend or plan key -> reason)."""
+    param = next(model.parameters())
+    dtype = torch.float32 if param.dtype == torch.int8 else param.dtype
+    scheme = torchao_scheme(model)
+    llama_reason = spec.unsupported_reason(model.config)
+    plans: list[Plan] = []
+    refused: dict[str, str] = {}
+    for factory in config.backend_plugins:
+        plans.append(Plan(backend=factory, dtype=str(dtype).removeprefix("torch.")))
+    if config.backend in ("auto", "llamacpp"):
+        weights = _gguf_weights(config, scheme, dtype)
+        why = _llamacpp_unsupported(model, llama_reason, scheme, tokenizer_json, weights)
+        if why is None:
+            plans += [
+                Plan(backend="llamacpp", weights=weights, extra_buffers=x) for x in (True, False)
+            ]
+        else:
+            refused["llamacpp"] = why
+    if config.backend in ("auto", "llama"):
+        why = llama_reason
+        if why is None and dtype not in (torch.float32, torch.bfloat16):
+            why = f"dtype {dtype} (float32 or bfloat16 only)"
+        if why is None and scheme not in (None, "Int8WeightOnlyConfig"):
+            why = f"torchao {scheme} runs on torchao's own kernels"
+        if why is None:
+            weights = "int8" if scheme == "Int8WeightOnlyConfig" else "none"
+            base = str(dtype).removeprefix("torch.")
+            plans.append(Plan(backend="llama", weights=weights, dtype=base))
+            if config.dtype == "auto" and base == "float32" and param.device.type == "cpu":
+                if cpu_info().has_native_bf16 and weights == "none":
+                    plans.append(Plan(backend="llama", dtype="bfloat16"))
+                else:
+                    refused["llama/bfloat16"] = "this CPU has no native bfloat16 (AVX512-BF16/AMX)"
+        else:
+            refused["llama"] = why
+    if config.backend in ("auto", "hf"):
+        plans.append(Plan(backend="hf", dtype=str(dtype).removeprefix("torch.")))
+    if not plans:
+        raise ValueError(f"backend {config.backend!r} cannot serve this model: {refused}")
+    return plans, refused
+
+
+def build_backend(
+    model: Any,
+    config: ModelConfig,
+    max_seq_len: int,
+    tokenizer_json: Path | None = None,
+    plan: Plan | None = None,
+) -> Backend:
+    """The backend for `plan`; without one, the first plan `plans_for` lists.
+
+    Raises:
+        ValueError: the model cannot be served by the configured backend or the plan.
     """
+    if plan is None:
+        plans, refused = plans_for(model, config, tokenizer_json)
+        for key, why in refused.items():
+            log.info("not using %s: %s", key, why)
+        plan = plans[0]
+    return _build(plan, model, config, max_seq_len, tokenizer_json)
+
+
+def _build(
+    plan: Plan, model: Any, config: ModelConfig, max_seq_len: int, tokenizer_json: Path | None
+) -> Backend:
     from slimserve.engine.backends import llama, llamacpp
 
     param = next(model.parameters())
-    dtype = torch.float32 if param.dtype == torch.int8 else param.dtype
-    reason = spec.unsupported_reason(model.config)
-    scheme = torchao_scheme(model)
-    if config.backend == "llamacpp" or (
-        config.backend == "auto" and param.device.type == "cpu" and llamacpp.available()
-    ):
-        weight_type = config.gguf_type
-        if weight_type == "auto":
-            int8 = scheme == "Int8WeightOnlyConfig"
-            weight_type = "q8_0" if int8 else "f32" if dtype == torch.float32 else "f16"
-        why = _llamacpp_unsupported(model, reason, scheme, tokenizer_json, weight_type)
-        if why is None:
-            assert tokenizer_json is not None
-            return llamacpp.LlamaCppBackend(
-                model.config,
-                _DequantizedStateDict(model),
-                tokenizer_json,
-                max_slots=config.max_batch,
-                max_seq_len=max_seq_len,
-                threads=torch.get_num_threads(),  # what `serve --threads` set
-                weight_type=weight_type,
-            )
-        if config.backend == "llamacpp":
-            raise ValueError(f"backend 'llamacpp' cannot serve this model: {why}")
-        log.info("not using llama.cpp: %s", why)
-    if reason is None and dtype not in (torch.float32, torch.bfloat16):
-        reason = f"dtype {dtype} (float32 or bfloat16 only)"
-    if reason is None and scheme not in (None, "Int8WeightOnlyConfig"):
-        reason = f"torchao {scheme} runs on torchao's own kernels"
-    if config.backend == "llama" and reason is not None:
-        raise ValueError(f"backend 'llama' cannot serve this model: {reason}")
-    if config.backend in ("auto", "llama") and reason is None:
-        if scheme == "Int8WeightOnlyConfig":
+    if plan.backend == "llamacpp":
+        if tokenizer_json is None:
+            raise ValueError("llama.cpp needs the artifact's tokenizer.json")
+        return llamacpp.LlamaCppBackend(
+            model.config,
+            _DequantizedStateDict(model),
+            tokenizer_json,
+            max_slots=config.max_batch,
+            max_seq_len=max_seq_len,
+            threads=torch.get_num_threads(),  # what `serve --threads` set
+            weight_type=plan.weights,  # type: ignore[arg-type]
+            extra_buffers=plan.extra_buffers,
+        )
+    if plan.backend == "llama":
+        dtype = getattr(torch, plan.dtype)
+        if plan.weights == "int8":
             # Per-row int8 dequantizes exactly to q * scale; the backend re-derives the same
             # int8 values and runs them on aten._weight_int8pack_mm.
             return llama.LlamaBackend(
@@ -112,15 +215,15 @@ def build_backend(
                 weight_quant="int8",
             )
         return llama.LlamaBackend.from_model(
-            model,
-            max_slots=config.max_batch,
-            max_seq_len=max_seq_len,
-            dtype=dtype,
+            model, max_slots=config.max_batch, max_seq_len=max_seq_len, dtype=dtype,
             device=param.device,
-        )
-    if reason is not None:
-        log.info("using the eager backend: %s", reason)
-    return HFBackend(model, max_slots=config.max_batch, max_seq_len=max_seq_len)
+        )  # fmt: skip
+    if plan.backend == "hf":
+        return HFBackend(model, max_slots=config.max_batch, max_seq_len=max_seq_len)
+    module, _, attr = plan.backend.partition(":")
+    factory = getattr(importlib.import_module(module), attr)
+    backend: Backend = factory(model, config, max_seq_len, tokenizer_json)
+    return backend
 
 
 def _llamacpp_unsupported(
@@ -134,6 +237,9 @@ def _llamacpp_unsupported(
 
     if not llamacpp.available():
         return "llama-cpp-python is not installed (pip install 'slimserve[llamacpp]')"
+    build = llamacpp_build_problem()
+    if build is not None:
+        return build
     if next(model.parameters()).device.type != "cpu":
         return "llama.cpp serves on the CPU only here"
     if reason is not None:
