@@ -1,12 +1,24 @@
-"""Typed gRPC clients for slimserve. Importing this package never imports torch."""
+"""Typed gRPC clients for slimserve: `Client` (blocking) and `AsyncClient` (asyncio), on one
+`BaseClient` that builds every call, so both offer the same methods and retry policy.
 
-from slimserve.clients.client import AsyncClient, Client
+Results are dataclasses from `slimserve.clients.types`; failures are `ClientError` subclasses
+from `slimserve.clients.errors`, never raw `grpc.RpcError`s. Unary calls are retried on
+UNAVAILABLE with exponential backoff; streams only before their first message arrives.
+
+Imports grpc, protobuf and `slimserve.v1` only, so it never imports torch.
+"""
+
+from slimserve.clients._base import BaseClient, tls_credentials
+from slimserve.clients._convert import Prompt
+from slimserve.clients._target import channel_target
+from slimserve.clients.aio import AsyncClient
 from slimserve.clients.errors import (
     Cancelled,
     ClientError,
     DataLoss,
     DeadlineExceeded,
     FailedPrecondition,
+    InsecureToken,
     InvalidArgument,
     NotFound,
     Overloaded,
@@ -15,6 +27,7 @@ from slimserve.clients.errors import (
     Unauthenticated,
     Unavailable,
 )
+from slimserve.clients.sync import Client
 from slimserve.clients.types import (
     ChatMessage,
     Generation,
@@ -29,6 +42,7 @@ from slimserve.clients.types import (
 
 __all__ = [
     "AsyncClient",
+    "BaseClient",
     "Cancelled",
     "ChatMessage",
     "Client",
@@ -37,12 +51,14 @@ __all__ = [
     "DeadlineExceeded",
     "FailedPrecondition",
     "Generation",
+    "InsecureToken",
     "InvalidArgument",
     "LabelScore",
     "ModelInfo",
     "NotFound",
     "Overloaded",
     "PermissionDenied",
+    "Prompt",
     "Sampling",
     "ScoreResult",
     "ServerError",
@@ -51,4 +67,6 @@ __all__ = [
     "TokenLogprob",
     "Unauthenticated",
     "Unavailable",
+    "channel_target",
+    "tls_credentials",
 ]

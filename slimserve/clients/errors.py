@@ -10,11 +10,15 @@ ClientError
 ├── DeadlineExceeded     DEADLINE_EXCEEDED
 ├── Cancelled            CANCELLED
 ├── DataLoss             DATA_LOSS (an artifact failed its checksums)
-└── ServerError          INTERNAL and anything else
+├── ServerError          INTERNAL and anything else
+│   └── FailedPrecondition FAILED_PRECONDITION
+└── InsecureToken        raised by the client itself, before any connection: a bearer
+                         token would cross the network in clear text
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import grpc
@@ -66,6 +70,22 @@ class ServerError(ClientError): ...
 class FailedPrecondition(ServerError):
     """The system is not in a state the call needs: a version that could not be loaded, or
     a model that does not fit the client. A ServerError, as it was before it had a class."""
+
+
+class InsecureToken(ClientError):
+    """A bearer token was given for a plain-text channel to another host, where anyone on
+    the path could read it. Use TLS (`credentials=tls_credentials(...)`), or pass
+    `allow_insecure_token=True` where the network is trusted (a private mesh that encrypts).
+    """
+
+    def __init__(self, target: str | Sequence[str]) -> None:
+        super().__init__(
+            "FAILED_PRECONDITION",
+            f"refusing to send a bearer token without TLS to {target!r}, which is not this "
+            "host: pass credentials=tls_credentials(ca=...) (the CLI: --tls-ca), or "
+            "allow_insecure_token=True if the network between is trusted",
+        )
+        self.target = target
 
 
 _BY_CODE: dict[grpc.StatusCode, type[ClientError]] = {
