@@ -27,6 +27,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from slimserve.compression.data import pydoc_topics, token_chunks
 from slimserve.compression.distill import DistillConfig, distill_
+from slimserve.compression.progress import ProgressEvent
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -105,9 +106,9 @@ def time_cell(
     marks: list[tuple[float, float]] = []
     losses: list[float] = []
 
-    def progress(step: int, total: int, metrics: dict[str, float]) -> None:
+    def progress(event: ProgressEvent) -> None:  # every step: log_every=1
         marks.append((time.perf_counter(), time.process_time()))
-        losses.append(metrics["loss"])
+        losses.append(event.metrics["loss"])
 
     start = (time.perf_counter(), time.process_time())
     distill_(student, teacher, batches, config, checkpoint_dir=None, progress=progress)

@@ -88,17 +88,9 @@ def main() -> None:
     teacher, student = tiny_teacher(), tiny_llama(seed=0)
     batches = token_batches(seed=3, n=64)
     config = distill_config(steps=args.steps, checkpoint_every=args.steps)
-    losses: list[float] = []
-    report = distill_(
-        student,
-        teacher,
-        batches,
-        config,
-        checkpoint_dir=args.out / "ckpt",
-        progress=lambda step, total, m: losses.append(m["loss"]),
-    )
+    report = distill_(student, teacher, batches, config, checkpoint_dir=args.out / "ckpt")
     rank = report.rank  # distill_ has destroyed the process group it created
-    record = {"rank": rank, "world_size": report.world_size, "losses": losses}
+    record = {"rank": rank, "world_size": report.world_size, "losses": list(report.losses)}
     (args.out / f"rank{rank}.json").write_text(json.dumps(record))
     if rank == 0:
         from safetensors.torch import save_model

@@ -15,17 +15,12 @@ import torch
 from safetensors.torch import load_file
 from transformers import LlamaForCausalLM
 
-from slimserve.compression.distill import (
-    CheckpointMismatchError,
-    DistillConfig,
-    distill_,
-    kd_loss,
-    latest_checkpoint,
-    lr_at,
-    sample_indices,
-    teacher_generate_batches,
-)
-from slimserve.compression.errors import CompressionError
+from slimserve.compression.checkpoint import latest_checkpoint
+from slimserve.compression.distill import DistillConfig, distill_, kd_loss
+from slimserve.compression.distill_data import sample_indices, teacher_generate_batches
+from slimserve.compression.errors import CheckpointMismatchError, CompressionError
+from slimserve.compression.progress import ProgressEvent
+from slimserve.compression.training import lr_factor
 from slimserve.registry.errors import IntegrityError
 from tests.compression.ddp_distill_main import (
     SEQ_LEN,
@@ -96,12 +91,12 @@ def test_loss_falls_and_student_approaches_teacher(
 def test_resume_after_interruption_matches_uninterrupted_run(
     teacher: LlamaForCausalLM, batches: torch.Tensor, tmp_path: Path
 ) -> None:
-    config = distill_config(steps=12, checkpoint_every=5)
+    config = distill_config(steps=12, checkpoint_every=5, log_every=1)
     straight = tiny_llama(seed=0)
     distill_(straight, teacher, batches, config, checkpoint_dir=None)
 
-    def stop_at_7(step: int, total: int, metrics: dict[str, float]) -> None:
-        if step == 7:
+    def stop_at_7(event: ProgressEvent) -> None:
+        if event.done == 7:
             raise _InterruptError
 
     ckpt = tmp_path / "ckpt"
@@ -207,6 +202,11 @@ def test_bf16_autocast_keeps_fp32_weights_and_finite_loss(
     assert {p.dtype for p in student.parameters()} == {torch.float32}
 
 
+def test_a_version_1_config_still_loads() -> None:
+    old = {**distill_config().to_dict(), "version": 1}
+    assert DistillConfig.from_dict(old) == distill_config()
+
+
 def test_config_round_trip_and_unknown_key() -> None:
     config = distill_config(max_minutes=2.5, decay="linear", max_grad_norm=None)
     as_json = json.loads(json.dumps(config.to_dict()))
@@ -230,13 +230,15 @@ def test_config_round_trip_and_unknown_key() -> None:
         ("temperature", 0),
         ("alpha", 1.5),
         ("max_minutes", -1.0),
-        ("max_grad_norm", 0.0),
+        ("max_minutes", 0.0),  # no limit is None
+        ("max_grad_norm", 0.0),  # no clipping is None
         ("checkpoint_every", 0),
         ("seed", -1),
         ("log_every", 0),
         ("decay", "step"),
         ("autocast_bf16", 1),
-        ("version", 2),
+        ("version", 1),  # read by from_dict, which upgrades it
+        ("version", 3),
     ],
 )
 def test_config_validation_names_the_field(field: str, value: object) -> None:
@@ -246,10 +248,10 @@ def test_config_validation_names_the_field(field: str, value: object) -> None:
 
 def test_lr_schedule_warms_up_then_decays() -> None:
     config = distill_config(steps=10, warmup_steps=2, lr=1.0, min_lr_ratio=0.1)
-    lrs = [lr_at(step, config) for step in range(10)]
+    lrs = [config.lr * lr_factor(config, step, 0.0) for step in range(10)]
     assert lrs[:3] == [0.5, 1.0, 1.0]
     assert all(a >= b for a, b in itertools.pairwise(lrs[2:]))
-    assert lrs[-1] > 0.1 and lr_at(10, config) == pytest.approx(0.1)
+    assert lrs[-1] > 0.1 and config.lr * lr_factor(config, 10, 0.0) == pytest.approx(0.1)
 
 
 def test_sample_indices_cover_each_epoch_and_are_seeded() -> None:
