@@ -1,25 +1,28 @@
-"""Evaluation: perplexity on held-out text, size, and speed through the serving engine."""
+"""Evaluation: perplexity on held-out text, size, and speed through the serving engine.
+
+The recipe's ``evaluate`` stage, which measures the saved artifact and changes nothing.
+Imports ``.data``, ``.stage`` and (inside ``decode_speed``) the engine.
+"""
 
 from __future__ import annotations
 
 import math
 import threading
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from slimserve.compression.data import TextSource, load_text_file, pydoc_topics, token_chunks
+from slimserve.compression.stage import StageConfig, StageContext, StageOutcome, StageSpec
 
-CONFIG_VERSION = 1
 _SPEED_PROMPT = "Write a short story about a lighthouse keeper who finds a message in a bottle."
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class EvaluateConfig:
-    version: int = CONFIG_VERSION
+class EvaluateConfig(StageConfig):
     seq_len: int = 256
     max_chunks: int = 32
     #: Tokens generated for the speed measurement (greedy, EOS ignored); 0 skips it.
@@ -27,25 +30,12 @@ class EvaluateConfig:
     #: Speed runs; the median is reported.
     speed_repeats: int = 3
 
-    def __post_init__(self) -> None:
-        if self.version != CONFIG_VERSION:
-            raise ValueError(f"EvaluateConfig version={self.version} is not supported (use 1)")
+    def validate(self) -> None:
         for name, low in (("seq_len", 8), ("max_chunks", 1), ("speed_tokens", 0)):
             if getattr(self, name) < low:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= {low}")
         if self.speed_repeats < 1:
             raise ValueError(f"speed_repeats={self.speed_repeats} must be >= 1")
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> EvaluateConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"unknown EvaluateConfig keys {unknown}; allowed: {sorted(known)}")
-        return cls(**data)
 
 
 def eval_source(path: Path | None) -> TextSource:
@@ -171,3 +161,14 @@ def evaluate(
     if config.speed_tokens:
         out.update(decode_speed(model, tokenizer, config, chunks))
     return out
+
+
+def run_evaluate(
+    model: Any, tokenizer: Any, config: EvaluateConfig, ctx: StageContext
+) -> StageOutcome:
+    """The ``evaluate`` stage: every metric, on the run's eval text and the saved size."""
+    metrics = evaluate(model, tokenizer, config, text=ctx.eval_text, model_bytes=ctx.model_bytes)
+    return StageOutcome(model=model, metrics=metrics)
+
+
+STAGE = StageSpec(name="evaluate", config=EvaluateConfig, run=run_evaluate, order=4, measures=True)

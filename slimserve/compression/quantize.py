@@ -12,20 +12,29 @@ Schemes and what runs them:
 
 Embedding and lm_head stay in full precision: quantizing the tied lm_head is what wrecked
 perplexity with PyTorch's dynamic quantization here (DESIGN §7).
+
+Imports ``.stage``; torchao and transformers inside ``quantize``.
 """
 
 from __future__ import annotations
 
 import logging
 import tempfile
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 from typing import Any, Literal, cast, get_args
 
 import torch
 
+from slimserve.compression.stage import (
+    StageConfig,
+    StageContext,
+    StageOutcome,
+    StageSpec,
+    check_choice,
+)
+
 log = logging.getLogger(__name__)
 
-CONFIG_VERSION = 1
 Scheme = Literal["int8-weight-only", "int8-dynamic", "int4-weight-only", "bfloat16", "float16"]
 
 KERNELS: dict[str, str] = {
@@ -38,32 +47,15 @@ KERNELS: dict[str, str] = {
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class QuantizeConfig:
-    version: int = CONFIG_VERSION
+class QuantizeConfig(StageConfig):
     scheme: Scheme = "int8-weight-only"
     #: int4 only: weights per scale group.
     group_size: int = 128
 
-    def __post_init__(self) -> None:
-        if self.version != CONFIG_VERSION:
-            raise ValueError(f"QuantizeConfig version={self.version} is not supported (use 1)")
-        if self.scheme not in get_args(Scheme):
-            raise ValueError(
-                f"scheme={self.scheme!r} is not known; use one of {', '.join(get_args(Scheme))}"
-            )
+    def validate(self) -> None:
+        check_choice("scheme", self.scheme, get_args(Scheme))
         if self.group_size not in (32, 64, 128, 256):
             raise ValueError(f"group_size={self.group_size} must be 32, 64, 128 or 256")
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> QuantizeConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"unknown QuantizeConfig keys {unknown}; allowed: {sorted(known)}")
-        return cls(**data)
 
 
 def check_supported(config: QuantizeConfig, device: torch.device) -> None:
@@ -123,3 +115,25 @@ def quantize(model: Any, tokenizer: Any, config: QuantizeConfig) -> tuple[Any, d
     cast(Any, quantized).eval()
     log.info("quantized to %s", config.scheme)
     return quantized, record
+
+
+def run_quantize(
+    model: Any, tokenizer: Any, config: QuantizeConfig, ctx: StageContext
+) -> StageOutcome:
+    """The ``quantize`` stage: a new, quantized model and the manifest's record of it."""
+    quantized, record = quantize(model, tokenizer, config)
+    return StageOutcome(model=quantized, quantization=record)
+
+
+def check_quantize(config: QuantizeConfig, ctx: StageContext) -> None:
+    check_supported(config, ctx.device)
+
+
+STAGE = StageSpec(
+    name="quantize",
+    config=QuantizeConfig,
+    run=run_quantize,
+    order=3,
+    check=check_quantize,
+    at_most_once=True,
+)

@@ -1,4 +1,4 @@
-"""Recipes: TOML files naming compression stages, run in order into one new version.
+"""Recipes, and the one pipeline that turns a parent version into a published new one.
 
     name = "prune20-distill"
     description = "..."
@@ -9,57 +9,60 @@
     type = "distill"
     steps = 120
 
-Every stage's config is validated before any work starts. A run publishes nothing unless it
-finishes; distillation checkpoints live in `<registry>/.work/` so an interrupted run resumes
-where it stopped (pruning is deterministic and simply runs again).
+A stage's ``type`` names a spec in ``.stages``; the rest of its table is the config's
+``from_dict``. Every stage's config is validated, and every stage checked against what the
+run offers, before any work starts. ``compress`` = ``run_stages`` (refuse a quantized or
+corrupt parent, load it, run the stages that transform) + ``publish_compressed`` (save, run
+the stages that measure, write the manifest, publish atomically). A caller that measures in
+its own way between the two (the fraud trainer) calls both itself, so every new version is
+made and published here. A run publishes nothing unless it finishes; training checkpoints
+live in ``<registry>/.work/`` so an interrupted run resumes where it stopped (pruning is
+deterministic and simply runs again).
+
+Imports the registry and ``.data``, ``.errors``, ``.progress``, ``.stage``, ``.stages``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
 import shutil
 import tomllib
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from slimserve.compression.data import TextSource, load_text_file, pydoc_topics, token_chunks
-from slimserve.compression.distill import DistillConfig, distill_
+from slimserve.compression.data import TextSource, load_text_file, pydoc_topics
 from slimserve.compression.errors import RecipeError
-from slimserve.compression.evaluate import EvaluateConfig, evaluate
-from slimserve.compression.prune import PruneConfig, prune_
-from slimserve.compression.quantize import QuantizeConfig, check_supported, quantize
+from slimserve.compression.evaluate import EvaluateConfig
+from slimserve.compression.progress import Progress, ProgressEvent, relabelled
+from slimserve.compression.stage import Report, StageConfig, StageContext
+from slimserve.compression.stages import STAGES, spec_of
 from slimserve.registry.errors import IntegrityError
 from slimserve.registry.store import Artifact, Registry, validate_name
 
 log = logging.getLogger(__name__)
 
-#: Stage type → config class; each config carries its own `version`.
-STAGES: dict[str, type[Any]] = {
-    "prune": PruneConfig,
-    "distill": DistillConfig,
-    "quantize": QuantizeConfig,
-    "evaluate": EvaluateConfig,
-}
 # Metrics that describe how a model must be fed rather than how well it does: a compressed
 # version reads the same inputs as its parent, so it keeps them (``prompt_format``: the fraud
 # client refuses a scorer trained on prompts it no longer writes).
 INHERITED_METRICS = ("prompt_format",)
-_ORDER = {"prune": 0, "distill": 1, "quantize": 2, "evaluate": 3}
-
-#: progress(stage label, done, total)
-Progress = Callable[[str, int, int], None]
 
 
 @dataclass(frozen=True, slots=True)
 class Stage:
-    type: str
-    config: Any
+    """One stage of a recipe: its config (the config's type names the stage)."""
+
+    config: StageConfig
+
+    @property
+    def type(self) -> str:
+        return spec_of(self.config).name
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,31 +97,33 @@ def parse_recipe(data: dict[str, Any], origin: str = "recipe") -> Recipe:
     raw_stages = data.get("stage")
     if not isinstance(raw_stages, list) or not raw_stages:
         raise RecipeError(f"{origin}: at least one [[stage]] table is required")
-    stages = []
-    for i, raw in enumerate(raw_stages, start=1):
-        if not isinstance(raw, dict) or "type" not in raw:
-            raise RecipeError(f"{origin}: stage {i} has no 'type'")
-        kind = raw["type"]
-        if kind not in STAGES:
-            raise RecipeError(
-                f"{origin}: stage {i}: unknown type {kind!r}; known: {', '.join(STAGES)}"
-            )
-        fields = {k: v for k, v in raw.items() if k != "type"}
-        try:
-            config = STAGES[kind].from_dict(fields)
-        except (ValueError, TypeError) as exc:
-            raise RecipeError(f"{origin}: stage {i} ({kind}): {exc}") from exc
-        stages.append(Stage(kind, config))
-    orders = [_ORDER[s.type] for s in stages]
-    if orders != sorted(orders):
-        raise RecipeError(
-            f"{origin}: stages must run in the order prune, distill, quantize, evaluate"
-        )
-    if [s.type for s in stages].count("quantize") > 1:
-        raise RecipeError(f"{origin}: at most one quantize stage")
+    stages = [_parse_stage(raw, i, origin) for i, raw in enumerate(raw_stages, start=1)]
+    _check_order(stages, origin)
     if stages[-1].type != "evaluate":
-        stages.append(Stage("evaluate", EvaluateConfig()))
+        stages.append(Stage(EvaluateConfig()))
     return Recipe(name=name, description=str(data.get("description", "")), stages=tuple(stages))
+
+
+def _parse_stage(raw: object, i: int, origin: str) -> Stage:
+    if not isinstance(raw, dict) or "type" not in raw:
+        raise RecipeError(f"{origin}: stage {i} has no 'type'")
+    kind = raw["type"]
+    if kind not in STAGES:
+        raise RecipeError(f"{origin}: stage {i}: unknown type {kind!r}; known: {', '.join(STAGES)}")
+    fields = {k: v for k, v in raw.items() if k != "type"}
+    try:
+        return Stage(STAGES[kind].config.from_dict(fields))
+    except (ValueError, TypeError) as exc:
+        raise RecipeError(f"{origin}: stage {i} ({kind}): {exc}") from exc
+
+
+def _check_order(stages: Sequence[Stage], origin: str) -> None:
+    specs = [spec_of(s.config) for s in stages]
+    if [s.order for s in specs] != sorted(s.order for s in specs):
+        raise RecipeError(f"{origin}: stages must run in the order {', '.join(STAGES)}")
+    for spec in STAGES.values():
+        if spec.at_most_once and specs.count(spec) > 1:
+            raise RecipeError(f"{origin}: at most one {spec.name} stage")
 
 
 def load_recipe(path: Path) -> Recipe:
@@ -131,30 +136,157 @@ def load_recipe(path: Path) -> Recipe:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class CompressJob:
+    """A recipe to run on a parent. ``data``: calibration and distillation text (.txt or
+    .jsonl; default: the built-in pydoc text). ``examples``: ``(prompt, label)`` pairs for a
+    finetune stage. ``eval_text``: what the evaluate stage measures perplexity on."""
+
     recipe: Recipe
     parent: Artifact
     to_name: str
     data: Path | None = None
     eval_text: Path | None = None
     device: str = "cpu"
+    examples: Sequence[tuple[str, str]] = ()
 
 
-def _train_source(path: Path | None) -> TextSource:
-    return load_text_file(path) if path is not None else pydoc_topics("train")
+@dataclass(slots=True, kw_only=True)
+class Compressed:
+    """A model that went through a job's transforming stages, not yet published."""
+
+    model: Any
+    tokenizer: Any
+    context: StageContext  # what the stages were given (the measuring ones reuse it)
+    reports: dict[str, Report] = field(default_factory=dict)  # "stage<i>_<type>" -> report
+    quantization: Mapping[str, Any] | None = None
+
+    def report(self, stage_type: str) -> Report | None:
+        """The last report of a stage of this type, or None."""
+        found = [r for key, r in self.reports.items() if key.endswith(f"_{stage_type}")]
+        return found[-1] if found else None
 
 
-def _load_parent(parent: Artifact, device: torch.device) -> tuple[Any, Any]:
+def load_parent(parent: Artifact, device: torch.device) -> tuple[Any, Any]:
+    """A fresh full-precision copy of the parent and its tokenizer (already verified)."""
     from slimserve.registry.artifact import load_model
 
-    if parent.manifest.is_quantized:
-        raise RecipeError(f"{parent.ref} is quantized; compress from an unquantized version")
-    model, tok = load_model(parent, device=device, dtype=torch.float32)
-    return model, tok
+    return load_model(parent, device=device, dtype=torch.float32, verify=False)
 
 
-def work_dir(registry: Registry, job: CompressJob) -> Path:
+def _refuse_quantized(parent: Artifact) -> None:
+    scheme = parent.manifest.quantization_scheme
+    if scheme != "none":
+        raise RecipeError(
+            f"{parent.ref} is quantized ({scheme}); compress or fine-tune an unquantized "
+            f"version, e.g. {parent.name}@1"
+        )
+
+
+def work_dir(registry: Registry, job: CompressJob, train: TextSource) -> Path:
+    """Where this job's checkpoints live: one directory per parent, recipe and inputs."""
+    inputs = hashlib.sha256(train.digest.encode())
+    inputs.update(json.dumps([list(e) for e in job.examples]).encode())
     key = f"{job.parent.name}-{job.parent.version}-{job.recipe.digest[:16]}"
-    return registry.root / ".work" / key
+    return registry.root / ".work" / f"{key}-{inputs.hexdigest()[:8]}"
+
+
+def run_stages(
+    registry: Registry, job: CompressJob, progress: Progress | None = None
+) -> Compressed:
+    """Check every stage, verify and load the parent, run the stages that transform.
+
+    Raises:
+        RecipeError: a stage cannot run here (e.g. int4 without CUDA, a finetune without
+            examples), or the parent is quantized; before any work.
+        IntegrityError: the parent fails its checksums (nothing is loaded).
+    """
+    validate_name(job.to_name)
+    device = torch.device(job.device)
+    train = load_text_file(job.data) if job.data is not None else pydoc_topics("train")
+    base = StageContext(
+        device=device,
+        train=train,
+        examples=job.examples,
+        work_dir=work_dir(registry, job, train),
+        load_parent=lambda: load_parent(job.parent, device)[0],
+        eval_text=job.eval_text,
+    )
+    for stage in job.recipe.stages:
+        check = spec_of(stage.config).check
+        try:
+            if check is not None:
+                check(stage.config, base)
+        except ValueError as exc:
+            raise RecipeError(str(exc)) from exc
+    _refuse_quantized(job.parent)
+    try:
+        job.parent.verify()
+    except IntegrityError as exc:
+        raise IntegrityError(f"refusing to compress: {exc}") from exc
+    model, tokenizer = load_parent(job.parent, device)
+    done = Compressed(model=model, tokenizer=tokenizer, context=base)
+    for i, stage, ctx in _stage_contexts(job, base, progress, measures=False):
+        spec = spec_of(stage.config)
+        log.info("%s %s", _label(i, job, spec.name), json.dumps(stage.config.to_dict()))
+        outcome = spec.run(done.model, tokenizer, stage.config, ctx)
+        done.model = outcome.model
+        if outcome.report is not None:
+            done.reports[f"stage{i}_{spec.name}"] = outcome.report
+        if outcome.quantization is not None:
+            done.quantization = outcome.quantization
+        _finished(progress, _label(i, job, spec.name))
+    return done
+
+
+def publish_compressed(
+    registry: Registry,
+    job: CompressJob,
+    done: Compressed,
+    progress: Progress | None = None,
+    *,
+    metrics: Mapping[str, Any] | None = None,
+    notes: Mapping[str, Any] | None = None,
+    data: Mapping[str, Any] | None = None,
+) -> Artifact:
+    """Save ``done``, run the job's measuring stages on it, publish ``job.to_name``'s next
+    version and drop the job's checkpoints.
+
+    ``metrics`` join the measured ones (measured win); ``notes`` join the recipe record
+    (its own keys win); ``data`` replaces the record of the training text.
+    """
+    from slimserve.registry.artifact import build_manifest, save_model
+
+    train = done.context.train
+    with registry.staging() as staged:
+        save_model(done.model, done.tokenizer, staged)
+        size = sum(p.stat().st_size for p in staged.rglob("*.safetensors"))
+        measured: dict[str, Any] = {}
+        sized = dataclasses.replace(done.context, model_bytes=size)
+        for i, stage, ctx in _stage_contexts(job, sized, progress, measures=True):
+            label = _label(i, job, stage.type)
+            if progress is not None:
+                progress(ProgressEvent(stage=label, done=0, total=1))
+            outcome = spec_of(stage.config).run(done.model, done.tokenizer, stage.config, ctx)
+            measured |= dict(outcome.metrics or {})
+            _finished(progress, label)
+        recipe = {
+            **(notes or {}),
+            **job.recipe.to_dict(),
+            "digest": job.recipe.digest,
+            "parent_digest": job.parent.digest,
+            "reports": {key: report.to_dict() for key, report in done.reports.items()},
+        }
+        manifest = build_manifest(
+            done.model,
+            done.tokenizer,
+            parent=job.parent.ref,
+            recipe=recipe,
+            metrics={**_inherited_metrics(job.parent), **(metrics or {}), **measured},
+            quantization=done.quantization,
+            data=data or {"train": {"name": train.name, "sha256": train.digest}},
+        )
+        artifact = registry.publish(job.to_name, staged, manifest)
+    shutil.rmtree(done.context.work_dir, ignore_errors=True)
+    return artifact
 
 
 def compress(registry: Registry, job: CompressJob, progress: Progress | None = None) -> Artifact:
@@ -162,106 +294,39 @@ def compress(registry: Registry, job: CompressJob, progress: Progress | None = N
 
     Raises:
         IntegrityError: the parent fails its checksums (nothing is loaded).
-        RecipeError: a stage cannot run here (e.g. int4 without CUDA), before any work.
+        RecipeError: a stage cannot run here (e.g. int4 without CUDA), or the parent is
+            quantized; before any work.
     """
-    from slimserve.registry.artifact import build_manifest, save_model
+    return publish_compressed(registry, job, run_stages(registry, job, progress), progress)
 
-    validate_name(job.to_name)
-    device = torch.device(job.device)
-    for stage in job.recipe.stages:
-        if stage.type == "quantize":
-            try:
-                check_supported(stage.config, device)
-            except ValueError as exc:
-                raise RecipeError(str(exc)) from exc
-    try:
-        job.parent.verify()
-    except IntegrityError as exc:
-        raise IntegrityError(f"refusing to compress: {exc}") from exc
-    model, tok = _load_parent(job.parent, device)
-    train = _train_source(job.data)
-    work = work_dir(registry, job)
-    quant: dict[str, Any] | None = None
-    reports: dict[str, Any] = {}
-    metrics: dict[str, Any] = {}
-    n = len(job.recipe.stages)
+
+def _stage_contexts(
+    job: CompressJob, base: StageContext, progress: Progress | None, *, measures: bool
+) -> list[tuple[int, Stage, StageContext]]:
+    """(1-based position, stage, its context) of the stages that measure, or the others."""
+    out = []
     for i, stage in enumerate(job.recipe.stages, start=1):
-        label = f"[{i}/{n}] {stage.type}"
-        log.info("%s %s", label, json.dumps(stage.config.to_dict()))
-        cfg = stage.config
-        if stage.type == "prune":
-            calib = token_chunks(tok, train.text, cfg.seq_len, cfg.calibration_samples)
-            report = prune_(model, cfg, calib, _adapt(progress, label))
-            reports[f"stage{i}_prune"] = report.to_dict()
-        elif stage.type == "distill":
-            teacher, _ = _load_parent(job.parent, device)
-            teacher.requires_grad_(False)
-            batches = token_chunks(tok, train.text, cfg.seq_len, cfg.steps * cfg.batch_size)
-            dreport = distill_(
-                model,
-                teacher,
-                batches,
-                cfg,
-                checkpoint_dir=work / f"stage{i}-distill",
-                progress=_distill_progress(progress, label),
-            )
-            del teacher
-            reports[f"stage{i}_distill"] = {
-                "steps_done": dreport.steps_done,
-                "final_loss": dreport.final_loss,
-                "seconds": dreport.seconds,
-                "stopped_by_time": dreport.stopped_by_time,
-                "resumed_from_step": dreport.resumed_from_step,
-            }
-        elif stage.type == "quantize":
-            model, quant = quantize(model, tok, cfg)
-        if progress is not None and stage.type != "evaluate":
-            progress(label, 1, 1)
-    final_eval = job.recipe.stages[-1].config
-    with registry.staging() as staged:
-        save_model(model, tok, staged)
-        size = sum(p.stat().st_size for p in staged.rglob("*.safetensors"))
-        if progress is not None:
-            progress(f"[{n}/{n}] evaluate", 0, 1)
-        metrics = evaluate(model, tok, final_eval, text=job.eval_text, model_bytes=size)
-        if progress is not None:
-            progress(f"[{n}/{n}] evaluate", 1, 1)
-        manifest = build_manifest(
-            model,
-            tok,
-            parent=job.parent.ref,
-            recipe={**job.recipe.to_dict(), "digest": job.recipe.digest, "reports": reports},
-            metrics={**_inherited_metrics(job.parent), **metrics},
-            quantization=quant,
-            data={"train": {"name": train.name, "sha256": train.digest}},
+        spec = spec_of(stage.config)
+        if spec.measures != measures:
+            continue
+        ctx = dataclasses.replace(
+            base,
+            work_dir=base.work_dir / f"stage{i}-{spec.name}",
+            progress=relabelled(progress, f"[{i}/{len(job.recipe.stages)}]"),
         )
-        artifact = registry.publish(job.to_name, staged, manifest)
-    shutil.rmtree(work, ignore_errors=True)
-    return artifact
+        out.append((i, stage, ctx))
+    return out
+
+
+def _label(i: int, job: CompressJob, name: str) -> str:
+    return f"[{i}/{len(job.recipe.stages)}] {name}"
+
+
+def _finished(progress: Progress | None, label: str) -> None:
+    if progress is not None:
+        progress(ProgressEvent(stage=label, done=1, total=1))
 
 
 def _inherited_metrics(parent: Artifact) -> dict[str, Any]:
     known = parent.manifest.metrics
     return {key: known[key] for key in INHERITED_METRICS if key in known}
-
-
-def _adapt(progress: Progress | None, label: str) -> Callable[[str, int, int], None] | None:
-    if progress is None:
-        return None
-
-    def on(stage: str, done: int, total: int) -> None:
-        progress(f"{label} ({stage})", done, total)
-
-    return on
-
-
-def _distill_progress(
-    progress: Progress | None, label: str
-) -> Callable[[int, int, dict[str, float]], None] | None:
-    if progress is None:
-        return None
-
-    def on(step: int, steps: int, stats: dict[str, float]) -> None:
-        progress(f"{label} loss {stats.get('loss', float('nan')):.3f}", step, steps)
-
-    return on

@@ -8,8 +8,9 @@ The steps, in order:
    (with ``eval_data``, that file is the evaluation set and all of this one trains).
 3. Sample the training pool from the earlier part: every fraud and ``legit_per_fraud``
    legitimate payments per fraud, drawn uniformly. The fine-tune balances the classes.
-4. Fine-tune the base model (``slimserve.compression.finetune``) to answer ``LABEL_FRAUD`` or
-   ``LABEL_LEGIT``.
+4. Fine-tune the base model to answer ``LABEL_FRAUD`` or ``LABEL_LEGIT``: a one-stage
+   recipe (``finetune``) run by the compression pipeline on the pool's prompts and labels,
+   which refuses a quantized base and checkpoints in the registry's work directory.
 5. Evaluate in-process on a class-stratified sample of the held-out rows (every fraud up to
    ``eval_frauds``, ``eval_legit`` legitimate ones): a forward pass per payment is costly on
    CPU, and a uniform sample would hold a handful of frauds. ROC-AUC does not depend on the
@@ -17,11 +18,12 @@ The steps, in order:
    (held-out legit) / (sampled legit), i.e. at the held-out file's fraud rate. The classical
    baseline, trained on the same training rows, is scored on the same sample and on the
    whole held-out set.
-6. Publish the model as the next version of ``name`` with its parent, recipe (fine-tune
-   config and sampling), data (file name and sha256) and metrics; optionally set an alias.
+6. Publish the model through the same pipeline as every compressed version: the next
+   version of ``name`` with its parent, recipe (the finetune stage, its report, labels,
+   prompt and sampling), data (file name and sha256) and metrics; optionally set an alias.
 
 torch, transformers and the compression package are imported inside ``train_fraud_scorer``
-only, so importing this module keeps the client install light.
+and the scoring helper only, so importing this module keeps the client install light.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any, Final, cast
 
 from slimserve.fraud.baseline import predict_features, train_baseline
 from slimserve.fraud.features import (
@@ -49,10 +51,11 @@ from slimserve.fraud.scorer import stream_prompts, time_sorted
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-    from slimserve.compression.finetune import FinetuneConfig, FinetuneProgress, FinetuneReport
-    from slimserve.registry.store import Artifact, Registry
+    from slimserve.compression.finetune import FinetuneConfig, FinetuneReport
+    from slimserve.compression.progress import Progress, ProgressEvent
 
 RECIPE_NAME: Final = "fraud-finetune"
+RECIPE_DESCRIPTION: Final = "Fine-tune a base model to answer whether a payment is fraud."
 _SHA_CHUNK: Final = 1 << 20
 
 
@@ -229,59 +232,56 @@ def plan_data(config: TrainConfig) -> DataPlan:
 def train_fraud_scorer(
     config: TrainConfig,
     *,
-    progress: Callable[[FinetuneProgress], None] | None = None,
+    progress: Progress | None = None,
     say: Callable[[str], None] | None = None,
 ) -> TrainResult:
     """Run the steps of the module docstring; returns what was published.
+
+    ``progress`` gets the fine-tune's events (``"[1/1] finetune"``, with ``loss`` and ``lr``
+    every ``log_every`` steps); ``say`` gets a line per step of the docstring.
 
     Raises:
         ValueError: the data lack a class where one is needed, or the base is quantized.
         CompressionError: the base model is not in the registry, or fails verification.
     """
-    from slimserve.compression.finetune import finetune_
-    from slimserve.registry.artifact import load_model, publish_model
-    from slimserve.registry.store import Registry
+    from slimserve.compression.recipe import (
+        CompressJob,
+        Recipe,
+        Stage,
+        publish_compressed,
+        run_stages,
+    )
+    from slimserve.registry.store import Registry, parse_model_ref
 
     note = say or (lambda _: None)
     registry = Registry(config.registry)
-    base = _full_precision_base(registry, config.base)
+    base = registry.get(*parse_model_ref(config.base))
     plan = plan_data(config)
     note(plan.describe())
-    model, tokenizer = load_model(base)
-    examples = [(plan.train.prompts[i], LABELS[plan.train.labels[i]]) for i in plan.pool]
-    report = finetune_(model, tokenizer, examples, config.finetune, progress)
+    job = CompressJob(
+        recipe=Recipe(RECIPE_NAME, RECIPE_DESCRIPTION, (Stage(config.finetune),)),
+        parent=base,
+        to_name=config.name,
+        examples=[(plan.train.prompts[i], LABELS[plan.train.labels[i]]) for i in plan.pool],
+    )
+    done = run_stages(registry, job, progress)
+    report = cast("FinetuneReport", done.report("finetune"))  # the recipe's one stage
     note(f"fine-tuned {report.steps} steps in {report.seconds:.0f} s; evaluating")
     started = time.monotonic()
-    scores = _score_sample(model, tokenizer, config, plan, note)
+    scores = _score_sample(done.model, done.tokenizer, config, plan, note)
     metrics = _metrics(config, plan, scores, report)
     metrics["eval_seconds"] = time.monotonic() - started
-    artifact = publish_model(
+    artifact = publish_compressed(
         registry,
-        config.name,
-        model,
-        tokenizer,
-        parent=base.ref,
-        source={"kind": "finetune", "base": base.ref, "base_digest": base.digest},
-        recipe=_recipe(config, report, len(plan.pool)),
-        data=_data(config, plan),
+        job,
+        done,
         metrics=metrics,
+        notes=_notes(config, len(plan.pool)),
+        data=_data(config, plan),
     )
     if config.alias:
         registry.set_alias(config.name, config.alias, artifact.version)
     return TrainResult(ref=artifact.ref, digest=artifact.digest, metrics=metrics, finetune=report)
-
-
-def _full_precision_base(registry: Registry, ref: str) -> Artifact:
-    from slimserve.registry.store import parse_model_ref
-
-    base = registry.get(*parse_model_ref(ref))
-    scheme = base.manifest.quantization_scheme
-    if scheme != "none":
-        raise ValueError(
-            f"{base.ref} is quantized ({scheme}); fine-tune a full-precision version, "
-            f"e.g. --from {base.name}@1"
-        )
-    return base
 
 
 def _score_sample(
@@ -292,7 +292,7 @@ def _score_sample(
     note: Callable[[str], None],
 ) -> list[float]:
     """The fine-tuned model's fraud probability for every row of the evaluation sample."""
-    from slimserve.compression.finetune import label_probabilities
+    from slimserve.compression.labels import label_probabilities
 
     probabilities = label_probabilities(
         model,
@@ -306,12 +306,12 @@ def _score_sample(
     return [p[0] for p in probabilities]
 
 
-def _eval_progress(note: Callable[[str], None], batch_size: int) -> Callable[[int, int], None]:
+def _eval_progress(note: Callable[[str], None], batch_size: int) -> Progress:
     """A line every five batches and at the end."""
 
-    def report(done: int, total: int) -> None:
-        if done == total or done % (5 * batch_size) == 0:
-            note(f"evaluated {done}/{total} held-out rows")
+    def report(event: ProgressEvent) -> None:
+        if event.done == event.total or event.done % (5 * batch_size) == 0:
+            note(f"evaluated {event.done}/{event.total} held-out rows")
 
     return report
 
@@ -349,10 +349,9 @@ def _metrics(
     }
 
 
-def _recipe(config: TrainConfig, report: FinetuneReport, pool: int) -> dict[str, Any]:
+def _notes(config: TrainConfig, pool: int) -> dict[str, Any]:
+    """What the recipe record adds to the finetune stage: labels, prompt, sampling."""
     return {
-        "name": RECIPE_NAME,
-        "finetune": config.finetune.to_dict(),
         "labels": {"fraud": LABEL_FRAUD, "legit": LABEL_LEGIT},
         "prompt": "slimserve.fraud.features.render_prompt",
         "prompt_format": PROMPT_FORMAT,
@@ -369,7 +368,6 @@ def _recipe(config: TrainConfig, report: FinetuneReport, pool: int) -> dict[str,
             "eval_legit": config.eval_legit,
             "seed": config.seed,
         },
-        "result": {k: v for k, v in report.to_dict().items() if k != "config"},
     }
 
 

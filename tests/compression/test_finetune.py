@@ -11,13 +11,10 @@ from typing import Any
 import pytest
 import torch
 
-from slimserve.compression.finetune import (
-    FinetuneConfig,
-    FinetuneProgress,
-    finetune_,
-    label_probabilities,
-    lr_factor,
-)
+from slimserve.compression.finetune import FinetuneConfig, finetune_
+from slimserve.compression.labels import label_probabilities
+from slimserve.compression.progress import ProgressEvent
+from slimserve.compression.training import lr_factor
 from slimserve.fraud import write_transactions
 from slimserve.fraud.simulate import simulate
 from slimserve.fraud.train import (
@@ -68,7 +65,7 @@ def test_finetune_learns_a_separable_task(tok: Any, loss: str) -> None:
     model = tiny_model(len(tok), seed=1)
     train, held_out = toy_examples(64, seed=0), toy_examples(20, seed=1)
     before = right_label_probability(model, tok, held_out)
-    seen: list[FinetuneProgress] = []
+    seen: list[ProgressEvent] = []
     config = FinetuneConfig(
         steps=40, batch_size=8, lr=3e-3, warmup_steps=4, log_every=10, loss=loss, seed=0
     )
@@ -80,7 +77,7 @@ def test_finetune_learns_a_separable_task(tok: Any, loss: str) -> None:
     assert report.final_loss < 0.5 * report.first_loss
     assert before < 0.6
     assert after > 0.9
-    assert [p.step for p in seen] == [10, 20, 30, 40]
+    assert [p.done for p in seen] == [10, 20, 30, 40]
     assert report.label_counts == {YES: 32, NO: 32}
     assert not model.training
 
@@ -161,10 +158,14 @@ def test_labels_loss_refuses_multi_token_labels(tok: Any) -> None:
         ("balance", "smote"),
         ("loss", "focal"),
         ("max_minutes", -1.0),
+        ("max_minutes", 0.0),  # no limit is None
+        ("max_grad_norm", 0.0),  # no clipping is None
+        ("warmup_steps", 301),
         ("max_seq_len", 1),
         ("train_layers", -2),
         ("log_every", 0),
-        ("version", 2),
+        ("version", 1),  # read by from_dict, which upgrades it
+        ("version", 3),
     ],
 )
 def test_config_validation_names_the_field(field: str, value: object) -> None:
@@ -173,7 +174,7 @@ def test_config_validation_names_the_field(field: str, value: object) -> None:
 
 
 def test_config_round_trips_and_refuses_unknown_keys() -> None:
-    config = FinetuneConfig(steps=7, lr=1e-4, balance="weight", train_layers=2)
+    config = FinetuneConfig(steps=7, warmup_steps=2, lr=1e-4, balance="weight", train_layers=2)
 
     assert FinetuneConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config
     with pytest.raises(ValueError, match="unknown FinetuneConfig keys \\['epochs'\\]"):
@@ -229,7 +230,9 @@ def test_train_fraud_scorer_publishes_a_version_with_its_recipe(tmp_path: Path, 
     assert result.ref == artifact.ref == "fraud-scorer@1"
     assert manifest["parent"] == "tiny@1"
     assert manifest["recipe"]["name"] == "fraud-finetune"
-    assert FinetuneConfig.from_dict(manifest["recipe"]["finetune"]) == config.finetune
+    stage = manifest["recipe"]["stages"][0]
+    assert stage["type"] == "finetune"
+    assert FinetuneConfig.from_dict(stage["config"]) == config.finetune
     assert manifest["data"]["file"] == "train.csv"
     assert len(manifest["data"]["sha256"]) == 64
     assert manifest["data"]["eval_file"] == "test.jsonl"
@@ -245,7 +248,10 @@ def test_train_fraud_scorer_refuses_a_quantized_base(tmp_path: Path, tok: Any) -
     data = tmp_path / "train.csv"
     write_transactions(data, simulate(10, 4, seed=1))
     config = TrainConfig(
-        data=data, registry=registry.root, finetune=FinetuneConfig(steps=1), base="tiny"
+        data=data,
+        registry=registry.root,
+        finetune=FinetuneConfig(steps=1, warmup_steps=0),
+        base="tiny",
     )
 
     with pytest.raises(ValueError, match="tiny@1 is quantized \\(int8-weight-only\\)"):
@@ -263,3 +269,42 @@ def test_the_learning_rate_anneals_by_the_step_or_the_clock_whichever_ends_first
     assert lr_factor(timed, 20, 60.0) == pytest.approx(0.55)  # half the time gone
     assert lr_factor(timed, 20, 120.0) == pytest.approx(0.1)  # out of time: the floor
     assert lr_factor(timed, 55, 1.0) == pytest.approx(0.55)  # the steps run out first
+
+
+def test_a_version_1_config_loads_with_none_for_off_and_no_limit() -> None:
+    old = {"version": 1, "steps": 7, "warmup_steps": 2, "grad_clip": 0.0, "max_minutes": 0.0}
+    upgraded = FinetuneConfig.from_dict(old)
+    assert upgraded.version == 2
+    assert upgraded.max_grad_norm is None and upgraded.max_minutes is None
+
+    clipped = FinetuneConfig.from_dict({**old, "grad_clip": 0.5, "max_minutes": 3.0})
+    assert (clipped.max_grad_norm, clipped.max_minutes) == (0.5, 3.0)
+    with pytest.raises(ValueError, match=r"unknown FinetuneConfig keys \['grad_clip'\]"):
+        FinetuneConfig.from_dict({**old, "version": 2})  # version 2 has no grad_clip
+
+
+class _StopError(Exception):
+    pass
+
+
+def test_an_interrupted_finetune_resumes_to_the_same_weights(tok: Any, tmp_path: Path) -> None:
+    config = FinetuneConfig(
+        steps=6, batch_size=4, lr=3e-3, warmup_steps=1, checkpoint_every=2, log_every=1
+    )
+    straight = tiny_model(len(tok), seed=5)
+    finetune_(straight, tok, toy_examples(16), config)
+
+    def stop_at_3(event: ProgressEvent) -> None:
+        if event.done == 3:
+            raise _StopError
+
+    interrupted = tiny_model(len(tok), seed=5)
+    with pytest.raises(_StopError):
+        finetune_(interrupted, tok, toy_examples(16), config, stop_at_3, checkpoint_dir=tmp_path)
+    resumed = tiny_model(len(tok), seed=5)
+    report = finetune_(resumed, tok, toy_examples(16), config, checkpoint_dir=tmp_path)
+
+    assert report.resumed_from_step == 2 and report.steps == 6
+    expected = straight.state_dict()
+    for name, value in resumed.state_dict().items():
+        torch.testing.assert_close(value, expected[name], rtol=0, atol=0, msg=name)

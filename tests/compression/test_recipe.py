@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from slimserve.compression.errors import RecipeError
+from slimserve.compression.progress import ProgressEvent
 from slimserve.compression.recipe import CompressJob, compress, load_recipe, parse_recipe
 from slimserve.registry.artifact import load_model
 from slimserve.registry.errors import IntegrityError
@@ -39,7 +40,7 @@ def test_shipped_recipes_parse() -> None:
     for path in (ROOT / "recipes").glob("*.toml"):
         r = load_recipe(path)
         assert r.stages[-1].type == "evaluate"
-        assert all(s.config.version == 1 for s in r.stages)
+        assert all(s.config.version == type(s.config).current_version() for s in r.stages)
 
 
 @pytest.mark.parametrize(
@@ -119,8 +120,8 @@ def test_interrupted_run_publishes_nothing_then_resumes(registry: Registry) -> N
     )  # fmt: skip
     job = CompressJob(recipe=r, parent=registry.get("tiny", "1"), to_name="tiny")
 
-    def interrupt(label: str, done: int, total: int) -> None:
-        if "distill" in label and done == 4:
+    def interrupt(event: ProgressEvent) -> None:
+        if "distill" in event.stage and event.done == 4:
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
@@ -159,3 +160,25 @@ def test_a_parent_failing_its_checksum_is_refused(registry: Registry) -> None:
     with pytest.raises(IntegrityError, match="refusing to compress"):
         compress(registry, job)
     assert registry.versions("tiny") == [1]
+
+
+def test_a_finetune_stage_without_examples_is_refused_before_any_work(registry: Registry) -> None:
+    job = CompressJob(
+        recipe=recipe({"type": "finetune", "steps": 2, "warmup_steps": 0}),
+        parent=registry.get("tiny", "1"),
+        to_name="tiny",
+    )
+    with pytest.raises(RecipeError, match="prepared \\(prompt, label\\) examples"):
+        compress(registry, job)
+    assert registry.versions("tiny") == [1]
+
+
+def test_a_quantized_parent_is_refused(registry: Registry) -> None:
+    int8 = recipe({"type": "quantize", "scheme": "int8-weight-only"})
+    quantized = compress(
+        registry, CompressJob(recipe=int8, parent=registry.get("tiny", "1"), to_name="tiny")
+    )
+    job = CompressJob(recipe=recipe(), parent=quantized, to_name="tiny")
+    with pytest.raises(RecipeError, match=r"tiny@2 is quantized \(int8-weight-only\)"):
+        compress(registry, job)
+    assert registry.versions("tiny") == [1, 2]
