@@ -135,11 +135,13 @@ class Transaction:
 
 @dataclass(frozen=True, slots=True)
 class RowError:
-    """A field that could not be read; ``line_number`` is the 1-based line in the file."""
+    """A field that could not be read; ``line_number`` is the 1-based line in the file, and
+    ``transaction_id`` the row's identifier where it could be read ("" otherwise)."""
 
     line_number: int
     field: str
     message: str
+    transaction_id: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -214,15 +216,16 @@ def parse_record(record: Mapping[str, object], line_number: int) -> Transaction 
     """Validate one mapping (a CSV row or a JSON object): the row, or its field errors."""
     errors: list[RowError] = []
     values: dict[str, object] = {}
+    tx_id = _readable_id(record.get("transaction_id"))
     for column in COLUMNS:
         raw = record.get(column)
         if raw is None and column != "is_fraud":
-            errors.append(RowError(line_number, column, "missing value"))
+            errors.append(RowError(line_number, column, "missing value", tx_id))
             continue
         try:
             values[column] = _PARSERS[column](raw)
         except ValueError as exc:
-            errors.append(RowError(line_number, column, str(exc)))
+            errors.append(RowError(line_number, column, str(exc), tx_id))
     if errors:
         return errors
     return Transaction(**values)  # type: ignore[arg-type]  # every field parsed and checked
@@ -299,6 +302,14 @@ def _collect(records: Iterator[tuple[int, Mapping[str, object] | RowError]]) -> 
         else:
             errors.extend(parsed)
     return ReadResult(rows, errors)
+
+
+def _readable_id(raw: object) -> str:
+    """The identifier, or "" where it is itself bad (a rejected row may still name itself)."""
+    try:
+        return _parse_identifier(raw)
+    except ValueError:
+        return ""
 
 
 def _parse_identifier(raw: object) -> str:

@@ -89,6 +89,21 @@ def test_bad_csv_rows_are_reported_by_line_and_good_rows_kept(tmp_path: Path) ->
         (8, "amount"),
     }
     assert all(e.message for e in result.errors)
+    # A rejected row still names itself where its identifier could be read.
+    ids = {e.line_number: e.transaction_id for e in result.errors}
+    assert ids == {3: "", 4: "X3", 5: "X4", 6: "X5", 7: "X6", 8: "X7"}
+
+
+def test_a_rejected_row_with_a_bad_identifier_names_none(tmp_path: Path) -> None:
+    path = tmp_path / "bad.csv"
+    path.write_text(",".join(COLUMNS) + "\n" + GOOD.replace("X1,", " ,").replace("EUR", "E") + "\n")
+
+    errors = read_transactions(path).errors
+
+    assert {(e.field, e.transaction_id) for e in errors} == {
+        ("transaction_id", ""),
+        ("currency", ""),
+    }
 
 
 def test_bad_jsonl_rows_are_reported_by_line_and_good_rows_kept(tmp_path: Path) -> None:
