@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from slimserve.clients.client import Client
+    from slimserve.clients import Client
 
 AddArgs = Callable[[argparse.ArgumentParser], None]
 
@@ -26,8 +26,9 @@ def add_fraud_commands(
 ) -> None:
     """Add ``fraud simulate|train|score|report`` to ``subparsers``.
 
-    ``registry_arg`` adds ``--registry``; ``target_arg`` adds ``--target``, ``--token-file``
-    and ``--timeout`` (the main CLI's own helpers, so the flags read the same everywhere).
+    ``registry_arg`` adds ``--registry``; ``target_arg`` adds ``--target``, ``--token-file``,
+    ``--timeout`` and ``--tls-ca/--tls-cert/--tls-key`` (the main CLI's own helpers, so the
+    flags read the same everywhere, and clients are built by ``slimserve.cli.common.client``).
     """
     fraud = subparsers.add_parser(
         "fraud", help="the fraud-scoring example: simulate, train, score, report"
@@ -93,7 +94,11 @@ def _add_score(sub: Any, target_arg: AddArgs) -> None:
     p = sub.add_parser("score", help="score a file of payments through a server")
     p.add_argument("file", type=Path, help=".csv or .jsonl payments (labels optional)")
     p.add_argument("--model", default="fraud-scorer@production", help="NAME[@VERSION|@ALIAS]")
-    p.add_argument("--out", type=Path, help="output CSV (default: stdout)")
+    p.add_argument(
+        "--out",
+        type=Path,
+        help="output file: .jsonl or .ndjson for JSON lines, else CSV (default: CSV on stdout)",
+    )
     p.add_argument("--threshold", type=float, default=0.5, help="score at which to flag")
     p.add_argument("--explain", action="store_true", help="stream why each flagged row is risky")
     p.add_argument("--explain-tokens", type=int, default=48)
@@ -197,6 +202,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_score(args: argparse.Namespace) -> int:
+    from slimserve.fraud.audit import output_format
     from slimserve.fraud.scorer import ScoreOptions, score_file
 
     options = ScoreOptions(
@@ -214,7 +220,13 @@ def cmd_score(args: argparse.Namespace) -> int:
         else:
             with args.out.open("w", encoding="utf-8", newline="") as out:
                 summary = score_file(
-                    args.file, client, options, out=out, log=sys.stderr, explain_to=sys.stdout
+                    args.file,
+                    client,
+                    options,
+                    out=out,
+                    log=sys.stderr,
+                    explain_to=sys.stdout,
+                    fmt=output_format(args.out),
                 )
     _err(summary.describe())
     return 1 if summary.rejected or summary.failed else 0
@@ -252,10 +264,12 @@ def _parse_route(text: str) -> tuple[str, str]:
 
 
 def _client(args: argparse.Namespace, target: str) -> Client:
-    from slimserve.clients.client import Client
+    """The main CLI's client (token file, timeout, TLS flags) for `target`: a report reaches
+    each routed model's own server."""
+    from slimserve.cli.common import client
 
-    token = args.token_file.read_text().strip() if args.token_file else None
-    return Client(target, timeout=args.timeout, token=token)
+    made: Client = client(argparse.Namespace(**{**vars(args), "target": target}))
+    return made
 
 
 def _err(message: str) -> None:

@@ -30,10 +30,9 @@ from typing import Final
 
 import numpy as np
 
-from slimserve.clients.client import Client
-from slimserve.clients.errors import ClientError, NotFound
+from slimserve.clients import Client, ClientError, NotFound
 from slimserve.fraud.baseline import predict_features, train_baseline
-from slimserve.fraud.features import LABEL_FRAUD, FeatureConfig, build_features
+from slimserve.fraud.features import FeatureConfig, build_features
 from slimserve.fraud.metrics import (
     AucDifference,
     LatencySummary,
@@ -51,6 +50,7 @@ from slimserve.fraud.metrics import (
 from slimserve.fraud.schema import RowError, Transaction, read_transactions
 from slimserve.fraud.scorer import (
     check_prompt_format,
+    fraud_probability,
     score_prompts,
     stream_prompts,
     time_sorted,
@@ -138,6 +138,7 @@ def run_report(
 
     Raises:
         NotFound: a model reference is not loaded where it is routed.
+        NotAProbability: a model returned a NaN, infinite or out-of-range score.
         ValueError: the file has no labelled rows, or only one class among the chosen rows.
         ClientError: any other server failure.
     """
@@ -245,7 +246,7 @@ def _score_serially(
     for result in results:
         if isinstance(result, ClientError):
             raise result  # a report needs every row scored
-        scores.append(result.probability(LABEL_FRAUD))
+        scores.append(fraud_probability(result))  # NaN would skew every figure silently
         latencies.append(result.latency_ms)
     system = SystemResult(name=name, labels=labels, scores=scores, latencies_ms=latencies)
     serial = Throughput(

@@ -5,18 +5,22 @@ its line number and the row is left out; every valid row is scored. Features com
 payments before each one in time (the file is sorted by timestamp, stably, so an unsorted
 export still yields causal features), and the prompt is ``render_prompt``'s. The score is
 the probability the model gives ``LABEL_FRAUD`` against ``LABEL_LEGIT`` after the prompt, so
-it lies in [0, 1]. Output rows keep the file's order, with ``OUTPUT_COLUMNS``.
+it lies in [0, 1]; a value that does not (NaN, infinite) is an error for that row, never a
+decision (``decide``). The output (``slimserve.fraud.audit``) has one row per input row:
+valid rows in the file's order, each with its score, decision, the served version and its
+digest, the threshold and the prompt format, or the reason it has none; then the rejected
+lines with theirs.
 
 A call the server refuses for that row alone (``InvalidArgument``, e.g. a prompt longer than
 the model's context; ``Overloaded`` after retries) is reported per row and counted; anything
 else (model not loaded, server down) ends the run, since every other row would fail too.
 
-Only ``slimserve.clients`` is used: no torch, no server code.
+Only ``slimserve.clients`` and the fraud modules are used: no torch, no server code.
 """
 
 from __future__ import annotations
 
-import csv
+import math
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -24,9 +28,26 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final, TextIO
 
-from slimserve.clients.client import Client
-from slimserve.clients.errors import ClientError, FailedPrecondition, InvalidArgument, Overloaded
-from slimserve.clients.types import ChatMessage, ModelInfo, ScoreResult
+from slimserve.clients import (
+    ChatMessage,
+    Client,
+    ClientError,
+    FailedPrecondition,
+    InvalidArgument,
+    ModelInfo,
+    Overloaded,
+    ScoreResult,
+)
+from slimserve.fraud.audit import (
+    DECISION_FRAUD,
+    DECISION_LEGIT,
+    OUTPUT_COLUMNS,
+    OutputFormat,
+    ScoredRow,
+    ScoreFailure,
+    output_records,
+    write_scores,
+)
 from slimserve.fraud.features import (
     LABEL_FRAUD,
     LABEL_LEGIT,
@@ -38,11 +59,31 @@ from slimserve.fraud.features import (
 )
 from slimserve.fraud.schema import RowError, Transaction, read_transactions
 
-OUTPUT_COLUMNS: Final = ("transaction_id", "score", "decision", "model_version", "latency_ms")
+__all__ = [
+    "DECISION_FRAUD",
+    "DECISION_LEGIT",
+    "OUTPUT_COLUMNS",
+    "SCORE_LABELS",
+    "NotAProbability",
+    "ScoreFailure",
+    "ScoreOptions",
+    "ScoreSummary",
+    "ScoredRow",
+    "check_prompt_format",
+    "decide",
+    "explain",
+    "fraud_probability",
+    "row_outcome",
+    "score_file",
+    "score_outcomes",
+    "score_prompts",
+    "score_rows",
+    "stream_prompts",
+    "time_sorted",
+]
+
 # Sent to Score in this order; the score is the first label's probability.
 SCORE_LABELS: Final = (LABEL_FRAUD, LABEL_LEGIT)
-DECISION_FRAUD: Final = "fraud"
-DECISION_LEGIT: Final = "legit"
 
 _OVERLOAD_RETRIES: Final = 5
 _OVERLOAD_BACKOFF_S: Final = 0.05
@@ -69,28 +110,15 @@ class ScoreOptions:
             raise ValueError(f"explain_tokens {self.explain_tokens} must be >= 1, e.g. 48")
 
 
-@dataclass(frozen=True, slots=True)
-class ScoredRow:
-    """One output row; ``model_version`` is the served ``name@version``."""
-
-    transaction_id: str
-    score: float  # probability of fraud, 0..1
-    decision: str  # DECISION_FRAUD when score >= threshold, else DECISION_LEGIT
-    model_version: str
-    latency_ms: float  # client-side round trip of the Score call
-
-
-@dataclass(frozen=True, slots=True)
-class ScoreFailure:
-    """A valid row the server would not score."""
-
-    transaction_id: str
-    message: str
+class NotAProbability(ValueError):
+    """A score that is NaN, infinite or outside [0, 1]: it must not become a decision
+    (``nan >= threshold`` is False, which would approve the payment)."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class ScoreSummary:
-    """What a run did: rejected input lines, scored rows, and rows the server refused."""
+    """What a run did: rejected input lines, scored rows, and valid rows without a decision
+    (the server refused them, or their score was not a probability)."""
 
     errors: tuple[RowError, ...]
     scored: tuple[ScoredRow, ...]
@@ -99,7 +127,7 @@ class ScoreSummary:
 
     @property
     def rejected(self) -> int:
-        """Input lines left out (a line with several bad fields counts once)."""
+        """Input lines that failed validation (a line with several bad fields counts once)."""
         return len({e.line_number for e in self.errors})
 
     @property
@@ -110,9 +138,39 @@ class ScoreSummary:
         """A one-line summary for people."""
         return (
             f"scored {len(self.scored)} rows ({self.flagged} flagged), rejected "
-            f"{self.rejected} lines, server refused {len(self.failed)} rows, "
+            f"{self.rejected} lines, no decision for {len(self.failed)} rows, "
             f"in {self.wall_s:.1f} s"
         )
+
+
+def decide(score: float, threshold: float) -> str:
+    """``DECISION_FRAUD`` when ``score >= threshold``, else ``DECISION_LEGIT``.
+
+    Raises:
+        NotAProbability: ``score`` is NaN, infinite or outside [0, 1].
+    """
+    if not _is_probability(score):
+        raise NotAProbability(f"fraud score {score!r} is not a probability in [0, 1]; no decision")
+    return DECISION_FRAUD if score >= threshold else DECISION_LEGIT
+
+
+def fraud_probability(result: ScoreResult) -> float:
+    """The probability of ``LABEL_FRAUD`` in ``result``.
+
+    Raises:
+        NotAProbability: it is NaN, infinite or outside [0, 1] (the model is named).
+    """
+    score = result.probability(LABEL_FRAUD)
+    if not _is_probability(score):
+        raise NotAProbability(
+            f"{result.model} ({result.model_digest[:12]}) returned fraud probability {score!r}, "
+            "which is not a probability in [0, 1]; no decision was made"
+        )
+    return score
+
+
+def _is_probability(score: float) -> bool:
+    return math.isfinite(score) and 0.0 <= score <= 1.0
 
 
 def stream_prompts(rows: Sequence[Transaction], config: FeatureConfig | None = None) -> list[str]:
@@ -176,7 +234,20 @@ def score_rows(
     *,
     explain_to: TextIO | None = None,
 ) -> tuple[list[ScoredRow], list[ScoreFailure]]:
-    """Score valid rows; results keep the order of ``rows``.
+    """``score_outcomes`` split into the scored rows and the failures, each in row order."""
+    outcomes = score_outcomes(client, rows, options, explain_to=explain_to)
+    scored = [o for o in outcomes if isinstance(o, ScoredRow)]
+    return scored, [o for o in outcomes if isinstance(o, ScoreFailure)]
+
+
+def score_outcomes(
+    client: Client,
+    rows: Sequence[Transaction],
+    options: ScoreOptions,
+    *,
+    explain_to: TextIO | None = None,
+) -> list[ScoredRow | ScoreFailure]:
+    """Score valid rows; one outcome per row, in the order of ``rows``.
 
     With ``options.explain`` and ``explain_to``, each flagged row's explanation is streamed
     there as it is generated.
@@ -191,18 +262,19 @@ def score_rows(
     by_row: dict[int, tuple[str, ScoreResult | ClientError]] = {
         i: (prompt, result) for i, prompt, result in zip(order, prompts, results, strict=True)
     }
-    scored: list[ScoredRow] = []
-    failed: list[ScoreFailure] = []
+    outcomes: list[ScoredRow | ScoreFailure] = []
     for i, tx in enumerate(rows):
         prompt, result = by_row[i]
-        if isinstance(result, ClientError):
-            failed.append(ScoreFailure(tx.transaction_id, str(result)))
-            continue
-        row = _scored_row(tx, result, options.threshold)
-        scored.append(row)
-        if options.explain and explain_to is not None and row.decision == DECISION_FRAUD:
-            explain(client, prompt, row, options, explain_to)
-    return scored, failed
+        outcome = row_outcome(tx, result, options.threshold)
+        outcomes.append(outcome)
+        if (
+            options.explain
+            and explain_to is not None
+            and isinstance(outcome, ScoredRow)
+            and outcome.decision == DECISION_FRAUD
+        ):
+            explain(client, prompt, outcome, options, explain_to)
+    return outcomes
 
 
 def explain(client: Client, prompt: str, row: ScoredRow, options: ScoreOptions, out: TextIO) -> str:
@@ -232,11 +304,13 @@ def score_file(
     out: TextIO,
     log: TextIO,
     explain_to: TextIO | None = None,
+    fmt: OutputFormat = "csv",
 ) -> ScoreSummary:
-    """Read, validate and score ``path``; write ``OUTPUT_COLUMNS`` CSV to ``out``.
+    """Read, validate and score ``path``; write every row with ``OUTPUT_COLUMNS`` to ``out``
+    as ``fmt`` (see ``slimserve.fraud.audit``).
 
-    Every rejected field goes to ``log`` as ``FILE:LINE: FIELD: message``, and every row the
-    server refused as ``TRANSACTION_ID: message``.
+    Every rejected field also goes to ``log`` as ``FILE:LINE: FIELD: message``, and every row
+    without a decision as ``TRANSACTION_ID: message``.
 
     Raises:
         ValueError: the extension is neither CSV nor JSONL.
@@ -247,26 +321,21 @@ def score_file(
     read = read_transactions(path)
     for error in read.errors:
         log.write(f"{path}:{error.line_number}: {error.field}: {error.message}\n")
-    scored, failed = score_rows(client, read.rows, options, explain_to=explain_to)
+    outcomes = score_outcomes(client, read.rows, options, explain_to=explain_to)
+    scored = [o for o in outcomes if isinstance(o, ScoredRow)]
+    failed = [o for o in outcomes if isinstance(o, ScoreFailure)]
     for failure in failed:
         log.write(f"{failure.transaction_id}: {failure.message}\n")
-    write_scores(out, scored)
+    records = output_records(
+        outcomes, read.errors, threshold=options.threshold, prompt_format=PROMPT_FORMAT
+    )
+    write_scores(out, records, fmt)
     return ScoreSummary(
         errors=tuple(read.errors),
         scored=tuple(scored),
         failed=tuple(failed),
         wall_s=time.perf_counter() - start,
     )
-
-
-def write_scores(out: TextIO, rows: Sequence[ScoredRow]) -> None:
-    """CSV with a header of ``OUTPUT_COLUMNS``; score to 6 decimals, latency to 0.01 ms."""
-    writer = csv.writer(out, lineterminator="\n")
-    writer.writerow(OUTPUT_COLUMNS)
-    for r in rows:
-        writer.writerow(
-            [r.transaction_id, f"{r.score:.6f}", r.decision, r.model_version, f"{r.latency_ms:.2f}"]
-        )
 
 
 def _score_one(client: Client, prompt: str, model: str) -> ScoreResult | ClientError:
@@ -284,12 +353,22 @@ def _score_one(client: Client, prompt: str, model: str) -> ScoreResult | ClientE
     raise AssertionError("unreachable")
 
 
-def _scored_row(tx: Transaction, result: ScoreResult, threshold: float) -> ScoredRow:
-    score = result.probability(LABEL_FRAUD)
+def row_outcome(
+    tx: Transaction, result: ScoreResult | ClientError, threshold: float
+) -> ScoredRow | ScoreFailure:
+    """What one row's Score call decided: a ``ScoredRow``, or a ``ScoreFailure`` when the
+    server refused the row or answered with a score that is not a probability."""
+    if isinstance(result, ClientError):
+        return ScoreFailure(tx.transaction_id, str(result))
+    try:
+        score = fraud_probability(result)
+    except NotAProbability as exc:
+        return ScoreFailure(tx.transaction_id, str(exc), result.model, result.model_digest)
     return ScoredRow(
         transaction_id=tx.transaction_id,
         score=score,
-        decision=DECISION_FRAUD if score >= threshold else DECISION_LEGIT,
+        decision=decide(score, threshold),
         model_version=result.model,
+        model_digest=result.model_digest,
         latency_ms=result.latency_ms,
     )

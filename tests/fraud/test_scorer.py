@@ -1,29 +1,32 @@
-"""The fraud scorer, the report and the `fraud` commands against a real tiny gRPC server.
+"""The fraud scorer and the report against a real tiny gRPC server (the commands are in
+test_commands.py).
 
 The tiny model is untrained, so its scores are arbitrary; what is checked is the plumbing:
 one probability per valid row, bad rows reported by line number and counted, exact output
-columns, the report's table and curves, and clear errors for models the server lacks.
+columns (each score beside the digest the server answered with, the threshold and the prompt
+format; each rejected row with its reason), the report's table and curves, and clear errors
+for models the server lacks.
 """
 
 from __future__ import annotations
 
-import argparse
 import csv
 import io
-from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from slimserve.cli.fraud import add_fraud_commands
 from slimserve.clients import Client, FailedPrecondition, NotFound
-from slimserve.fraud import COLUMNS, PROMPT_FORMAT, read_transactions, write_transactions
+from slimserve.fraud import PROMPT_FORMAT, read_transactions, write_transactions
+from slimserve.fraud.audit import DECISION_REJECTED
 from slimserve.fraud.report import BASELINE_NAME, ReportConfig, run_report
 from slimserve.fraud.scorer import (
     DECISION_FRAUD,
+    DECISION_LEGIT,
     OUTPUT_COLUMNS,
+    SCORE_LABELS,
     ScoreOptions,
     score_file,
     score_rows,
@@ -32,88 +35,9 @@ from slimserve.fraud.scorer import (
 )
 from slimserve.fraud.simulate import simulate
 from tests.conftest import tiny_server_config
-from tests.helpers import ServerThread, tiny_model, tiny_tokenizer
+from tests.helpers import ServerThread, tiny_tokenizer
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
-# Three bad lines appended to a valid file: an unparseable amount, an unparseable
-# timestamp, an unknown channel.
-_BAD_LINES = (
-    "bad-amount,2026-01-02T10:00:00+00:00,C1,T1,abc,EUR,5411,online,NL,0",
-    "bad-time,yesterday,C1,T1,12.50,EUR,5411,online,NL,0",
-    "bad-channel,2026-01-02T11:00:00+00:00,C1,T1,12.50,EUR,5411,mail_order,NL,0",
-)
-
-
-@pytest.fixture(scope="module")
-def fraud_server(
-    tmp_path_factory: pytest.TempPathFactory, one_torch_thread: None
-) -> Iterator[ServerThread]:
-    """Tiny models ``tiny``, ``tiny-b`` and ``tiny-old``, with room for 320-token sequences.
-
-    The tiny byte-level tokenizer spends 45-110 tokens on a fraud prompt (SmolLM2 ~40); an
-    explanation's question adds its own sentence to that, beyond the shared ``tiny_server``'s
-    128-token cap.
-    """
-    from slimserve.engine.config import ModelConfig
-    from slimserve.registry.artifact import publish_model
-    from slimserve.registry.store import Registry
-    from slimserve.server.config import Limits, ServerConfig
-
-    root = tmp_path_factory.mktemp("fraud-registry")
-    tok = tiny_tokenizer()
-    # tiny-b records the prompt format this client writes; tiny-old an earlier one.
-    formats = {"tiny": None, "tiny-b": PROMPT_FORMAT, "tiny-old": PROMPT_FORMAT - 1}
-    for seed, (name, fmt) in enumerate(formats.items()):
-        model = tiny_model(len(tok), seed=seed, max_position_embeddings=512)
-        model.generation_config.eos_token_id = tok.eos_token_id
-        metrics = None if fmt is None else {"prompt_format": float(fmt)}
-        publish_model(Registry(root), name, model, tok, source={"kind": "test"}, metrics=metrics)
-    config = ServerConfig(
-        registry=root,
-        models=tuple(formats),
-        port=0,
-        # The torch backend: its scores are bit-identical however requests are batched, which
-        # test_scores_do_not_depend_on_concurrency_or_file_order asserts. llama.cpp's differ in
-        # the 4th significant digit with batch composition (see the llama.cpp backend's tests).
-        model=ModelConfig(device="cpu", max_batch=4, max_seq_len=320, backend="llama"),
-        limits=Limits(max_new_tokens=64, default_max_new_tokens=16),
-        grace_s=2.0,
-    )
-    server = ServerThread(config).start()
-    yield server
-    server.stop()
-
-
-@pytest.fixture(scope="module")
-def payments(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A small labelled CSV with frauds of every scenario, then three bad lines."""
-    path = tmp_path_factory.mktemp("fraud-data") / "payments.csv"
-    rows = simulate(12, 3, seed=7)
-    assert any(r.is_fraud for r in rows)
-    write_transactions(path, rows)
-    with path.open("a", encoding="utf-8") as f:
-        f.write("\n".join(_BAD_LINES) + "\n")
-    return path
-
-
-def run_cli(argv: list[str]) -> int:
-    """Parse and run a `fraud` command through the parser function the main CLI calls."""
-    parser = argparse.ArgumentParser(prog="slimserve")
-    sub = parser.add_subparsers(dest="command", required=True)
-
-    def registry_arg(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--registry", type=Path, default=None)
-
-    def target_arg(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--target", default="127.0.0.1:50051")
-        p.add_argument("--token-file", type=Path, default=None)
-        p.add_argument("--timeout", type=float, default=60.0)
-
-    add_fraud_commands(sub, registry_arg, target_arg)
-    args = parser.parse_args(argv)
-    result: int = args.func(args)
-    return result
 
 
 def test_score_file_scores_every_valid_row_and_reports_bad_lines(
@@ -126,16 +50,31 @@ def test_score_file_scores_every_valid_row_and_reports_bad_lines(
         summary = score_file(
             payments, client, ScoreOptions(model="tiny", concurrency=4), out=out, log=log
         )
+        digest = client.model_info("tiny").digest
+        answered = client.score(stream_prompts(valid[:1])[0], SCORE_LABELS, model="tiny")
 
     table = list(csv.reader(io.StringIO(out.getvalue())))
     assert tuple(table[0]) == OUTPUT_COLUMNS
-    assert [r[0] for r in table[1:]] == [tx.transaction_id for tx in valid]  # file order
-    for row in table[1:]:
+    scored, rejected = table[1 : len(valid) + 1], table[len(valid) + 1 :]
+    assert [r[0] for r in scored] == [tx.transaction_id for tx in valid]  # file order
+    for row in scored:
         assert 0.0 <= float(row[1]) <= 1.0
-        assert row[2] == (DECISION_FRAUD if float(row[1]) >= 0.5 else "legit")
+        assert row[2] == (DECISION_FRAUD if float(row[1]) >= 0.5 else DECISION_LEGIT)
         assert row[3] == "tiny@1"
         assert float(row[4]) > 0
+        # The digest the server answered with, the rule and the prompt format used.
+        assert row[5:] == [digest, "0.5", str(PROMPT_FORMAT), ""]
+    assert answered.model_digest == digest
     first_bad = len(valid) + 2  # header is line 1
+    # Every rejected line is listed with its reason, never dropped.
+    assert [(r[0], r[1], r[2], r[8]) for r in rejected] == [
+        ("bad-amount", "", DECISION_REJECTED, f"line {first_bad}: amount: not a number: 'abc'"),
+        ("bad-time", "", DECISION_REJECTED, rejected[1][8]),
+        ("bad-channel", "", DECISION_REJECTED, rejected[2][8]),
+    ]
+    assert rejected[1][8].startswith(f"line {first_bad + 1}: timestamp:")
+    assert rejected[2][8].startswith(f"line {first_bad + 2}: channel:")
+    assert all(r[6:8] == ["0.5", str(PROMPT_FORMAT)] for r in rejected)
     messages = log.getvalue().splitlines()
     assert f"{payments}:{first_bad}: amount: not a number: 'abc'" in messages
     assert any(m.startswith(f"{payments}:{first_bad + 1}: timestamp:") for m in messages)
@@ -204,43 +143,6 @@ def test_a_model_trained_on_another_prompt_format_is_refused(
             score_rows(client, rows, ScoreOptions(model="tiny-old"))
         scored, failed = score_rows(client, rows, ScoreOptions(model="tiny-b"))
     assert len(scored) == 3 and not failed
-
-
-def test_score_command_writes_the_output_file_and_explains_flagged_rows(
-    fraud_server: ServerThread, payments: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
-    small = tmp_path / "three.jsonl"
-    write_transactions(small, read_transactions(payments).rows[:3])
-    out = tmp_path / "scores.csv"
-
-    code = run_cli(
-        [
-            *("fraud", "score", str(small), "--model", "tiny@1", "--target", fraud_server.target),
-            *("--out", str(out), "--threshold", "0", "--explain", "--explain-tokens", "4"),
-        ]
-    )
-
-    assert code == 0
-    lines = out.read_text().splitlines()
-    assert lines[0] == ",".join(OUTPUT_COLUMNS) and len(lines) == 4
-    captured = capsys.readouterr()
-    for line in lines[1:]:  # one explanation per flagged row
-        assert f"[{line.split(',')[0]} score " in captured.out
-    assert "scored 3 rows (3 flagged), rejected 0 lines" in captured.err
-
-
-def test_score_command_exits_1_when_lines_were_rejected(
-    fraud_server: ServerThread, payments: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
-    code = run_cli(
-        [
-            *("fraud", "score", str(payments), "--model", "tiny", "--target", fraud_server.target),
-            *("--out", str(tmp_path / "out.csv"), "--concurrency", "4"),
-        ]
-    )
-
-    assert code == 1
-    assert "rejected 3 lines" in capsys.readouterr().err
 
 
 def test_report_writes_table_and_curves_with_the_baseline(
@@ -320,24 +222,6 @@ def test_report_refuses_a_model_trained_on_another_prompt_format(
     assert not list(tmp_path.iterdir())  # nothing half-written
 
 
-def test_report_command_prints_the_table(
-    fraud_server: ServerThread, payments: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
-    out = tmp_path / "report"
-    code = run_cli(
-        [
-            *("fraud", "report", str(payments), "--models", "tiny", "--target", "unused:1"),
-            *("--route", f"tiny={fraud_server.target}", "--out", str(out), "--limit", "60"),
-            *("--throughput-rows", "8", "--concurrency", "2"),
-        ]
-    )
-
-    assert code == 0
-    printed = capsys.readouterr().out
-    assert "| tiny (tiny@1) | 60 |" in printed
-    assert (out / "report.md").is_file() and (out / "report.png").is_file()
-
-
 def test_a_stratified_report_keeps_the_frauds_and_reweights_the_rest(
     fraud_server: ServerThread, payments: Path, tmp_path: Path
 ) -> None:
@@ -366,15 +250,3 @@ def test_a_stratified_report_keeps_the_frauds_and_reweights_the_rest(
     assert f"each legitimate payment stands for {weight:.2f}" in report.table
     with pytest.raises(ValueError, match="it needs --limit"):
         replace(config, limit=0)
-
-
-def test_simulate_command_writes_a_reproducible_file(tmp_path: Path) -> None:
-    first, second = tmp_path / "a.csv", tmp_path / "b.csv"
-    for path in (first, second):
-        argv = ["fraud", "simulate", "--out", str(path), "--customers", "8", "--days", "3"]
-        assert run_cli([*argv, "--seed", "5"]) == 0
-
-    assert first.read_bytes() == second.read_bytes()
-    header = first.read_text().splitlines()[0]
-    assert tuple(header.split(",")) == COLUMNS
-    assert len(read_transactions(first).rows) > 10
