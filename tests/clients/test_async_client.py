@@ -104,9 +104,16 @@ def test_a_stream_is_retried_while_the_server_is_not_up_yet(tiny_registry: Path,
     """The stream's first attempts find nothing listening (UNAVAILABLE, before any message);
     the retries reach the server once it has started on that port."""
     port = _free_port()
-    config = replace(tiny_server_config(tiny_registry), port=port)
-    server = ServerThread(config)
-    starter = threading.Timer(0.3, server.start)
+    server = ServerThread(replace(tiny_server_config(tiny_registry), port=port))
+    failed: list[BaseException] = []
+
+    def start() -> None:
+        try:
+            server.start()
+        except BaseException as exc:  # re-raised below, on the test's thread
+            failed.append(exc)
+
+    starter = threading.Timer(0.3, start)
     starter.start()
     try:
         # Backoff 0.1 s doubling: 9 retries wait up to ~51 s, room for gRPC's own reconnect
@@ -114,6 +121,8 @@ def test_a_stream_is_retried_while_the_server_is_not_up_yet(tiny_registry: Path,
         chunks = _stream(kind, f"127.0.0.1:{port}", retries=9)
     finally:
         starter.join()
+        if failed:
+            raise failed[0]
         server.stop()
 
     assert chunks[-1].is_last and chunks[-1].generated_tokens == 3
