@@ -223,8 +223,12 @@ def test_train_fraud_scorer_publishes_a_version_with_its_recipe(tmp_path: Path, 
         eval_legit=10,
     )
 
-    result = train_fraud_scorer(config)
+    seen: list[ProgressEvent] = []
+    result = train_fraud_scorer(config, progress=seen.append)
 
+    trained = [e for e in seen if "loss" in e.metrics]
+    assert [(e.stage, e.done, e.total) for e in trained] == [("[1/1] finetune", 2, 2)]
+    assert result.finetune.steps == 2
     artifact = registry.get("fraud-scorer", "production")
     manifest = artifact.manifest
     assert result.ref == artifact.ref == "fraud-scorer@1"
@@ -233,6 +237,8 @@ def test_train_fraud_scorer_publishes_a_version_with_its_recipe(tmp_path: Path, 
     stage = manifest["recipe"]["stages"][0]
     assert stage["type"] == "finetune"
     assert FinetuneConfig.from_dict(stage["config"]) == config.finetune
+    assert manifest["recipe"]["reports"]["stage1_finetune"]["steps"] == 2
+    assert manifest["recipe"]["parent_digest"] == registry.get("tiny", "1").digest
     assert manifest["data"]["file"] == "train.csv"
     assert len(manifest["data"]["sha256"]) == 64
     assert manifest["data"]["eval_file"] == "test.jsonl"
