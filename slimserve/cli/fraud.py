@@ -145,8 +145,9 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from slimserve.cli import default_registry
-    from slimserve.compression.finetune import FinetuneConfig, FinetuneProgress
+    from slimserve.cli.common import default_registry
+    from slimserve.compression.finetune import FinetuneConfig
+    from slimserve.compression.progress import ProgressEvent
     from slimserve.fraud.train import TrainConfig, train_fraud_scorer
 
     if args.threads:
@@ -162,7 +163,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         train_layers=args.train_layers,
         loss=args.loss,
         balance=args.balance,
-        max_minutes=args.max_minutes,
+        max_minutes=args.max_minutes or None,  # the flag's 0 is "no limit"
         max_seq_len=args.max_seq_len,
         log_every=args.log_every,
         seed=args.seed,
@@ -182,11 +183,14 @@ def cmd_train(args: argparse.Namespace) -> int:
         seed=args.seed,
     )
 
-    def progress(p: FinetuneProgress) -> None:
-        per_step = p.elapsed_s / p.step
-        eta = per_step * (p.steps - p.step)
+    def progress(p: ProgressEvent) -> None:
+        if not p.done or "loss" not in p.metrics:
+            return  # the stage's start and end: no training step to report
+        per_step = p.elapsed_s / p.done
+        eta = per_step * (p.total - p.done)
         _err(
-            f"step {p.step}/{p.steps}  loss {p.loss:.4f}  lr {p.lr:.2e}  "
+            f"step {p.done}/{p.total}  loss {p.metrics['loss']:.4f}  "
+            f"lr {p.metrics.get('lr', float('nan')):.2e}  "
             f"{per_step:.1f} s/step  eta {eta / 60:.1f} min"
         )
 

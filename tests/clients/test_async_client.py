@@ -30,6 +30,8 @@ from tests.helpers import ServerThread, publish_tiny
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
+ADMIN = "admin-token-0123456789abcdef"
+
 
 def test_tokenize_and_model_info_match_the_blocking_client(tiny_server: ServerThread) -> None:
     chat = [ChatMessage("user", "hi there")]
@@ -78,17 +80,21 @@ def test_wait_ready_returns_on_a_serving_server_and_gives_up_on_none(
 
 @pytest.fixture
 def two_versions(tmp_path: Path) -> Iterator[ServerThread]:
-    """A server of its own (calls here change what it serves): tiny@1 loaded, tiny@2 not."""
+    """A server of its own (calls here change what it serves): tiny@1 loaded, tiny@2 not;
+    model control needs the admin token."""
+    from slimserve.server.config import AuthConfig
+
     publish_tiny(tmp_path, "tiny", seed=0)
     publish_tiny(tmp_path, "tiny", seed=1)
-    server = ServerThread(tiny_server_config(tmp_path)).start()
+    auth = AuthConfig(admin_tokens=frozenset({ADMIN}))
+    server = ServerThread(replace(tiny_server_config(tmp_path), auth=auth)).start()
     yield server
     server.stop()
 
 
 def test_load_and_unload_model(two_versions: ServerThread) -> None:
     async def swap() -> tuple[str, int]:
-        async with AsyncClient(two_versions.target, retries=0, timeout=60) as c:
+        async with AsyncClient(two_versions.target, retries=0, timeout=60, token=ADMIN) as c:
             loaded = await c.load_model("tiny@2")
             served = await c.model_info("tiny")
             await c.unload_model("tiny")

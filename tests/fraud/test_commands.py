@@ -23,7 +23,8 @@ from slimserve.fraud.scorer import (
     ScoreOptions,
     score_rows,
 )
-from tests.helpers import ServerThread
+from slimserve.fraud.simulate import simulate
+from tests.helpers import ServerThread, publish_tiny
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -179,3 +180,31 @@ def test_simulate_command_writes_a_reproducible_file(tmp_path: Path) -> None:
     header = first.read_text().splitlines()[0]
     assert tuple(header.split(",")) == COLUMNS
     assert len(read_transactions(first).rows) > 10
+
+
+def test_train_command_fine_tunes_and_publishes_a_version(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from slimserve.registry.store import Registry
+
+    registry = tmp_path / "registry"
+    publish_tiny(registry, "tiny")
+    data = tmp_path / "train.csv"
+    write_transactions(data, simulate(60, 7, seed=3))
+
+    code = run_cli(
+        [
+            *("fraud", "train", "--data", str(data), "--from", "tiny", "--name", "fs"),
+            *("--registry", str(registry), "--steps", "2", "--batch-size", "2"),
+            *("--warmup-steps", "1", "--log-every", "1", "--train-layers", "1"),
+            # The tiny tokenizer spells " yes" in several tokens: the labels loss needs one.
+            *("--loss", "vocab", "--max-seq-len", "160", "--eval-frauds", "3"),
+            *("--eval-legit", "6"),
+        ]
+    )
+
+    assert code == 0
+    captured = capsys.readouterr()
+    assert "step 2/2  loss " in captured.err and " nan" not in captured.err
+    assert "published fs@1 " in captured.out
+    assert Registry(registry).versions("fs") == [1]
