@@ -34,8 +34,16 @@ class ModelConfig:
     #: Run each model's engine in its own supervised process (the server then holds no
     #: weights and survives a native crash). False runs it in the server process.
     engine_process: bool = True
-    #: Extra backends as "module:factory" import paths, qualified and raced like the others.
+    #: Extra backends as "module:factory" import paths; a named plugin that qualifies is
+    #: preferred over the built-in plans.
     backend_plugins: tuple[str, ...] = ()
+    #: Qualify plans in throwaway processes before serving (see `slimserve.engine.qualify`).
+    qualify: bool = True
+    #: Engine process restarts: first backoff, and how many crashes within the window mark
+    #: the serving plan bad on this machine.
+    restart_backoff_s: float = 0.5
+    max_crashes: int = 3
+    crash_window_s: float = 300.0
 
     def __post_init__(self) -> None:
         if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):

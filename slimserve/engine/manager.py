@@ -5,6 +5,8 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
+from pathlib import Path
 
 from slimserve.engine.config import ModelConfig
 from slimserve.engine.errors import (
@@ -13,10 +15,13 @@ from slimserve.engine.errors import (
     NotReady,
     UnknownModel,
 )
+from slimserve.engine.launch import launch
 from slimserve.engine.loader import BackendHook, LoadedModel, load
+from slimserve.engine.qualify import Qualifier, VerdictCache
+from slimserve.engine.supervisor import RestartPolicy
 from slimserve.registry.errors import IntegrityError, RegistryError
 from slimserve.registry.errors import ModelNotFound as RegistryNotFound
-from slimserve.registry.store import Registry, validate_alias
+from slimserve.registry.store import Artifact, Registry, validate_alias
 
 log = logging.getLogger(__name__)
 
@@ -31,9 +36,23 @@ class ModelManager:
         *,
         retire_grace_s: float = 60.0,
         backend_hook: BackendHook | None = None,
+        on_health: Callable[[str, bool], None] | None = None,
+        verdicts: Path | None = None,
     ) -> None:
+        """`on_health(name, serving)` hears every change of a model's state (loaded,
+        engine died, restarted, unloaded); `verdicts` is the qualification cache file
+        (default: `.qualify/verdicts.json` in the registry)."""
         self.registry = registry
         self.config = config
+        self.on_health = on_health
+        cache = verdicts if verdicts is not None else registry.root / ".qualify" / "verdicts.json"
+        self.qualifier = Qualifier(VerdictCache(cache))
+        self.policy = RestartPolicy(
+            backoff_s=config.restart_backoff_s,
+            max_backoff_s=max(30.0, config.restart_backoff_s),
+            max_crashes=config.max_crashes,
+            crash_window_s=config.crash_window_s,
+        )
         #: Seconds a swapped-out version keeps running for its in-flight requests.
         self.retire_grace_s = retire_grace_s
         self.backend_hook = backend_hook
@@ -64,7 +83,7 @@ class ModelManager:
                 if make_default:
                     self._default = name
                 return current  # already serving this exact version
-        loaded = load(artifact, self.config, self.backend_hook)
+        loaded = self._load(artifact)
         with self._lock:
             old = self._models.get(name)
             self._models[name] = loaded
@@ -73,7 +92,42 @@ class ModelManager:
         if old is not None:
             threading.Thread(target=_retire, args=(old, self.retire_grace_s), daemon=True).start()
         log.info("%s now serves %s", name, loaded.ref)
+        self._health(name, True)
         return loaded
+
+    def _load(self, artifact: Artifact) -> LoadedModel:
+        if self.backend_hook is not None or not self.config.engine_process:
+            return load(artifact, self.config, self.backend_hook)
+
+        def on_state(serving: bool) -> None:
+            with self._lock:
+                current = self._models.get(artifact.name)
+            if current is not None and current.artifact.digest == artifact.digest:
+                self._health(artifact.name, serving)
+
+        return launch(
+            artifact,
+            self.registry.root,
+            self.config,
+            self.qualifier,
+            policy=self.policy,
+            on_state=on_state,
+        )
+
+    def _health(self, name: str, serving: bool) -> None:
+        if self.on_health is not None:
+            try:
+                self.on_health(name, serving)
+            except Exception:
+                log.exception("health listener failed")
+
+    def serving(self, name: str) -> bool:
+        """Whether `name` is loaded and its engine is up."""
+        with self._lock:
+            model = self._models.get(name)
+        if model is None:
+            return False
+        return bool(getattr(model.engine, "serving", True))
 
     def unload(self, name: str) -> None:
         with self._lock:
@@ -82,6 +136,7 @@ class ModelManager:
                 raise UnknownModel(f"model {name!r} is not loaded")
             if self._default == name:
                 self._default = next(iter(self._models), None)
+        self._health(name, False)
         _retire(old, self.retire_grace_s)
 
     def get(self, name: str = "", ref: str = "") -> LoadedModel:
@@ -141,7 +196,10 @@ def _retire(model: LoadedModel, grace_s: float = 60.0) -> None:
     """Let in-flight requests finish on the old version, then stop its engine."""
     deadline = time.monotonic() + grace_s
     while time.monotonic() < deadline:
-        stats = model.engine.stats()
+        try:
+            stats = model.engine.stats()
+        except NotReady:
+            break  # its engine process is gone: nothing left to finish
         if stats.running == 0 and stats.queued == 0:
             break
         time.sleep(0.05)

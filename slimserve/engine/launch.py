@@ -1,0 +1,108 @@
+"""Start a model's engine in its own supervised process, by the plan this machine qualified.
+
+`launch` is what the model manager calls for each load: choose the plan (`qualify`), start
+the engine process under a supervisor, then load the tokenizer in the server (after the
+engine has verified every file's checksum). A plan that keeps crashing is marked bad here
+and, for `--backend auto`, the next restart serves by the next qualified plan. Imports no
+grpc.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from slimserve.engine.backends.select import Plan
+from slimserve.engine.config import ModelConfig
+from slimserve.engine.loader import LoadedModel
+from slimserve.engine.process import ChildSpec, model_config_to_dict
+from slimserve.engine.qualify import Qualifier, Selection
+from slimserve.engine.supervisor import RestartPolicy, SupervisedEngine
+from slimserve.registry.store import Artifact
+
+log = logging.getLogger(__name__)
+
+
+def needs_qualification(config: ModelConfig) -> bool:
+    """False when only a float32 torch forward (the reference itself) can serve."""
+    if not config.qualify:
+        return False
+    pinned_reference = config.backend in ("llama", "hf") and config.dtype != "bfloat16"
+    return not pinned_reference or bool(config.backend_plugins)
+
+
+def _with(base: ChildSpec, selection: Selection) -> ChildSpec:
+    return dataclasses.replace(
+        base,
+        plan=selection.plan.to_dict(),
+        refused=selection.refused,
+        measured=selection.measured,
+    )
+
+
+def launch(
+    artifact: Artifact,
+    registry_root: Path,
+    config: ModelConfig,
+    qualifier: Qualifier,
+    *,
+    policy: RestartPolicy | None = None,
+    on_state: Callable[[bool], None] | None = None,
+) -> LoadedModel:
+    """Qualify (or read the cached verdicts), start the engine process, load the tokenizer.
+
+    Raises:
+        LoadFailed, IntegrityFailure: what the engine process reported while loading.
+    """
+    base = ChildSpec(
+        registry=str(registry_root),
+        name=artifact.name,
+        version=artifact.version,
+        config=model_config_to_dict(config),
+        threads=torch.get_num_threads(),  # what `serve --threads` set
+        log_level=logging.getLogger().getEffectiveLevel(),
+    )
+    current = base
+    if needs_qualification(config):
+        current = _with(base, qualifier.select(base, artifact.digest))
+
+    def make_spec() -> ChildSpec:
+        return current
+
+    def on_crash_loop(spec: ChildSpec, reason: str) -> None:
+        nonlocal current
+        if spec.plan is None:
+            log.error("%s keeps crashing (%s); no other plan to move to", spec.ref, reason)
+            return
+        plan = Plan.from_dict(spec.plan)
+        qualifier.mark_bad(base, artifact.digest, plan, reason)
+        if config.backend != "auto" and not config.backend_plugins:
+            log.error("%s keeps crashing with the pinned %s (%s)", spec.ref, plan.key, reason)
+            return
+        try:
+            current = _with(base, qualifier.select(base, artifact.digest))
+        except Exception as exc:
+            log.error("%s: no other qualified plan after %s failed: %s", spec.ref, plan.key, exc)
+            return
+        log.warning(
+            "%s: %s is marked bad on this machine (%s); auto now serves with %s",
+            spec.ref,
+            plan.key,
+            reason,
+            (current.plan or {}).get("backend"),
+        )
+
+    engine = SupervisedEngine(
+        make_spec, policy=policy, on_state=on_state, on_crash_loop=on_crash_loop
+    )
+    engine.start()
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(artifact.path)
+    log.info("serving %s in engine process %s: %s", artifact.ref, engine.pid, engine.info.kernels)
+    return LoadedModel(artifact=artifact, tokenizer=tokenizer, engine=engine, loaded_at=time.time())

@@ -1,0 +1,423 @@
+"""One served model's engine in a child process, and the server's handle on it.
+
+The child (`child_main`) verifies and loads the artifact, builds the backend, runs the
+scheduler and answers frames (`slimserve.engine.ipc`) on a pipe. The server holds a
+`RemoteEngine`: the same calls as `scheduler.Engine` (submit, score, stats, shutdown), and
+a reader thread that turns frames back into events. Native code that crashes (SIGSEGV,
+abort, an OOM kill) takes only the child: the reader sees the pipe close, every request in
+flight ends at once with `NotReady` naming the model and the signal, and `on_exit` tells
+the supervisor. Children fork from a forkserver that has torch and transformers imported,
+so a start costs the model load, not the imports. Imports no grpc.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import contextlib
+import dataclasses
+import itertools
+import logging
+import multiprocessing
+import os
+import signal
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from multiprocessing.connection import Connection
+from pathlib import Path
+from typing import Any
+
+from slimserve.engine import ipc
+from slimserve.engine.backends.select import Plan
+from slimserve.engine.config import ModelConfig
+from slimserve.engine.errors import LoadFailed, NotReady, Overloaded
+from slimserve.engine.ipc import Tag
+from slimserve.engine.types import EngineInfo, EngineStats, Event, GenerationRequest
+
+log = logging.getLogger(__name__)
+
+Sink = Callable[[Event], None]
+_PRELOAD = ["slimserve.engine.loader", "transformers", "llama_cpp"]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ChildSpec:
+    """Everything an engine process needs, as plain values (it crosses the process line)."""
+
+    registry: str
+    name: str
+    version: int
+    config: dict[str, Any]
+    #: The plan to serve; None = the static choice (`select.plans_for`'s first).
+    plan: dict[str, Any] | None = None
+    refused: dict[str, str] = field(default_factory=dict)
+    measured: dict[str, float] = field(default_factory=dict)
+    threads: int = 0
+    log_level: int = logging.WARNING
+
+    @property
+    def ref(self) -> str:
+        return f"{self.name}@{self.version}"
+
+
+def model_config_to_dict(config: ModelConfig) -> dict[str, Any]:
+    return dataclasses.asdict(config)
+
+
+def model_config_from_dict(d: dict[str, Any]) -> ModelConfig:
+    return ModelConfig(**{**d, "backend_plugins": tuple(d.get("backend_plugins", ()))})
+
+
+def describe_exit(code: int | None) -> str:
+    """An exit code in words: "killed by SIGSEGV", "exited with 3"."""
+    if code is None:
+        return "still running"
+    if code < 0:
+        try:
+            return f"killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"killed by signal {-code}"
+    return f"exited with {code}"
+
+
+def mp_context() -> Any:
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload(_PRELOAD)
+    return ctx
+
+
+# ---- the child ----------------------------------------------------------------------------
+def child_main(conn: Connection, spec: ChildSpec) -> None:
+    """Entry point of an engine process (configures its own logging)."""
+    import torch
+
+    from slimserve.engine.loader import load
+    from slimserve.registry.store import Registry
+
+    logging.basicConfig(
+        level=spec.log_level,
+        format=f"%(asctime)s engine[{spec.ref} pid %(process)d] %(levelname)s %(name)s: "
+        "%(message)s",
+    )
+    if spec.threads:
+        torch.set_num_threads(spec.threads)
+    lock = threading.Lock()
+
+    def send(*frame: Any) -> None:
+        data = ipc.pack(*frame)
+        with lock:
+            conn.send_bytes(data)
+
+    try:
+        artifact = Registry(Path(spec.registry)).get(spec.name, str(spec.version))
+        plan = Plan.from_dict(spec.plan) if spec.plan else None
+        config = model_config_from_dict(spec.config)
+        loaded = load(artifact, config, plan=plan, refused=spec.refused)
+    except BaseException as exc:
+        send(Tag.FAILED, ipc.error_to_wire(exc))
+        return
+    info = dataclasses.replace(loaded.info, in_process=False, measured=dict(spec.measured))
+    send(Tag.READY, info.to_dict())
+    _serve(conn, loaded.engine, send)
+
+
+def _serve(conn: Connection, engine: Any, send: Callable[..., None]) -> None:
+    handles: dict[int, Any] = {}
+    while True:
+        try:
+            frame = ipc.unpack(conn.recv_bytes())
+        except (EOFError, OSError):
+            break  # the server is gone: stop serving
+        tag = frame[0]
+        if tag == Tag.SUBMIT:
+            _submit(engine, frame[1], frame[2], handles, send)
+        elif tag == Tag.CANCEL:
+            handle = handles.get(frame[1])
+            if handle is not None:
+                handle.cancel()
+        elif tag == Tag.SCORE:
+            _score(engine, frame[1], frame[2], frame[3], send)
+        elif tag == Tag.STATS:
+            send(Tag.STATS_REPLY, frame[1], ipc.stats_to_wire(engine.stats()))
+        elif tag == Tag.STOP:
+            break
+    engine.shutdown()
+
+
+def _submit(
+    engine: Any, rid: int, wire: dict[str, Any], handles: dict[int, Any], send: Callable[..., None]
+) -> None:
+    def sink(ev: Event) -> None:  # on the engine's worker thread
+        if ev.error is not None:
+            handles.pop(rid, None)
+            send(Tag.ERROR, rid, ipc.error_to_wire(ev.error))
+            return
+        if ev.finish is not None:
+            handles.pop(rid, None)
+        send(Tag.EVENT, rid, ipc.event_to_wire(ev))
+
+    try:
+        handles[rid] = engine.submit(ipc.request_from_wire(wire), sink)
+    except Exception as exc:
+        send(Tag.ERROR, rid, ipc.error_to_wire(exc))
+
+
+def _score(
+    engine: Any, sid: int, prompt: list[int], conts: list[list[int]], send: Callable[..., None]
+) -> None:
+    def done(fut: concurrent.futures.Future[list[float]]) -> None:
+        exc = fut.exception()
+        if exc is not None:
+            send(Tag.SCORE_FAILED, sid, ipc.error_to_wire(exc))
+        else:
+            send(Tag.SCORED, sid, fut.result())
+
+    try:
+        engine.score(prompt, conts).add_done_callback(done)
+    except Exception as exc:
+        send(Tag.SCORE_FAILED, sid, ipc.error_to_wire(exc))
+
+
+# ---- the server's side --------------------------------------------------------------------
+class RemoteHandle:
+    __slots__ = ("_engine", "_rid", "request_id")
+
+    def __init__(self, engine: RemoteEngine, rid: int, request_id: str) -> None:
+        self._engine = engine
+        self._rid = rid
+        self.request_id = request_id
+
+    def cancel(self) -> None:
+        """Stop the request at the engine's next step (a final CANCELLED event follows)."""
+        self._engine._cancel(self._rid)
+
+
+class RemoteEngine:
+    """An engine process, driven like an in-process `Engine`. Thread-safe."""
+
+    def __init__(
+        self,
+        spec: ChildSpec,
+        *,
+        on_exit: Callable[[RemoteEngine, int | None], None] | None = None,
+        start_timeout_s: float = 600.0,
+    ) -> None:
+        self.spec = spec
+        self.on_exit = on_exit
+        self.start_timeout_s = start_timeout_s
+        self.info: EngineInfo
+        self.exit_code: int | None = None
+        self._process: Any = None
+        self._conn: Connection | None = None
+        self._send_lock = threading.Lock()
+        self._ids = itertools.count(1)
+        self._sinks: dict[int, Sink] = {}
+        self._futures: dict[int, concurrent.futures.Future[Any]] = {}
+        self._stopping = False
+        self._dead = False
+        self._reader: threading.Thread | None = None
+        self._max_queue = int(spec.config.get("max_queue", 64))
+
+    @property
+    def pid(self) -> int | None:
+        return self._process.pid if self._process is not None else None
+
+    @property
+    def alive(self) -> bool:
+        return not self._dead and self._process is not None
+
+    def start(self) -> EngineInfo:
+        """Start the process and wait until it serves (loaded and warm).
+
+        Raises:
+            LoadFailed, IntegrityFailure, ...: what the child reported, or its death.
+        """
+        ctx = mp_context()
+        conn, child_conn = ctx.Pipe(duplex=True)
+        self._process = ctx.Process(
+            target=child_main,
+            args=(child_conn, self.spec),
+            name=f"slimserve-engine-{self.spec.name}",
+            daemon=True,
+        )
+        self._process.start()
+        child_conn.close()
+        self._conn = conn
+        frame = self._wait_first_frame()
+        if frame[0] == Tag.FAILED:
+            self._process.join(10)
+            self._dead = True
+            raise ipc.error_from_wire(frame[1])
+        self.info = EngineInfo.from_dict(frame[1])
+        self._reader = threading.Thread(
+            target=self._read, name=f"slimserve-engine-reader-{self.spec.name}", daemon=True
+        )
+        self._reader.start()
+        return self.info
+
+    def _wait_first_frame(self) -> list[Any]:
+        assert self._conn is not None
+        deadline = time.monotonic() + self.start_timeout_s
+        while not self._conn.poll(0.1):
+            if not self._process.is_alive():
+                raise self._died_loading()
+            if time.monotonic() > deadline:
+                self._process.kill()
+                self._dead = True
+                raise LoadFailed(f"{self.spec.ref} did not load within {self.start_timeout_s} s")
+        try:
+            return ipc.unpack(self._conn.recv_bytes())
+        except (EOFError, OSError):
+            raise self._died_loading() from None
+
+    def _died_loading(self) -> LoadFailed:
+        self._process.join(5)
+        self._dead = True
+        self.exit_code = self._process.exitcode
+        how = describe_exit(self.exit_code)
+        return LoadFailed(f"the engine process for {self.spec.ref} died while loading ({how})")
+
+    # ---- calls --------------------------------------------------------------------------
+    def _send(self, *frame: Any) -> None:
+        if self._dead or self._conn is None:
+            raise NotReady(f"the engine process for {self.spec.ref} is not running")
+        data = ipc.pack(*frame)
+        try:
+            with self._send_lock:
+                self._conn.send_bytes(data)
+        except OSError as exc:
+            raise NotReady(f"the engine process for {self.spec.ref} is gone: {exc}") from exc
+
+    def submit(self, req: GenerationRequest, sink: Sink) -> RemoteHandle:
+        """Queue a request; events go to `sink` on the reader thread.
+
+        Raises:
+            Overloaded: the admission queue is full (checked here, before the pipe).
+            NotReady: the process is not running.
+        """
+        if self._stopping:
+            raise NotReady("the engine is shutting down")
+        if len(self._sinks) >= self._max_queue + self.info.backend.max_slots:
+            raise Overloaded(
+                f"admission queue full ({self._max_queue} waiting, "
+                f"{self.info.backend.max_slots} running); retry later"
+            )
+        rid = next(self._ids)
+        self._sinks[rid] = sink
+        try:
+            self._send(Tag.SUBMIT, rid, ipc.request_to_wire(req))
+        except NotReady:
+            self._sinks.pop(rid, None)
+            raise
+        return RemoteHandle(self, rid, req.request_id)
+
+    def _cancel(self, rid: int) -> None:
+        if rid in self._sinks and not self._dead:
+            # A process that is gone has failed its requests already.
+            with contextlib.suppress(NotReady):
+                self._send(Tag.CANCEL, rid)
+
+    def score(
+        self, prompt_ids: list[int], continuations: list[list[int]]
+    ) -> concurrent.futures.Future[list[float]]:
+        if self._stopping:
+            raise NotReady("the engine is shutting down")
+        if sum(1 for f in self._futures.values() if not f.done()) >= self._max_queue:
+            raise Overloaded(f"score queue full ({self._max_queue}); retry later")
+        return self._call(Tag.SCORE, prompt_ids, continuations)
+
+    def _call(self, tag: Tag, *args: Any) -> concurrent.futures.Future[Any]:
+        fut: concurrent.futures.Future[Any] = concurrent.futures.Future()
+        qid = next(self._ids)
+        self._futures[qid] = fut
+        try:
+            self._send(tag, qid, *args)
+        except NotReady:
+            self._futures.pop(qid, None)
+            raise
+        return fut
+
+    def stats(self) -> EngineStats:
+        """The child's scheduler counters (a round trip; raises NotReady when it is down)."""
+        result: dict[str, Any] = self._call(Tag.STATS).result(10)
+        return ipc.stats_from_wire(result)
+
+    def wake(self) -> None:
+        """Nothing to wake here: the child's scheduler wakes on each frame."""
+
+    def shutdown(self, timeout: float = 10.0) -> None:
+        """Stop the process: in-flight requests end CANCELLED, then it exits."""
+        self._stopping = True
+        if self._process is None:
+            return
+        if not self._dead:
+            with contextlib.suppress(NotReady):
+                self._send(Tag.STOP)
+        self._process.join(timeout)
+        if self._process.is_alive():
+            self._process.terminate()
+            self._process.join(2)
+        if self._process.is_alive():
+            self._process.kill()
+            self._process.join(2)
+        if self._reader is not None and self._reader is not threading.current_thread():
+            self._reader.join(2)
+
+    def kill(self, sig: int = signal.SIGKILL) -> None:
+        """Send `sig` to the process (tests and operators use it to exercise recovery)."""
+        if self._process is not None and self._process.pid:
+            os.kill(self._process.pid, sig)
+
+    # ---- the reader thread --------------------------------------------------------------
+    def _read(self) -> None:
+        assert self._conn is not None
+        while True:
+            try:
+                frame = ipc.unpack(self._conn.recv_bytes())
+            except (EOFError, OSError):
+                break
+            self._dispatch(frame)
+        self._died()
+
+    def _dispatch(self, frame: list[Any]) -> None:
+        tag = frame[0]
+        if tag == Tag.EVENT:
+            event = ipc.event_from_wire(frame[2])
+            sink = self._sinks.pop(frame[1], None) if event.finish else self._sinks.get(frame[1])
+            if sink is not None:
+                sink(event)
+        elif tag == Tag.ERROR:
+            sink = self._sinks.pop(frame[1], None)
+            if sink is not None:
+                sink(Event(error=ipc.error_from_wire(frame[2])))
+        elif tag in (Tag.SCORED, Tag.STATS_REPLY):
+            fut = self._futures.pop(frame[1], None)
+            if fut is not None:
+                fut.set_result(frame[2])
+        elif tag == Tag.SCORE_FAILED:
+            fut = self._futures.pop(frame[1], None)
+            if fut is not None:
+                fut.set_exception(ipc.error_from_wire(frame[2]))
+
+    def _died(self) -> None:
+        self._dead = True
+        self._process.join(5)
+        self.exit_code = self._process.exitcode
+        if self._stopping:
+            error: Exception = NotReady("the engine is shutting down")
+        else:
+            how = describe_exit(self.exit_code)
+            error = NotReady(
+                f"the engine process serving {self.spec.ref} {how}; it is being restarted"
+            )
+            log.error("engine process for %s (pid %s) %s", self.spec.ref, self.pid, how)
+        sinks, self._sinks = self._sinks, {}
+        futures, self._futures = self._futures, {}
+        for sink in sinks.values():
+            sink(Event(error=error))
+        for fut in futures.values():
+            if not fut.done():
+                fut.set_exception(error)
+        if not self._stopping and self.on_exit is not None:
+            self.on_exit(self, self.exit_code)

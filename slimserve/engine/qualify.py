@@ -1,0 +1,424 @@
+"""Qualification: a plan serves on a machine only after it ran there, correctly, elsewhere.
+
+Each plan that is not a float32 torch forward (the reference) is tried first in a throwaway
+process, on the shapes the engine will use: every slot decoding at once (`max_batch`), a
+full Score group, a long prefill. Its next-token distributions on a fixed probe text are
+held against the reference's: top-1 agreement (a pick the reference ranks within
+`TIE_NATS` of its own best counts as agreeing, so near-ties on tiny or flat models do not
+flip a verdict) and the perplexity ratio. Per-logit tolerances would be wrong: AMX and
+plain-CPU kernels differ by up to ~1.5 on single logits and agree on the distribution.
+The same process measures speed (decode at batch 1 and at `max_batch`, prefill), so `auto`
+picks the fastest plan whose perplexity is within `EQUAL_QUALITY` of the reference.
+
+Verdicts are cached per machine (`machine.fingerprint()`: CPU, library versions, native
+build), artifact and shape, in one JSON file beside the registry, so a restart repeats
+nothing. A plan whose engine keeps crashing while it serves is marked bad in the same file.
+Imports torch and engine modules only.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import logging
+import math
+import os
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from multiprocessing.connection import Connection
+from pathlib import Path
+from typing import Any
+
+from slimserve.engine.backends.select import Plan
+from slimserve.engine.config import ModelConfig
+from slimserve.engine.machine import fingerprint_digest
+from slimserve.engine.process import ChildSpec, describe_exit, model_config_from_dict, mp_context
+
+log = logging.getLogger(__name__)
+
+#: Plain English of several registers, shipped with the code: the probe every plan reads.
+PROBE = (
+    "The committee met on Tuesday, 4 March, to review the budget. After a short debate, "
+    "members agreed to fund the new library and to repair the bridge on Mill Street. "
+    "Q: What is the capital of France? A: Paris. Q: How many days are in a week? A: Seven. "
+    "def add(a, b):\n    return a + b\n"
+    "Once upon a time, a small fox lived at the edge of a quiet forest, and every morning "
+    "she walked to the river to watch the light on the water."
+)
+PROBE_TOKENS = 64
+#: A reference log-probability within this many nats of its best counts as the same pick.
+TIE_NATS = 0.05
+#: Qualification: at least this top-1 agreement in every slot ...
+MIN_AGREEMENT = 0.9
+#: ... and at most this perplexity ratio against the reference.
+MAX_PPL_RATIO = 1.05
+#: `auto` races only plans this close to the reference's perplexity.
+EQUAL_QUALITY = 1.01
+SCORE_GROUP = 9
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Verdict:
+    plan: dict[str, Any]
+    #: "ok", "wrong" (disagrees with the reference), "crashed", "failed" (an error) or
+    #: "crash-loop" (kept crashing while serving).
+    status: str
+    reason: str = ""
+    ppl_ratio: float = 1.0
+    agreement: float = 1.0
+    decode_tok_s: float = 0.0
+    batch_tok_s: float = 0.0
+    prefill_tok_s: float = 0.0
+    measured_at: float = field(default_factory=time.time)
+
+    @property
+    def key(self) -> str:
+        return Plan.from_dict(self.plan).key
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "ok"
+
+    @property
+    def speed(self) -> float:
+        """Geometric mean of the three rates: no one shape decides alone."""
+        rates = [r for r in (self.decode_tok_s, self.batch_tok_s, self.prefill_tok_s) if r > 0]
+        return math.exp(sum(map(math.log, rates)) / len(rates)) if rates else 0.0
+
+    def summary(self) -> str:
+        if not self.ok:
+            return f"{self.status}: {self.reason}"
+        return (
+            f"ok: ppl x{self.ppl_ratio:.4f}, agreement {self.agreement:.3f}, decode "
+            f"{self.decode_tok_s:.1f} tok/s, batch {self.batch_tok_s:.1f} tok/s, prefill "
+            f"{self.prefill_tok_s:.0f} tok/s"
+        )
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Selection:
+    """What serves, what was measured, and why everything else does not serve."""
+
+    plan: Plan
+    refused: dict[str, str]
+    measured: dict[str, float]
+    verdicts: tuple[Verdict, ...] = ()
+
+
+# ---- the cache ----------------------------------------------------------------------------
+class VerdictCache:
+    """Verdicts in one JSON file, read and written under an exclusive lock."""
+
+    def __init__(self, path: Path | None) -> None:
+        self.path = path
+        self._memory: dict[str, Any] = {}
+
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[dict[str, Any]]:
+        if self.path is None:
+            yield self._memory
+            return
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            lock = open(self.path.with_suffix(".lock"), "a+")  # noqa: SIM115
+        except OSError as exc:
+            log.warning(
+                "qualification cache %s is not writable (%s): kept in memory", self.path, exc
+            )
+            self.path = None
+            yield self._memory
+            return
+        with lock:
+            fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
+            try:
+                data = json.loads(self.path.read_text()) if self.path.is_file() else {}
+            except ValueError:
+                data = {}
+            before = json.dumps(data, sort_keys=True)
+            yield data
+            if json.dumps(data, sort_keys=True) != before:
+                tmp = self.path.with_suffix(f".{os.getpid()}.tmp")
+                tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
+                tmp.replace(self.path)
+
+    def get(self, key: str) -> Any:
+        with self._locked() as data:
+            return data.get(key)
+
+    def put(self, key: str, value: Any) -> None:
+        with self._locked() as data:
+            data[key] = value
+
+
+def _prefix(digest: str, config: ModelConfig, threads: int) -> str:
+    shape = f"b{config.max_batch}-s{config.max_seq_len}-kv{config.kv_cache_mb}-t{threads}"
+    return f"{fingerprint_digest()}/{digest[:16]}/{shape}"
+
+
+# ---- the server's side --------------------------------------------------------------------
+class Qualifier:
+    """Chooses each artifact's plan on this machine, qualifying in throwaway processes."""
+
+    def __init__(self, cache: VerdictCache, *, timeout_s: float = 600.0) -> None:
+        self.cache = cache
+        self.timeout_s = timeout_s
+
+    def select(self, spec: ChildSpec, digest: str) -> Selection:
+        config = model_config_from_dict(spec.config)
+        prefix = _prefix(digest, config, spec.threads)
+        survey_key = (
+            f"{prefix}/survey/{config.backend}/{config.gguf_type}/{config.dtype}/"
+            + ",".join(config.backend_plugins)
+        )
+        survey = self.cache.get(survey_key)
+        if survey is None:
+            survey = _run_child(spec, None, self.timeout_s)
+            if "error" in survey:
+                from slimserve.engine.ipc import error_from_wire
+
+                raise error_from_wire(survey["error"])
+            self.cache.put(survey_key, survey)
+        plans = [Plan.from_dict(p) for p in survey["plans"]]
+        refused: dict[str, str] = dict(survey["refused"])
+        verdicts: list[Verdict] = []
+        for plan in plans:
+            key = f"{prefix}/{plan.key}"
+            cached = self.cache.get(key)
+            if cached is None:
+                if plan.trusted:
+                    cached = survey["trusted"].get(plan.key) or asdict(
+                        Verdict(plan=plan.to_dict(), status="ok", reason="reference")
+                    )
+                else:
+                    log.info("qualifying %s for %s on this machine", plan.key, spec.ref)
+                    cached = _run_child(spec, plan, self.timeout_s)
+                self.cache.put(key, cached)
+            verdict = Verdict(**cached)
+            verdicts.append(verdict)
+            log.info("%s %s: %s", spec.ref, plan.key, verdict.summary())
+        return choose(plans, verdicts, refused, config)
+
+    def mark_bad(self, spec: ChildSpec, digest: str, plan: Plan, reason: str) -> None:
+        config = model_config_from_dict(spec.config)
+        verdict = Verdict(plan=plan.to_dict(), status="crash-loop", reason=reason)
+        self.cache.put(f"{_prefix(digest, config, spec.threads)}/{plan.key}", asdict(verdict))
+
+
+def choose(
+    plans: list[Plan], verdicts: list[Verdict], refused: dict[str, str], config: ModelConfig
+) -> Selection:
+    """The fastest qualified plan at equal quality; a pinned backend races only its own."""
+    refused = dict(refused)
+    ok = [v for v in verdicts if v.ok]
+    for v in verdicts:
+        if not v.ok:
+            refused[v.key] = v.summary()
+    if not ok:
+        raise ValueError(f"no plan qualified on this machine: {refused}")
+    plugins = [v for v in ok if Plan.from_dict(v.plan).backend in config.backend_plugins]
+    equal = [v for v in ok if v.ppl_ratio <= EQUAL_QUALITY] or [min(ok, key=lambda v: v.ppl_ratio)]
+    measured = [v for v in equal if v.speed > 0]
+    best = max(measured, key=lambda v: v.speed) if measured else equal[0]
+    if plugins:  # a plugin the operator named, and that qualified, is what they asked for
+        best = plugins[0]
+    for v in ok:
+        if v is not best:
+            worse = v.ppl_ratio > EQUAL_QUALITY
+            refused[v.key] = ("worse: " if worse else "slower: ") + v.summary()
+    chosen = Plan.from_dict(best.plan)
+    figures = {
+        "decode_tokens_per_s": best.decode_tok_s,
+        "batch_tokens_per_s": best.batch_tok_s,
+        "prefill_tokens_per_s": best.prefill_tok_s,
+        "probe_perplexity_ratio": best.ppl_ratio,
+        "probe_top1_agreement": best.agreement,
+    }
+    return Selection(plan=chosen, refused=refused, measured=figures, verdicts=tuple(verdicts))
+
+
+def _run_child(spec: ChildSpec, plan: Plan | None, timeout_s: float) -> dict[str, Any]:
+    """Survey (plan None) or qualify one plan in a throwaway process; a death is a verdict."""
+    ctx = mp_context()
+    conn, child_conn = ctx.Pipe(duplex=False)
+    proc = ctx.Process(
+        target=_child, args=(child_conn, spec, plan.to_dict() if plan else None), daemon=True
+    )
+    proc.start()
+    child_conn.close()
+    result: dict[str, Any] | None = None
+    if conn.poll(timeout_s):
+        with contextlib.suppress(EOFError, OSError):
+            result = json.loads(conn.recv_bytes())
+    proc.join(10)
+    if proc.is_alive():
+        proc.kill()
+        proc.join(5)
+    if result is not None:
+        return result
+    how = (
+        describe_exit(proc.exitcode) if proc.exitcode is not None else f"timed out ({timeout_s} s)"
+    )
+    if plan is None:
+        from slimserve.engine.errors import LoadFailed
+        from slimserve.engine.ipc import error_to_wire
+
+        return {"error": error_to_wire(LoadFailed(f"{spec.ref}: the survey process {how}"))}
+    return asdict(Verdict(plan=plan.to_dict(), status="crashed", reason=how))
+
+
+# ---- the throwaway process ----------------------------------------------------------------
+def _child(conn: Connection, spec: ChildSpec, plan_d: dict[str, Any] | None) -> None:
+    import torch
+
+    from slimserve.engine.ipc import error_to_wire
+
+    logging.basicConfig(level=spec.log_level)
+    if spec.threads:
+        torch.set_num_threads(spec.threads)
+    try:
+        result = _survey(spec) if plan_d is None else _qualify(spec, Plan.from_dict(plan_d))
+    except BaseException as exc:  # a Python error is a verdict too
+        if plan_d is None:
+            result = {"error": error_to_wire(exc)}
+        else:
+            reason = f"{type(exc).__name__}: {exc}"
+            result = asdict(Verdict(plan=plan_d, status="failed", reason=reason))
+    conn.send_bytes(json.dumps(result).encode())
+
+
+def _load(spec: ChildSpec) -> tuple[Any, Any, ModelConfig, int, Path]:
+    from slimserve.engine.errors import IntegrityFailure
+    from slimserve.engine.loader import context_length, resolve_device, resolve_dtype
+    from slimserve.registry.artifact import load_model
+    from slimserve.registry.errors import IntegrityError
+    from slimserve.registry.store import Registry
+
+    config = model_config_from_dict(spec.config)
+    artifact = Registry(Path(spec.registry)).get(spec.name, str(spec.version))
+    device = resolve_device(config.device)
+    dtype = resolve_dtype(config.dtype, device)
+    try:
+        model, tokenizer = load_model(artifact, device=device, dtype=dtype)
+    except IntegrityError as exc:
+        raise IntegrityFailure(str(exc)) from exc
+    return model, tokenizer, config, context_length(model, config, dtype), artifact.path
+
+
+def _survey(spec: ChildSpec) -> dict[str, Any]:
+    from slimserve.engine.backends.select import build_backend, plans_for
+
+    model, tokenizer, config, max_seq_len, path = _load(spec)
+    plans, refused = plans_for(model, config, path / "tokenizer.json")
+    trusted = {}
+    reference = next((p for p in plans if p.trusted), None)
+    if reference is not None and reference.backend == "llama":  # eager is never raced
+        ids, ref = _reference(model, tokenizer)
+        backend = build_backend(model, config, max_seq_len, path / "tokenizer.json", reference)
+        trusted[reference.key] = asdict(_probe(reference, backend, ids, ref))
+    return {"plans": [p.to_dict() for p in plans], "refused": refused, "trusted": trusted}
+
+
+def _qualify(spec: ChildSpec, plan: Plan) -> dict[str, Any]:
+    from slimserve.engine.backends.select import build_backend
+
+    model, tokenizer, config, max_seq_len, path = _load(spec)
+    ids, ref = _reference(model, tokenizer)
+    backend = build_backend(model, config, max_seq_len, path / "tokenizer.json", plan)
+    del model
+    return asdict(_probe(plan, backend, ids, ref))
+
+
+def _reference(model: Any, tokenizer: Any) -> tuple[list[int], Any]:
+    """Probe token ids and the reference's log-probabilities at each position, (T, vocab)."""
+    import torch
+
+    ids = list(tokenizer(PROBE)["input_ids"])[:PROBE_TOKENS]
+    with torch.no_grad():
+        logits = model(torch.tensor([ids], device=next(model.parameters()).device)).logits[0]
+    return ids, torch.log_softmax(logits.double().cpu(), dim=-1)
+
+
+def _probe(plan: Plan, backend: Any, ids: list[int], ref: Any) -> Verdict:
+    """Run the engine's shapes on `backend` and hold its output against `ref`."""
+    import torch
+
+    slots, t = backend.max_slots, len(ids)
+    # Every slot decodes the probe at once: the multi-slot shape that crashed on some CPUs.
+    rows: list[list[torch.Tensor]] = [[backend.prefill(s, ids[:1])] for s in range(slots)]
+    for pos in range(1, t - 1):
+        out = backend.decode(list(range(slots)), [ids[pos]] * slots)
+        for s in range(slots):
+            rows[s].append(out[s])
+    for s in range(slots):
+        backend.release(s)
+    target = torch.tensor(ids[1:t])
+    r = ref[: t - 1]
+    nll_ref = float(-r.gather(1, target[:, None]).mean())
+    agreement, ratio = 1.0, 0.0
+    for s in range(slots):
+        cand = torch.log_softmax(torch.stack(rows[s]).double(), dim=-1)
+        nll = float(-cand.gather(1, target[:, None]).mean())
+        ratio = max(ratio, math.exp(nll - nll_ref))
+        picked = r.gather(1, cand.argmax(-1, keepdim=True))[:, 0]
+        agree = float((picked >= r.max(-1).values - TIE_NATS).double().mean())
+        agreement = min(agreement, agree)
+    # A full Score group: the true continuation among distractors, one batched pass.
+    half = t // 2
+    vocab = backend.vocab_size
+    conts = [ids[half : half + 2]] + [
+        [(ids[half] + k) % vocab, ids[half + 1]] for k in range(1, SCORE_GROUP)
+    ]
+    got = backend.score(ids[:half], conts)[0]
+    want = float(ref[half - 1, ids[half]] + ref[half, ids[half + 1]])
+    score_error = abs(got - want)
+    # A long prefill, timed.
+    n = max(1, min(backend.max_seq_len - 1, 512))
+    long = (ids * (n // t + 1))[:n]
+    t0 = time.perf_counter()
+    backend.prefill(0, long)
+    prefill = n / (time.perf_counter() - t0)
+    backend.release(0)
+    decode, batch = _speed(backend, ids)
+    status, reason = "ok", ""
+    if not all(map(math.isfinite, (ratio, agreement, got))):
+        status, reason = "wrong", "non-finite output"
+    elif agreement < MIN_AGREEMENT or ratio > MAX_PPL_RATIO or score_error > 0.5:
+        status = "wrong"
+        reason = (
+            f"disagrees with the float32 reference: top-1 agreement {agreement:.3f} "
+            f"(need {MIN_AGREEMENT}), perplexity x{ratio:.3f} (at most {MAX_PPL_RATIO}), "
+            f"score error {score_error:.3f} nats"
+        )
+    return Verdict(
+        plan=plan.to_dict(),
+        status=status,
+        reason=reason,
+        ppl_ratio=ratio,
+        agreement=agreement,
+        decode_tok_s=decode,
+        batch_tok_s=batch,
+        prefill_tok_s=prefill,
+    )
+
+
+def _speed(backend: Any, ids: list[int]) -> tuple[float, float]:
+    """Greedy-shaped decode rates: one slot, then every slot; tokens/s."""
+    start, steps = ids[:16], 32
+    steps = max(1, min(steps, backend.max_seq_len - len(start) - 1))
+    backend.prefill(0, start)
+    t0 = time.perf_counter()
+    for i in range(steps):
+        backend.decode([0], [ids[i % len(ids)]])
+    decode = steps / (time.perf_counter() - t0)
+    slots = list(range(backend.max_slots))
+    for s in slots:
+        backend.prefill(s, start)
+    t0 = time.perf_counter()
+    for i in range(min(8, steps)):
+        backend.decode(slots, [ids[i]] * len(slots))
+    batch = min(8, steps) * len(slots) / (time.perf_counter() - t0)
+    for s in slots:
+        backend.release(s)
+    return decode, batch

@@ -1,0 +1,83 @@
+"""Backends that fail on purpose, loaded by import path as backend plugins
+(`ModelConfig.backend_plugins`), so the engine process, its supervisor and qualification
+meet real crashes: a real SIGSEGV or SIGABRT in a real child process."""
+
+from __future__ import annotations
+
+import os
+import signal
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+def _llama(model: Any, config: Any, max_seq_len: int, tokenizer_json: Path | None) -> Any:
+    from slimserve.engine.backends.select import Plan, build_backend
+
+    return build_backend(model, config, max_seq_len, tokenizer_json, Plan(backend="llama"))
+
+
+def trigger_file(registry_root: Path) -> Path:
+    """While this file exists, `crash_on_trigger` backends crash on their next prefill."""
+    return registry_root / "crash-trigger"
+
+
+class _Wrapped:
+    def __init__(self, inner: Any, name: str) -> None:
+        self.inner = inner
+        self.name = name
+
+    def __getattr__(self, attr: str) -> Any:
+        return getattr(self.inner, attr)
+
+
+class _SegfaultOnBatch(_Wrapped):
+    def decode(self, slots: list[int], token_ids: list[int]) -> torch.Tensor:
+        if len(slots) >= 2:  # single-slot steps work, as the AMX crash did
+            os.kill(os.getpid(), signal.SIGSEGV)
+        return self.inner.decode(slots, token_ids)  # type: ignore[no-any-return]
+
+
+class _WrongLogits(_Wrapped):
+    """Plausible-looking logits for the wrong tokens (shifted by one along the vocabulary)."""
+
+    def prefill(self, slot: int, token_ids: list[int]) -> torch.Tensor:
+        return torch.roll(self.inner.prefill(slot, token_ids), 1, dims=-1)
+
+    def decode(self, slots: list[int], token_ids: list[int]) -> torch.Tensor:
+        return torch.roll(self.inner.decode(slots, token_ids), 1, dims=-1)
+
+    def score(self, prompt_ids: list[int], continuations: list[list[int]]) -> list[float]:
+        return [s - 3.0 for s in self.inner.score(prompt_ids, continuations)]
+
+
+class _CrashOnTrigger(_Wrapped):
+    def __init__(self, inner: Any, name: str, trigger: Path) -> None:
+        super().__init__(inner, name)
+        self.trigger = trigger
+
+    def prefill(self, slot: int, token_ids: list[int]) -> torch.Tensor:
+        if self.trigger.exists():
+            os.kill(os.getpid(), signal.SIGSEGV)
+        return self.inner.prefill(slot, token_ids)  # type: ignore[no-any-return]
+
+
+def abort_at_load(model: Any, config: Any, max_seq_len: int, tokenizer_json: Path | None) -> Any:
+    os.abort()
+
+
+def segfault_on_batch(
+    model: Any, config: Any, max_seq_len: int, tokenizer_json: Path | None
+) -> Any:
+    return _SegfaultOnBatch(_llama(model, config, max_seq_len, tokenizer_json), "fault-segv-batch")
+
+
+def wrong_logits(model: Any, config: Any, max_seq_len: int, tokenizer_json: Path | None) -> Any:
+    return _WrongLogits(_llama(model, config, max_seq_len, tokenizer_json), "fault-wrong-logits")
+
+
+def crash_on_trigger(model: Any, config: Any, max_seq_len: int, tokenizer_json: Path | None) -> Any:
+    assert tokenizer_json is not None  # <root>/<name>/<version>/tokenizer.json
+    inner = _llama(model, config, max_seq_len, tokenizer_json)
+    return _CrashOnTrigger(inner, "fault-crash-on-trigger", trigger_file(tokenizer_json.parents[2]))

@@ -1,0 +1,106 @@
+"""Qualification in throwaway processes: injected crashing and wrong backends are refused,
+`auto` serves by what qualified, and the verdicts are cached per machine."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from slimserve.engine import qualify
+from slimserve.engine.backends.select import Plan
+from slimserve.engine.config import ModelConfig
+from slimserve.engine.manager import ModelManager
+from slimserve.engine.qualify import Verdict, choose
+from slimserve.engine.types import GenerationRequest, SamplingParams, StopParams
+from slimserve.registry.store import Registry
+
+FAULTS = "tests.engine.faults"
+
+
+@pytest.fixture
+def registry(tmp_path: Path, tiny_registry: Path) -> Path:
+    root = tmp_path / "reg"
+    shutil.copytree(tiny_registry, root, symlinks=True)
+    return root
+
+
+def test_crashing_and_wrong_backends_are_refused_and_auto_serves_a_qualified_plan(
+    registry: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    plugins = tuple(f"{FAULTS}:{f}" for f in ("segfault_on_batch", "wrong_logits", "abort_at_load"))
+    config = ModelConfig(device="cpu", max_batch=2, max_seq_len=128, backend_plugins=plugins)
+    children: list[Any] = []
+    real = qualify._run_child
+
+    def counted(*args: Any) -> Any:
+        children.append(args[1])
+        return real(*args)
+
+    monkeypatch.setattr(qualify, "_run_child", counted)
+    manager = ModelManager(Registry(registry), config)
+    try:
+        info = manager.load("tiny").info
+        refused = info.refused
+        assert "SIGSEGV" in refused[f"{FAULTS}:segfault_on_batch/float32"]
+        assert "SIGABRT" in refused[f"{FAULTS}:abort_at_load/float32"]
+        assert refused[f"{FAULTS}:wrong_logits/float32"].startswith("wrong: disagrees")
+        assert not info.plan.startswith(FAULTS)
+        assert info.measured["decode_tokens_per_s"] > 0
+        assert info.measured["probe_perplexity_ratio"] <= qualify.EQUAL_QUALITY
+        # It serves: the chosen plan runs the multi-slot shapes in the engine process.
+        done: list[Any] = []
+        req = GenerationRequest(
+            request_id="q",
+            prompt_ids=(5, 6, 7),
+            sampling=SamplingParams(),
+            stopping=StopParams(max_new_tokens=4, ignore_eos=True),
+        )
+        manager.get("tiny").engine.submit(req, done.append)
+        first = len(children)
+        assert first >= 4  # the survey and every plugin, at least
+    finally:
+        manager.shutdown()
+    # A restart on the same machine repeats no qualification.
+    again = ModelManager(Registry(registry), config)
+    try:
+        assert again.load("tiny").info.plan == info.plan
+        assert len(children) == first
+    finally:
+        again.shutdown()
+    cache = json.loads((registry / ".qualify" / "verdicts.json").read_text())
+    assert any(key.endswith(f"{FAULTS}:wrong_logits/float32") for key in cache)
+
+
+def _verdict(plan: Plan, ratio: float, speed: float, status: str = "ok") -> Verdict:
+    return Verdict(
+        plan=plan.to_dict(),
+        status=status,
+        ppl_ratio=ratio,
+        decode_tok_s=speed,
+        batch_tok_s=speed,
+        prefill_tok_s=speed,
+    )
+
+
+def test_auto_picks_the_fastest_plan_of_equal_quality() -> None:
+    ref = Plan(backend="llama")
+    bf16 = Plan(backend="llama", dtype="bfloat16")
+    fast = Plan(backend="llamacpp", weights="q8_0", extra_buffers=True)
+    broken = Plan(backend="llamacpp", weights="q8_0", extra_buffers=False)
+    verdicts = [
+        _verdict(ref, 1.0, 10.0),
+        _verdict(bf16, 1.03, 50.0),  # fast but 3% worse: not raced
+        _verdict(fast, 1.004, 30.0),
+        _verdict(broken, 1.0, 0.0, status="crashed"),
+    ]
+    sel = choose([ref, bf16, fast, broken], verdicts, {}, ModelConfig())
+    assert sel.plan == fast
+    assert sel.refused[bf16.key].startswith("worse")
+    assert sel.refused[ref.key].startswith("slower")
+    assert sel.refused[broken.key].startswith("crashed")
+    with pytest.raises(ValueError, match="no plan qualified"):
+        choose([broken], [verdicts[3]], {}, ModelConfig())
