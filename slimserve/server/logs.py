@@ -3,15 +3,19 @@
 The request interceptor sets `REQUEST_ID` and `REQUEST_FIELDS` for each RPC (contextvars,
 so every log line a request's task emits carries its id); handlers add fields such as the
 resolved model to `REQUEST_FIELDS`, and the interceptor's access-log line includes them.
-Only entry points call `configure`.
+`request_id_from` is the one rule for a caller's `x-request-id`. Only entry points call
+`configure`. Imports the standard library only (the CLI imports this module).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import re
 import sys
 import time
+import uuid
+from collections.abc import Iterable
 from contextvars import ContextVar
 from typing import Any, Literal
 
@@ -21,6 +25,24 @@ REQUEST_ID: ContextVar[str | None] = ContextVar("slimserve_request_id", default=
 REQUEST_FIELDS: ContextVar[dict[str, Any] | None] = ContextVar(
     "slimserve_request_fields", default=None
 )
+
+#: A caller's request id: 1 to 128 printable ASCII characters, no spaces (safe in any log).
+_REQUEST_ID = re.compile(r"[\x21-\x7e]{1,128}")
+
+
+def valid_request_id(value: object) -> bool:
+    """Whether `value` may be used as a request id as the caller sent it."""
+    return isinstance(value, str) and _REQUEST_ID.fullmatch(value) is not None
+
+
+def request_id_from(metadata: Iterable[tuple[str, object]] | None) -> str:
+    """The caller's `x-request-id` from gRPC metadata when valid, else a fresh id
+    (32 hex digits). The first `x-request-id` counts."""
+    for key, value in metadata or ():
+        if key == "x-request-id":
+            return value if isinstance(value, str) and valid_request_id(value) else uuid.uuid4().hex
+    return uuid.uuid4().hex
+
 
 # Attributes every LogRecord has; anything else on a record came from `extra=`.
 _STANDARD = frozenset(

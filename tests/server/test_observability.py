@@ -132,6 +132,7 @@ def test_request_id_is_echoed_and_logged_as_json(
     }
     line = access["req-abc-123"]
     assert line["method"] == "Generate" and line["code"] == "OK" and line["model"] == "tiny@1"
+    assert line["principal"] == "anonymous"  # no tokens configured
     assert line["generated_tokens"] == 2 and line["level"] == "INFO" and line["ms"] >= 0
     assert access["req-stream-9"]["method"] == "GenerateStream"
     assert access["req-score-7"]["model"] == "tiny@1"
@@ -154,3 +155,16 @@ def test_json_formatter_carries_request_id_and_exceptions() -> None:
         logs.REQUEST_ID.reset(token)
     assert out["request_id"] == "rid-1" and out["message"] == "boom 7"
     assert "ValueError: bad" in out["exc"] and out["level"] == "ERROR"
+
+
+def test_one_request_id_rule() -> None:
+    for good in ("a", "req-abc-123", "x" * 128, "~!{}[]"):
+        assert logs.valid_request_id(good)
+        assert logs.request_id_from([("x-request-id", good)]) == good
+    for bad in ("", "has spaces", "x" * 129, "café", "tab\t", b"bytes", None):
+        assert not logs.valid_request_id(bad)
+    fresh = logs.request_id_from([("x-request-id", "has spaces")])
+    assert len(fresh) == 32 and int(fresh, 16) >= 0
+    assert len(logs.request_id_from(None)) == 32
+    first = [("other", "x"), ("x-request-id", "first"), ("x-request-id", "second")]
+    assert logs.request_id_from(first) == "first"
