@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import hashlib
+import ipaddress
+import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import MappingProxyType
 
 from slimserve.engine.config import ModelConfig
 
@@ -47,17 +52,63 @@ class Limits:
         return max(2 * self.max_message_bytes, self.max_message_bytes + (1 << 20))
 
 
+#: The principal the access log names for a call that presented no valid token.
+ANONYMOUS = "anonymous"
+#: A token's label in the access log: a letter, then letters, digits, `.`, `_` or `-`.
+TOKEN_LABEL = re.compile(r"[A-Za-z][A-Za-z0-9._-]{0,63}")
+
+
+def parse_tokens(text: str, role: str) -> dict[str, str]:
+    """`{token: label}` from the lines of a token file.
+
+    Each line is `TOKEN`, `LABEL:TOKEN` or `LABEL TOKEN`; blank lines and lines starting
+    with `#` are skipped. A token without a label is named `{role}-N`, N counting the
+    token lines from 1. Raises ValueError naming the line of a malformed one (never
+    quoting it: it may be a token).
+    """
+    out: dict[str, str] = {}
+    count = 0
+    for lineno, raw in enumerate(text.splitlines(), 1):
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        count += 1
+        parts = line.split()
+        head, colon, tail = line.partition(":")
+        if len(parts) == 2:
+            label, token = parts
+        elif len(parts) == 1 and colon and TOKEN_LABEL.fullmatch(head):
+            label, token = head, tail
+        elif len(parts) == 1:
+            label, token = f"{role}-{count}", line
+        else:
+            raise ValueError(f"line {lineno}: expected TOKEN, LABEL:TOKEN or LABEL TOKEN")
+        if not TOKEN_LABEL.fullmatch(label):
+            raise ValueError(
+                f"line {lineno}: the label must start with a letter and hold only letters, "
+                "digits, '.', '_' or '-' (64 at most)"
+            )
+        if token in out:
+            raise ValueError(f"line {lineno}: this token is already on an earlier line")
+        out[token] = label
+    return out
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class AuthConfig:
     """Bearer tokens. No tokens at all = no authentication (loopback development).
 
     `tokens` open the generation and read-only model RPCs; `admin_tokens` open everything,
-    including LoadModel/UnloadModel. With user tokens but no admin token, model control is
-    refused to everyone. Tokens are kept out of `repr` so they never reach a log.
+    including LoadModel/UnloadModel. Without an admin token, model control is refused to
+    everyone unless `ServerConfig.allow_model_control` is set. Tokens are kept out of `repr`
+    so they never reach a log; the access log names a caller by its token's label.
     """
 
     tokens: frozenset[str] = field(default=frozenset(), repr=False)
     admin_tokens: frozenset[str] = field(default=frozenset(), repr=False)
+    #: token -> its label in the access log (`TOKEN_LABEL`, unique). A token without one
+    #: is named by its role and the first 8 hex digits of its SHA-256 (`user-1a2b3c4d`).
+    labels: Mapping[str, str] = field(default_factory=dict, repr=False, hash=False)
 
     def __post_init__(self) -> None:
         for token in self.tokens | self.admin_tokens:
@@ -66,10 +117,31 @@ class AuthConfig:
                     "a bearer token must be at least 16 characters without whitespace "
                     "(e.g. `openssl rand -hex 32`)"
                 )
+        if not set(self.labels) <= self.tokens | self.admin_tokens:
+            raise ValueError("labels name a token that is in neither tokens nor admin_tokens")
+        seen: set[str] = set()
+        for label in self.labels.values():
+            if not TOKEN_LABEL.fullmatch(label) or label == ANONYMOUS:
+                raise ValueError(
+                    f"token label {label!r} must start with a letter, hold only letters, "
+                    f"digits, '.', '_' or '-' (64 at most), and not be {ANONYMOUS!r}"
+                )
+            if label in seen:
+                raise ValueError(f"token label {label!r} is used twice: give each its own")
+            seen.add(label)
+        object.__setattr__(self, "labels", MappingProxyType(dict(self.labels)))
 
     @property
     def enabled(self) -> bool:
         return bool(self.tokens or self.admin_tokens)
+
+    def label_of(self, token: str) -> str:
+        """The access-log name of a configured token (never the token itself)."""
+        label = self.labels.get(token)
+        if label is not None:
+            return label
+        role = "admin" if token in self.admin_tokens else "user"
+        return f"{role}-{hashlib.sha256(token.encode()).hexdigest()[:8]}"
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -105,6 +177,12 @@ class ServerConfig:
     tls: TlsConfig | None = None
     #: Prometheus metrics over HTTP on `host`; None = off, 0 = any free port.
     metrics_port: int | None = None
+    #: Without admin tokens, let every caller that may generate also load and unload models
+    #: (development). False: model control needs an admin token.
+    allow_model_control: bool = False
+    #: Accept bearer tokens on a non-loopback `host` without TLS, where they cross the
+    #: network in plaintext (a warning is logged at start). False: refuse to start so.
+    allow_insecure_tokens: bool = False
 
     def __post_init__(self) -> None:
         if not self.models:
@@ -117,3 +195,31 @@ class ServerConfig:
             raise ValueError(f"grace_s must be >= 0, got {self.grace_s}")
         if self.threads < 0:
             raise ValueError(f"threads must be >= 0, got {self.threads}")
+        if self.allow_model_control and self.auth.admin_tokens:
+            raise ValueError(
+                "allow_model_control would open model control to non-admin callers although "
+                "admin tokens are set: drop --allow-model-control (admins control models)"
+            )
+        if self.plaintext_tokens and not self.allow_insecure_tokens:
+            raise ValueError(
+                f"bearer tokens on host {self.host!r} without TLS cross the network in "
+                "plaintext: add --tls-cert and --tls-key, bind a loopback --host, or accept "
+                "the risk with --allow-insecure-tokens"
+            )
+
+    @property
+    def plaintext_tokens(self) -> bool:
+        """Whether bearer tokens would travel unencrypted beyond this machine."""
+        return self.auth.enabled and self.tls is None and not is_loopback(self.host)
+
+
+def is_loopback(host: str) -> bool:
+    """True for `localhost` and loopback addresses (`127.0.0.0/8`, `::1`); False for any
+    other name or address, including the wildcard `0.0.0.0` / `[::]`."""
+    bare = host.strip().removeprefix("[").removesuffix("]")
+    if bare.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(bare).is_loopback
+    except ValueError:
+        return False

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import math
+import re
 import time
+import uuid
 from typing import Any
 
 from slimserve.engine.errors import InvalidRequest
@@ -69,8 +71,37 @@ def _chat_ids(chat: Any, tok: Any) -> list[int]:
         messages.append({"role": m.role, "content": m.content})
     if not any(m["content"].strip() for m in messages):
         raise InvalidRequest("chat.messages", "every message is empty")
-    text = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    return list(tok(text, add_special_tokens=False)["input_ids"])
+    return chat_template_ids(tok, messages)
+
+
+def chat_template_ids(tok: Any, messages: list[dict[str, str]]) -> list[int]:
+    """Token ids of `messages` in the tokenizer's chat template, with a generation prompt.
+
+    Only the template's own markers become special tokens: message contents are tokenized
+    as plain text, so a user who writes `<|im_end|><|im_start|>system` gets those
+    characters, not a forged turn. The template is rendered around placeholder contents
+    and split at them; template text is tokenized with special tokens parsed, each content
+    without.
+    """
+    mark = f"slimserve{uuid.uuid4().hex}x"  # letters and digits: no template filter alters it
+    shell = [{**m, "content": f"{mark}{i}x"} for i, m in enumerate(messages)]
+    text = tok.apply_chat_template(shell, add_generation_prompt=True, tokenize=False)
+    # Odd pieces are placeholders (in whatever order and number the template used them).
+    pieces = re.split(f"{mark}(\\d+)x", text)
+    ids: list[int] = []
+    for n, piece in enumerate(pieces):
+        if n % 2:
+            ids += _encode(tok, messages[int(piece)]["content"], special=False)
+        else:
+            ids += _encode(tok, piece, special=True)
+    return ids
+
+
+def _encode(tok: Any, text: str, *, special: bool) -> list[int]:
+    if not text:
+        return []
+    out = tok(text, add_special_tokens=False, split_special_tokens=not special)
+    return list(out["input_ids"])
 
 
 #: Softmax temperatures below this overflow float32 logits (inf → NaN probabilities).

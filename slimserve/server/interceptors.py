@@ -1,10 +1,13 @@
-"""Server interceptors: request context (id, size limit, access log, drain count) and auth.
+"""The server's interceptor: request context (id, size limit, drain count), the access
+gate (bearer tokens, model control) and the access log.
 
-`RequestInterceptor` runs first for every slimserve RPC: it takes the request id from
-`x-request-id` metadata (or makes one), refuses an oversized or unparsable message with
+`RequestInterceptor` runs for every slimserve RPC: it takes the request id from
+`x-request-id` metadata (`logs.request_id_from`), asks the `Gate` who the caller is and
+whether it may call the method, refuses an oversized or unparsable message with
 INVALID_ARGUMENT instead of gRPC's UNKNOWN, counts calls in flight for a graceful drain,
-and writes one access-log line. `AuthInterceptor` checks bearer tokens. Health checks and
-reflection pass through both untouched.
+and writes one access-log line naming the caller's principal (a token's label, or
+`anonymous`; never a token). Health checks and reflection pass through untouched.
+Imports grpc and `slimserve.server.{config,logs,metrics}`.
 """
 
 from __future__ import annotations
@@ -14,9 +17,7 @@ import hashlib
 import hmac
 import inspect
 import logging
-import re
 import time
-import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any
 
@@ -24,7 +25,7 @@ import grpc
 from grpc._cython.cygrpc import ExecuteBatchError  # no public name for it
 
 from slimserve.server import logs
-from slimserve.server.config import AuthConfig
+from slimserve.server.config import ANONYMOUS, AuthConfig, ServerConfig
 from slimserve.server.metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -37,11 +38,25 @@ OPEN_PREFIXES = (
     "/grpc.reflection.v1alpha.ServerReflection/",
     "/grpc.reflection.v1.ServerReflection/",
 )
-#: Model control: needs an admin token whenever authentication is on.
+#: Model control: needs an admin token, or `allow_model_control` where none is set.
 ADMIN_METHODS = frozenset(
     {"/slimserve.v1.ModelService/LoadModel", "/slimserve.v1.ModelService/UnloadModel"}
 )
-_REQUEST_ID = re.compile(r"[\x21-\x7e]{1,128}")  # printable ASCII: safe in any log
+Refusal = tuple[grpc.StatusCode, str]
+
+
+def server_interceptors(
+    config: ServerConfig, metrics: Metrics, in_flight: InFlight
+) -> list[grpc.aio.ServerInterceptor]:
+    """The interceptors `build_server` installs, always (with or without tokens)."""
+    if config.plaintext_tokens:
+        log.warning(
+            "bearer tokens are accepted on %s without TLS (--allow-insecure-tokens): they "
+            "cross the network in plaintext",
+            config.host,
+        )
+    gate = Gate(config.auth, allow_model_control=config.allow_model_control)
+    return [RequestInterceptor(config.limits.max_message_bytes, metrics, in_flight, gate)]
 
 
 def _metadata(details: grpc.HandlerCallDetails, key: str) -> str | None:
@@ -107,24 +122,32 @@ class InFlight:
 
 
 class RequestInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
-    def __init__(self, max_message_bytes: int, metrics: Metrics, in_flight: InFlight) -> None:
+    def __init__(
+        self, max_message_bytes: int, metrics: Metrics, in_flight: InFlight, gate: Gate
+    ) -> None:
         self.max_message_bytes = max_message_bytes
         self.metrics = metrics
         self.in_flight = in_flight
+        self.gate = gate
 
     async def intercept_service(
         self, continuation: Continuation, handler_call_details: grpc.HandlerCallDetails
     ) -> grpc.RpcMethodHandler | None:
-        handler = await continuation(handler_call_details)
         method = handler_call_details.method
-        if handler is None or handler.request_streaming or method.startswith(OPEN_PREFIXES):
+        handler = await continuation(handler_call_details)
+        if handler is None or method.startswith(OPEN_PREFIXES):
             return handler
-        rid = _metadata(handler_call_details, "x-request-id")
-        if rid is None or not _REQUEST_ID.fullmatch(rid):
-            rid = uuid.uuid4().hex
+        principal, refusal = self.gate.check(
+            _metadata(handler_call_details, "authorization"), method
+        )
+        if refusal is not None:  # the body of a refused call is never parsed
+            handler = _rebuild(handler, _refuser(refusal), lambda _data: None)
+        if handler.request_streaming:
+            return handler
+        rid = logs.request_id_from(handler_call_details.invocation_metadata)
         return _rebuild(
             handler,
-            self._wrap(handler, method, rid),
+            self._wrap(handler, method, rid, principal),
             self._deserializer(handler.request_deserializer, method),
         )
 
@@ -144,13 +167,15 @@ class RequestInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
 
         return deserialize
 
-    def _wrap(self, handler: grpc.RpcMethodHandler, method: str, rid: str) -> Callable[..., Any]:
+    def _wrap(
+        self, handler: grpc.RpcMethodHandler, method: str, rid: str, principal: str
+    ) -> Callable[..., Any]:
         behavior = getattr(handler, _kind(handler))
         short = method.rsplit("/", 1)[-1]
 
         async def begin(request: Any, context: grpc.aio.ServicerContext) -> float:
             logs.REQUEST_ID.set(rid)
-            logs.REQUEST_FIELDS.set({})
+            logs.REQUEST_FIELDS.set({"principal": principal, **_control_target(method, request)})
             self.in_flight.started()
             context.add_done_callback(lambda _: self.in_flight.ended())
             if self.in_flight.closing:
@@ -219,57 +244,86 @@ def _code_of(exc: BaseException, context: grpc.aio.ServicerContext) -> str:
     return "UNKNOWN"
 
 
-class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
-    """`authorization: Bearer <token>`; tokens are compared as digests in constant time."""
+def _control_target(method: str, request: Any) -> dict[str, str]:
+    """For model control, the model asked for (`requested` in the access log)."""
+    name = getattr(request, "name", None)
+    if method not in ADMIN_METHODS or not isinstance(name, str):
+        return {}
+    ref = getattr(request, "ref", "")
+    return {"requested": f"{name}@{ref}" if ref else name}
 
-    def __init__(self, auth: AuthConfig) -> None:
-        self._user = [_digest(t) for t in auth.tokens]
-        self._admin = [_digest(t) for t in auth.admin_tokens]
 
-    async def intercept_service(
-        self, continuation: Continuation, handler_call_details: grpc.HandlerCallDetails
-    ) -> grpc.RpcMethodHandler | None:
-        method = handler_call_details.method
-        if method.startswith(OPEN_PREFIXES):
-            return await continuation(handler_call_details)
-        refusal = self._check(_metadata(handler_call_details, "authorization"), method)
-        handler = await continuation(handler_call_details)
-        if refusal is None or handler is None:
-            return handler
-        code, message = refusal
+def _refuser(refusal: Refusal) -> Callable[..., Awaitable[None]]:
+    code, message = refusal
 
-        async def refuse(request: Any, context: grpc.aio.ServicerContext) -> None:
-            await context.abort(code, message)
+    async def refuse(request: Any, context: grpc.aio.ServicerContext) -> None:
+        await context.abort(code, message)
 
-        return _rebuild(handler, refuse, lambda _data: None)  # the body is never parsed
+    return refuse
 
-    def _check(self, header: str | None, method: str) -> tuple[grpc.StatusCode, str] | None:
-        unauthenticated = grpc.StatusCode.UNAUTHENTICATED
+
+class Gate:
+    """Who a call's `authorization: Bearer <token>` names, and whether it may call a method.
+
+    Tokens are compared as SHA-256 digests in constant time. With user tokens set, every
+    slimserve RPC needs a valid one; with only admin tokens, generation is open. Model
+    control needs an admin token; where none is set it is refused with PERMISSION_DENIED
+    unless `allow_model_control`, which opens it to every caller that may generate.
+    """
+
+    def __init__(self, auth: AuthConfig, *, allow_model_control: bool = False) -> None:
+        self._user = [(_digest(t), auth.label_of(t)) for t in auth.tokens - auth.admin_tokens]
+        self._admin = [(_digest(t), auth.label_of(t)) for t in auth.admin_tokens]
+        self._allow_model_control = allow_model_control
+
+    def check(self, header: str | None, method: str) -> tuple[str, Refusal | None]:
+        """(the principal to log, the refusal or None when the call may proceed)."""
+        principal, role, problem = self._identify(header)
+        unauthenticated = grpc.StatusCode.UNAUTHENTICATED, problem
+        if method not in ADMIN_METHODS:
+            return principal, unauthenticated if self._user and role is None else None
+        if role == "admin":
+            return principal, None
+        if self._admin:
+            if role == "user":
+                return principal, (
+                    grpc.StatusCode.PERMISSION_DENIED,
+                    "model control needs the admin token",
+                )
+            return principal, unauthenticated
+        if self._user and role is None:
+            return principal, unauthenticated
+        if self._allow_model_control:
+            return principal, None
+        return principal, (
+            grpc.StatusCode.PERMISSION_DENIED,
+            "model control is disabled: no admin token is set; configure one "
+            "(--admin-token-file or $SLIMSERVE_ADMIN_TOKEN) or start the server with "
+            "--allow-model-control",
+        )
+
+    def _identify(self, header: str | None) -> tuple[str, str | None, str]:
+        """(principal, "admin" | "user" | None, why a call without a role is refused)."""
         if header is None:
-            if method not in ADMIN_METHODS and not self._user:
-                return None  # only model control is protected
-            return unauthenticated, "missing 'authorization: Bearer <token>' metadata"
+            return ANONYMOUS, None, "missing 'authorization: Bearer <token>' metadata"
         scheme, _, token = header.partition(" ")
         if scheme.lower() != "bearer" or not token.strip():
-            return unauthenticated, "the authorization metadata must be 'Bearer <token>'"
+            return ANONYMOUS, None, "the authorization metadata must be 'Bearer <token>'"
         digest = _digest(token.strip())
-        if _matches(digest, self._admin):
-            return None
-        is_user = _matches(digest, self._user)
-        if method not in ADMIN_METHODS:
-            return None if is_user or not self._user else (unauthenticated, "invalid token")
-        if is_user:
-            why = "needs the admin token" if self._admin else "is disabled: no admin token is set"
-            return grpc.StatusCode.PERMISSION_DENIED, f"model control {why}"
-        return unauthenticated, "invalid token"
+        for role, known in (("admin", self._admin), ("user", self._user)):
+            label = _find(digest, known)
+            if label is not None:
+                return label, role, ""
+        return ANONYMOUS, None, "invalid token"
 
 
 def _digest(token: str) -> bytes:
     return hashlib.sha256(token.encode()).digest()
 
 
-def _matches(digest: bytes, known: Sequence[bytes]) -> bool:
-    found = False
-    for candidate in known:  # no early exit: the time does not depend on which matched
-        found |= hmac.compare_digest(digest, candidate)
+def _find(digest: bytes, known: Sequence[tuple[bytes, str]]) -> str | None:
+    found = None
+    for candidate, label in known:  # no early exit: the time does not depend on which matched
+        if hmac.compare_digest(digest, candidate):
+            found = label
     return found

@@ -38,7 +38,10 @@ SMALL = Limits(
 
 @pytest.fixture(scope="module")
 def limited(tiny_registry: Path) -> Iterator[ServerThread]:
-    config = dataclasses.replace(tiny_server_config(tiny_registry), limits=SMALL)
+    # Model control open, so the fuzz reaches LoadModel's parsing rather than its refusal.
+    config = dataclasses.replace(
+        tiny_server_config(tiny_registry), limits=SMALL, allow_model_control=True
+    )
     server = ServerThread(config).start()
     yield server
     server.stop()
