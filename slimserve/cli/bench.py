@@ -1,0 +1,142 @@
+"""`slimserve bench compare` (versions side by side) and `slimserve bench serve`
+(streaming latency and throughput against baselines).
+
+torch and `slimserve.bench` are imported inside the handlers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from slimserve.cli.common import (
+    backend_args,
+    default_registry,
+    home,
+    positive_int,
+    positive_int_list,
+    registry_arg,
+)
+from slimserve.cli.compress import evaluate_ref, evaluation_args
+
+
+def cmd_bench_compare(args: argparse.Namespace) -> int:
+    import torch
+
+    from slimserve.bench.compare import markdown, plot
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    rows = [evaluate_ref(args, ref) for ref in args.models]
+    print(f"command: {' '.join(sys.argv)}")
+    print(f"threads: {torch.get_num_threads()}  torch: {torch.__version__}")
+    print(markdown(rows))
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=2))
+    if args.plot:
+        plot(rows, args.plot)
+        print(f"plot: {args.plot}")
+    return 0
+
+
+def _systems(text: str) -> list[str]:
+    """The systems asked for, less llama.cpp ones when llama-cpp-python is missing."""
+    systems = [s.strip() for s in text.split(",") if s.strip()]
+    llama = [s for s in systems if s.startswith("llama_cpp")]
+    if llama and importlib.util.find_spec("llama_cpp") is None:
+        print(
+            "llama_cpp: llama-cpp-python is not installed (pip install llama-cpp-python; it "
+            "compiles llama.cpp from source); skipped",
+            file=sys.stderr,
+        )
+        return [s for s in systems if s not in llama]
+    return systems
+
+
+def cmd_bench_serve(args: argparse.Namespace) -> int:
+    from slimserve.bench import serve as bench
+
+    systems = _systems(args.systems)
+    gguf = args.gguf
+    gguf_q8 = None
+    if any(s.startswith("llama_cpp") for s in systems):
+        from slimserve.bench.worker import requantize_q8_0
+        from slimserve.compression.importer import default_gguf_path
+
+        gguf = gguf or default_gguf_path()
+        if "llama_cpp_q8" in systems:
+            gguf_q8 = requantize_q8_0(gguf, home() / "bench" / f"{gguf.stem}.Q8_0.gguf")
+    b = bench.Bench(
+        registry=args.registry or default_registry(),
+        model=args.model,
+        threads=args.threads,
+        new_tokens=args.new_tokens,
+        concurrency=args.concurrency,
+        repeats=args.repeats,
+        systems=systems,
+        gguf=gguf,
+        gguf_q8=gguf_q8,
+        max_batch=args.max_batch,
+        backend=args.backend,
+        hf_model=args.hf_model,
+        gguf_type=args.gguf_type,
+    )
+    report = bench.run(b, score=not args.no_score)
+    print("\n".join(f"{k}: {v}" for k, v in report["environment"].items()))
+    print()
+    print(bench.markdown(report["results"]))
+    for s in report["score"]:
+        print(
+            f"Score (2 labels) concurrency {s['concurrency']}: p50 {s['p50_ms']:.1f} ms, "
+            f"p99 {s['p99_ms']:.1f} ms, {s['per_s']:.1f} req/s"
+        )
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=2))
+    if args.plot:
+        bench.plot(report["results"], args.plot)
+    return 0
+
+
+def add_parser(sub: Any) -> None:
+    """Add `bench compare` and `bench serve` to the top-level subparsers."""
+    bench = sub.add_parser("bench", help="benchmarks (figures side by side in one run)")
+    bsub = bench.add_subparsers(dest="bench", required=True)
+    p = bsub.add_parser("compare", help="versions side by side: perplexity, size, speed")
+    p.add_argument("models", nargs="+", help="NAME@REF ...")
+    evaluation_args(p)
+    p.add_argument("--json", type=Path)
+    p.add_argument("--plot", type=Path, help="PNG: perplexity against decode speed")
+    registry_arg(p)
+    p.set_defaults(func=cmd_bench_compare)
+
+    p = bsub.add_parser("serve", help="streaming latency/throughput vs baselines")
+    p.add_argument("--model", default="smollm2-135m-instruct", help="NAME[@REF]")
+    p.add_argument("--threads", type=positive_int, default=1)
+    p.add_argument("--new-tokens", type=positive_int, default=128)
+    p.add_argument(
+        "--concurrency", type=positive_int_list, default=[1, 4, 16], help="comma-separated"
+    )
+    p.add_argument("--repeats", type=positive_int, default=3)
+    p.add_argument("--max-batch", type=positive_int, default=16)
+    p.add_argument(
+        "--systems",
+        default="slimserve,engine,hf_generate,llama_cpp,llama_cpp_q8",
+        help="comma-separated: slimserve, engine, hf_generate, llama_cpp (the shipped "
+        "GGUF), llama_cpp_q8 (it re-encoded to Q8_0)",
+    )
+    p.add_argument("--gguf", type=Path, help="GGUF for llama_cpp (default: the shipped one)")
+    backend_args(
+        p,
+        "slimserve's serving backend for the slimserve and engine systems",
+        "llama.cpp backend weights for the slimserve and engine systems",
+    )
+    p.add_argument("--hf-model", help="NAME@REF for hf_generate (default: --model)")
+    p.add_argument("--no-score", action="store_true", help="skip the Score measurement")
+    p.add_argument("--json", type=Path)
+    p.add_argument("--plot", type=Path)
+    registry_arg(p)
+    p.set_defaults(func=cmd_bench_serve)

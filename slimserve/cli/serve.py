@@ -1,0 +1,203 @@
+"""`slimserve serve`: the flags, token files and environment that make one `ServerConfig`.
+
+`serve_config` is the only place the server's settings are read. Tokens come from a file
+(`--auth-token-file`, `--admin-token-file`) or else the environment (`SLIMSERVE_AUTH_TOKEN`,
+`SLIMSERVE_ADMIN_TOKEN`), in the format `server.config.parse_tokens` reads; one that is
+given but holds no token is a usage error, so authentication never switches itself off.
+Imports `slimserve.server`, `slimserve.engine` and torch only inside the functions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+from typing import Any
+
+from slimserve.cli.common import (
+    ENV_ADMIN_TOKEN,
+    ENV_AUTH_TOKEN,
+    UsageError,
+    backend_args,
+    check_pair,
+    default_registry,
+    non_negative_float,
+    non_negative_int,
+    port,
+    positive_int,
+    read_text,
+    registry_arg,
+)
+
+
+def tokens_from(path: Path | None, flag: str, env: str, role: str) -> dict[str, str]:
+    """`{token: label}` from the file `flag` names, else from `$env`; {} when neither is
+    given. Raises UsageError when the one given holds no token or a malformed line."""
+    if path is not None:
+        text, source = read_text(path, flag), f"{flag} {path}"
+    elif env in os.environ:
+        text, source = os.environ[env], f"${env}"
+    else:
+        return {}
+    from slimserve.server.config import parse_tokens
+
+    try:
+        tokens = parse_tokens(text, role)
+    except ValueError as exc:
+        raise UsageError(f"{source}: {exc}") from None
+    if not tokens:
+        raise UsageError(
+            f"{source} holds no token (only blank or '#' lines), which would turn "
+            "authentication off: put a token in it (`openssl rand -hex 32`) or leave it out"
+        )
+    return tokens
+
+
+def _tls(args: argparse.Namespace) -> Any:
+    from slimserve.server.config import TlsConfig
+
+    check_pair(args, "tls_cert", "tls_key")
+    if args.tls_cert is None:
+        if args.tls_client_ca:
+            raise UsageError("--tls-client-ca needs --tls-cert and --tls-key")
+        return None
+    return TlsConfig(cert=args.tls_cert, key=args.tls_key, client_ca=args.tls_client_ca)
+
+
+def serve_config(args: argparse.Namespace) -> Any:
+    """The one `ServerConfig` that `serve` flags and environment describe.
+
+    Raises UsageError for a value the config refuses (its message names the fix)."""
+    from slimserve.engine.config import ModelConfig
+    from slimserve.server.config import AuthConfig, Limits, ServerConfig
+
+    users = tokens_from(args.auth_token_file, "--auth-token-file", ENV_AUTH_TOKEN, "user")
+    admins = tokens_from(args.admin_token_file, "--admin-token-file", ENV_ADMIN_TOKEN, "admin")
+    try:
+        return ServerConfig(
+            registry=args.registry or default_registry(),
+            models=tuple(args.model),
+            host=args.host,
+            port=args.port,
+            threads=args.threads,
+            grace_s=args.grace,
+            model=ModelConfig(
+                device=args.device,
+                dtype=args.dtype,
+                backend=args.backend,
+                gguf_type=args.gguf_type,
+                max_batch=args.max_batch,
+                max_seq_len=args.max_seq_len,
+                kv_cache_mb=args.kv_cache_mb,
+                max_queue=args.max_queue,
+            ),
+            limits=Limits(
+                max_new_tokens=args.max_new_tokens_limit,
+                default_max_new_tokens=min(args.default_max_new_tokens, args.max_new_tokens_limit),
+                max_prompt_tokens=args.max_prompt_tokens,
+                max_stop_sequences=args.max_stop_sequences,
+                max_stop_sequence_chars=args.max_stop_sequence_chars,
+                max_top_n=args.max_top_n,
+                max_labels=args.max_labels,
+                max_message_bytes=args.max_message_bytes,
+            ),
+            auth=AuthConfig(
+                tokens=frozenset(users),
+                admin_tokens=frozenset(admins),
+                labels={**users, **admins},
+            ),
+            tls=_tls(args),
+            metrics_port=args.metrics_port,
+            allow_model_control=args.allow_model_control,
+            allow_insecure_tokens=args.allow_insecure_tokens,
+        )
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import asyncio
+
+    config = serve_config(args)
+    if config.threads:
+        import torch
+
+        torch.set_num_threads(config.threads)
+    from slimserve.server.app import serve
+
+    return int(asyncio.run(serve(config)))
+
+
+def add_parser(sub: Any) -> None:
+    """Add `serve` to the top-level subparsers."""
+    p = sub.add_parser("serve", help="serve registry models over gRPC")
+    p.add_argument("--model", action="append", required=True, help="NAME[@VERSION|@ALIAS]")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    backend_args(
+        p,
+        "auto: llama.cpp on CPU when installed, else the torch Llama fast path, else eager",
+        "llama.cpp weight format; auto keeps the artifact's precision (int8 -> q8_0)",
+    )
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=port, default=50051)
+    p.add_argument(
+        "--threads", type=non_negative_int, default=0, help="torch threads (0 = default)"
+    )
+    p.add_argument("--max-batch", type=positive_int, default=16, help="concurrent sequences")
+    p.add_argument(
+        "--max-seq-len",
+        type=non_negative_int,
+        default=0,
+        help="context per sequence (0 = fit the budget)",
+    )
+    p.add_argument(
+        "--kv-cache-mb", type=positive_int, default=1024, help="KV-cache budget per model, MiB"
+    )
+    p.add_argument("--max-queue", type=positive_int, default=64, help="waiting requests at most")
+    p.add_argument("--grace", type=non_negative_float, default=10.0, help="shutdown grace seconds")
+    p.add_argument("--metrics-port", type=port, help="Prometheus /metrics port (default: off)")
+    _add_limits(p)
+    _add_security(p)
+    registry_arg(p)
+    p.set_defaults(func=cmd_serve)
+
+
+def _add_limits(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("limits (each exceeded one is INVALID_ARGUMENT naming it)")
+    g.add_argument("--max-new-tokens-limit", type=positive_int, default=2048)
+    g.add_argument("--default-max-new-tokens", type=positive_int, default=128)
+    g.add_argument("--max-prompt-tokens", type=positive_int, default=4096)
+    g.add_argument("--max-stop-sequences", type=non_negative_int, default=16)
+    g.add_argument("--max-stop-sequence-chars", type=positive_int, default=256)
+    g.add_argument("--max-top-n", type=non_negative_int, default=20)
+    g.add_argument("--max-labels", type=positive_int, default=32)
+    g.add_argument("--max-message-bytes", type=positive_int, default=4 * 1024 * 1024)
+
+
+def _add_security(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("security (token files: docs/deploy.md)")
+    g.add_argument(
+        "--auth-token-file",
+        type=Path,
+        help="bearer tokens for generation, one per line as TOKEN, LABEL:TOKEN or "
+        f"LABEL TOKEN (default: ${ENV_AUTH_TOKEN})",
+    )
+    g.add_argument(
+        "--admin-token-file",
+        type=Path,
+        help=f"bearer tokens for LoadModel/UnloadModel (default: ${ENV_ADMIN_TOKEN})",
+    )
+    g.add_argument(
+        "--allow-model-control",
+        action="store_true",
+        help="with no admin token, let every caller load and unload models (development)",
+    )
+    g.add_argument(
+        "--allow-insecure-tokens",
+        action="store_true",
+        help="accept tokens on a non-loopback --host without TLS (they travel in plaintext)",
+    )
+    g.add_argument("--tls-cert", type=Path, help="PEM server certificate chain")
+    g.add_argument("--tls-key", type=Path, help="PEM server private key")
+    g.add_argument("--tls-client-ca", type=Path, help="PEM CA for client certificates (mTLS)")
