@@ -27,7 +27,7 @@ from slimserve.engine.loader import BackendHook
 from slimserve.engine.manager import ModelManager
 from slimserve.registry.store import Registry, parse_model_ref
 from slimserve.server.config import ServerConfig, TlsConfig
-from slimserve.server.interceptors import AuthInterceptor, InFlight, RequestInterceptor
+from slimserve.server.interceptors import InFlight, server_interceptors
 from slimserve.server.metrics import Metrics
 from slimserve.server.servicer import GenerationServicer, ModelServicer
 from slimserve.v1 import generation_pb2, models_pb2
@@ -77,17 +77,28 @@ class DrainingHealth(health.aio.HealthServicer):  # type: ignore[misc]
         self, request: health_pb2.HealthCheckRequest, context: grpc.aio.ServicerContext
     ) -> None:
         last: int | None = None
-        async with self._changed:
-            while True:
-                status = self._statuses.get(
-                    request.service, health_pb2.HealthCheckResponse.SERVICE_UNKNOWN
-                )
-                if status != last:
-                    await context.write(health_pb2.HealthCheckResponse(status=status))
-                    last = status
-                if self._closing:
-                    return
-                await self._changed.wait()
+        unknown = health_pb2.HealthCheckResponse.SERVICE_UNKNOWN
+        while True:
+            # The lock is never held across a write: a watcher that does not read must not
+            # block `set()` or the drain.
+            async with self._changed:
+                while True:
+                    status = self._statuses.get(request.service, unknown)
+                    if status != last or self._closing:
+                        break
+                    await self._changed.wait()
+                closing = self._closing
+            if status != last:
+                await context.write(health_pb2.HealthCheckResponse(status=status))
+                last = status
+            if closing:
+                return
+
+
+_STATUS = {
+    True: health_pb2.HealthCheckResponse.SERVING,
+    False: health_pb2.HealthCheckResponse.NOT_SERVING,
+}
 
 
 @dataclass
@@ -101,12 +112,28 @@ class Server:
     models: ModelManager
     metrics: Metrics
     in_flight: InFlight
+    loop: asyncio.AbstractEventLoop
     ready: asyncio.Future[None] = field(default_factory=asyncio.Future)
     load_task: asyncio.Task[None] | None = None
+    #: Model names that have had a health status (they stay listed, NOT_SERVING, once gone).
+    known_models: set[str] = field(default_factory=set)
 
-    async def _set_status(self, status: int) -> None:
+    async def refresh_health(self) -> None:
+        """Each model's name is SERVING while its engine is up; the server as a whole (""
+        and the API services) is SERVING once loading is done and at least one model is."""
+        serving_any = False
+        for name in sorted(self.known_models | {m.name for m in self.models.all()}):
+            self.known_models.add(name)
+            up = self.models.serving(name)
+            serving_any |= up
+            await self.health.set(name, _STATUS[up])
+        overall = serving_any and self.ready.done() and self.ready.exception() is None
         for name in ("", *SERVICES):
-            await self.health.set(name, status)
+            await self.health.set(name, _STATUS[overall])
+
+    def health_changed(self) -> None:
+        """Called from any thread when a model's state changes."""
+        self.loop.call_soon_threadsafe(lambda: asyncio.ensure_future(self.refresh_health()))
 
     async def load_configured(self) -> None:
         """Load the configured models off the event loop, then report SERVING."""
@@ -120,8 +147,8 @@ class Server:
             self.ready.set_exception(exc)
             return
         self.models.loading = False
-        await self._set_status(health_pb2.HealthCheckResponse.SERVING)
         self.ready.set_result(None)
+        await self.refresh_health()
         log.info("serving on %s:%d", self.config.host, self.port)
 
     async def stop(self, grace: float | None = None) -> None:
@@ -156,21 +183,18 @@ async def build_server(
     Returns the server and the bound port (useful with port 0).
     """
     limits = config.limits
+    holder: list[Server] = []
     models = ModelManager(
         Registry(config.registry),
         config.model,
         retire_grace_s=max(config.grace_s, 60.0),
         backend_hook=backend_hook,
+        on_health=lambda _name, _serving: holder[0].health_changed() if holder else None,
     )
     metrics = Metrics(models)
     in_flight = InFlight()
-    interceptors: list[grpc.aio.ServerInterceptor] = [
-        RequestInterceptor(limits.max_message_bytes, metrics, in_flight)
-    ]
-    if config.auth.enabled:
-        interceptors.append(AuthInterceptor(config.auth))
     grpc_server = grpc.aio.server(
-        interceptors=interceptors,
+        interceptors=server_interceptors(config, metrics, in_flight),
         options=[
             ("grpc.max_receive_message_length", limits.transport_message_bytes),
             ("grpc.max_send_message_length", limits.transport_message_bytes),
@@ -195,7 +219,9 @@ async def build_server(
     if config.metrics_port is not None:
         metrics.serve(config.host, config.metrics_port)
         log.info("metrics on http://%s:%d/metrics", config.host, metrics.port)
-    server = Server(config, grpc_server, port, health_servicer, models, metrics, in_flight)
+    loop = asyncio.get_running_loop()
+    server = Server(config, grpc_server, port, health_servicer, models, metrics, in_flight, loop)
+    holder.append(server)
     for name in ("", *SERVICES):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
     await grpc_server.start()
