@@ -63,6 +63,7 @@ def tiny_server_config(registry: Path, **model_overrides: Any) -> Any:
 
     limits = model_overrides.pop("limits", Limits(max_new_tokens=64, default_max_new_tokens=16))
     models = model_overrides.pop("models", ("tiny",))
+    control = model_overrides.pop("allow_model_control", False)
     # The torch Llama backend unless a test asks otherwise: its scores and tokens do not depend
     # on how requests are batched, which many service tests assert exactly. The llama.cpp
     # backend has its own tests (tests/service/test_llamacpp_backend.py and _server.py).
@@ -74,6 +75,7 @@ def tiny_server_config(registry: Path, **model_overrides: Any) -> Any:
         model=ModelConfig(device="cpu", max_batch=4, max_seq_len=128, **model_overrides),
         limits=limits,
         grace_s=2.0,
+        allow_model_control=control,
     )
 
 

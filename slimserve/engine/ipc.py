@@ -159,6 +159,8 @@ _KINDS: dict[str, type[Exception]] = {
     "IntegrityFailure": errors.IntegrityFailure,
     "LoadFailed": errors.LoadFailed,
     "UnknownModel": errors.UnknownModel,
+    "DeadlineExpired": errors.DeadlineExpired,
+    "EngineFailure": errors.EngineFailure,
 }
 
 

@@ -70,7 +70,10 @@ class EngineLike(Protocol):
     def submit(self, req: GenerationRequest, sink: Sink) -> HandleLike: ...
 
     def score(
-        self, prompt_ids: list[int], continuations: list[list[int]]
+        self,
+        prompt_ids: list[int],
+        continuations: list[list[int]],
+        deadline: float | None = None,
     ) -> concurrent.futures.Future[list[float]]: ...
 
     def stats(self) -> EngineStats: ...

@@ -117,6 +117,8 @@ def child_main(conn: Connection, spec: ChildSpec) -> None:
     except BaseException as exc:
         send(Tag.FAILED, ipc.error_to_wire(exc))
         return
+    # A dead scheduler loop ends the process, so the supervisor restarts it.
+    loaded.engine.on_failure = lambda _exc: os._exit(70)  # type: ignore[attr-defined]
     info = dataclasses.replace(loaded.info, in_process=False, measured=dict(spec.measured))
     send(Tag.READY, info.to_dict())
     _serve(conn, loaded.engine, send)
@@ -137,7 +139,7 @@ def _serve(conn: Connection, engine: Any, send: Callable[..., None]) -> None:
             if handle is not None:
                 handle.cancel()
         elif tag == Tag.SCORE:
-            _score(engine, frame[1], frame[2], frame[3], send)
+            _score(engine, frame, send)
         elif tag == Tag.STATS:
             send(Tag.STATS_REPLY, frame[1], ipc.stats_to_wire(engine.stats()))
         elif tag == Tag.STOP:
@@ -163,9 +165,9 @@ def _submit(
         send(Tag.ERROR, rid, ipc.error_to_wire(exc))
 
 
-def _score(
-    engine: Any, sid: int, prompt: list[int], conts: list[list[int]], send: Callable[..., None]
-) -> None:
+def _score(engine: Any, frame: list[Any], send: Callable[..., None]) -> None:
+    _, sid, prompt, conts, deadline = frame
+
     def done(fut: concurrent.futures.Future[list[float]]) -> None:
         exc = fut.exception()
         if exc is not None:
@@ -174,7 +176,7 @@ def _score(
             send(Tag.SCORED, sid, fut.result())
 
     try:
-        engine.score(prompt, conts).add_done_callback(done)
+        engine.score(prompt, conts, deadline).add_done_callback(done)
     except Exception as exc:
         send(Tag.SCORE_FAILED, sid, ipc.error_to_wire(exc))
 
@@ -319,13 +321,16 @@ class RemoteEngine:
                 self._send(Tag.CANCEL, rid)
 
     def score(
-        self, prompt_ids: list[int], continuations: list[list[int]]
+        self,
+        prompt_ids: list[int],
+        continuations: list[list[int]],
+        deadline: float | None = None,
     ) -> concurrent.futures.Future[list[float]]:
         if self._stopping:
             raise NotReady("the engine is shutting down")
         if sum(1 for f in self._futures.values() if not f.done()) >= self._max_queue:
             raise Overloaded(f"score queue full ({self._max_queue}); retry later")
-        return self._call(Tag.SCORE, prompt_ids, continuations)
+        return self._call(Tag.SCORE, prompt_ids, continuations, deadline)
 
     def _call(self, tag: Tag, *args: Any) -> concurrent.futures.Future[Any]:
         fut: concurrent.futures.Future[Any] = concurrent.futures.Future()

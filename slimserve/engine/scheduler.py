@@ -1,10 +1,12 @@
 """The engine: one worker thread that owns a backend and runs a continuous batch.
 
 Between two decode steps the worker admits waiting requests (prefill, first token), drops
-cancelled or expired ones, runs queued `Score` jobs, then advances every running sequence
-by one token in a single batched `decode` call. Consumers receive `Event`s through a
-callback invoked on the worker thread; it must not block (the servicer hands events to its
-event loop with `call_soon_threadsafe`).
+cancelled or expired ones, runs at most `score_step_tokens` of queued `Score` work
+(`scoring.ScoreQueue`), then advances every running sequence by one token in a single
+batched `decode` call. Consumers receive `Event`s through a callback invoked on the worker
+thread; it must not block. If the loop itself fails, every pending request fails, the
+engine stops taking work (`serving` turns False) and `on_failure` hears of it: a dead
+thread never hides behind a SERVING server. Imports torch and engine modules only.
 """
 
 from __future__ import annotations
@@ -22,9 +24,11 @@ from typing import Protocol
 import torch
 
 from slimserve.engine.backends.base import Backend
-from slimserve.engine.errors import NotReady, Overloaded
-from slimserve.engine.sampling import make_generator, select, token_logprob
-from slimserve.engine.text import Decoder, IncrementalDetokenizer, StopMatcher
+from slimserve.engine.errors import InvalidRequest, NotReady, Overloaded
+from slimserve.engine.sampling import select, token_logprob
+from slimserve.engine.scoring import ScoreQueue
+from slimserve.engine.sequence import Handle, ScoreJob, SeqState, Sequence
+from slimserve.engine.text import Decoder
 from slimserve.engine.types import (
     BackendInfo,
     EngineInfo,
@@ -52,10 +56,16 @@ class EngineConfig:
     max_queue: int = 64
     #: Token ids that end a sequence (besides the tokenizer's own EOS).
     eos_token_ids: frozenset[int] = frozenset()
+    #: Tokens of Score work between two decode steps (streams wait at most this long).
+    score_step_tokens: int = 2048
+    #: Tokens one Score call may put through the model (prompt + label - 1, summed).
+    max_score_tokens: int = 65536
 
     def __post_init__(self) -> None:
         if self.max_queue < 0:
             raise ValueError(f"max_queue must be >= 0, got {self.max_queue}")
+        if self.score_step_tokens < 1 or self.max_score_tokens < 1:
+            raise ValueError("score_step_tokens and max_score_tokens must be >= 1")
 
 
 def _bare_info(backend: Backend) -> EngineInfo:
@@ -78,65 +88,6 @@ def _bare_info(backend: Backend) -> EngineInfo:
     )
 
 
-class Handle:
-    """The submitter's side of a running request."""
-
-    __slots__ = ("_engine", "cancelled", "request_id")
-
-    def __init__(self, engine: Engine, request_id: str) -> None:
-        self._engine = engine
-        self.request_id = request_id
-        self.cancelled = False
-
-    def cancel(self) -> None:
-        """Stop the request at the engine's next step (a final CANCELLED event follows)."""
-        self.cancelled = True
-        self._engine.wake()
-
-
-class _Sequence:
-    """A request while it waits or runs; touched only by the worker thread once admitted."""
-
-    __slots__ = (
-        "detok",
-        "generated",
-        "generator",
-        "handle",
-        "last_token",
-        "prefill_ms",
-        "req",
-        "sink",
-        "slot",
-        "stops",
-        "t_admit",
-        "t_arrival",
-        "t_first",
-        "t_last",
-    )
-
-    def __init__(self, req: GenerationRequest, sink: Sink, handle: Handle, tok: Decoder) -> None:
-        self.req = req
-        self.sink = sink
-        self.handle = handle
-        self.slot = -1
-        self.generated: list[int] = []
-        self.last_token = -1
-        self.detok = IncrementalDetokenizer(tok, req.prompt_ids)
-        self.stops = StopMatcher(req.stopping.stop_sequences)
-        self.generator = make_generator(req.sampling)
-        self.t_arrival = time.monotonic()
-        self.t_admit = self.t_first = self.t_last = 0.0
-        self.prefill_ms = 0.0
-
-    def expired_reason(self, now: float) -> StopReason | None:
-        if self.handle.cancelled or (self.req.deadline is not None and now >= self.req.deadline):
-            return StopReason.CANCELLED
-        limit = self.req.stopping.time_limit_s
-        if limit is not None and now - self.t_arrival >= limit:
-            return StopReason.TIME_LIMIT
-        return None
-
-
 class Engine:
     """Continuous batching over one backend. Thread-safe `submit`, `score` and `cancel`."""
 
@@ -157,14 +108,16 @@ class Engine:
             eos.add(int(tokenizer.eos_token_id))
         self._eos = frozenset(eos)
         self._cond = threading.Condition()
-        self._waiting: collections.deque[_Sequence] = collections.deque()
-        self._scores: collections.deque[
-            tuple[list[int], list[list[int]], concurrent.futures.Future[list[float]]]
-        ] = collections.deque()
-        self._running: list[_Sequence] = []
+        self._waiting: collections.deque[Sequence] = collections.deque()
+        self._scores = ScoreQueue()
+        self._running: list[Sequence] = []
         self._free = list(range(backend.max_slots - 1, -1, -1))
         self._stats = EngineStats(free_slots=backend.max_slots)
         self._stopping = False
+        #: Why the worker loop died, if it did.
+        self.failure: BaseException | None = None
+        #: Told (on the worker thread) when the loop dies; the engine process exits on it.
+        self.on_failure: Callable[[BaseException], None] | None = None
         self._thread: threading.Thread | None = None
 
     # ---- submitter side (any thread) ---------------------------------------------------
@@ -180,10 +133,9 @@ class Engine:
             NotReady: the engine is stopping.
         """
         handle = Handle(self, req.request_id)
-        seq = _Sequence(req, sink, handle, self.tokenizer)
+        seq = Sequence(req, sink, handle, self.tokenizer)
         with self._cond:
-            if self._stopping:
-                raise NotReady("the engine is shutting down")
+            self._check_open()
             if len(self._waiting) >= self.config.max_queue + len(self._free):
                 raise Overloaded(
                     f"admission queue full ({self.config.max_queue} waiting, "
@@ -194,18 +146,47 @@ class Engine:
         return handle
 
     def score(
-        self, prompt_ids: list[int], continuations: list[list[int]]
+        self,
+        prompt_ids: list[int],
+        continuations: list[list[int]],
+        deadline: float | None = None,
     ) -> concurrent.futures.Future[list[float]]:
-        """Queue a scoring job, run between decode steps; the future holds log-probs."""
+        """Queue a scoring job, run in budgeted chunks between decode steps; the future
+        holds each continuation's summed log-probability.
+
+        Raises:
+            InvalidRequest: the job puts more than `max_score_tokens` through the model.
+            Overloaded: the score queue is full.
+            NotReady: the engine is stopping or its loop failed.
+        """
         fut: concurrent.futures.Future[list[float]] = concurrent.futures.Future()
+        job = ScoreJob(
+            prompt=prompt_ids, continuations=continuations, future=fut, deadline=deadline
+        )
+        if job.total_cost > self.config.max_score_tokens:
+            raise InvalidRequest(
+                "labels",
+                f"prompt and labels need {job.total_cost} tokens of forward passes; "
+                f"the limit is {self.config.max_score_tokens}",
+            )
         with self._cond:
-            if self._stopping:
-                raise NotReady("the engine is shutting down")
+            self._check_open()
             if len(self._scores) >= self.config.max_queue:
                 raise Overloaded(f"score queue full ({self.config.max_queue}); retry later")
-            self._scores.append((prompt_ids, continuations, fut))
+            self._scores.append(job)
             self._cond.notify()
         return fut
+
+    def _check_open(self) -> None:
+        if self.failure is not None:
+            raise NotReady(f"the engine loop failed: {self.failure!r}")
+        if self._stopping:
+            raise NotReady("the engine is shutting down")
+
+    @property
+    def serving(self) -> bool:
+        """Whether the worker loop is alive and taking work."""
+        return self.failure is None and not self._stopping
 
     def wake(self) -> None:
         with self._cond:
@@ -235,26 +216,44 @@ class Engine:
 
     # ---- worker thread -----------------------------------------------------------------
     def _loop(self) -> None:
+        try:
+            self._run()
+        except BaseException as exc:  # a bug in the loop itself, not in one request
+            log.critical("the engine loop failed; failing every request", exc_info=exc)
+            self._fail_everything(exc)
+
+    def _run(self) -> None:
         while True:
             with self._cond:
                 while not (self._waiting or self._scores or self._running or self._stopping):
                     self._cond.wait()
                 if self._stopping and not self._running:
                     self._drop_waiting(StopReason.CANCELLED)
-                    self._fail_scores(NotReady("the engine is shutting down"))
+                    self._scores.fail_all(NotReady("the engine is shutting down"))
                     return
-                scores = list(self._scores)
-                self._scores.clear()
                 admitted = self._admit_locked()
-            if scores:
-                self._run_scores(scores)
+            if self._scores:
+                self._scores.step(self.backend, self.config.score_step_tokens)
             for seq in admitted:
                 self._prefill(seq)
             self._reap()
             if self._running:
                 self._decode_step()
 
-    def _admit_locked(self) -> list[_Sequence]:
+    def _fail_everything(self, exc: BaseException) -> None:
+        with self._cond:
+            self.failure = exc
+            pending = list(self._waiting) + list(self._running)
+            self._waiting.clear()
+            self._scores.fail_all(NotReady(f"the engine loop failed: {exc!r}"))
+        for seq in pending:
+            seq.state = SeqState.FINISHED
+            seq.sink(Event(error=NotReady(f"the engine loop failed: {exc!r}")))
+        self._running.clear()
+        if self.on_failure is not None:
+            self.on_failure(exc)
+
+    def _admit_locked(self) -> list[Sequence]:
         now = time.monotonic()
         admitted = []
         for seq in list(self._waiting):
@@ -265,6 +264,7 @@ class Engine:
         while self._waiting and self._free:
             seq = self._waiting.popleft()
             seq.slot = self._free.pop()
+            seq.state = SeqState.RUNNING
             admitted.append(seq)
         return admitted
 
@@ -272,49 +272,8 @@ class Engine:
         while self._waiting:
             self._finish(self._waiting.popleft(), reason, "")
 
-    def _fail_scores(self, exc: BaseException) -> None:
-        while self._scores:
-            self._scores.popleft()[2].set_exception(exc)
-
-    def _run_scores(
-        self,
-        jobs: list[tuple[list[int], list[list[int]], concurrent.futures.Future[list[float]]]],
-    ) -> None:
-        """Every Score queued since the last step in one batched forward.
-
-        If the batch fails, each job runs alone so one bad job fails only itself.
-        """
-        live = [j for j in jobs if j[2].set_running_or_notify_cancel()]
-        if not live:
-            return
-        try:
-            results = self.backend.score_batch([(p, c) for p, c, _ in live])
-        except torch.OutOfMemoryError as exc:
-            for _, _, fut in live:
-                fut.set_exception(Overloaded(f"out of memory while scoring: {exc}"))
-            return
-        except Exception:
-            for prompt, conts, fut in live:
-                self._run_score(prompt, conts, fut)
-            return
-        for (_, _, fut), result in zip(live, results, strict=True):
-            fut.set_result(result)
-
-    def _run_score(
-        self,
-        prompt: list[int],
-        conts: list[list[int]],
-        fut: concurrent.futures.Future[list[float]],
-    ) -> None:
-        try:
-            fut.set_result(self.backend.score(prompt, conts))
-        except torch.OutOfMemoryError as exc:
-            fut.set_exception(Overloaded(f"out of memory while scoring: {exc}"))
-        except Exception as exc:
-            log.exception("score failed")
-            fut.set_exception(exc)
-
-    def _prefill(self, seq: _Sequence) -> None:
+    def _prefill(self, seq: Sequence) -> None:
+        assert seq.slot is not None  # admitted
         seq.t_admit = time.monotonic()
         try:
             logits = self.backend.prefill(seq.slot, list(seq.req.prompt_ids))
@@ -328,7 +287,8 @@ class Engine:
     def _decode_step(self) -> None:
         batch = list(self._running)
         try:
-            logits = self.backend.decode([s.slot for s in batch], [s.last_token for s in batch])
+            slots = [s.slot for s in batch if s.slot is not None]
+            logits = self.backend.decode(slots, [s.last_token for s in batch])
         except Exception as exc:
             for seq in batch:
                 self._fail(seq, exc)
@@ -341,21 +301,21 @@ class Engine:
         for i, seq in enumerate(batch):
             self._advance(seq, picks[i], logits[i])
 
-    def _advance(self, seq: _Sequence, token: int | None, logits: torch.Tensor) -> None:
+    def _advance(self, seq: Sequence, token: int | None, logits: torch.Tensor) -> None:
         """Pick (unless given) and emit one token; a failure ends only this request."""
         try:
             self._on_token(seq, self._pick(seq, logits) if token is None else token, logits)
         except Exception as exc:
             self._fail(seq, exc)
 
-    def _pick(self, seq: _Sequence, logits: torch.Tensor) -> int:
+    def _pick(self, seq: Sequence, logits: torch.Tensor) -> int:
         params = seq.req.sampling
         seen = None
         if params.repetition_penalty != 1.0:
             seen = torch.tensor(list(seq.req.prompt_ids) + seq.generated, dtype=torch.long)
         return select(logits, params, seq.generator, seen)
 
-    def _on_token(self, seq: _Sequence, token: int, logits: torch.Tensor) -> None:
+    def _on_token(self, seq: Sequence, token: int, logits: torch.Tensor) -> None:
         now = time.monotonic()
         if not seq.generated:
             seq.t_first = now
@@ -391,7 +351,7 @@ class Engine:
 
     def _finish(
         self,
-        seq: _Sequence,
+        seq: Sequence,
         reason: StopReason,
         text: str,
         token_ids: tuple[int, ...] = (),
@@ -425,7 +385,7 @@ class Engine:
             self._stats.finished[reason.value] = self._stats.finished.get(reason.value, 0) + 1
         seq.sink(Event(text=text, token_ids=token_ids, logprobs=lp, finish=finish))
 
-    def _fail(self, seq: _Sequence, exc: BaseException) -> None:
+    def _fail(self, seq: Sequence, exc: BaseException) -> None:
         if isinstance(exc, torch.OutOfMemoryError):
             exc = Overloaded(f"out of memory on {self.backend.device}: {exc}")
         else:
@@ -433,11 +393,12 @@ class Engine:
         self._release(seq)
         seq.sink(Event(error=exc))
 
-    def _release(self, seq: _Sequence) -> None:
-        if seq in self._running:
+    def _release(self, seq: Sequence) -> None:
+        if seq.state is SeqState.RUNNING and seq in self._running:
             self._running.remove(seq)
-        if seq.slot >= 0:
+        seq.state = SeqState.FINISHED
+        if seq.slot is not None:
             self.backend.release(seq.slot)
             with self._cond:
                 self._free.append(seq.slot)
-            seq.slot = -1
+            seq.slot = None

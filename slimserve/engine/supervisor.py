@@ -112,9 +112,12 @@ class SupervisedEngine:
         return self._engine().submit(req, sink)
 
     def score(
-        self, prompt_ids: list[int], continuations: list[list[int]]
+        self,
+        prompt_ids: list[int],
+        continuations: list[list[int]],
+        deadline: float | None = None,
     ) -> concurrent.futures.Future[list[float]]:
-        return self._engine().score(prompt_ids, continuations)
+        return self._engine().score(prompt_ids, continuations, deadline)
 
     def stats(self) -> EngineStats:
         return self._engine().stats()

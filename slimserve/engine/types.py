@@ -14,6 +14,8 @@ class StopReason(enum.Enum):
     TIME_LIMIT = "TIME_LIMIT"
     CANCELLED = "CANCELLED"
     TOKEN_LIMIT = "TOKEN_LIMIT"
+    #: The caller's deadline passed (the server answers DEADLINE_EXCEEDED, never OK).
+    DEADLINE = "DEADLINE"
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -24,7 +24,10 @@ from slimserve.v1 import generation_pb2 as gen_pb
 from slimserve.v1 import models_pb2 as models_pb
 
 _ROLES = frozenset({"system", "user", "assistant"})
-_STOP_REASONS = {r: gen_pb.StopReason.Value(r.value) for r in StopReason}
+# DEADLINE never reaches a response: the servicer answers DEADLINE_EXCEEDED instead.
+_STOP_REASONS: dict[StopReason, Any] = {
+    r: gen_pb.StopReason.Value(r.value) for r in StopReason if r is not StopReason.DEADLINE
+}
 
 
 def _finite(field: str, value: float) -> float:

@@ -6,7 +6,6 @@ import asyncio
 import logging
 import math
 import time
-import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, NoReturn, TypeVar
 
@@ -14,6 +13,7 @@ import grpc
 
 from slimserve.engine.errors import (
     DeadlineExpired,
+    EngineFailure,
     IntegrityFailure,
     InvalidRequest,
     LoadFailed,
@@ -45,6 +45,7 @@ STATUS: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
     (NotReady, grpc.StatusCode.UNAVAILABLE),
     (IntegrityFailure, grpc.StatusCode.DATA_LOSS),
     (DeadlineExpired, grpc.StatusCode.DEADLINE_EXCEEDED),
+    (EngineFailure, grpc.StatusCode.INTERNAL),
     (IntegrityError, grpc.StatusCode.DATA_LOSS),
     (LoadFailed, grpc.StatusCode.FAILED_PRECONDITION),
     # Other registry errors (a bad name or alias in a request) are the caller's to fix.
@@ -63,9 +64,11 @@ async def _abort(context: grpc.aio.ServicerContext, exc: BaseException) -> NoRet
     if isinstance(exc, grpc.aio.AbortError):
         raise exc  # already a status
     code = status_for(exc)
-    if code is grpc.StatusCode.INTERNAL:
+    if code is grpc.StatusCode.INTERNAL and not isinstance(exc, EngineFailure):
         log.error("internal error", exc_info=exc)
         await context.abort(code, f"internal error: {type(exc).__name__}")
+    if isinstance(exc, EngineFailure):  # our own words, naming the model: safe to send
+        log.error("engine failure: %s", exc)
     await context.abort(code, str(exc))
     raise AssertionError("unreachable")  # context.abort raises
 
@@ -80,13 +83,7 @@ async def _guard(context: grpc.aio.ServicerContext, fn: Callable[[], Awaitable[T
 
 def request_id(context: grpc.aio.ServicerContext) -> str:
     """The id the request interceptor chose (from `x-request-id` or fresh)."""
-    rid = logs.REQUEST_ID.get()
-    if rid:
-        return rid
-    for key, value in context.invocation_metadata() or ():
-        if key == "x-request-id" and isinstance(value, str) and 0 < len(value) <= 128:
-            return value
-    return uuid.uuid4().hex
+    return logs.REQUEST_ID.get() or logs.request_id_from(context.invocation_metadata())
 
 
 class _EventQueue:
@@ -112,7 +109,7 @@ class GenerationServicer(gen_grpc.GenerationServiceServicer):
     def _model(self, ref: Any) -> LoadedModel:
         return self.models.get(ref.name, ref.ref)
 
-    def _start(
+    async def _start(
         self, request: gen_pb.GenerateRequest, context: grpc.aio.ServicerContext, queue: _EventQueue
     ) -> tuple[LoadedModel, GenerationRequest, HandleLike]:
         """Resolve the model and submit. A swap can retire the version between the two
@@ -120,8 +117,14 @@ class GenerationServicer(gen_grpc.GenerationServiceServicer):
         rid = request_id(context)
         for attempt in range(2):
             model = self._model(request.model)
-            req = convert.generation_request(
-                request, model, self.limits, rid, context.time_remaining()
+            # Tokenizing and templating a long prompt must not stall the other streams.
+            req = await asyncio.to_thread(
+                convert.generation_request,
+                request,
+                model,
+                self.limits,
+                rid,
+                context.time_remaining(),
             )
             try:
                 handle = model.engine.submit(req, queue.put)
@@ -152,8 +155,7 @@ class GenerationServicer(gen_grpc.GenerationServiceServicer):
             if event.error is not None:
                 raise event.error
             f = event.finish
-            expired = deadline is not None and time.monotonic() >= deadline
-            if f is not None and f.reason is StopReason.CANCELLED and expired:
+            if f is not None and f.reason is StopReason.DEADLINE:
                 raise DeadlineExpired(
                     f"deadline exceeded after {f.generated_tokens} generated tokens"
                 )
@@ -180,7 +182,7 @@ class GenerationServicer(gen_grpc.GenerationServiceServicer):
         async def run() -> gen_pb.GenerateResponse:
             t0 = time.monotonic()
             queue = _EventQueue()
-            model, req, handle = self._start(request, context, queue)
+            model, req, handle = await self._start(request, context, queue)
             events: list[Event] = []
             try:
                 async for event in self._events(model, queue, "Generate", t0, req.deadline):
@@ -199,7 +201,7 @@ class GenerationServicer(gen_grpc.GenerationServiceServicer):
         t0 = time.monotonic()
         try:
             queue = _EventQueue()
-            model, req, handle = self._start(request, context, queue)
+            model, req, handle = await self._start(request, context, queue)
         except Exception as exc:
             await _abort(context, exc)
         try:
@@ -226,14 +228,16 @@ class GenerationServicer(gen_grpc.GenerationServiceServicer):
             rid = request_id(context)
             model = self._model(request.model)
             logs.annotate(model=model.ref)
-            prompt = list(convert.prompt_ids(request, model, self.limits))
-            labels = convert.score_labels(request, model, self.limits)
+            prompt = list(await asyncio.to_thread(convert.prompt_ids, request, model, self.limits))
+            labels = await asyncio.to_thread(convert.score_labels, request, model, self.limits)
             longest = len(prompt) + max(map(len, labels))
             if longest > model.max_context:
                 raise InvalidRequest(
                     "labels", f"prompt + label is {longest} tokens; context is {model.max_context}"
                 )
-            logps = await asyncio.wrap_future(model.engine.score(prompt, labels))
+            remaining = context.time_remaining()
+            deadline = time.monotonic() + remaining if remaining is not None else None
+            logps = await asyncio.wrap_future(model.engine.score(prompt, labels, deadline))
             top = max(logps)
             norm = math.log(sum(math.exp(lp - top) for lp in logps)) + top
             seconds = time.monotonic() - t0
@@ -263,7 +267,7 @@ class GenerationServicer(gen_grpc.GenerationServiceServicer):
         async def run() -> gen_pb.TokenizeResponse:
             model = self._model(request.model)
             logs.annotate(model=model.ref)
-            ids = convert.prompt_ids(request, model, self.limits)
+            ids = await asyncio.to_thread(convert.prompt_ids, request, model, self.limits)
             tokens = (
                 model.tokenizer.convert_ids_to_tokens(list(ids)) if request.return_tokens else []
             )

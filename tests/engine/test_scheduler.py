@@ -10,7 +10,13 @@ import pytest
 import torch
 
 from slimserve.engine.backends.hf import HFBackend
-from slimserve.engine.errors import Overloaded
+from slimserve.engine.errors import (
+    DeadlineExpired,
+    EngineFailure,
+    InvalidRequest,
+    NotReady,
+    Overloaded,
+)
 from slimserve.engine.scheduler import Engine, EngineConfig
 from slimserve.engine.types import GenerationRequest, SamplingParams, StopParams, StopReason
 from tests.helpers import Collector, tiny_model
@@ -167,7 +173,8 @@ def test_deadline_and_time_limit(engine: Engine, tokenizer: Any) -> None:
         stopping=req.stopping,
         deadline=time.monotonic() - 1,
     )
-    assert run_one(engine, past)[-1].finish.reason is StopReason.CANCELLED
+    # Its own stop reason (it was CANCELLED, and the servicer re-read the clock to tell).
+    assert run_one(engine, past)[-1].finish.reason is StopReason.DEADLINE
     limited = request(tokenizer, "the quick", n=10_000, time_limit_s=0.05)
     assert run_one(engine, limited)[-1].finish.reason in (
         StopReason.TIME_LIMIT,
@@ -234,5 +241,64 @@ def test_a_failing_request_does_not_stop_the_engine(model: Any, tokenizer: Any) 
         assert eng.stats().free_slots == 4
         ok = run_one(eng, request(tokenizer, "the quick", n=3))
         assert ok[-1].finish.reason is StopReason.MAX_TOKENS
+    finally:
+        eng.shutdown()
+
+
+def test_a_large_score_interleaves_with_decode_steps(model: Any, tokenizer: Any) -> None:
+    # 12 labels of ~20 tokens each; a budget of 40 tokens a step runs them ~2 at a time,
+    # with a decode step for the running stream between chunks.
+    eng = make_engine(model, tokenizer, score_step_tokens=40)
+    try:
+        prompt = tokenizer("the quick brown fox jumps")["input_ids"]
+        labels = [tokenizer(f" label {i} over the lazy dog")["input_ids"] for i in range(12)]
+        alone = eng.backend.score(prompt, labels)
+        events: list[Any] = []
+        eng.submit(request(tokenizer, "hello", n=40), events.append)
+        got = eng.score(prompt, labels).result(30)
+        assert got == pytest.approx(alone, abs=1e-4)  # chunking changes no sum
+        assert 0 < len([e for e in events if e.token_ids]) < 40  # the stream ran meanwhile
+    finally:
+        eng.shutdown()
+
+
+def test_score_limits_and_deadline(model: Any, tokenizer: Any) -> None:
+    eng = make_engine(model, tokenizer, score_step_tokens=8, max_score_tokens=200)
+    try:
+        prompt = tokenizer("the quick brown fox")["input_ids"]
+        with pytest.raises(InvalidRequest, match="the limit is 200"):
+            eng.score(prompt, [prompt * 10] * 10)
+        labels = [[5, 6, 7]] * 20
+        with pytest.raises(DeadlineExpired, match="labels"):
+            eng.score(prompt, labels, deadline=time.monotonic() - 1).result(30)
+    finally:
+        eng.shutdown()
+
+
+def test_a_non_finite_score_is_an_error_never_a_value(model: Any, tokenizer: Any) -> None:
+    eng = make_engine(model, tokenizer)
+    try:
+        eng.backend.score_batch = lambda jobs: [[float("nan")] * len(c) for _, c in jobs]
+        with pytest.raises(EngineFailure, match="non-finite"):
+            eng.score([1, 2, 3], [[4], [5]]).result(30)
+    finally:
+        eng.shutdown()
+
+
+def test_a_failed_loop_fails_pending_requests_and_stops_serving(model: Any, tokenizer: Any) -> None:
+    eng = make_engine(model, tokenizer)
+    failures: list[BaseException] = []
+    eng.on_failure = failures.append
+    try:
+
+        def broken() -> None:
+            raise RuntimeError("a bug in the loop")
+
+        eng._reap = broken  # type: ignore[method-assign]  # the loop itself, not a request
+        events = run_one(eng, request(tokenizer, "hello", n=5))
+        assert isinstance(events[-1].error, NotReady) and "loop failed" in str(events[-1].error)
+        assert not eng.serving and failures
+        with pytest.raises(NotReady, match="loop failed"):
+            eng.submit(request(tokenizer, "hello", n=5), events.append)
     finally:
         eng.shutdown()

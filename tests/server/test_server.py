@@ -168,7 +168,9 @@ def test_tampered_artifact_is_refused_at_load_naming_the_file(
     data = bytearray(weights.read_bytes())
     data[-1] ^= 0xFF
     weights.write_bytes(bytes(data))
-    server = ServerThread(tiny_server_config(root, models=("tiny@1",))).start()
+    server = ServerThread(
+        tiny_server_config(root, models=("tiny@1",), allow_model_control=True)
+    ).start()
     try:
         with Client(server.target, retries=0) as c:
             with pytest.raises(DataLoss, match=r"model\.safetensors fails its sha256"):
@@ -187,7 +189,9 @@ def test_load_model_swaps_version_and_alias_resolves(tiny_registry: Path, tmp_pa
     shutil.copytree(tiny_registry, root, symlinks=True)
     publish_tiny(root, "tiny", seed=9)
     Registry(root).set_alias("tiny", "production", 2)
-    server = ServerThread(tiny_server_config(root, models=("tiny@1",))).start()
+    server = ServerThread(
+        tiny_server_config(root, models=("tiny@1",), allow_model_control=True)
+    ).start()
     try:
         with Client(server.target, retries=0) as c:
             assert c.model_info().ref == "tiny@1"

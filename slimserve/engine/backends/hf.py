@@ -67,21 +67,26 @@ class HFBackend:
 def score_with(
     model: Any, prompt_ids: list[int], continuations: list[list[int]], device: torch.device
 ) -> list[float]:
-    """Sum of log-probs of each continuation after the prompt, one right-padded batch."""
-    seqs = [prompt_ids + c for c in continuations]
+    """Sum of log-probs of each continuation after the prompt, one right-padded batch.
+
+    Only the positions that predict a continuation token get logits (`logits_to_keep`):
+    (labels, longest label, vocab) floats, not (labels, prompt + label, vocab).
+    """
+    seqs = [prompt_ids + c[:-1] for c in continuations]  # a last token is never an input
     width = max(map(len, seqs))
     ids = torch.zeros((len(seqs), width), dtype=torch.long, device=device)
     mask = torch.zeros_like(ids)
     for i, s in enumerate(seqs):
         ids[i, : len(s)] = torch.tensor(s)
         mask[i, : len(s)] = 1
-    logits = model(input_ids=ids, attention_mask=mask).logits.float()  # (B, T, vocab)
-    logp = torch.log_softmax(logits, dim=-1)
-    out = []
     start = len(prompt_ids)
+    longest = max(map(len, continuations))
+    # Token t is predicted by position t-1: keep positions start-1 .. start-1+longest-1.
+    keep = torch.arange(start - 1, start - 1 + longest, device=device)
+    logits = model(input_ids=ids, attention_mask=mask, logits_to_keep=keep).logits
+    logp = torch.log_softmax(logits.float(), dim=-1)  # (B, longest, vocab)
+    out = []
     for i, c in enumerate(continuations):
-        # Token t is predicted by position t-1.
-        positions = torch.arange(start - 1, start - 1 + len(c), device=device)
         targets = torch.tensor(c, device=device)
-        out.append(float(logp[i, positions, targets].sum()))
+        out.append(float(logp[i, torch.arange(len(c), device=device), targets].sum()))
     return out

@@ -1,0 +1,113 @@
+"""Score jobs between decode steps, a bounded number of tokens at a time.
+
+The scheduler hands `ScoreQueue.step` a token budget per engine step; the jobs at the head
+of the queue give up to that many tokens of continuations (at least one), which run in one
+batched `score_batch` call, and the decode step for the running streams follows. So a
+Score of 32 long labels interleaves with generation instead of starving it, and its
+deadline is honoured between chunks. Imports engine modules and torch only.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import math
+import time
+
+import torch
+
+from slimserve.engine.backends.base import Backend
+from slimserve.engine.errors import DeadlineExpired, EngineFailure, Overloaded
+from slimserve.engine.sequence import ScoreJob
+
+log = logging.getLogger(__name__)
+
+
+class ScoreQueue:
+    """FIFO of Score jobs; touched by the worker thread, appended to under its lock."""
+
+    def __init__(self) -> None:
+        self.jobs: collections.deque[ScoreJob] = collections.deque()
+
+    def __len__(self) -> int:
+        return len(self.jobs)
+
+    def append(self, job: ScoreJob) -> None:
+        self.jobs.append(job)
+
+    def fail_all(self, exc: BaseException) -> None:
+        while self.jobs:
+            job = self.jobs.popleft()
+            if not job.future.done():
+                job.future.set_exception(exc)
+
+    def take(self, budget: int) -> list[tuple[ScoreJob, int, int]]:
+        """Chunks of the head jobs worth up to `budget` tokens; expired jobs fail here."""
+        chunks: list[tuple[ScoreJob, int, int]] = []
+        now = time.monotonic()
+        while self.jobs and budget > 0:
+            job = self.jobs[0]
+            if job.next == 0 and not job.future.set_running_or_notify_cancel():
+                self.jobs.popleft()  # the caller gave up before it started
+                continue
+            if job.deadline is not None and now >= job.deadline:
+                self.jobs.popleft()
+                done = f"{job.next} of {len(job.continuations)}"
+                job.future.set_exception(DeadlineExpired(f"deadline exceeded after {done} labels"))
+                continue
+            start, end = job.take(budget if chunks else max(budget, 1))
+            chunks.append((job, start, end))
+            budget -= sum(job.cost(i) for i in range(start, end))
+            if job.done:
+                self.jobs.popleft()
+            else:
+                break  # the rest of this job waits for the next step
+        return chunks
+
+    def step(self, backend: Backend, budget: int) -> None:
+        """Run one budget's worth of score work."""
+        chunks = self.take(budget)
+        if not chunks:
+            return
+        work = [(job.prompt, job.continuations[a:b]) for job, a, b in chunks]
+        try:
+            results = backend.score_batch(work)
+        except torch.OutOfMemoryError as exc:
+            for job, _, _ in chunks:
+                _fail(job, Overloaded(f"out of memory while scoring: {exc}"))
+            return
+        except Exception:
+            # One bad job fails only itself: run each chunk alone.
+            results = []
+            for (job, _, _), (prompt, conts) in zip(chunks, work, strict=True):
+                try:
+                    results.append(backend.score(prompt, conts))
+                except torch.OutOfMemoryError as exc:
+                    _fail(job, Overloaded(f"out of memory while scoring: {exc}"))
+                    results.append([])
+                except Exception as exc:
+                    log.exception("score failed")
+                    _fail(job, exc)
+                    results.append([])
+        for (job, _, _), sums in zip(chunks, results, strict=True):
+            if job.future.done():
+                continue
+            job.sums.extend(sums)
+            if job.done:
+                _finish(job)
+
+
+def _fail(job: ScoreJob, exc: BaseException) -> None:
+    job.next = len(job.continuations)  # nothing more of it runs
+    if not job.future.done():
+        job.future.set_exception(exc)
+
+
+def _finish(job: ScoreJob) -> None:
+    if not all(map(math.isfinite, job.sums)):
+        # A NaN would read as "not fraud" to a client comparing with a threshold.
+        job.future.set_exception(
+            EngineFailure(f"the backend returned a non-finite log-probability: {job.sums}")
+        )
+        return
+    job.future.set_result(job.sums)

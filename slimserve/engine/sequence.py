@@ -1,0 +1,134 @@
+"""What the scheduler keeps per request: a generation's state and a Score job's progress.
+
+A `Sequence` moves WAITING -> RUNNING -> FINISHED, and its state says where it is (no
+membership in a list or a sentinel slot stands for it). A `ScoreJob` is scored a chunk of
+continuations at a time, so one large Score never holds every stream for its whole
+length. Imports engine modules and torch only.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import enum
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from slimserve.engine.sampling import make_generator
+from slimserve.engine.text import Decoder, IncrementalDetokenizer, StopMatcher
+from slimserve.engine.types import Event, GenerationRequest, StopReason
+
+if TYPE_CHECKING:
+    from slimserve.engine.scheduler import Engine
+
+Sink = Callable[[Event], None]
+
+
+class SeqState(enum.Enum):
+    WAITING = "waiting"  # queued, no slot
+    RUNNING = "running"  # holds a slot, decoding
+    FINISHED = "finished"  # its last event was sent; slot released
+
+
+class Handle:
+    """The submitter's side of a running request."""
+
+    __slots__ = ("_engine", "cancelled", "request_id")
+
+    def __init__(self, engine: Engine, request_id: str) -> None:
+        self._engine = engine
+        self.request_id = request_id
+        self.cancelled = False
+
+    def cancel(self) -> None:
+        """Stop the request at the engine's next step (a final CANCELLED event follows)."""
+        self.cancelled = True
+        self._engine.wake()
+
+
+class Sequence:
+    """A request while it waits or runs; touched only by the worker thread once admitted."""
+
+    __slots__ = (
+        "detok",
+        "generated",
+        "generator",
+        "handle",
+        "last_token",
+        "prefill_ms",
+        "req",
+        "sink",
+        "slot",
+        "state",
+        "stops",
+        "t_admit",
+        "t_arrival",
+        "t_first",
+        "t_last",
+    )
+
+    def __init__(self, req: GenerationRequest, sink: Sink, handle: Handle, tok: Decoder) -> None:
+        self.req = req
+        self.sink = sink
+        self.handle = handle
+        self.state = SeqState.WAITING
+        #: The KV-cache slot while RUNNING.
+        self.slot: int | None = None
+        self.generated: list[int] = []
+        self.last_token = -1
+        self.detok = IncrementalDetokenizer(tok, req.prompt_ids)
+        self.stops = StopMatcher(req.stopping.stop_sequences)
+        self.generator = make_generator(req.sampling)
+        self.t_arrival = time.monotonic()
+        self.t_admit = self.t_first = self.t_last = 0.0
+        self.prefill_ms = 0.0
+
+    def expired_reason(self, now: float) -> StopReason | None:
+        """Why the request must stop now, if it must: cancelled, deadline or time limit."""
+        # The deadline first: when it passes, gRPC also cancels the call, and the reason
+        # that ended the request is the deadline.
+        if self.req.deadline is not None and now >= self.req.deadline:
+            return StopReason.DEADLINE
+        if self.handle.cancelled:
+            return StopReason.CANCELLED
+        limit = self.req.stopping.time_limit_s
+        if limit is not None and now - self.t_arrival >= limit:
+            return StopReason.TIME_LIMIT
+        return None
+
+
+@dataclass(eq=False, slots=True, kw_only=True)
+class ScoreJob:
+    """One Score call: a prompt, its continuations, and the sums found so far."""
+
+    prompt: list[int]
+    continuations: list[list[int]]
+    future: concurrent.futures.Future[list[float]]
+    #: time.monotonic() after which the job fails with DeadlineExpired; None = none.
+    deadline: float | None = None
+    #: Index of the first continuation not yet scored.
+    next: int = 0
+    sums: list[float] = field(default_factory=list)
+
+    def cost(self, i: int) -> int:
+        """Tokens continuation `i` puts through the model: prompt + continuation - 1."""
+        return len(self.prompt) + len(self.continuations[i]) - 1
+
+    @property
+    def total_cost(self) -> int:
+        return sum(self.cost(i) for i in range(len(self.continuations)))
+
+    @property
+    def done(self) -> bool:
+        return self.next >= len(self.continuations)
+
+    def take(self, budget: int) -> tuple[int, int]:
+        """The next continuations that fit `budget` tokens (at least one): a [start, end)."""
+        start = end = self.next
+        spent = 0
+        while end < len(self.continuations) and (end == start or spent + self.cost(end) <= budget):
+            spent += self.cost(end)
+            end += 1
+        self.next = end
+        return start, end
