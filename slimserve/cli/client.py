@@ -86,6 +86,13 @@ def cmd_models(args: argparse.Namespace) -> int:
             f"device={m.device} dtype={m.dtype} quant={m.quantization} ctx={m.max_context} "
             f"batch={m.max_batch} digest={m.digest[:12]}"
         )
+        where = f"engine pid {m.engine_pid}" if m.engine_pid else "in the server process"
+        print(f"  serves: {m.kernels or m.backend} [{m.plan}], {m.threads} threads, {where}")
+        if m.measured:
+            figures = ", ".join(f"{k}={v:.4g}" for k, v in sorted(m.measured.items()))
+            print(f"  measured here: {figures}")
+        for plan, why in sorted(m.refused.items()):
+            print(f"  not {plan}: {why}")
     return 0
 
 

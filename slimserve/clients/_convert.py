@@ -188,6 +188,13 @@ def to_model_info(m: models_pb.ModelInfo) -> ModelInfo:
         metrics=dict(m.metrics),
         is_default=m.is_default,
         state=m.state,
+        plan=m.plan,
+        kernels=m.kernels,
+        threads=m.threads,
+        refused=dict(m.refused),
+        measured=dict(m.measured),
+        engine_pid=m.engine_pid,
+        engine_restarts=m.engine_restarts,
     )
 
 

@@ -123,6 +123,16 @@ class ModelInfo:
     metrics: dict[str, float] = field(default_factory=dict)
     is_default: bool = False
     state: str = ""
+    #: The serving plan ("llamacpp/q8_0/extra-on") and the same in words.
+    plan: str = ""
+    kernels: str = ""
+    threads: int = 0
+    #: Plan or backend -> why it does not serve on the server's machine.
+    refused: dict[str, str] = field(default_factory=dict)
+    #: The serving plan's figures measured at qualification on the server's machine.
+    measured: dict[str, float] = field(default_factory=dict)
+    engine_pid: int = 0
+    engine_restarts: int = 0
 
     @property
     def ref(self) -> str:

@@ -268,6 +268,7 @@ def unary_response(
 
 def model_info(model: LoadedModel, *, is_default: bool, aliases: list[str]) -> models_pb.ModelInfo:
     m = model.artifact.manifest
+    info = model.info
     metrics = {k: float(v) for k, v in m.metrics.items() if _is_number(v)}
     return models_pb.ModelInfo(
         name=model.name,
@@ -288,7 +289,14 @@ def model_info(model: LoadedModel, *, is_default: bool, aliases: list[str]) -> m
         has_chat_template=bool(getattr(model.tokenizer, "chat_template", None)),
         metrics=metrics,
         is_default=is_default,
-        state="READY",
+        state="READY" if getattr(model.engine, "serving", True) else "RESTARTING",
+        plan=info.plan,
+        kernels=info.kernels,
+        threads=info.threads,
+        refused=info.refused,
+        measured={k: float(v) for k, v in info.measured.items() if _is_number(v)},
+        engine_pid=0 if info.in_process else info.pid,
+        engine_restarts=int(getattr(model.engine, "restarts", 0)),
     )
 
 

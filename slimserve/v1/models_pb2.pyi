@@ -42,6 +42,46 @@ class ModelInfo(_message.Message):
         def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
         def WhichOneof(self, oneof_group: _Never) -> None: ...
 
+    @_typing.final
+    class RefusedEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    @_typing.final
+    class MeasuredEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.float
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.float = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     NAME_FIELD_NUMBER: _builtins.int
     VERSION_FIELD_NUMBER: _builtins.int
     ALIASES_FIELD_NUMBER: _builtins.int
@@ -61,6 +101,13 @@ class ModelInfo(_message.Message):
     METRICS_FIELD_NUMBER: _builtins.int
     IS_DEFAULT_FIELD_NUMBER: _builtins.int
     STATE_FIELD_NUMBER: _builtins.int
+    PLAN_FIELD_NUMBER: _builtins.int
+    KERNELS_FIELD_NUMBER: _builtins.int
+    THREADS_FIELD_NUMBER: _builtins.int
+    REFUSED_FIELD_NUMBER: _builtins.int
+    MEASURED_FIELD_NUMBER: _builtins.int
+    ENGINE_PID_FIELD_NUMBER: _builtins.int
+    ENGINE_RESTARTS_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     version: _builtins.int
     digest: _builtins.str
@@ -90,7 +137,17 @@ class ModelInfo(_message.Message):
     is_default: _builtins.bool
     """True for the model that requests with an empty ModelRef get."""
     state: _builtins.str
-    """"READY", "LOADING", "DRAINING"."""
+    """"READY", "LOADING", "DRAINING", "RESTARTING" (its engine process died; it is restarted)."""
+    plan: _builtins.str
+    """The serving plan: backend, weight type and kernels, e.g. "llamacpp/q8_0/extra-on"."""
+    kernels: _builtins.str
+    """The plan in words, e.g. "llama.cpp q8_0, extra buffers on"."""
+    threads: _builtins.int
+    """Threads of the forward pass."""
+    engine_pid: _builtins.int
+    """The engine process serving it (0 when the engine runs in the server process)."""
+    engine_restarts: _builtins.int
+    """Times its engine process was restarted after dying."""
     @_builtins.property
     def aliases(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Aliases that pointed at this version when it was loaded."""
@@ -98,6 +155,18 @@ class ModelInfo(_message.Message):
     @_builtins.property
     def metrics(self) -> _containers.ScalarMap[_builtins.str, _builtins.float]:
         """Metrics measured at publish time (perplexity, decode_tokens_per_s, ...)."""
+
+    @_builtins.property
+    def refused(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """Plans and backends that do not serve here, each with why (refused, crashed, disagrees
+        with the float32 reference, slower or worse at the same quality).
+        """
+
+    @_builtins.property
+    def measured(self) -> _containers.ScalarMap[_builtins.str, _builtins.float]:
+        """The serving plan's figures measured on this machine at qualification (decode and
+        batched tokens/s, prefill tokens/s, probe perplexity ratio and top-1 agreement).
+        """
 
     def __init__(
         self,
@@ -121,10 +190,17 @@ class ModelInfo(_message.Message):
         metrics: _abc.Mapping[_builtins.str, _builtins.float] | None = ...,
         is_default: _builtins.bool = ...,
         state: _builtins.str = ...,
+        plan: _builtins.str = ...,
+        kernels: _builtins.str = ...,
+        threads: _builtins.int = ...,
+        refused: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        measured: _abc.Mapping[_builtins.str, _builtins.float] | None = ...,
+        engine_pid: _builtins.int = ...,
+        engine_restarts: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["aliases", b"aliases", "backend", b"backend", "device", b"device", "digest", b"digest", "dtype", b"dtype", "has_chat_template", b"has_chat_template", "is_default", b"is_default", "kv_bytes_per_sequence", b"kv_bytes_per_sequence", "max_batch", b"max_batch", "max_context", b"max_context", "metrics", b"metrics", "name", b"name", "parameters", b"parameters", "parent", b"parent", "quantization", b"quantization", "recipe", b"recipe", "source", b"source", "state", b"state", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["aliases", b"aliases", "backend", b"backend", "device", b"device", "digest", b"digest", "dtype", b"dtype", "engine_pid", b"engine_pid", "engine_restarts", b"engine_restarts", "has_chat_template", b"has_chat_template", "is_default", b"is_default", "kernels", b"kernels", "kv_bytes_per_sequence", b"kv_bytes_per_sequence", "max_batch", b"max_batch", "max_context", b"max_context", "measured", b"measured", "metrics", b"metrics", "name", b"name", "parameters", b"parameters", "parent", b"parent", "plan", b"plan", "quantization", b"quantization", "recipe", b"recipe", "refused", b"refused", "source", b"source", "state", b"state", "threads", b"threads", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
