@@ -87,10 +87,20 @@ def _free_port() -> int:
 
 
 def _vm_hwm_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return 0.0
+    """Peak RSS of `pid` and every process under it (the server's engine processes and
+    their forkserver), as the sum of each one's peak: an upper bound of the peak total."""
+    import psutil
+
+    total = 0.0
+    procs = [psutil.Process(pid)]
+    procs += procs[0].children(recursive=True)
+    for proc in procs:
+        try:
+            lines = Path(f"/proc/{proc.pid}/status").read_text().splitlines()
+        except OSError:
+            continue  # ended meanwhile
+        total += sum(int(ln.split()[1]) / 1024 for ln in lines if ln.startswith("VmHWM:"))
+    return total
 
 
 def _loadavg() -> float:
@@ -275,6 +285,24 @@ def markdown(rows: list[dict[str, Any]], baseline: str = "hf_generate") -> str:
     return "\n".join(lines)
 
 
+def ipc_overhead(rows: list[dict[str, Any]]) -> list[str]:
+    """The engine in its own process against in-process, per concurrency (same plan)."""
+    by = {(r["system"], r["concurrency"]): r for r in rows if "error" not in r}
+    lines = []
+    for (system, c), ipc in sorted(by.items()):
+        local = by.get(("engine", c))
+        if system != "engine_ipc" or local is None:
+            continue
+        cost = ipc["itl_ms_p50"] / local["itl_ms_p50"] - 1
+        lines.append(
+            f"engine over IPC vs in-process, concurrency {c}: tok/s "
+            f"{ipc['tokens_per_s'] / local['tokens_per_s']:.3f}x, ITL p50 "
+            f"{ipc['itl_ms_p50']:.2f} vs {local['itl_ms_p50']:.2f} ms "
+            f"({cost:+.1%} per token; target <= +5%)"
+        )
+    return lines
+
+
 def plot(rows: list[dict[str, Any]], path: Path) -> None:
     import matplotlib
 
@@ -304,14 +332,16 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
 def environment(b: Bench) -> dict[str, Any]:
     import torch
 
-    cpu = ""
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            cpu = line.split(":", 1)[1].strip()
-            break
+    from slimserve.engine.machine import cpu_info, llamacpp_build
+
+    cpu = cpu_info()
+    build = llamacpp_build() or {}
     return {
         "command": shlex.join(sys.argv),
-        "cpu": cpu,
+        "cpu": cpu.model,
+        "cpu_isa": " ".join(cpu.isa),
+        "amx": cpu.has_amx,
+        "llamacpp_build": f"{build.get('compiler', 'unrecorded')} native={build.get('native')}",
         "cores": os.cpu_count(),
         "python": platform.python_version(),
         "torch": torch.__version__,

@@ -11,6 +11,8 @@ orchestrator can interleave systems without reloading models. Systems:
   left-padded batch (the streamer only takes batch 1), timed per step.
 - `engine`: slimserve's own engine called in-process, without gRPC (the streaming overhead
   is slimserve's figure over this one).
+- `engine_ipc`: the same engine and plan in its own engine process, driven over the pipe
+  as the server drives it, without gRPC: its figure over `engine` is the IPC's cost.
 - `llama_cpp`: llama.cpp through llama-cpp-python on a GGUF file (optional dependency).
 """
 
@@ -114,9 +116,12 @@ class InProcessEngine:
         max_batch: int,
         backend: str = "auto",
         gguf_type: str = "auto",
+        *,
+        process: bool = False,
     ) -> None:
         from slimserve.engine.config import ModelConfig
         from slimserve.engine.loader import load
+        from slimserve.engine.manager import ModelManager
         from slimserve.registry.store import Registry, parse_model_ref
 
         name, ref = parse_model_ref(model)
@@ -126,8 +131,23 @@ class InProcessEngine:
             max_seq_len=1024,
             backend=backend,  # type: ignore[arg-type]
             gguf_type=gguf_type,  # type: ignore[arg-type]
+            # The static plan in both, so the two differ by the process boundary alone.
+            qualify=False,
+            engine_process=process,
         )
-        self.loaded = load(Registry(registry).get(name, ref), cfg)
+        if process:
+            self.loaded = ModelManager(Registry(registry), cfg).load(name, ref)
+        else:
+            self.loaded = load(Registry(registry).get(name, ref), cfg)
+
+    def peak_rss_mb(self) -> float:
+        """This process's peak, plus its engine process's when it has one."""
+        own = peak_rss_mb()
+        if self.loaded.info.in_process:
+            return own
+        status = Path(f"/proc/{self.loaded.info.pid}/status").read_text().splitlines()
+        child = sum(int(ln.split()[1]) / 1024 for ln in status if ln.startswith("VmHWM:"))
+        return own + child
 
     def run(self, prompts: list[str], new_tokens: int) -> dict[str, Any]:
         from slimserve.engine.types import GenerationRequest, SamplingParams, StopParams
@@ -274,7 +294,9 @@ def requantize_q8_0(src: Path, dst: Path) -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m slimserve.bench.worker")
-    p.add_argument("system", choices=["hf_generate", "engine", "llama_cpp", "llama_cpp_q8"])
+    p.add_argument(
+        "system", choices=["hf_generate", "engine", "engine_ipc", "llama_cpp", "llama_cpp_q8"]
+    )
     p.add_argument("--registry", type=Path, required=True)
     p.add_argument("--model", required=True)
     p.add_argument("--threads", type=int, required=True)
@@ -289,17 +311,23 @@ def main(argv: list[str] | None = None) -> int:
     runner: Any
     if args.system == "hf_generate":
         runner = HFGenerate(args.registry, args.model)
-    elif args.system == "engine":
+    elif args.system in ("engine", "engine_ipc"):
         runner = InProcessEngine(
-            args.registry, args.model, args.max_batch, args.backend, args.gguf_type
+            args.registry,
+            args.model,
+            args.max_batch,
+            args.backend,
+            args.gguf_type,
+            process=args.system == "engine_ipc",
         )
     else:
         runner = LlamaCpp(args.gguf, args.threads)  # llama_cpp_q8 gets the re-encoded file
-    print(json.dumps({"ready": True, "peak_rss_mb": peak_rss_mb()}), flush=True)
+    rss = getattr(runner, "peak_rss_mb", peak_rss_mb)
+    print(json.dumps({"ready": True, "peak_rss_mb": rss()}), flush=True)
     for line in sys.stdin:
         req = json.loads(line)
         out = runner.run(req["prompts"], req["new_tokens"])
-        out["peak_rss_mb"] = peak_rss_mb()
+        out["peak_rss_mb"] = rss()
         print(json.dumps(out), flush=True)
     return 0
 

@@ -89,6 +89,8 @@ def cmd_bench_serve(args: argparse.Namespace) -> int:
     print("\n".join(f"{k}: {v}" for k, v in report["environment"].items()))
     print()
     print(bench.markdown(report["results"]))
+    for line in bench.ipc_overhead(report["results"]):
+        print(line)
     for s in report["score"]:
         print(
             f"Score (2 labels) concurrency {s['concurrency']}: p50 {s['p50_ms']:.1f} ms, "
@@ -124,9 +126,10 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--max-batch", type=positive_int, default=16)
     p.add_argument(
         "--systems",
-        default="slimserve,engine,hf_generate,llama_cpp,llama_cpp_q8",
-        help="comma-separated: slimserve, engine, hf_generate, llama_cpp (the shipped "
-        "GGUF), llama_cpp_q8 (it re-encoded to Q8_0)",
+        default="slimserve,engine,engine_ipc,hf_generate,llama_cpp,llama_cpp_q8",
+        help="comma-separated: slimserve (the server: gRPC + engine process), engine "
+        "(in-process), engine_ipc (its own process, no gRPC), hf_generate, llama_cpp (the "
+        "shipped GGUF), llama_cpp_q8 (it re-encoded to Q8_0)",
     )
     p.add_argument("--gguf", type=Path, help="GGUF for llama_cpp (default: the shipped one)")
     backend_args(
