@@ -24,6 +24,7 @@ from slimserve.cli.common import (
     non_negative_float,
     non_negative_int,
     port,
+    positive_float,
     positive_int,
     read_text,
     registry_arg,
@@ -69,7 +70,7 @@ def serve_config(args: argparse.Namespace) -> Any:
 
     Raises UsageError for a value the config refuses (its message names the fix)."""
     from slimserve.engine.config import ModelConfig
-    from slimserve.server.config import AuthConfig, Limits, ServerConfig
+    from slimserve.server.config import AuthConfig, Connections, Limits, ServerConfig
 
     users = tokens_from(args.auth_token_file, "--auth-token-file", ENV_AUTH_TOKEN, "user")
     admins = tokens_from(args.admin_token_file, "--admin-token-file", ENV_ADMIN_TOKEN, "admin")
@@ -100,6 +101,14 @@ def serve_config(args: argparse.Namespace) -> Any:
                 max_top_n=args.max_top_n,
                 max_labels=args.max_labels,
                 max_message_bytes=args.max_message_bytes,
+            ),
+            connections=Connections(
+                max_concurrent_streams=args.max_concurrent_streams,
+                max_connection_age_s=args.max_connection_age,
+                max_connection_age_grace_s=args.max_connection_age_grace,
+                keepalive_time_s=args.keepalive_time,
+                keepalive_timeout_s=args.keepalive_timeout,
+                min_client_ping_interval_s=args.min_client_ping_interval,
             ),
             auth=AuthConfig(
                 tokens=frozenset(users),
@@ -158,6 +167,7 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--grace", type=non_negative_float, default=10.0, help="shutdown grace seconds")
     p.add_argument("--metrics-port", type=port, help="Prometheus /metrics port (default: off)")
     _add_limits(p)
+    _add_connections(p)
     _add_security(p)
     registry_arg(p)
     p.set_defaults(func=cmd_serve)
@@ -173,6 +183,47 @@ def _add_limits(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-top-n", type=non_negative_int, default=20)
     g.add_argument("--max-labels", type=positive_int, default=32)
     g.add_argument("--max-message-bytes", type=positive_int, default=4 * 1024 * 1024)
+
+
+def _add_connections(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("connections (per client connection)")
+    g.add_argument(
+        "--max-concurrent-streams",
+        type=positive_int,
+        default=128,
+        help="calls open at once on one connection; more wait for one to end (default: 128)",
+    )
+    g.add_argument(
+        "--max-connection-age",
+        type=non_negative_float,
+        default=0.0,
+        help="seconds before a client is asked to reconnect, +-10%% (default: 0 = never)",
+    )
+    g.add_argument(
+        "--max-connection-age-grace",
+        type=non_negative_float,
+        default=30.0,
+        help="seconds calls may still run after --max-connection-age (default: 30)",
+    )
+    g.add_argument(
+        "--keepalive-time",
+        type=positive_float,
+        default=60.0,
+        help="seconds between the server's keepalive pings (default: 60)",
+    )
+    g.add_argument(
+        "--keepalive-timeout",
+        type=positive_float,
+        default=20.0,
+        help="seconds to wait for a ping's answer before closing (default: 20)",
+    )
+    g.add_argument(
+        "--min-client-ping-interval",
+        type=non_negative_float,
+        default=10.0,
+        help="shortest interval between a client's pings allowed; faster ones get GOAWAY "
+        "(default: 10)",
+    )
 
 
 def _add_security(p: argparse.ArgumentParser) -> None:

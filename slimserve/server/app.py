@@ -198,6 +198,7 @@ async def build_server(
         options=[
             ("grpc.max_receive_message_length", limits.transport_message_bytes),
             ("grpc.max_send_message_length", limits.transport_message_bytes),
+            *config.connections.grpc_options(),
         ],
     )
     gen_grpc.add_GenerationServiceServicer_to_server(

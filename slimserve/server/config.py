@@ -52,6 +52,77 @@ class Limits:
         return max(2 * self.max_message_bytes, self.max_message_bytes + (1 << 20))
 
 
+#: The largest duration a gRPC channel argument holds: milliseconds in a C int.
+_MAX_OPTION_S = (2**31 - 1) / 1000
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Connections:
+    """Per-connection transport limits, applied as grpc.aio server options.
+
+    A client that opens many streams on one connection waits for a free one beyond
+    `max_concurrent_streams` (HTTP/2 flow control, not an error). `max_connection_age_s`
+    makes long-lived clients reconnect now and then (so a load balancer can spread them
+    again); after it, in-flight calls get `max_connection_age_grace_s` to finish before
+    the connection is closed under them. Keepalive pings find peers that vanished without
+    closing their connection, whose streams would otherwise hold engine slots.
+    """
+
+    #: Streams open at once on one connection; further ones wait for one to end.
+    max_concurrent_streams: int = 128
+    #: Seconds a connection lives before the server asks the client to reconnect; 0 = no
+    #: limit. gRPC spreads it by +-10% so clients do not all reconnect together.
+    max_connection_age_s: float = 0.0
+    #: Seconds in-flight calls keep running after `max_connection_age_s` (ignored when 0).
+    max_connection_age_grace_s: float = 30.0
+    #: Seconds between the server's keepalive pings on a connection.
+    keepalive_time_s: float = 60.0
+    #: Seconds the server waits for a ping's answer before closing the connection.
+    keepalive_timeout_s: float = 20.0
+    #: The shortest interval between a client's pings the server accepts; a client pinging
+    #: more often is sent GOAWAY (gRPC's "too many pings").
+    min_client_ping_interval_s: float = 10.0
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.max_concurrent_streams <= 2**31 - 1:
+            raise ValueError(
+                f"max_concurrent_streams must be in 1..{2**31 - 1}, "
+                f"got {self.max_concurrent_streams}"
+            )
+        may_be_zero = (
+            "max_connection_age_s",
+            "max_connection_age_grace_s",
+            "min_client_ping_interval_s",
+        )
+        for name in may_be_zero:
+            value = getattr(self, name)
+            if not 0 <= value <= _MAX_OPTION_S:  # NaN fails too
+                raise ValueError(f"{name} must be in 0..{_MAX_OPTION_S:.0f} s, got {value}")
+        for name in ("keepalive_time_s", "keepalive_timeout_s"):
+            value = getattr(self, name)
+            if not 0.001 <= value <= _MAX_OPTION_S:
+                raise ValueError(f"{name} must be in 0.001..{_MAX_OPTION_S:.0f} s, got {value}")
+
+    def grpc_options(self) -> list[tuple[str, int]]:
+        """The `grpc.aio.server(options=...)` entries these limits become."""
+        options = [
+            ("grpc.max_concurrent_streams", self.max_concurrent_streams),
+            ("grpc.keepalive_time_ms", _ms(self.keepalive_time_s)),
+            ("grpc.keepalive_timeout_ms", _ms(self.keepalive_timeout_s)),
+            ("grpc.http2.min_ping_interval_without_data_ms", _ms(self.min_client_ping_interval_s)),
+        ]
+        if self.max_connection_age_s > 0:
+            options += [
+                ("grpc.max_connection_age_ms", _ms(self.max_connection_age_s)),
+                ("grpc.max_connection_age_grace_ms", _ms(self.max_connection_age_grace_s)),
+            ]
+        return options
+
+
+def _ms(seconds: float) -> int:
+    return max(1, round(seconds * 1000)) if seconds > 0 else 0
+
+
 #: The principal the access log names for a call that presented no valid token.
 ANONYMOUS = "anonymous"
 #: A token's label in the access log: a letter, then letters, digits, `.`, `_` or `-`.
@@ -169,6 +240,7 @@ class ServerConfig:
     port: int = 50051
     model: ModelConfig = field(default_factory=ModelConfig)
     limits: Limits = field(default_factory=Limits)
+    connections: Connections = field(default_factory=Connections)
     #: torch intra-op threads; 0 = leave torch's default.
     threads: int = 0
     #: Seconds in-flight requests get to finish on shutdown.
