@@ -129,6 +129,12 @@ def target_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tls-ca", type=Path, help="PEM CA that signed the server's certificate")
     p.add_argument("--tls-cert", type=Path, help="PEM client certificate (mutual TLS)")
     p.add_argument("--tls-key", type=Path, help="PEM client key (mutual TLS)")
+    p.add_argument(
+        "--allow-insecure-token",
+        action="store_true",
+        help="send --token-file's token without TLS to a --target that is not this host "
+        "(only where the network between is trusted: anyone on the path can read it)",
+    )
 
 
 def backend_args(p: argparse.ArgumentParser, backend_help: str, gguf_help: str) -> None:
@@ -165,8 +171,12 @@ def open_registry(args: argparse.Namespace) -> Any:
 
 
 def client(args: argparse.Namespace) -> Any:
-    """The `Client` that `--target`, `--token-file`, `--timeout` and `--tls-*` describe."""
-    from slimserve.clients import Client
+    """The `Client` that `--target`, `--token-file`, `--timeout`, `--tls-*` and
+    `--allow-insecure-token` describe.
+
+    Raises UsageError, before any connection, for a token that would cross the network to
+    another host in plaintext without `--allow-insecure-token`."""
+    from slimserve.clients import Client, InsecureToken
     from slimserve.clients.client import tls_credentials
 
     check_pair(args, "tls_cert", "tls_key")
@@ -181,4 +191,17 @@ def client(args: argparse.Namespace) -> Any:
             credentials = tls_credentials(ca=args.tls_ca, cert=args.tls_cert, key=args.tls_key)
         except OSError as exc:
             raise UsageError(f"--tls-*: cannot read {exc.filename}: {exc.strerror}") from None
-    return Client(args.target, timeout=args.timeout, token=token, credentials=credentials)
+    try:
+        return Client(
+            args.target,
+            timeout=args.timeout,
+            token=token,
+            credentials=credentials,
+            allow_insecure_token=args.allow_insecure_token,
+        )
+    except InsecureToken:
+        raise UsageError(
+            f"refusing to send the --token-file token without TLS to {args.target!r}, which "
+            "is not this host: add --tls-ca, or --allow-insecure-token if the network between "
+            "is trusted"
+        ) from None
