@@ -67,7 +67,7 @@ def test_a_token_to_another_host_without_tls_is_refused_before_connecting(
 ) -> None:
     # One loopback address beside the remote one: the target as a whole is not this host,
     # and the loopback peer shows whether the command opened any connection at all.
-    here = "127.0.0.1:%d" % listener.getsockname()[1]
+    here = f"127.0.0.1:{listener.getsockname()[1]}"
     out = run_cli(*command, "--target", f"{here},{REMOTE}", "--token-file", str(token_file))
     assert out.returncode == 2, out.stderr
     lines = out.stderr.strip().splitlines()
