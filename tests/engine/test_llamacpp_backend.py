@@ -145,6 +145,30 @@ def test_long_score_rows_are_split_to_fit_the_reserved_cells(
     torch.testing.assert_close(torch.tensor(got), torch.tensor(want), atol=1e-2, rtol=0)
 
 
+def test_a_score_group_larger_than_one_batch_matches_each_label_alone(tmp_path: Path) -> None:
+    tok = tiny_tokenizer()
+    model = tiny_model(len(tok), seed=5, max_position_embeddings=8192)
+    tok.save_pretrained(tmp_path)
+    cpp = llamacpp.LlamaCppBackend(
+        model.config, model.state_dict(), tmp_path / "tokenizer.json",
+        max_slots=1, max_seq_len=8192, threads=1, weight_type="f32",
+    )  # fmt: skip
+    try:
+        v = cpp.vocab_size
+        prompt = _ids(600, 50, v)
+        labels = [_ids(2 + i, 60 + i, v) for i in range(8)]  # 8 distinct rows: one group
+        rows = sum(len(prompt) + len(label) - 1 for label in labels)
+        assert rows > llamacpp._BATCH_TOKENS  # the group needs two llama_decode calls
+        together = cpp.score(prompt, labels)
+        alone = [cpp.score(prompt, [label])[0] for label in labels]
+        with pytest.raises(ValueError, match="llama_decode"):  # never past the ctypes batch
+            cpp._run([(5, p, 1, False) for p in range(llamacpp._BATCH_TOKENS + 1)])
+    finally:
+        cpp.close()
+    assert all(s < 0 for s in together)
+    torch.testing.assert_close(torch.tensor(together), torch.tensor(alone), atol=1e-4, rtol=0)
+
+
 def test_a_width_and_depth_pruned_model_serves_alike_on_both_backends(tmp_path: Path) -> None:
     from slimserve.compression.prune import PruneConfig, prune_
 
