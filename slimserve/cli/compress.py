@@ -7,15 +7,28 @@ from __future__ import annotations
 
 import argparse
 import json
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from slimserve.cli.common import non_negative_int, open_registry, positive_int, registry_arg
 
+if TYPE_CHECKING:
+    from rich.progress import Progress as RichProgress
 
-def _rich_progress() -> Any:
-    """A rich progress display and a `progress(label, done, total)` callback for it."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
+    from slimserve.compression.progress import ProgressEvent
+
+
+def _rich_progress() -> tuple[RichProgress, Callable[[ProgressEvent], None]]:
+    """A rich progress display and the `ProgressEvent` callback that draws on it.
+
+    Each stage an event names (``"[1/3] prune (calibrate)"``, ``"[2/3] distill"``) gets one
+    task, moved to the event's done of total, its description the event's label (the loss
+    when a training stage reports one). The run's closing ``1/1`` for a stage that counted
+    its own units completes that task instead of shrinking it to one unit, and leaves the
+    last loss shown.
+    """
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TimeElapsedColumn
 
     bar = Progress(
         "[progress.description]{task.description}",
@@ -24,13 +37,22 @@ def _rich_progress() -> Any:
         TimeElapsedColumn(),
         transient=False,
     )
-    tasks: dict[str, Any] = {}
+    tasks: dict[str, tuple[TaskID, int]] = {}  # stage -> (task, the units it counts)
 
-    def update(label: str, done: int, total: int) -> None:
-        key = label.split(" (", 1)[0].split(" loss", 1)[0]
-        if key not in tasks:
-            tasks[key] = bar.add_task(label, total=total)
-        bar.update(tasks[key], completed=done, total=total, description=label)
+    def update(event: ProgressEvent) -> None:
+        known = tasks.get(event.stage)
+        if known is None:
+            task = bar.add_task(event.label, total=event.total, completed=event.done)
+            tasks[event.stage] = (task, event.total)
+            return
+        task, total = known
+        if event.done >= event.total:  # finished: keep the units the stage counted
+            bar.update(task, completed=total)
+            if event.metrics:
+                bar.update(task, description=event.label)
+            return
+        tasks[event.stage] = (task, event.total)
+        bar.update(task, completed=event.done, total=event.total, description=event.label)
 
     return bar, update
 
