@@ -6,7 +6,8 @@ weights; a tied tensor stored once), ``optimizer.safetensors`` (AdamW tensors, f
 tensor files). A directory appears by one rename of a complete, fsynced temporary directory,
 and older ones are then dropped.
 
-Imports the registry (``sha256_file``, ``IntegrityError``) and the compression errors.
+Imports the registry (``sha256_file``, ``fsync_path``, ``IntegrityError``) and the compression
+errors.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from torch import nn
 
 from slimserve.compression.errors import CheckpointMismatchError
 from slimserve.registry.errors import IntegrityError
-from slimserve.registry.store import sha256_file
+from slimserve.registry.store import fsync_path, sha256_file
 
 if TYPE_CHECKING:
     from slimserve.compression.training import TrainingConfig
@@ -85,12 +86,12 @@ def save_checkpoint(
     }
     (tmp / _STATE_FILE).write_text(json.dumps(state, indent=2, sort_keys=True))
     for name in (_MODEL_FILE, _OPTIMIZER_FILE, _STATE_FILE):
-        _fsync(tmp / name)
-    _fsync(tmp)
+        fsync_path(tmp / name)
+    fsync_path(tmp)
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
-    _fsync(checkpoint_dir)
+    fsync_path(checkpoint_dir)
     for old in checkpoint_dir.iterdir():
         if old != final and _CKPT_RE.fullmatch(old.name):
             shutil.rmtree(old, ignore_errors=True)
@@ -204,11 +205,3 @@ def _unflatten_optimizer(
         for group in groups
     ]
     return {"state": state, "param_groups": param_groups}
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -47,6 +47,7 @@ from slimserve.fraud.features import (
 from slimserve.fraud.metrics import average_precision, roc_auc, stratified_sample
 from slimserve.fraud.schema import RowError, Transaction, read_transactions
 from slimserve.fraud.scorer import stream_prompts, time_sorted
+from slimserve.registry.store import sha256_file
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -56,7 +57,6 @@ if TYPE_CHECKING:
 
 RECIPE_NAME: Final = "fraud-finetune"
 RECIPE_DESCRIPTION: Final = "Fine-tune a base model to answer whether a payment is fraud."
-_SHA_CHUNK: Final = 1 << 20
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -197,16 +197,6 @@ def sample_metrics(
         "roc_auc": roc_auc(labels, scores),
         "pr_auc": average_precision(labels, scores, weights),
     }
-
-
-def sha256_of(path: Path) -> str:
-    import hashlib
-
-    digest = hashlib.sha256()
-    with path.open("rb") as stream:
-        while chunk := stream.read(_SHA_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def plan_data(config: TrainConfig) -> DataPlan:
@@ -375,13 +365,13 @@ def _data(config: TrainConfig, plan: DataPlan) -> dict[str, Any]:
     train, held_out = plan.train, plan.held_out
     data: dict[str, Any] = {
         "file": config.data.name,
-        "sha256": sha256_of(config.data),
+        "sha256": sha256_file(config.data),
         "rows": len(train.rows),
         "frauds": sum(train.labels),
         "rejected_lines": len({e.line_number for e in train.errors}),
     }
     if config.eval_data is not None:
         data["eval_file"] = config.eval_data.name
-        data["eval_sha256"] = sha256_of(config.eval_data)
+        data["eval_sha256"] = sha256_file(config.eval_data)
         data["eval_rows"] = len(held_out.rows)
     return data

@@ -70,6 +70,7 @@ def parse_model_ref(text: str) -> tuple[str, str]:
 
 
 def sha256_file(path: Path) -> str:
+    """The hex SHA-256 of the file at `path`, read in 1 MiB chunks."""
     h = hashlib.sha256()
     with path.open("rb") as f:
         while chunk := f.read(_CHUNK):
@@ -77,7 +78,12 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_path(path: Path) -> None:
+    """Flush a file's data, or a directory's entries, to disk.
+
+    A rename is durable only once the directory holding it is synced; the registry and the
+    training checkpoints both publish that way.
+    """
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -94,7 +100,7 @@ def _write_json_atomic(path: Path, data: Any) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-        _fsync_dir(path.parent)
+        fsync_path(path.parent)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
@@ -269,10 +275,10 @@ class Registry:
                 if path.is_file():
                     path.chmod(0o444)
             staged.chmod(0o755)  # mkdtemp made it private
-            _fsync_dir(staged)
+            fsync_path(staged)
             target = base / str(version)
             os.rename(staged, target)
-            _fsync_dir(base)
+            fsync_path(base)
         return self.get(name, str(version))
 
     def set_alias(self, name: str, alias: str, version: int) -> None:
