@@ -1,7 +1,7 @@
 """Saving a model into the registry and loading it back, safetensors only.
 
-This is the one module the service uses from the compression package: it never touches
-training code.
+The engine loads artifacts through it and the compression toolkit publishes through it; it
+imports no other part of slimserve but the registry.
 """
 
 from __future__ import annotations

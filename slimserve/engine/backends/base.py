@@ -28,6 +28,24 @@ def check_ids(token_ids: list[int], vocab_size: int) -> None:
         raise ValueError(f"token ids must lie in 0..{vocab_size - 1}")
 
 
+def check_decode(
+    slots: list[int], token_ids: list[int], lengths: list[int], max_seq_len: int, vocab: int
+) -> None:
+    """Refuse a decode step a backend cannot take: one token per distinct, prefilled slot
+    that has room, and every token in the vocabulary (every backend's checks)."""
+    if len(slots) != len(token_ids) or not slots:
+        raise ValueError(f"need one token per slot, got {len(slots)} slots, {len(token_ids)}")
+    if len(set(slots)) != len(slots):
+        raise ValueError(f"slots repeat in one decode step: {slots}")
+    check_ids(token_ids, vocab)
+    for slot in slots:
+        check_slot(slot, len(lengths))
+        if lengths[slot] == 0:
+            raise ValueError(f"slot {slot} is free: prefill it before decoding")
+        if lengths[slot] >= max_seq_len:
+            raise ValueError(f"slot {slot} is full ({max_seq_len} tokens)")
+
+
 @dataclass(frozen=True, slots=True)
 class ScorePlan:
     """What a batch of Score jobs needs computed, shared by every backend's `score_batch`.

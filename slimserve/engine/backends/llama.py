@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import torch
 import torch.nn.functional as F  # noqa: N812
 
-from slimserve.engine.backends.base import ScorePlan, check_ids, check_slot
+from slimserve.engine.backends.base import ScorePlan, check_decode, check_ids, check_slot
 from slimserve.engine.spec import LlamaShape
 
 if TYPE_CHECKING:
@@ -330,17 +330,7 @@ class LlamaBackend:
         Raises:
             ValueError: mismatched lengths, repeated, free or full slots, bad token id.
         """
-        if len(slots) != len(token_ids) or not slots:
-            raise ValueError(f"need one token per slot, got {len(slots)} slots, {len(token_ids)}")
-        self._check_ids(token_ids)
-        if len(set(slots)) != len(slots):
-            raise ValueError(f"slots repeat in one decode step: {slots}")
-        for slot in slots:
-            self._check_slot(slot)
-            if self._lengths[slot] == 0:
-                raise ValueError(f"slot {slot} is free: prefill it before decoding")
-            if self._lengths[slot] >= self.max_seq_len:
-                raise ValueError(f"slot {slot} is full ({self.max_seq_len} tokens)")
+        check_decode(slots, token_ids, self._lengths, self.max_seq_len, self.vocab_size)
         with torch.inference_mode():
             logits = self._decode_step(slots, token_ids)
         for slot in slots:

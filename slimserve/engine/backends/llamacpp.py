@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from slimserve.engine import spec
-from slimserve.engine.backends.base import ScorePlan, check_ids, check_slot
+from slimserve.engine.backends.base import ScorePlan, check_decode, check_ids, check_slot
 from slimserve.engine.backends.gguf_export import GgufType, export_gguf
 
 log = logging.getLogger(__name__)
@@ -182,17 +182,7 @@ class LlamaCppBackend:
         return self._logits(1)[0]
 
     def decode(self, slots: list[int], token_ids: list[int]) -> torch.Tensor:
-        if len(slots) != len(token_ids) or not slots:
-            raise ValueError(f"need one token per slot, got {len(slots)} slots, {len(token_ids)}")
-        if len(set(slots)) != len(slots):
-            raise ValueError(f"slots repeat in one decode step: {slots}")
-        self._check_ids(token_ids)
-        for slot in slots:
-            self._check_slot(slot)
-            if self._lengths[slot] == 0:
-                raise ValueError(f"slot {slot} is free: prefill it before decoding")
-            if self._lengths[slot] >= self.max_seq_len:
-                raise ValueError(f"slot {slot} is full ({self.max_seq_len} tokens)")
+        check_decode(slots, token_ids, self._lengths, self.max_seq_len, self.vocab_size)
         n = self._run(
             [(tok, self._lengths[s], s, True) for s, tok in zip(slots, token_ids, strict=True)]
         )
