@@ -91,6 +91,8 @@ def serve_config(args: argparse.Namespace) -> Any:
                 max_seq_len=args.max_seq_len,
                 kv_cache_mb=args.kv_cache_mb,
                 max_queue=args.max_queue,
+                score_step_tokens=args.score_step_tokens,
+                max_score_tokens=args.max_score_tokens,
             ),
             limits=Limits(
                 max_new_tokens=args.max_new_tokens_limit,
@@ -164,6 +166,18 @@ def add_parser(sub: Any) -> None:
         "--kv-cache-mb", type=positive_int, default=1024, help="KV-cache budget per model, MiB"
     )
     p.add_argument("--max-queue", type=positive_int, default=64, help="waiting requests at most")
+    p.add_argument(
+        "--score-step-tokens",
+        type=positive_int,
+        default=2048,
+        help="tokens of Score work between two decode steps (how long a Score holds streams)",
+    )
+    p.add_argument(
+        "--max-score-tokens",
+        type=positive_int,
+        default=65536,
+        help="tokens one Score call may put through the model (prompt + label - 1, summed)",
+    )
     p.add_argument("--grace", type=non_negative_float, default=10.0, help="shutdown grace seconds")
     p.add_argument("--metrics-port", type=port, help="Prometheus /metrics port (default: off)")
     _add_limits(p)

@@ -29,6 +29,10 @@ class ModelConfig:
     kv_cache_mb: int = 1024
     #: Requests waiting for a slot beyond this get RESOURCE_EXHAUSTED.
     max_queue: int = 64
+    #: Tokens of Score work between two decode steps (how long streams wait for a Score).
+    score_step_tokens: int = 2048
+    #: Tokens one Score call may put through the model; more is INVALID_ARGUMENT.
+    max_score_tokens: int = 65536
     #: Warm-up generation before reporting SERVING.
     warmup: bool = True
     #: Run each model's engine in its own supervised process (the server then holds no
@@ -55,5 +59,7 @@ class ModelConfig:
         for plugin in self.backend_plugins:
             if plugin.count(":") != 1 or not all(plugin.split(":")):
                 raise ValueError(f"backend plugin {plugin!r} must be 'module:factory'")
+        if self.score_step_tokens < 1 or self.max_score_tokens < 1:
+            raise ValueError("score_step_tokens and max_score_tokens must be >= 1")
         if self.kv_cache_mb < 1:
             raise ValueError(f"kv_cache_mb must be >= 1, got {self.kv_cache_mb}")

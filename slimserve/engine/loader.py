@@ -213,7 +213,12 @@ def load(
     engine = Engine(
         backend,
         cast(Any, tokenizer),
-        EngineConfig(max_queue=config.max_queue, eos_token_ids=eos_ids),
+        EngineConfig(
+            max_queue=config.max_queue,
+            eos_token_ids=eos_ids,
+            score_step_tokens=config.score_step_tokens,
+            max_score_tokens=config.max_score_tokens,
+        ),
         info=info,
     )
     engine.start()
