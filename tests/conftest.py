@@ -110,7 +110,9 @@ def real_server(default_registry: Path) -> Iterator[ServerThread]:
         registry=default_registry,
         models=("smollm2-135m-instruct",),
         port=0,
-        model=ModelConfig(device="cpu", max_batch=4, max_seq_len=1024),
+        # The artifact's own precision (float32): auto races llama.cpp f32 and the torch
+        # forward, not bfloat16, so greedy tokens can be held against transformers exactly.
+        model=ModelConfig(device="cpu", dtype="float32", max_batch=4, max_seq_len=1024),
         grace_s=2.0,
     )
     server = ServerThread(config).start()
