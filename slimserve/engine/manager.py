@@ -97,7 +97,11 @@ class ModelManager:
 
     def _load(self, artifact: Artifact) -> LoadedModel:
         if self.backend_hook is not None or not self.config.engine_process:
-            return load(artifact, self.config, self.backend_hook)
+            loaded = load(artifact, self.config, self.backend_hook)
+            engine = loaded.engine
+            if hasattr(engine, "on_failure"):  # a dead loop turns the model NOT_SERVING
+                engine.on_failure = lambda _exc: self._health(artifact.name, False)
+            return loaded
 
         def on_state(serving: bool) -> None:
             with self._lock:

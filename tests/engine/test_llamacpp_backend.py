@@ -210,3 +210,39 @@ def test_odd_pruned_widths_serve_in_f32_and_are_refused_in_q8_0(tmp_path: Path) 
     q8 = ModelConfig(device="cpu", max_batch=1, backend="llamacpp", gguf_type="q8_0")
     with pytest.raises(ValueError, match=r"q8_0 needs .* multiples of 32.*\(64, 100, 64\)"):
         build_backend(model, q8, 64, tokenizer_json)
+
+
+@pytest.mark.parametrize("extra_buffers", [True, False], ids=["extra-on", "extra-off"])
+def test_q8_0_multi_slot_decode_prefill_and_score_match_the_torch_backend(
+    tmp_path: Path, extra_buffers: bool
+) -> None:
+    # The shapes that crashed llama.cpp's repacked/AMX kernels (builds miscompiled by GCC 12):
+    # multi-token prefill, every slot decoding at once and a Score group, on q8_0 weights.
+    tok = tiny_tokenizer()
+    model = tiny_model(len(tok), seed=5)
+    tok.save_pretrained(tmp_path)
+    ref = LlamaBackend.from_model(model, max_slots=4, max_seq_len=64, pack_weights=False)
+    cpp = llamacpp.LlamaCppBackend(
+        model.config, model.state_dict(), tmp_path / "tokenizer.json",
+        max_slots=4, max_seq_len=64, threads=2, weight_type="q8_0",
+        extra_buffers=extra_buffers,
+    )  # fmt: skip
+    assert cpp.extra_buffers is extra_buffers
+
+    def close(a: torch.Tensor, b: torch.Tensor) -> None:
+        # q8_0 rounds each weight: distributions agree, single logits move a little.
+        torch.testing.assert_close(
+            torch.log_softmax(a, -1), torch.log_softmax(b, -1), atol=0.05, rtol=0
+        )
+
+    prompts = [_ids(12 + 3 * s, 10 + s, ref.vocab_size) for s in range(4)]
+    for s, p in enumerate(prompts):
+        close(cpp.prefill(s, p), ref.prefill(s, p))
+    for step in range(4):
+        toks = _ids(4, 20 + step, ref.vocab_size)
+        close(cpp.decode([0, 1, 2, 3], toks), ref.decode([0, 1, 2, 3], toks))
+    labels = [_ids(2, 30 + k, ref.vocab_size) for k in range(9)]
+    got = cpp.score_batch([(prompts[0], labels)])[0]
+    want = ref.score_batch([(prompts[0], labels)])[0]
+    assert got == pytest.approx(want, abs=0.1)
+    cpp.close()

@@ -156,3 +156,24 @@ def test_a_crash_loop_marks_the_plan_bad_and_auto_moves_on(registry: Path) -> No
     finally:
         manager.shutdown()
         trigger_file(registry).unlink(missing_ok=True)
+
+
+def test_an_in_process_engine_whose_loop_dies_stops_serving(registry: Path) -> None:
+    health: list[tuple[str, bool]] = []
+    manager = ModelManager(
+        Registry(registry),
+        _config(engine_process=False),
+        on_health=lambda n, s: health.append((n, s)),
+    )
+    try:
+        engine: Any = manager.load("tiny").engine
+
+        def broken() -> None:
+            raise RuntimeError("a bug in the loop itself")
+
+        engine._reap = broken  # the loop, not one request
+        end = _generate(manager)
+        assert isinstance(end.error, NotReady) and "loop failed" in str(end.error)
+        assert health[-1] == ("tiny", False) and not manager.serving("tiny")
+    finally:
+        manager.shutdown()
