@@ -125,7 +125,8 @@ def child_main(conn: Connection, spec: ChildSpec) -> None:
 
 
 def _serve(conn: Connection, engine: Any, send: Callable[..., None]) -> None:
-    handles: dict[int, Any] = {}
+    bridge = _Bridge(engine, send)
+    engine.on_flush = bridge.flush
     while True:
         try:
             frame = ipc.unpack(conn.recv_bytes())
@@ -133,13 +134,13 @@ def _serve(conn: Connection, engine: Any, send: Callable[..., None]) -> None:
             break  # the server is gone: stop serving
         tag = frame[0]
         if tag == Tag.SUBMIT:
-            _submit(engine, frame[1], frame[2], handles, send)
+            bridge.submit(frame[1], frame[2])
         elif tag == Tag.CANCEL:
-            handle = handles.get(frame[1])
+            handle = bridge.handles.get(frame[1])
             if handle is not None:
                 handle.cancel()
         elif tag == Tag.SCORE:
-            _score(engine, frame, send)
+            bridge.score(frame)
         elif tag == Tag.STATS:
             send(Tag.STATS_REPLY, frame[1], ipc.stats_to_wire(engine.stats()))
         elif tag == Tag.STOP:
@@ -147,38 +148,54 @@ def _serve(conn: Connection, engine: Any, send: Callable[..., None]) -> None:
     engine.shutdown()
 
 
-def _submit(
-    engine: Any, rid: int, wire: dict[str, Any], handles: dict[int, Any], send: Callable[..., None]
-) -> None:
-    def sink(ev: Event) -> None:  # on the engine's worker thread
-        if ev.error is not None:
-            handles.pop(rid, None)
-            send(Tag.ERROR, rid, ipc.error_to_wire(ev.error))
-            return
-        if ev.finish is not None:
-            handles.pop(rid, None)
-        send(Tag.EVENT, rid, ipc.event_to_wire(ev))
+class _Bridge:
+    """The engine process's side of the pipe: requests in, events out.
 
-    try:
-        handles[rid] = engine.submit(ipc.request_from_wire(wire), sink)
-    except Exception as exc:
-        send(Tag.ERROR, rid, ipc.error_to_wire(exc))
+    Events wait in `pending` (on the worker thread) until the end of the step's phase, then
+    cross in one frame: one wake-up of the server per step, not one per stream.
+    """
 
+    def __init__(self, engine: Any, send: Callable[..., None]) -> None:
+        self.engine = engine
+        self.send = send
+        self.handles: dict[int, Any] = {}
+        self.pending: list[list[Any]] = []
 
-def _score(engine: Any, frame: list[Any], send: Callable[..., None]) -> None:
-    _, sid, prompt, conts, deadline = frame
+    def flush(self) -> None:
+        if self.pending:
+            batch = self.pending[:]
+            self.pending.clear()
+            self.send(Tag.EVENTS, batch)
 
-    def done(fut: concurrent.futures.Future[list[float]]) -> None:
-        exc = fut.exception()
-        if exc is not None:
-            send(Tag.SCORE_FAILED, sid, ipc.error_to_wire(exc))
-        else:
-            send(Tag.SCORED, sid, fut.result())
+    def submit(self, rid: int, wire: dict[str, Any]) -> None:
+        def sink(ev: Event) -> None:  # on the engine's worker thread
+            if ev.error is not None:
+                self.handles.pop(rid, None)
+                self.pending.append([rid, Tag.ERROR, ipc.error_to_wire(ev.error)])
+                return
+            if ev.finish is not None:
+                self.handles.pop(rid, None)
+            self.pending.append([rid, Tag.EVENT, ipc.event_to_wire(ev)])
 
-    try:
-        engine.score(prompt, conts, deadline).add_done_callback(done)
-    except Exception as exc:
-        send(Tag.SCORE_FAILED, sid, ipc.error_to_wire(exc))
+        try:
+            self.handles[rid] = self.engine.submit(ipc.request_from_wire(wire), sink)
+        except Exception as exc:
+            self.send(Tag.ERROR, rid, ipc.error_to_wire(exc))
+
+    def score(self, frame: list[Any]) -> None:
+        _, sid, prompt, conts, deadline = frame
+
+        def done(fut: concurrent.futures.Future[list[float]]) -> None:
+            exc = fut.exception()
+            if exc is not None:
+                self.send(Tag.SCORE_FAILED, sid, ipc.error_to_wire(exc))
+            else:
+                self.send(Tag.SCORED, sid, fut.result())
+
+        try:
+            self.engine.score(prompt, conts, deadline).add_done_callback(done)
+        except Exception as exc:
+            self.send(Tag.SCORE_FAILED, sid, ipc.error_to_wire(exc))
 
 
 # ---- the server's side --------------------------------------------------------------------
@@ -387,7 +404,10 @@ class RemoteEngine:
 
     def _dispatch(self, frame: list[Any]) -> None:
         tag = frame[0]
-        if tag == Tag.EVENT:
+        if tag == Tag.EVENTS:
+            for rid, kind, payload in frame[1]:
+                self._dispatch([kind, rid, payload])
+        elif tag == Tag.EVENT:
             event = ipc.event_from_wire(frame[2])
             sink = self._sinks.pop(frame[1], None) if event.finish else self._sinks.get(frame[1])
             if sink is not None:

@@ -118,6 +118,9 @@ class Engine:
         self.failure: BaseException | None = None
         #: Told (on the worker thread) when the loop dies; the engine process exits on it.
         self.on_failure: Callable[[BaseException], None] | None = None
+        #: Called on the worker thread after each phase of a step (admission, prefill,
+        #: decode): the engine process sends the events of that phase in one frame.
+        self.on_flush: Callable[[], None] | None = None
         self._thread: threading.Thread | None = None
 
     # ---- submitter side (any thread) ---------------------------------------------------
@@ -230,15 +233,27 @@ class Engine:
                 if self._stopping and not self._running:
                     self._drop_waiting(StopReason.CANCELLED)
                     self._scores.fail_all(NotReady("the engine is shutting down"))
-                    return
-                admitted = self._admit_locked()
+                    stopped = True
+                else:
+                    stopped = False
+                    admitted = self._admit_locked()
+            if stopped:
+                self._flush()
+                return
+            self._flush()  # the finishes of requests that expired while waiting
             if self._scores:
                 self._scores.step(self.backend, self.config.score_step_tokens)
             for seq in admitted:
                 self._prefill(seq)
             self._reap()
+            self._flush()  # first tokens out before the next decode step
             if self._running:
                 self._decode_step()
+                self._flush()
+
+    def _flush(self) -> None:
+        if self.on_flush is not None:
+            self.on_flush()
 
     def _fail_everything(self, exc: BaseException) -> None:
         with self._cond:
