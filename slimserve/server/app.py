@@ -28,11 +28,14 @@ from slimserve.engine.manager import ModelManager
 from slimserve.registry.store import Registry, parse_model_ref
 from slimserve.server.config import ServerConfig, TlsConfig
 from slimserve.server.interceptors import InFlight, server_interceptors
+from slimserve.server.kserve import SERVICE_NAME as KSERVE_SERVICE
+from slimserve.server.kserve import InferenceServicer
 from slimserve.server.metrics import Metrics
 from slimserve.server.servicer import GenerationServicer, ModelServicer
 from slimserve.v1 import generation_pb2, models_pb2
 from slimserve.v1 import generation_pb2_grpc as gen_grpc
 from slimserve.v1 import models_pb2_grpc as models_grpc
+from slimserve.v1.inference import grpc_service_pb2_grpc as kserve_grpc
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +45,7 @@ LINGER_S = 0.5
 SERVICES = (
     generation_pb2.DESCRIPTOR.services_by_name["GenerationService"].full_name,
     models_pb2.DESCRIPTOR.services_by_name["ModelService"].full_name,
+    KSERVE_SERVICE,
 )
 
 
@@ -201,12 +205,14 @@ async def build_server(
             *config.connections.grpc_options(),
         ],
     )
-    gen_grpc.add_GenerationServiceServicer_to_server(
-        GenerationServicer(models, limits, metrics), grpc_server
-    )
+    generation = GenerationServicer(models, limits, metrics)
+    gen_grpc.add_GenerationServiceServicer_to_server(generation, grpc_server)
     models_grpc.add_ModelServiceServicer_to_server(ModelServicer(models), grpc_server)
     health_servicer = DrainingHealth()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, grpc_server)
+    kserve_grpc.add_GRPCInferenceServiceServicer_to_server(
+        InferenceServicer(generation, models, health_servicer), grpc_server
+    )
     reflection.enable_server_reflection(
         (*SERVICES, health.SERVICE_NAME, reflection.SERVICE_NAME), grpc_server
     )
