@@ -119,6 +119,7 @@ def serve_config(args: argparse.Namespace) -> Any:
             ),
             tls=_tls(args),
             metrics_port=args.metrics_port,
+            http_port=args.http_port,
             allow_model_control=args.allow_model_control,
             allow_insecure_tokens=args.allow_insecure_tokens,
         )
@@ -180,6 +181,12 @@ def add_parser(sub: Any) -> None:
     )
     p.add_argument("--grace", type=non_negative_float, default=10.0, help="shutdown grace seconds")
     p.add_argument("--metrics-port", type=port, help="Prometheus /metrics port (default: off)")
+    p.add_argument(
+        "--http-port",
+        type=port,
+        help="OpenAI-compatible HTTP port, /v1/completions and /v1/chat/completions "
+        "(0 = any free port; default: off; docs/openai.md)",
+    )
     _add_limits(p)
     _add_connections(p)
     _add_security(p)

@@ -121,6 +121,8 @@ class Server:
     load_task: asyncio.Task[None] | None = None
     #: Model names that have had a health status (they stay listed, NOT_SERVING, once gone).
     known_models: set[str] = field(default_factory=set)
+    #: The OpenAI-compatible HTTP door (`config.http_port`); None when off.
+    http: Any = None
 
     async def refresh_health(self) -> None:
         """Each model's name is SERVING while its engine is up; the server as a whole (""
@@ -164,6 +166,9 @@ class Server:
         if await self.in_flight.wait_idle(grace):
             await asyncio.sleep(min(LINGER_S, grace))
         left = max(0.0, grace - (time.monotonic() - t0))
+        if self.http is not None:  # its requests are in `in_flight`: only idle ones are left
+            await self.http.stop(left)
+            left = max(0.0, grace - (time.monotonic() - t0))
         await self.grpc_server.stop(left)  # cancels whatever is still running after `grace`
         await asyncio.to_thread(self.metrics.close)  # joins the exporter's poll loop
         await asyncio.to_thread(self.models.shutdown)
@@ -232,10 +237,28 @@ async def build_server(
     for name in ("", *SERVICES):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
     await grpc_server.start()
+    if config.http_port is not None:
+        server.http = await _start_http(server)
     if load:
         models.loading = True
         server.load_task = asyncio.create_task(server.load_configured())
     return server, port
+
+
+async def _start_http(server: Server) -> Any:
+    """The OpenAI-compatible door on `config.http_port`, ready when gRPC health says so."""
+    from slimserve.server.openai import HttpDoor, OpenAIApp  # starlette only when asked
+
+    async def ready() -> bool:
+        request = health_pb2.HealthCheckRequest(service="")
+        answer = await server.health.Check(request, None)  # "" always has a status
+        return bool(answer.status == health_pb2.HealthCheckResponse.SERVING)
+
+    config = server.config
+    routes = OpenAIApp(server.models, config, server.metrics, server.in_flight, ready)
+    door = HttpDoor(routes.app(), config.host, config.http_port or 0, config.tls)
+    await door.start()
+    return door
 
 
 async def serve(config: ServerConfig) -> int:

@@ -249,6 +249,9 @@ class ServerConfig:
     tls: TlsConfig | None = None
     #: Prometheus metrics over HTTP on `host`; None = off, 0 = any free port.
     metrics_port: int | None = None
+    #: The OpenAI-compatible HTTP door on `host` (docs/openai.md); None = off, 0 = any free
+    #: port. Same tokens, TLS, limits and engines as gRPC.
+    http_port: int | None = None
     #: Without admin tokens, let every caller that may generate also load and unload models
     #: (development). False: model control needs an admin token.
     allow_model_control: bool = False
@@ -259,10 +262,16 @@ class ServerConfig:
     def __post_init__(self) -> None:
         if not self.models:
             raise ValueError("at least one --model is required")
-        for name in ("port", "metrics_port"):
+        for name in ("port", "metrics_port", "http_port"):
             port = getattr(self, name)
             if port is not None and not 0 <= port <= 65535:
                 raise ValueError(f"{name} must be 0..65535, got {port}")
+        fixed = [p for p in (self.port, self.metrics_port, self.http_port) if p]
+        if len(fixed) != len(set(fixed)):
+            raise ValueError(
+                f"port, metrics_port and http_port must differ, got {self.port}, "
+                f"{self.metrics_port} and {self.http_port}"
+            )
         if self.grace_s < 0:
             raise ValueError(f"grace_s must be >= 0, got {self.grace_s}")
         if self.threads < 0:

@@ -6,6 +6,7 @@ import math
 import re
 import time
 import uuid
+from collections.abc import Sequence
 from typing import Any
 
 from slimserve.engine.errors import InvalidRequest
@@ -48,12 +49,20 @@ def prompt_ids(msg: Any, model: LoadedModel, limits: Limits) -> tuple[int, ...]:
         ids = _chat_ids(msg.chat, tok)
     else:
         raise InvalidRequest("input", "set either text or chat")
+    return checked_prompt(ids, which, model, limits)
+
+
+def checked_prompt(
+    ids: Sequence[int], field: str, model: LoadedModel, limits: Limits
+) -> tuple[int, ...]:
+    """`ids` as a prompt; InvalidRequest naming `field` when empty or over the prompt limit
+    (`max_prompt_tokens`, and one token short of the model's context)."""
     limit = min(limits.max_prompt_tokens, model.max_context - 1)
     if not ids:
-        raise InvalidRequest(which, "the prompt encodes to no tokens")
+        raise InvalidRequest(field, "the prompt encodes to no tokens")
     if len(ids) > limit:
         raise InvalidRequest(
-            which,
+            field,
             f"the prompt has {len(ids)} tokens; the limit is {limit} "
             f"(max_prompt_tokens={limits.max_prompt_tokens}, context={model.max_context})",
         )
@@ -171,9 +180,17 @@ def stop_params(pb: Any, limits: Limits) -> StopParams:
 
 
 def generation_request(
-    pb: Any, model: LoadedModel, limits: Limits, request_id: str, timeout_s: float | None
+    pb: Any,
+    model: LoadedModel,
+    limits: Limits,
+    request_id: str,
+    timeout_s: float | None,
+    *,
+    ids: tuple[int, ...] | None = None,
 ) -> GenerationRequest:
-    ids = prompt_ids(pb, model, limits)
+    """The domain request `pb` describes; `ids`, when given, is the prompt already
+    tokenized and checked (`checked_prompt`), and `pb`'s input is not read."""
+    ids = prompt_ids(pb, model, limits) if ids is None else ids
     sampling = sampling_params(pb.sampling)
     stopping = stop_params(pb.stopping, limits)
     top_n_limit = min(limits.max_top_n, model.backend.vocab_size)

@@ -2,8 +2,9 @@
 
 Histograms: time to first token, inter-token latency, queue time, end-to-end latency.
 Gauges (read from each engine at scrape time, so they can never drift): running and
-queued requests, free KV-cache slots. Counters: prompt and generated tokens, and RPCs by
-method and status code.
+queued requests, free KV-cache slots. Counters: prompt and generated tokens, RPCs by
+method and status code, and HTTP-door requests by route and status (one counter per door,
+so neither door's codes change the other's labels).
 """
 
 from __future__ import annotations
@@ -93,6 +94,12 @@ class Metrics:
             "slimserve_rpcs", "RPCs handled, by method and status code.", ("method", "code"),
             registry=r,
         )  # fmt: skip
+        self.http_requests = Counter(
+            "slimserve_http_requests",
+            "Requests to the OpenAI-compatible HTTP door, by route and HTTP status.",
+            ("route", "status"),
+            registry=r,
+        )
         r.register(_EngineCollector(models))
         self._http: Any = None
         self.port: int | None = None
@@ -122,6 +129,10 @@ class Metrics:
 
     def rpc(self, method: str, code: str) -> None:
         self.rpcs.labels(method, code).inc()
+
+    def http(self, route: str, status: int) -> None:
+        """One request to the HTTP door (the gRPC door counts in `rpcs`)."""
+        self.http_requests.labels(route, str(status)).inc()
 
     def serve(self, host: str, port: int) -> int:
         """Start the HTTP exporter on a daemon thread; returns the bound port."""
