@@ -142,9 +142,14 @@ class RequestInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         )
         if refusal is not None:  # the body of a refused call is never parsed
             handler = _rebuild(handler, _refuser(refusal), lambda _data: None)
-        if handler.request_streaming:
-            return handler
         rid = logs.request_id_from(handler_call_details.invocation_metadata)
+        if handler.request_streaming:
+            wrapped = self._wrap_request_stream(handler, method, rid, principal)
+            if wrapped is None:
+                return handler
+            return _rebuild(
+                handler, wrapped, self._deserializer(handler.request_deserializer, method)
+            )
         return _rebuild(
             handler,
             self._wrap(handler, method, rid, principal),
@@ -174,17 +179,7 @@ class RequestInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         short = method.rsplit("/", 1)[-1]
 
         async def begin(request: Any, context: grpc.aio.ServicerContext) -> float:
-            logs.REQUEST_ID.set(rid)
-            logs.REQUEST_FIELDS.set({"principal": principal, **_control_target(method, request)})
-            self.in_flight.started()
-            context.add_done_callback(lambda _: self.in_flight.ended())
-            if self.in_flight.closing:
-                self._access(short, "UNAVAILABLE", time.monotonic())
-                await context.abort(grpc.StatusCode.UNAVAILABLE, "the server is shutting down")
-            if isinstance(request, _Rejected):
-                self._access(short, "INVALID_ARGUMENT", time.monotonic())
-                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message)
-            return time.monotonic()
+            return await self._begin(request, context, method, rid, principal)
 
         if handler.response_streaming and inspect.isasyncgenfunction(behavior):
 
@@ -214,6 +209,55 @@ class RequestInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
                 self._access(short, code, t0)
 
         return unary
+
+    async def _begin(
+        self, request: Any, context: grpc.aio.ServicerContext, method: str, rid: str, principal: str
+    ) -> float:
+        """Every call's start: its id and principal for the log, the drain, the size limit."""
+        short = method.rsplit("/", 1)[-1]
+        logs.REQUEST_ID.set(rid)
+        logs.REQUEST_FIELDS.set({"principal": principal, **_control_target(method, request)})
+        self.in_flight.started()
+        context.add_done_callback(lambda _: self.in_flight.ended())
+        if self.in_flight.closing:
+            self._access(short, "UNAVAILABLE", time.monotonic())
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "the server is shutting down")
+        if isinstance(request, _Rejected):
+            self._access(short, "INVALID_ARGUMENT", time.monotonic())
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message)
+        return time.monotonic()
+
+    def _wrap_request_stream(
+        self, handler: grpc.RpcMethodHandler, method: str, rid: str, principal: str
+    ) -> Callable[..., Any] | None:
+        """A bidirectional stream (KServe's ModelStreamInfer) gets what every call gets: the
+        drain, the size limit on each message, and one access-log line for the stream."""
+        behavior = getattr(handler, _kind(handler))
+        if not (handler.response_streaming and inspect.isasyncgenfunction(behavior)):
+            return None
+        short = method.rsplit("/", 1)[-1]
+
+        async def checked(
+            requests: AsyncIterator[Any], context: grpc.aio.ServicerContext
+        ) -> AsyncIterator[Any]:
+            async for request in requests:
+                if isinstance(request, _Rejected):
+                    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message)
+                yield request
+
+        async def stream(requests: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+            t0 = await self._begin(None, context, method, rid, principal)
+            code = "OK"
+            try:
+                async for msg in behavior(checked(requests, context), context):
+                    yield msg
+            except BaseException as exc:
+                code = _code_of(exc, context)
+                raise
+            finally:
+                self._access(short, code, t0)
+
+        return stream
 
     def _access(self, method: str, code: str, t0: float) -> None:
         self.metrics.rpc(method, code)

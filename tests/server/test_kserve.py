@@ -364,3 +364,23 @@ def test_a_bearer_token_is_required_when_the_server_has_tokens(auth_server: Serv
         finally:
             kserve.stop_stream()
         assert error.status() == "StatusCode.UNAUTHENTICATED"
+
+
+def test_the_stream_gets_an_access_log_line_like_every_call(
+    kserve: triton.InferenceServerClient, caplog: pytest.LogCaptureFixture
+) -> None:
+    stream = _Stream()
+    with caplog.at_level("INFO", logger="slimserve.server.interceptors"):
+        kserve.start_stream(callback=stream)
+        try:
+            kserve.async_stream_infer("tiny", _inputs(stream=True, **GREEDY))
+            stream.until_final()
+        finally:
+            kserve.stop_stream()
+        deadline = time.monotonic() + 10
+        while not any(r.getMessage().startswith("ModelStreamInfer") for r in caplog.records):
+            assert time.monotonic() < deadline, "no access-log line for the stream"
+            time.sleep(0.02)
+    (line,) = [r for r in caplog.records if r.getMessage().startswith("ModelStreamInfer")]
+    assert getattr(line, "principal", None) == "anonymous"
+    assert getattr(line, "code", None) in ("OK", "CANCELLED")
