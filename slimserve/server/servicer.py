@@ -237,7 +237,10 @@ class GenerationServicer(gen_grpc.GenerationServiceServicer):
                 )
             remaining = context.time_remaining()
             deadline = time.monotonic() + remaining if remaining is not None else None
-            logps = await asyncio.wrap_future(model.engine.score(prompt, labels, deadline))
+            try:
+                logps = await asyncio.wrap_future(model.engine.score(prompt, labels, deadline))
+            except EngineFailure as exc:  # e.g. a non-finite score: say which model gave it
+                raise EngineFailure(f"{model.ref}: {exc}") from exc
             top = max(logps)
             norm = math.log(sum(math.exp(lp - top) for lp in logps)) + top
             seconds = time.monotonic() - t0

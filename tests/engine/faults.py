@@ -81,3 +81,17 @@ def crash_on_trigger(model: Any, config: Any, max_seq_len: int, tokenizer_json: 
     assert tokenizer_json is not None  # <root>/<name>/<version>/tokenizer.json
     inner = _llama(model, config, max_seq_len, tokenizer_json)
     return _CrashOnTrigger(inner, "fault-crash-on-trigger", trigger_file(tokenizer_json.parents[2]))
+
+
+class _NanScores(_Wrapped):
+    """Generates as the reference does; batched Score sums after a prompt of more than eight
+    tokens are NaN (a broken kernel's output; the short warm-up Score still works)."""
+
+    def score_batch(self, jobs: list[tuple[list[int], list[list[int]]]]) -> list[list[float]]:
+        if all(len(prompt) <= 8 for prompt, _ in jobs):
+            return self.inner.score_batch(jobs)  # type: ignore[no-any-return]
+        return [[float("nan")] * len(conts) for _, conts in jobs]
+
+
+def nan_scores(model: Any, config: Any, max_seq_len: int, tokenizer_json: Path | None) -> Any:
+    return _NanScores(_llama(model, config, max_seq_len, tokenizer_json), "fault-nan-scores")

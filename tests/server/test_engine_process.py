@@ -78,3 +78,32 @@ def test_the_server_is_not_serving_while_every_engine_is_down(two_models: Any) -
             os.kill(c.model_info(name).engine_pid, signal.SIGKILL)
         _wait(lambda: c.health() == "NOT_SERVING", "still SERVING with no engine up", 5)
         _wait(lambda: c.health() == "SERVING", "never came back")
+
+
+def test_a_non_finite_score_is_internal_naming_the_model(tiny_registry: Path) -> None:
+    from slimserve.clients import ServerError
+
+    config = tiny_server_config(
+        tiny_registry, backend_plugins=("tests.engine.faults:nan_scores",), dtype="float32"
+    )
+    server = ServerThread(config).start()
+    try:
+        with Client(server.target, retries=0, timeout=60) as c:
+            assert c.model_info().plan.startswith("tests.engine.faults:nan_scores")
+            with pytest.raises(ServerError, match=r"INTERNAL.*tiny@1.*non-finite"):
+                c.score("is this fraud?", [" yes", " no"])
+            assert c.generate("hello", max_new_tokens=3).generated_tokens >= 1  # still serving
+    finally:
+        server.stop()
+
+
+def test_unloading_the_last_model_turns_health_not_serving(tiny_registry: Path) -> None:
+    server = ServerThread(tiny_server_config(tiny_registry, allow_model_control=True)).start()
+    try:
+        with Client(server.target, retries=0, timeout=60) as c:
+            assert c.health() == "SERVING"
+            c.unload_model("tiny")
+            _wait(lambda: c.health() == "NOT_SERVING", "a server with no model says SERVING", 5)
+            assert c.health("tiny") == "NOT_SERVING"
+    finally:
+        server.stop()
