@@ -40,6 +40,7 @@ class Tag(enum.IntEnum):
     SCORE = 3
     STATS = 4
     STOP = 5
+    PROMPT_LOGPROBS = 6
     # engine -> server
     READY = 10
     FAILED = 11
@@ -105,7 +106,7 @@ def request_from_wire(d: dict[str, Any]) -> GenerationRequest:
 
 # ---- events -------------------------------------------------------------------------------
 def event_to_wire(ev: Event) -> list[Any]:
-    lps = [[lp.token_id, lp.logprob, [list(t) for t in lp.top]] for lp in ev.logprobs]
+    lps = logprobs_to_wire(list(ev.logprobs))
     f = ev.finish
     finish = None
     if f is not None:
@@ -140,6 +141,14 @@ def event_from_wire(w: list[Any]) -> Event:
         ),
         finish=fin,
     )
+
+
+def logprobs_to_wire(lps: list[TokenLogprob]) -> list[Any]:
+    return [[lp.token_id, lp.logprob, [list(t) for t in lp.top]] for lp in lps]
+
+
+def logprobs_from_wire(w: list[Any]) -> list[TokenLogprob]:
+    return [TokenLogprob(tid, lp, tuple((int(a), float(b)) for a, b in top)) for tid, lp, top in w]
 
 
 def stats_to_wire(s: EngineStats) -> dict[str, Any]:

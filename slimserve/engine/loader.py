@@ -32,6 +32,7 @@ from slimserve.engine.types import (
     GenerationRequest,
     SamplingParams,
     StopParams,
+    TokenLogprob,
 )
 from slimserve.registry.artifact import load_model
 from slimserve.registry.errors import IntegrityError, RegistryError
@@ -75,6 +76,10 @@ class EngineLike(Protocol):
         continuations: list[list[int]],
         deadline: float | None = None,
     ) -> concurrent.futures.Future[list[float]]: ...
+
+    def prompt_logprobs(
+        self, prompt_ids: list[int], top_n: int = 0, deadline: float | None = None
+    ) -> concurrent.futures.Future[list[TokenLogprob]]: ...
 
     def stats(self) -> EngineStats: ...
 

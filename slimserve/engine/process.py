@@ -33,7 +33,13 @@ from slimserve.engine.backends.select import Plan
 from slimserve.engine.config import ModelConfig
 from slimserve.engine.errors import LoadFailed, NotReady, Overloaded
 from slimserve.engine.ipc import Tag
-from slimserve.engine.types import EngineInfo, EngineStats, Event, GenerationRequest
+from slimserve.engine.types import (
+    EngineInfo,
+    EngineStats,
+    Event,
+    GenerationRequest,
+    TokenLogprob,
+)
 
 log = logging.getLogger(__name__)
 
@@ -141,6 +147,8 @@ def _serve(conn: Connection, engine: Any, send: Callable[..., None]) -> None:
                 handle.cancel()
         elif tag == Tag.SCORE:
             bridge.score(frame)
+        elif tag == Tag.PROMPT_LOGPROBS:
+            bridge.prompt_logprobs(frame)
         elif tag == Tag.STATS:
             send(Tag.STATS_REPLY, frame[1], ipc.stats_to_wire(engine.stats()))
         elif tag == Tag.STOP:
@@ -184,16 +192,31 @@ class _Bridge:
 
     def score(self, frame: list[Any]) -> None:
         _, sid, prompt, conts, deadline = frame
+        self._answer(sid, lambda: self.engine.score(prompt, conts, deadline), lambda r: r)
 
-        def done(fut: concurrent.futures.Future[list[float]]) -> None:
+    def prompt_logprobs(self, frame: list[Any]) -> None:
+        _, sid, prompt, top_n, deadline = frame
+        self._answer(
+            sid,
+            lambda: self.engine.prompt_logprobs(prompt, top_n, deadline),
+            ipc.logprobs_to_wire,
+        )
+
+    def _answer(
+        self,
+        sid: int,
+        call: Callable[[], concurrent.futures.Future[Any]],
+        wire: Callable[[Any], Any],
+    ) -> None:
+        def done(fut: concurrent.futures.Future[Any]) -> None:
             exc = fut.exception()
             if exc is not None:
                 self.send(Tag.SCORE_FAILED, sid, ipc.error_to_wire(exc))
             else:
-                self.send(Tag.SCORED, sid, fut.result())
+                self.send(Tag.SCORED, sid, wire(fut.result()))
 
         try:
-            self.engine.score(prompt, conts, deadline).add_done_callback(done)
+            call().add_done_callback(done)
         except Exception as exc:
             self.send(Tag.SCORE_FAILED, sid, ipc.error_to_wire(exc))
 
@@ -348,6 +371,24 @@ class RemoteEngine:
         if sum(1 for f in self._futures.values() if not f.done()) >= self._max_queue:
             raise Overloaded(f"score queue full ({self._max_queue}); retry later")
         return self._call(Tag.SCORE, prompt_ids, continuations, deadline)
+
+    def prompt_logprobs(
+        self, prompt_ids: list[int], top_n: int = 0, deadline: float | None = None
+    ) -> concurrent.futures.Future[list[TokenLogprob]]:
+        if self._stopping:
+            raise NotReady("the engine is shutting down")
+        raw = self._call(Tag.PROMPT_LOGPROBS, prompt_ids, top_n, deadline)
+        out: concurrent.futures.Future[list[TokenLogprob]] = concurrent.futures.Future()
+
+        def convert(fut: concurrent.futures.Future[Any]) -> None:
+            exc = fut.exception()
+            if exc is not None:
+                out.set_exception(exc)
+            else:
+                out.set_result(ipc.logprobs_from_wire(fut.result()))
+
+        raw.add_done_callback(convert)
+        return out
 
     def _call(self, tag: Tag, *args: Any) -> concurrent.futures.Future[Any]:
         fut: concurrent.futures.Future[Any] = concurrent.futures.Future()

@@ -172,13 +172,44 @@ class Engine:
                 f"prompt and labels need {job.total_cost} tokens of forward passes; "
                 f"the limit is {self.config.max_score_tokens}",
             )
+        self._enqueue(job)
+        return fut
+
+    def prompt_logprobs(
+        self, prompt_ids: list[int], top_n: int = 0, deadline: float | None = None
+    ) -> concurrent.futures.Future[list[TokenLogprob]]:
+        """Queue a job for each prompt token's log-probability given the ones before it and
+        the `top_n` best tokens at its position (what an echo with logprobs returns); one
+        forward over the prompt, run between decode steps like a Score.
+
+        Raises:
+            InvalidRequest: the prompt is longer than `max_score_tokens` or the context.
+            Overloaded, NotReady: as `score`.
+        """
+        if len(prompt_ids) > min(self.config.max_score_tokens, self.backend.max_seq_len):
+            raise InvalidRequest(
+                "prompt",
+                f"{len(prompt_ids)} tokens; prompt log-probabilities take at most "
+                f"{min(self.config.max_score_tokens, self.backend.max_seq_len)}",
+            )
+        fut: concurrent.futures.Future[list[TokenLogprob]] = concurrent.futures.Future()
+        job = ScoreJob(
+            prompt=prompt_ids,
+            continuations=[prompt_ids[1:] or prompt_ids],
+            future=fut,
+            deadline=deadline,
+            top_n=top_n,
+        )
+        self._enqueue(job)
+        return fut
+
+    def _enqueue(self, job: ScoreJob) -> None:
         with self._cond:
             self._check_open()
             if len(self._scores) >= self.config.max_queue:
                 raise Overloaded(f"score queue full ({self.config.max_queue}); retry later")
             self._scores.append(job)
             self._cond.notify()
-        return fut
 
     def _check_open(self) -> None:
         if self.failure is not None:

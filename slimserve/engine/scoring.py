@@ -69,6 +69,11 @@ class ScoreQueue:
         chunks = self.take(budget)
         if not chunks:
             return
+        for job, _, _ in [c for c in chunks if c[0].top_n is not None]:
+            _prompt_logprobs(backend, job)
+        chunks = [c for c in chunks if c[0].top_n is None]
+        if not chunks:
+            return
         work = [(job.prompt, job.continuations[a:b]) for job, a, b in chunks]
         try:
             results = backend.score_batch(work)
@@ -95,6 +100,22 @@ class ScoreQueue:
             job.sums.extend(sums)
             if job.done:
                 _finish(job)
+
+
+def _prompt_logprobs(backend: Backend, job: ScoreJob) -> None:
+    try:
+        result = backend.prompt_logprobs(job.prompt, job.top_n or 0)
+    except torch.OutOfMemoryError as exc:
+        _fail(job, Overloaded(f"out of memory while scoring: {exc}"))
+        return
+    except Exception as exc:
+        log.exception("prompt log-probabilities failed")
+        _fail(job, exc)
+        return
+    if not all(math.isfinite(lp.logprob) for lp in result):
+        _fail(job, EngineFailure("the backend returned a non-finite log-probability"))
+        return
+    job.future.set_result(result)
 
 
 def _fail(job: ScoreJob, exc: BaseException) -> None:

@@ -13,7 +13,7 @@ import enum
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from slimserve.engine.sampling import make_generator
 from slimserve.engine.text import Decoder, IncrementalDetokenizer, StopMatcher
@@ -104,7 +104,10 @@ class ScoreJob:
 
     prompt: list[int]
     continuations: list[list[int]]
-    future: concurrent.futures.Future[list[float]]
+    future: concurrent.futures.Future[Any]
+    #: Not None: the job asks for each prompt token's log-probability and this many top
+    #: alternatives (`Backend.prompt_logprobs`), run whole; `continuations` is then unused.
+    top_n: int | None = None
     #: time.monotonic() after which the job fails with DeadlineExpired; None = none.
     deadline: float | None = None
     #: Index of the first continuation not yet scored.

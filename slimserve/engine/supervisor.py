@@ -19,7 +19,13 @@ from dataclasses import dataclass
 
 from slimserve.engine.errors import NotReady
 from slimserve.engine.process import ChildSpec, RemoteEngine, RemoteHandle, describe_exit
-from slimserve.engine.types import EngineInfo, EngineStats, Event, GenerationRequest
+from slimserve.engine.types import (
+    EngineInfo,
+    EngineStats,
+    Event,
+    GenerationRequest,
+    TokenLogprob,
+)
 
 log = logging.getLogger(__name__)
 
@@ -118,6 +124,11 @@ class SupervisedEngine:
         deadline: float | None = None,
     ) -> concurrent.futures.Future[list[float]]:
         return self._engine().score(prompt_ids, continuations, deadline)
+
+    def prompt_logprobs(
+        self, prompt_ids: list[int], top_n: int = 0, deadline: float | None = None
+    ) -> concurrent.futures.Future[list[TokenLogprob]]:
+        return self._engine().prompt_logprobs(prompt_ids, top_n, deadline)
 
     def stats(self) -> EngineStats:
         return self._engine().stats()

@@ -246,3 +246,19 @@ def test_q8_0_multi_slot_decode_prefill_and_score_match_the_torch_backend(
     want = ref.score_batch([(prompts[0], labels)])[0]
     assert got == pytest.approx(want, abs=0.1)
     cpp.close()
+
+
+def test_prompt_logprobs_match_the_torch_backend_and_its_scores(
+    pair: tuple[LlamaBackend, llamacpp.LlamaCppBackend],
+) -> None:
+    ref, cpp = pair
+    prompt = _ids(20, 7, ref.vocab_size)
+    want = ref.prompt_logprobs(prompt, 3)
+    got = cpp.prompt_logprobs(prompt, 3)
+    assert [lp.token_id for lp in got] == prompt[1:] == [lp.token_id for lp in want]
+    for g, w in zip(got, want, strict=True):
+        assert g.logprob == pytest.approx(w.logprob, abs=1e-3)
+        assert [t for t, _ in g.top] == [t for t, _ in w.top]
+    # The same figures a Score gives: the continuation's sum is the sum of its tokens.
+    (total,) = ref.score(prompt[:5], [prompt[5:]])
+    assert total == pytest.approx(sum(lp.logprob for lp in want[4:]), abs=1e-3)

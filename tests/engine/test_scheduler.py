@@ -302,3 +302,17 @@ def test_a_failed_loop_fails_pending_requests_and_stops_serving(model: Any, toke
             eng.submit(request(tokenizer, "hello", n=5), events.append)
     finally:
         eng.shutdown()
+
+
+def test_prompt_logprobs_through_the_engine_match_score_sums(model: Any, tokenizer: Any) -> None:
+    eng = make_engine(model, tokenizer, max_score_tokens=64)
+    try:
+        prompt = tokenizer("the quick brown fox jumps over the lazy dog")["input_ids"]
+        lps = eng.prompt_logprobs(prompt, top_n=2).result(30)
+        assert [lp.token_id for lp in lps] == prompt[1:] and all(len(lp.top) == 2 for lp in lps)
+        (total,) = eng.score(prompt[:3], [prompt[3:]]).result(30)
+        assert total == pytest.approx(sum(lp.logprob for lp in lps[2:]), abs=1e-4)
+        with pytest.raises(InvalidRequest, match="at most 64"):
+            eng.prompt_logprobs(prompt * 10)
+    finally:
+        eng.shutdown()

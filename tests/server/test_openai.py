@@ -28,7 +28,7 @@ from tests.helpers import ServerThread
 
 TOKEN = "user-token-0123456789abcdef"
 #: Echo scoring of a T-token prompt costs T(T-1)/2: 20 tokens fit (190), 30 do not (435).
-MAX_SCORE_TOKENS = 300
+MAX_SCORE_TOKENS = 20
 
 
 @pytest.fixture(scope="module")
@@ -222,6 +222,28 @@ def test_echo_logprobs_equal_grpc_score(oai: openai.OpenAI, grpc_client: Client)
     assert done.usage is not None and done.usage.completion_tokens == 0
 
 
+def test_echo_top_logprobs_read_as_lm_eval_reads_them(oai: openai.OpenAI) -> None:
+    # lm-eval's loglikelihood request: echo the context + continuation, max_tokens 0,
+    # logprobs k; it sums the continuation's token_logprobs and calls it greedy when each
+    # continuation token is the best of its position's top_logprobs.
+    context, continuation = "the quick brown", " fox"
+    done = oai.completions.create(
+        model="tiny", prompt=context + continuation, max_tokens=0, echo=True, logprobs=3
+    )
+    lps = done.choices[0].logprobs
+    assert lps is not None and lps.token_logprobs and lps.top_logprobs and lps.tokens
+    assert lps.top_logprobs[0] is None  # the first token has no context
+    rows = zip(lps.tokens[1:], lps.token_logprobs[1:], lps.top_logprobs[1:], strict=True)
+    for token, lp, top in rows:
+        assert top is not None and len(top) == 3 and lp is not None
+        best = max(top.values())
+        assert lp <= best + 1e-6  # nothing beats the position's best
+        if token in top:  # the same figure both ways
+            assert top[token] == pytest.approx(lp, abs=1e-4)
+        if lp >= best - 1e-6:  # the token is the greedy pick: it must be listed as the best
+            assert token in top and top[token] == pytest.approx(best, abs=1e-4)
+
+
 def test_echo_with_generation_and_in_a_stream(oai: openai.OpenAI) -> None:
     prompt = "hello world, hello"
     done = oai.completions.create(
@@ -302,14 +324,14 @@ def test_bad_fields_are_400_naming_the_field(oai: openai.OpenAI) -> None:
 
 
 def test_an_echo_over_the_score_budget_is_400_naming_echo(oai: openai.OpenAI) -> None:
-    prompt = list(range(5, 35))  # 30 tokens: 435 tokens of scoring > 300
+    prompt = list(range(5, 35))  # 30 tokens of prompt log-probabilities > 20
     body = _error(
         lambda: oai.completions.create(
             model="tiny", prompt=prompt, max_tokens=0, echo=True, logprobs=0
         ),
         openai.BadRequestError,
     )
-    assert body["param"] == "echo" and "max_score_tokens=300" in body["message"]
+    assert body["param"] == "echo" and "limited to 20 tokens" in body["message"]
     # Without logprobs an echo costs nothing extra.
     done = oai.completions.create(model="tiny", prompt=prompt, max_tokens=1, echo=True)
     assert done.usage is not None and done.usage.prompt_tokens == 30

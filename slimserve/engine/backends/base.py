@@ -13,6 +13,8 @@ from typing import Protocol
 
 import torch
 
+from slimserve.engine.types import TokenLogprob
+
 ScoreJobs = list[tuple[list[int], list[list[int]]]]
 
 
@@ -26,6 +28,40 @@ def check_ids(token_ids: list[int], vocab_size: int) -> None:
     """Refuse token ids outside the vocabulary before they reach a kernel."""
     if token_ids and not 0 <= min(token_ids) <= max(token_ids) < vocab_size:
         raise ValueError(f"token ids must lie in 0..{vocab_size - 1}")
+
+
+#: Positions whose log-softmax is taken at once (a (rows, vocab) float32 block: 12 MB at 64
+#: rows of SmolLM2's 49,152-token vocabulary).
+LOGPROB_ROWS = 64
+
+
+def prompt_logprobs_from(
+    logits_of: Callable[[int, int], torch.Tensor], targets: list[int], top_n: int
+) -> list[TokenLogprob]:
+    """Each target's log-probability and the `top_n` best at its position.
+
+    `logits_of(a, b)` returns the float logits of positions a..b-1, shape (b - a, vocab), the
+    position i predicting `targets[i]`; they are taken `LOGPROB_ROWS` at a time so a long
+    prompt never holds a (T, vocab) block.
+    """
+    out: list[TokenLogprob] = []
+    for a in range(0, len(targets), LOGPROB_ROWS):
+        b = min(a + LOGPROB_ROWS, len(targets))
+        logp = torch.log_softmax(logits_of(a, b).float(), dim=-1)
+        picked = logp.gather(1, torch.tensor(targets[a:b], device=logp.device)[:, None])[:, 0]
+        if top_n:
+            values, ids = logp.topk(top_n, dim=-1)
+            tops = [
+                tuple(zip(i.tolist(), v.tolist(), strict=True))
+                for i, v in zip(ids, values, strict=True)
+            ]
+        else:
+            tops = [()] * (b - a)
+        out += [
+            TokenLogprob(t, float(lp), top)
+            for t, lp, top in zip(targets[a:b], picked.tolist(), tops, strict=True)
+        ]
+    return out
 
 
 def check_decode(
@@ -136,6 +172,11 @@ class Backend(Protocol):
 
     def score_batch(self, jobs: list[tuple[list[int], list[list[int]]]]) -> list[list[float]]:
         """`score` for several (prompt, continuations) jobs, in as few passes as it can."""
+        ...
+
+    def prompt_logprobs(self, prompt_ids: list[int], top_n: int) -> list[TokenLogprob]:
+        """Each prompt token after the first with its log-probability given the ones before,
+        and the `top_n` most likely tokens at its position; one forward, touches no slot."""
         ...
 
     def kv_bytes_per_slot(self) -> int:

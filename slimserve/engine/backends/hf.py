@@ -11,7 +11,9 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from slimserve.engine.backends.base import prompt_logprobs_from
 from slimserve.engine.spec import kv_bytes_per_token
+from slimserve.engine.types import TokenLogprob
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
@@ -59,6 +61,13 @@ class HFBackend:
     def score_batch(self, jobs: list[tuple[list[int], list[list[int]]]]) -> list[list[float]]:
         # Prompts differ in length; one padded batch per job keeps the eager path simple.
         return [self.score(p, c) for p, c in jobs]
+
+    @torch.inference_mode()
+    def prompt_logprobs(self, prompt_ids: list[int], top_n: int) -> list[TokenLogprob]:
+        ids = torch.tensor([prompt_ids], device=self.device)
+        hidden = self.model.base_model(input_ids=ids).last_hidden_state[0]  # (T, hidden)
+        head: Any = self.model.get_output_embeddings()  # type: ignore[no-untyped-call]
+        return prompt_logprobs_from(lambda a, b: head(hidden[a:b]), prompt_ids[1:], top_n)
 
     def kv_bytes_per_slot(self) -> int:
         return kv_bytes_per_token(self.model.config, self._dtype) * self.max_seq_len

@@ -28,8 +28,15 @@ from typing import TYPE_CHECKING, Any, Literal
 import torch
 import torch.nn.functional as F  # noqa: N812
 
-from slimserve.engine.backends.base import ScorePlan, check_decode, check_ids, check_slot
+from slimserve.engine.backends.base import (
+    ScorePlan,
+    check_decode,
+    check_ids,
+    check_slot,
+    prompt_logprobs_from,
+)
 from slimserve.engine.spec import LlamaShape
+from slimserve.engine.types import TokenLogprob
 
 if TYPE_CHECKING:
     from torch import nn
@@ -409,6 +416,22 @@ class LlamaBackend:
             per_token = logprobs.gather(1, index[:, 2:3])[:, 0].double()  # (M,)
             sums = per_token.new_zeros(plan.n_continuations).index_add_(0, index[:, 3], per_token)
         return ScorePlan.by_job([float(x) for x in sums.cpu()], jobs)
+
+    def prompt_logprobs(self, prompt_ids: list[int], top_n: int) -> list[TokenLogprob]:
+        self._check_ids(prompt_ids)
+        t = len(prompt_ids)
+        if not 0 < t <= self.max_seq_len:
+            raise ValueError(f"prompt has {t} tokens; need 1..max_seq_len ({self.max_seq_len})")
+
+        def attention(_i: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+            return self._causal_attention(q, k, v)
+
+        with torch.inference_mode():
+            tokens = torch.tensor([prompt_ids], device=self.device)  # (1, T)
+            hidden = self._forward(tokens, self._arange[:t][None], attention)[0]  # (T, hidden)
+            return prompt_logprobs_from(
+                lambda a, b: self._logits(hidden[a:b]), prompt_ids[1:], top_n
+            )
 
     def kv_bytes_per_slot(self) -> int:
         """Bytes of K and V cache one slot occupies (allocated up front) at max_seq_len."""

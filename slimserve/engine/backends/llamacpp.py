@@ -30,8 +30,16 @@ import numpy as np
 import torch
 
 from slimserve.engine import spec
-from slimserve.engine.backends.base import ScorePlan, check_decode, check_ids, check_slot
+from slimserve.engine.backends.base import (
+    LOGPROB_ROWS,
+    ScorePlan,
+    check_decode,
+    check_ids,
+    check_slot,
+    prompt_logprobs_from,
+)
 from slimserve.engine.backends.gguf_export import GgufType, export_gguf
+from slimserve.engine.types import TokenLogprob
 
 log = logging.getLogger(__name__)
 
@@ -245,6 +253,27 @@ class LlamaCppBackend:
                     sums[cont] += float(logprobs[index, tok])
         return ScorePlan.by_job(sums, jobs)
 
+    def prompt_logprobs(self, prompt_ids: list[int], top_n: int) -> list[TokenLogprob]:
+        """In the first scratch sequence, `LOGPROB_ROWS` positions a decode call, so the
+        copied logits never exceed a (LOGPROB_ROWS, vocab) block."""
+        self._check_ids(prompt_ids)
+        t = len(prompt_ids)
+        if not 0 < t <= min(self.max_seq_len, self._score_cells):
+            raise ValueError(f"prompt has {t} tokens; need 1..max_seq_len ({self.max_seq_len})")
+        seq = self.max_slots
+        out: list[TokenLogprob] = []
+        try:
+            for a in range(0, t, LOGPROB_ROWS):
+                b = min(a + LOGPROB_ROWS, t)
+                n = self._run([(prompt_ids[p], p, seq, p < t - 1) for p in range(a, b)])
+                if n:
+                    rows = self._logits(n)
+                    targets = prompt_ids[a + 1 : a + 1 + n]
+                    out += prompt_logprobs_from(functools.partial(_rows, rows), targets, top_n)
+        finally:
+            self.lc.llama_memory_seq_rm(self._mem, seq, -1, -1)
+        return out
+
     def kv_bytes_per_slot(self) -> int:
         """K and V (float32 or float16, see __init__) for max_seq_len tokens."""
         return 2 * self._n_layers * self._kv_dim * self.max_seq_len * self._kv_bytes
@@ -259,6 +288,10 @@ class LlamaCppBackend:
 
 
 _GGML_LOG_ERROR = 4
+
+
+def _rows(block: torch.Tensor, a: int, b: int) -> torch.Tensor:
+    return block[a:b]
 
 
 def _set_field(struct: Any, name: str, value: Any) -> None:

@@ -251,7 +251,7 @@ class OpenAIApp:
         prompt = run.request.prompt_ids
         echoed = None  # scored beside the generation, not before it
         if req.echo and req.logprobs:
-            echoed = asyncio.ensure_future(self.echo.logprobs(run.model, prompt))
+            echoed = asyncio.ensure_future(self.echo.logprobs(run.model, prompt, req.top_logprobs))
         try:
             events = [e async for e in self._events(run, "/v1/completions")] if run.handle else []
             scored = await echoed if echoed is not None else []
@@ -290,7 +290,11 @@ class OpenAIApp:
         try:
             if req.echo:
                 prompt = run.request.prompt_ids
-                scored = await self.echo.logprobs(run.model, prompt) if req.logprobs else []
+                scored = (
+                    await self.echo.logprobs(run.model, prompt, req.top_logprobs)
+                    if req.logprobs
+                    else []
+                )
                 text = await asyncio.to_thread(tok.decode, list(prompt))
                 yield chunk(text, scored, None if run.handle else "length")
             if run.handle is not None:

@@ -1,18 +1,16 @@
-"""Echoed prompt tokens' log-probabilities, from the engine's Score.
+"""Echoed prompt tokens' log-probabilities and their top alternatives.
 
-`engine.score(prompt, continuations)` returns each continuation's summed log-probability.
-Scoring the first token as the prompt and every longer prefix of the rest as a
-continuation (`ids[1:2]`, `ids[1:3]`, ..., `ids[1:]`) gives running sums, whose
-differences are exactly each token's log-probability given the tokens before it. It puts
-T(T-1)/2 tokens through the model for a T-token prompt, so it is bounded by the engine's
-`max_score_tokens`; a longer echo is refused naming `echo`. Alternatives (top logprobs)
-are not known for prompt tokens and are returned as null.
+One forward over the prompt in the engine (`engine.prompt_logprobs`, run between decode
+steps like a Score): each token after the first gets its log-probability given the tokens
+before it and the `top_logprobs` most likely tokens at its position, which is what
+lm-eval's loglikelihood requests read (the log-probability and whether the token was the
+greedy choice). A prompt longer than the engine's `max_score_tokens` (or its context) is
+refused naming `echo`.
 """
 
 from __future__ import annotations
 
 import asyncio
-import itertools
 
 from slimserve.engine.errors import InvalidRequest
 from slimserve.engine.loader import LoadedModel
@@ -20,30 +18,30 @@ from slimserve.server.openai.responses import Scored
 
 
 def echo_cost(tokens: int) -> int:
-    """Tokens of forward passes the prefix scoring of a `tokens`-token prompt costs."""
-    return tokens * (tokens - 1) // 2
+    """Tokens of forward passes the prompt log-probabilities of a `tokens`-token prompt cost."""
+    return tokens
 
 
 class EchoScorer:
     def __init__(self, max_score_tokens: int) -> None:
         self.max_score_tokens = max_score_tokens
 
-    async def logprobs(self, model: LoadedModel, ids: tuple[int, ...]) -> list[Scored]:
-        """Each prompt token with its log-probability given the ones before (the first
-        token has none). Raises InvalidRequest("echo") over `max_score_tokens`, and what
-        `engine.score` raises (Overloaded, NotReady)."""
-        cost = echo_cost(len(ids))
-        if cost > self.max_score_tokens:
+    async def logprobs(
+        self, model: LoadedModel, ids: tuple[int, ...], top_n: int = 0
+    ) -> list[Scored]:
+        """Each prompt token with its log-probability given the ones before (the first token
+        has none) and its position's `top_n` alternatives. Raises InvalidRequest("echo") over
+        the budget, and what the engine raises (Overloaded, NotReady)."""
+        limit = min(self.max_score_tokens, model.max_context)
+        if echo_cost(len(ids)) > limit:
             raise InvalidRequest(
                 "echo",
-                f"the log-probabilities of a {len(ids)}-token prompt take {cost} tokens of "
-                f"scoring (T(T-1)/2); the limit is max_score_tokens={self.max_score_tokens}: "
-                "send a shorter prompt, or echo without logprobs",
+                f"the log-probabilities of a {len(ids)}-token prompt are limited to {limit} "
+                "tokens (max_score_tokens and the context): send a shorter prompt, or echo "
+                "without logprobs",
             )
-        first = Scored(ids[0], None)
+        first = Scored(ids[0], None, None)
         if len(ids) == 1:
             return [first]
-        prefixes = [list(ids[1:k]) for k in range(2, len(ids) + 1)]
-        sums = await asyncio.wrap_future(model.engine.score(list(ids[:1]), prefixes, None))
-        steps = [sums[0], *(b - a for a, b in itertools.pairwise(sums))]
-        return [first, *(Scored(t, lp) for t, lp in zip(ids[1:], steps, strict=True))]
+        lps = await asyncio.wrap_future(model.engine.prompt_logprobs(list(ids), top_n, None))
+        return [first, *(Scored(lp.token_id, lp.logprob, lp.top) for lp in lps)]
