@@ -215,7 +215,8 @@ class LlamaCpp:
         self.vocab = lc.llama_model_get_vocab(self.model)
         self.n_vocab = lc.llama_vocab_n_tokens(self.vocab)
         self.eos = lc.llama_vocab_eos(self.vocab)
-        self.batch = lc.llama_batch_init(1024, 0, max_seqs)
+        self.batch_tokens = 1024
+        self.batch = lc.llama_batch_init(self.batch_tokens, 0, max_seqs)
         self.run(["warm up"], 4)
 
     def _tokenize(self, text: str) -> list[int]:
@@ -226,15 +227,10 @@ class LlamaCpp:
         return list(buf[: max(n, 0)])
 
     def _decode(self, entries: list[tuple[int, int, int, bool]]) -> None:
-        b = self.batch
-        for i, (tok, pos, seq, want) in enumerate(entries):
-            b.token[i] = tok
-            b.pos[i] = pos
-            b.n_seq_id[i] = 1
-            b.seq_id[i][0] = seq
-            b.logits[i] = want
-        b.n_tokens = len(entries)
-        if self.lc.llama_decode(self.ctx, b) != 0:
+        from slimserve.engine.backends.llamacpp import fill_batch
+
+        fill_batch(self.batch, entries, self.batch_tokens)
+        if self.lc.llama_decode(self.ctx, self.batch) != 0:
             raise RuntimeError("llama_decode failed")
 
     def _greedy(self, i: int) -> int:

@@ -152,17 +152,8 @@ class LlamaCppBackend:
 
     def _run(self, entries: list[tuple[int, int, int, bool]]) -> int:
         """One llama_decode over (token, position, sequence, wants logits); returns outputs."""
-        if len(entries) > _BATCH_TOKENS:  # the ctypes batch holds no more: never write past it
-            raise ValueError(f"{len(entries)} tokens in one llama_decode > {_BATCH_TOKENS}")
-        b = self._batch
-        for i, (tok, pos, seq, want) in enumerate(entries):
-            b.token[i] = tok
-            b.pos[i] = pos
-            b.n_seq_id[i] = 1
-            b.seq_id[i][0] = seq
-            b.logits[i] = want
-        b.n_tokens = len(entries)
-        rc = self.lc.llama_decode(self._ctx, b)
+        fill_batch(self._batch, entries, _BATCH_TOKENS)
+        rc = self.lc.llama_decode(self._ctx, self._batch)
         if rc != 0:
             raise RuntimeError(f"llama_decode failed ({rc}): no room in the KV cache?")
         return sum(1 for e in entries if e[3])
@@ -288,6 +279,21 @@ class LlamaCppBackend:
 
 
 _GGML_LOG_ERROR = 4
+
+
+def fill_batch(batch: Any, entries: list[tuple[int, int, int, bool]], capacity: int) -> None:
+    """Write (token, position, sequence, wants logits) entries into a `llama_batch` made by
+    `llama_batch_init(capacity, 0, ...)`, refusing more than it holds: ctypes would write
+    past the buffer and corrupt the heap."""
+    if len(entries) > capacity:
+        raise ValueError(f"{len(entries)} tokens in one llama_decode > {capacity}")
+    for i, (tok, pos, seq, want) in enumerate(entries):
+        batch.token[i] = tok
+        batch.pos[i] = pos
+        batch.n_seq_id[i] = 1
+        batch.seq_id[i][0] = seq
+        batch.logits[i] = want
+    batch.n_tokens = len(entries)
 
 
 def _rows(block: torch.Tensor, a: int, b: int) -> torch.Tensor:
