@@ -73,7 +73,7 @@ async def _abort(context: grpc.aio.ServicerContext, exc: BaseException) -> NoRet
     raise AssertionError("unreachable")  # context.abort raises
 
 
-async def _guard(context: grpc.aio.ServicerContext, fn: Callable[[], Awaitable[T]]) -> T:
+async def guard(context: grpc.aio.ServicerContext, fn: Callable[[], Awaitable[T]]) -> T:
     """Run a unary handler body; every exception becomes a status (never UNKNOWN)."""
     try:
         return await fn()
@@ -86,7 +86,7 @@ def request_id(context: grpc.aio.ServicerContext) -> str:
     return logs.REQUEST_ID.get() or logs.request_id_from(context.invocation_metadata())
 
 
-class _EventQueue:
+class EventQueue:
     """Carries engine events (worker thread) to the handler (event loop)."""
 
     def __init__(self) -> None:
@@ -110,7 +110,7 @@ class GenerationServicer(gen_grpc.GenerationServiceServicer):
         return self.models.get(ref.name, ref.ref)
 
     async def _start(
-        self, request: gen_pb.GenerateRequest, context: grpc.aio.ServicerContext, queue: _EventQueue
+        self, request: gen_pb.GenerateRequest, context: grpc.aio.ServicerContext, queue: EventQueue
     ) -> tuple[LoadedModel, GenerationRequest, HandleLike]:
         """Resolve the model and submit. A swap can retire the version between the two
         steps; then the request goes to the version now serving (once)."""
@@ -136,15 +136,11 @@ class GenerationServicer(gen_grpc.GenerationServiceServicer):
             return model, req, handle
         raise AssertionError("unreachable")
 
-    async def _events(
-        self,
-        model: LoadedModel,
-        queue: _EventQueue,
-        method: str,
-        t0: float,
-        deadline: float | None,
+    async def events(
+        self, model: LoadedModel, queue: EventQueue, method: str, t0: float
     ) -> AsyncIterator[Event]:
-        """Engine events until the finish; records token gaps and the finished request.
+        """Engine events until the finish; records token gaps and the finished request
+        (every door reads its engine events through this, so metrics agree).
 
         Raises DeadlineExpired when the engine stopped the request because its deadline
         passed: the caller must not get an OK answer for a truncated generation.
@@ -181,11 +177,11 @@ class GenerationServicer(gen_grpc.GenerationServiceServicer):
     ) -> gen_pb.GenerateResponse:
         async def run() -> gen_pb.GenerateResponse:
             t0 = time.monotonic()
-            queue = _EventQueue()
+            queue = EventQueue()
             model, req, handle = await self._start(request, context, queue)
             events: list[Event] = []
             try:
-                async for event in self._events(model, queue, "Generate", t0, req.deadline):
+                async for event in self.events(model, queue, "Generate", t0):
                     events.append(event)
                 return convert.unary_response(
                     events, model, req.request_id, request.response.token_ids
@@ -193,14 +189,14 @@ class GenerationServicer(gen_grpc.GenerationServiceServicer):
             finally:
                 handle.cancel()  # no-op once finished; frees the slot if the call died
 
-        return await _guard(context, run)
+        return await guard(context, run)
 
     async def GenerateStream(
         self, request: gen_pb.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[gen_pb.GenerateStreamResponse]:
         t0 = time.monotonic()
         try:
-            queue = _EventQueue()
+            queue = EventQueue()
             model, req, handle = await self._start(request, context, queue)
         except Exception as exc:
             await _abort(context, exc)
@@ -211,7 +207,7 @@ class GenerationServicer(gen_grpc.GenerationServiceServicer):
                 model_digest=model.artifact.digest,
                 usage=gen_pb.Usage(input_tokens=len(req.prompt_ids)),
             )
-            async for event in self._events(model, queue, "GenerateStream", t0, req.deadline):
+            async for event in self.events(model, queue, "GenerateStream", t0):
                 yield convert.stream_message(event, model, request.response.token_ids)
         except Exception as exc:  # an engine error for this request
             await _abort(context, exc)
@@ -262,7 +258,7 @@ class GenerationServicer(gen_grpc.GenerationServiceServicer):
                 timings=gen_pb.Timings(total_ms=seconds * 1e3, ttft_ms=seconds * 1e3),
             )
 
-        return await _guard(context, run)
+        return await guard(context, run)
 
     async def Tokenize(
         self, request: gen_pb.TokenizeRequest, context: grpc.aio.ServicerContext
@@ -276,7 +272,7 @@ class GenerationServicer(gen_grpc.GenerationServiceServicer):
             )
             return gen_pb.TokenizeResponse(model=model.ref, token_ids=ids, tokens=tokens)
 
-        return await _guard(context, run)
+        return await guard(context, run)
 
 
 class ModelServicer(models_grpc.ModelServiceServicer):
@@ -295,7 +291,7 @@ class ModelServicer(models_grpc.ModelServiceServicer):
         async def run() -> models_pb.ListModelsResponse:
             return models_pb.ListModelsResponse(models=[self._info(m) for m in self.models.all()])
 
-        return await _guard(context, run)
+        return await guard(context, run)
 
     async def GetModelInfo(
         self, request: models_pb.GetModelInfoRequest, context: grpc.aio.ServicerContext
@@ -303,7 +299,7 @@ class ModelServicer(models_grpc.ModelServiceServicer):
         async def run() -> models_pb.ModelInfo:
             return self._info(self.models.get(request.name, request.ref))
 
-        return await _guard(context, run)
+        return await guard(context, run)
 
     async def LoadModel(
         self, request: models_pb.LoadModelRequest, context: grpc.aio.ServicerContext
@@ -315,7 +311,7 @@ class ModelServicer(models_grpc.ModelServiceServicer):
             logs.annotate(model=loaded.ref)
             return models_pb.LoadModelResponse(model=self._info(loaded))
 
-        return await _guard(context, run)
+        return await guard(context, run)
 
     async def UnloadModel(
         self, request: models_pb.UnloadModelRequest, context: grpc.aio.ServicerContext
@@ -324,4 +320,4 @@ class ModelServicer(models_grpc.ModelServiceServicer):
             await asyncio.to_thread(self.models.unload, request.name)
             return models_pb.UnloadModelResponse()
 
-        return await _guard(context, run)
+        return await guard(context, run)

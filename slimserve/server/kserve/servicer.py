@@ -31,7 +31,7 @@ from slimserve.registry.store import parse_model_ref
 from slimserve.server.kserve import signature
 from slimserve.server.kserve.signature import InferCall
 from slimserve.server.kserve.tensors import bytes_output, fp64_output
-from slimserve.server.servicer import GenerationServicer, _guard
+from slimserve.server.servicer import GenerationServicer, guard
 from slimserve.v1 import generation_pb2 as gen_pb
 from slimserve.v1.inference import grpc_service_pb2 as pb
 from slimserve.v1.inference import grpc_service_pb2_grpc as kserve_grpc
@@ -110,7 +110,7 @@ class InferenceServicer(kserve_grpc.GRPCInferenceServiceServicer):
                 return pb.ModelReadyResponse(ready=False)
             return pb.ModelReadyResponse(ready=self.models.serving(model.name))
 
-        return await _guard(context, run)
+        return await guard(context, run)
 
     async def ServerMetadata(
         self, request: pb.ServerMetadataRequest, context: grpc.aio.ServicerContext
@@ -130,7 +130,7 @@ class InferenceServicer(kserve_grpc.GRPCInferenceServiceServicer):
                 outputs=_tensors(signature.OUTPUTS),
             )
 
-        return await _guard(context, run)
+        return await guard(context, run)
 
     async def ModelInfer(
         self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext
@@ -143,7 +143,7 @@ class InferenceServicer(kserve_grpc.GRPCInferenceServiceServicer):
                 )
             return await self._infer(request, call, context)
 
-        return await _guard(context, run)
+        return await guard(context, run)
 
     async def _infer(
         self, request: pb.ModelInferRequest, call: InferCall, context: Any
@@ -196,7 +196,7 @@ class InferenceServicer(kserve_grpc.GRPCInferenceServiceServicer):
         """Answer one request of a stream; a failure becomes its error response."""
         one = _OneRequest(context)
         try:
-            await _guard(one, lambda: self._stream_one(request, one, send))
+            await guard(one, lambda: self._stream_one(request, one, send))
         except RequestFailed as failed:
             error = _header(request.id, request.model_name, request.model_version)
             error.parameters[FINAL].bool_param = True

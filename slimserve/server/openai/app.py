@@ -37,7 +37,7 @@ from slimserve.server.openai import schema
 from slimserve.server.openai.echo import EchoScorer
 from slimserve.server.openai.errors import ClientGone, PayloadTooLarge, Unauthorized, error_body
 from slimserve.server.openai.stream import DONE, EventStream, Outcome, event
-from slimserve.server.servicer import GenerationServicer, _EventQueue
+from slimserve.server.servicer import EventQueue, GenerationServicer
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +51,7 @@ class Run:
 
     model: LoadedModel
     request: GenerationRequest
-    queue: _EventQueue | None = None
+    queue: EventQueue | None = None
     handle: HandleLike | None = None
 
     def cancel(self) -> None:
@@ -187,7 +187,7 @@ class OpenAIApp:
             greq = await asyncio.to_thread(self._build, req, prompt, model)
             if not req.generate:
                 return Run(model, greq)
-            queue = _EventQueue()
+            queue = EventQueue()
             try:
                 return Run(model, greq, queue, model.engine.submit(greq, queue.put))
             except NotReady:
@@ -211,7 +211,7 @@ class OpenAIApp:
     async def _events(self, run: Run, route: str) -> AsyncGenerator[Event, None]:
         assert run.queue is not None  # only runs that generate are read
         t0 = time.monotonic()
-        async for ev in self.generation._events(run.model, run.queue, route, t0, None):
+        async for ev in self.generation.events(run.model, run.queue, route, t0):
             yield ev
 
     async def _gone_or(self, request: Request, work: Awaitable[T]) -> T:
