@@ -89,6 +89,21 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(out, default=str, ensure_ascii=False)
 
 
+def access(logger: logging.Logger, method: str, code: str, t0: float) -> None:
+    """One access-log line for a finished call (every door writes the same shape): the
+    method or route, its status, milliseconds since `t0` (monotonic) and the call's fields
+    (request id, principal, model, ...)."""
+    fields = REQUEST_FIELDS.get() or {}
+    ms = (time.monotonic() - t0) * 1e3
+    logger.info(
+        "%s %s %.1fms",
+        method,
+        code,
+        ms,
+        extra={"method": method, "code": code, "ms": round(ms, 2), **fields},
+    )
+
+
 def configure(fmt: LogFormat = "text", level: int = logging.INFO) -> None:
     """Root logging for an entry point: text or JSON lines on stderr, request ids stamped."""
     handler = logging.StreamHandler(sys.stderr)

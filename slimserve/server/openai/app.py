@@ -127,15 +127,7 @@ class OpenAIApp:
     def _done(self, route: str, status: int, t0: float) -> None:
         self.in_flight.ended()
         self.metrics.http(route, status)
-        fields = logs.REQUEST_FIELDS.get() or {}
-        ms = (time.monotonic() - t0) * 1e3
-        log.info(
-            "%s %d %.1fms",
-            route,
-            status,
-            ms,
-            extra={"method": route, "code": str(status), "ms": round(ms, 2), **fields},
-        )
+        logs.access(log, route, str(status), t0)
 
     async def _body(self, request: Request) -> Any:
         limit = self.limits.max_message_bytes
