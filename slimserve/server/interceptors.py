@@ -143,18 +143,10 @@ class RequestInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         if refusal is not None:  # the body of a refused call is never parsed
             handler = _rebuild(handler, _refuser(refusal), lambda _data: None)
         rid = logs.request_id_from(handler_call_details.invocation_metadata)
-        if handler.request_streaming:
-            wrapped = self._wrap_request_stream(handler, method, rid, principal)
-            if wrapped is None:
-                return handler
-            return _rebuild(
-                handler, wrapped, self._deserializer(handler.request_deserializer, method)
-            )
-        return _rebuild(
-            handler,
-            self._wrap(handler, method, rid, principal),
-            self._deserializer(handler.request_deserializer, method),
-        )
+        wrapped = self._wrap(handler, method, rid, principal)
+        if wrapped is None:
+            return handler
+        return _rebuild(handler, wrapped, self._deserializer(handler.request_deserializer, method))
 
     def _deserializer(self, inner: Any, method: str) -> Callable[[bytes], Any]:
         limit = self.max_message_bytes
@@ -174,20 +166,30 @@ class RequestInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
 
     def _wrap(
         self, handler: grpc.RpcMethodHandler, method: str, rid: str, principal: str
-    ) -> Callable[..., Any]:
+    ) -> Callable[..., Any] | None:
+        """The handler with every call's start (`_begin`) and one access-log line around
+        it; a request stream (KServe's ModelStreamInfer) also has each message held to the
+        size limit. None for a kind this server does not use (a client stream)."""
         behavior = getattr(handler, _kind(handler))
         short = method.rsplit("/", 1)[-1]
+        streams_out = handler.response_streaming and inspect.isasyncgenfunction(behavior)
+        if handler.request_streaming and not streams_out:
+            return None
 
-        async def begin(request: Any, context: grpc.aio.ServicerContext) -> float:
-            return await self._begin(request, context, method, rid, principal)
+        async def begin(request: Any, context: grpc.aio.ServicerContext) -> tuple[float, Any]:
+            """Start the call; returns its start time and what the behaviour is given."""
+            if handler.request_streaming:
+                t0 = await self._begin(None, context, method, rid, principal)
+                return t0, _checked(request, context)
+            return await self._begin(request, context, method, rid, principal), request
 
-        if handler.response_streaming and inspect.isasyncgenfunction(behavior):
+        if streams_out:
 
             async def stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-                t0 = await begin(request, context)
+                t0, given = await begin(request, context)
                 code = "OK"
                 try:
-                    async for msg in behavior(request, context):
+                    async for msg in behavior(given, context):
                         yield msg
                 except BaseException as exc:
                     code = _code_of(exc, context)
@@ -198,10 +200,10 @@ class RequestInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
             return stream
 
         async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
-            t0 = await begin(request, context)
+            t0, given = await begin(request, context)
             code = "OK"
             try:
-                return await behavior(request, context)
+                return await behavior(given, context)
             except BaseException as exc:
                 code = _code_of(exc, context)
                 raise
@@ -227,43 +229,21 @@ class RequestInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message)
         return time.monotonic()
 
-    def _wrap_request_stream(
-        self, handler: grpc.RpcMethodHandler, method: str, rid: str, principal: str
-    ) -> Callable[..., Any] | None:
-        """A bidirectional stream (KServe's ModelStreamInfer) gets what every call gets: the
-        drain, the size limit on each message, and one access-log line for the stream."""
-        behavior = getattr(handler, _kind(handler))
-        if not (handler.response_streaming and inspect.isasyncgenfunction(behavior)):
-            return None
-        short = method.rsplit("/", 1)[-1]
-
-        async def checked(
-            requests: AsyncIterator[Any], context: grpc.aio.ServicerContext
-        ) -> AsyncIterator[Any]:
-            async for request in requests:
-                if isinstance(request, _Rejected):
-                    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message)
-                yield request
-
-        async def stream(requests: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-            t0 = await self._begin(None, context, method, rid, principal)
-            code = "OK"
-            try:
-                async for msg in behavior(checked(requests, context), context):
-                    yield msg
-            except BaseException as exc:
-                code = _code_of(exc, context)
-                raise
-            finally:
-                self._access(short, code, t0)
-
-        return stream
-
     def _access(self, method: str, code: str, t0: float) -> None:
         self.metrics.rpc(method, code)
         # No context.peer() in the line: on a call the client already cancelled, grpcio 1.85
         # dereferences a freed call and the process segfaults.
         logs.access(log, method, code, t0)
+
+
+async def _checked(
+    requests: AsyncIterator[Any], context: grpc.aio.ServicerContext
+) -> AsyncIterator[Any]:
+    """A request stream whose messages each passed the size limit and parsed."""
+    async for request in requests:
+        if isinstance(request, _Rejected):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message)
+        yield request
 
 
 def _code_of(exc: BaseException, context: grpc.aio.ServicerContext) -> str:
