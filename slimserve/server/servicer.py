@@ -109,32 +109,34 @@ class GenerationServicer(gen_grpc.GenerationServiceServicer):
     def _model(self, ref: Any) -> LoadedModel:
         return self.models.get(ref.name, ref.ref)
 
-    async def _start(
-        self, request: gen_pb.GenerateRequest, context: grpc.aio.ServicerContext, queue: EventQueue
-    ) -> tuple[LoadedModel, GenerationRequest, HandleLike]:
-        """Resolve the model and submit. A swap can retire the version between the two
-        steps; then the request goes to the version now serving (once)."""
-        rid = request_id(context)
+    async def submit(
+        self, name: str, ref: str, build: Callable[[LoadedModel], GenerationRequest]
+    ) -> tuple[LoadedModel, GenerationRequest, HandleLike, EventQueue]:
+        """Resolve the model, `build` the engine request off the event loop (tokenizing and
+        templating a long prompt must not stall the other streams), submit. A swap can
+        retire the version between the two steps; then the request goes to the version now
+        serving (once). Every door starts its generations here."""
+        queue = EventQueue()
         for attempt in range(2):
-            model = self._model(request.model)
-            # Tokenizing and templating a long prompt must not stall the other streams.
-            req = await asyncio.to_thread(
-                convert.generation_request,
-                request,
-                model,
-                self.limits,
-                rid,
-                context.time_remaining(),
-            )
-            try:
-                handle = model.engine.submit(req, queue.put)
-            except NotReady:
-                if attempt or self._model(request.model) is model:
-                    raise
-                continue
+            model = self.models.get(name, ref)
             logs.annotate(model=model.ref)
-            return model, req, handle
+            req = await asyncio.to_thread(build, model)
+            try:
+                return model, req, model.engine.submit(req, queue.put), queue
+            except NotReady:
+                if attempt or self.models.get(name, ref) is model:
+                    raise
         raise AssertionError("unreachable")
+
+    async def _start(
+        self, request: gen_pb.GenerateRequest, context: grpc.aio.ServicerContext
+    ) -> tuple[LoadedModel, GenerationRequest, HandleLike, EventQueue]:
+        rid, remaining = request_id(context), context.time_remaining()
+        return await self.submit(
+            request.model.name,
+            request.model.ref,
+            lambda m: convert.generation_request(request, m, self.limits, rid, remaining),
+        )
 
     async def events(
         self, model: LoadedModel, queue: EventQueue, method: str, t0: float
@@ -177,8 +179,7 @@ class GenerationServicer(gen_grpc.GenerationServiceServicer):
     ) -> gen_pb.GenerateResponse:
         async def run() -> gen_pb.GenerateResponse:
             t0 = time.monotonic()
-            queue = EventQueue()
-            model, req, handle = await self._start(request, context, queue)
+            model, req, handle, queue = await self._start(request, context)
             events: list[Event] = []
             try:
                 async for event in self.events(model, queue, "Generate", t0):
@@ -196,8 +197,7 @@ class GenerationServicer(gen_grpc.GenerationServiceServicer):
     ) -> AsyncIterator[gen_pb.GenerateStreamResponse]:
         t0 = time.monotonic()
         try:
-            queue = EventQueue()
-            model, req, handle = await self._start(request, context, queue)
+            model, req, handle, queue = await self._start(request, context)
         except Exception as exc:
             await _abort(context, exc)
         try:

@@ -173,19 +173,14 @@ class OpenAIApp:
     async def _start(self, req: schema.OpenAIRequest, prompt: schema.Prompt | None) -> Run:
         """Resolve the model, build the engine request off the loop, submit. A swap can
         retire the version in between; then the request goes to the one now serving."""
-        for attempt in range(2):
+        if not req.generate:  # an echo that generates nothing: built, never submitted
             model = self.models.get(req.name, req.ref)
             logs.annotate(model=model.ref)
-            greq = await asyncio.to_thread(self._build, req, prompt, model)
-            if not req.generate:
-                return Run(model, greq)
-            queue = EventQueue()
-            try:
-                return Run(model, greq, queue, model.engine.submit(greq, queue.put))
-            except NotReady:
-                if attempt or self.models.get(req.name, req.ref) is model:
-                    raise
-        raise AssertionError("unreachable")
+            return Run(model, await asyncio.to_thread(self._build, req, prompt, model))
+        model, greq, handle, queue = await self.generation.submit(
+            req.name, req.ref, lambda m: self._build(req, prompt, m)
+        )
+        return Run(model, greq, queue, handle)
 
     def _build(
         self, req: schema.OpenAIRequest, prompt: schema.Prompt | None, model: LoadedModel
