@@ -67,6 +67,13 @@ class EngineLike(Protocol):
     """What the server calls on a model's engine, in this process or in its own."""
 
     info: EngineInfo
+    #: Times the engine was restarted after dying (0 for one in this process).
+    restarts: int
+
+    @property
+    def serving(self) -> bool:
+        """Whether it takes work now (False while restarting or after its loop failed)."""
+        ...
 
     def submit(self, req: GenerationRequest, sink: Sink) -> HandleLike: ...
 
@@ -165,10 +172,13 @@ def load(
     artifact: Artifact,
     config: ModelConfig,
     backend_hook: BackendHook | None = None,
+    *,
     plan: Plan | None = None,
     refused: dict[str, str] | None = None,
+    on_failure: Callable[[BaseException], None] | None = None,
 ) -> LoadedModel:
-    """Verify, load, build the backend, start the engine in this process and warm it up.
+    """Verify, load, build the backend, start the engine in this process and warm it up;
+    `on_failure` hears (on the worker thread) if the engine's loop itself dies.
 
     Raises:
         IntegrityFailure: a file fails its checksum.
@@ -226,6 +236,7 @@ def load(
         ),
         info=info,
     )
+    engine.on_failure = on_failure
     engine.start()
     loaded = LoadedModel(
         artifact=artifact, tokenizer=tokenizer, engine=engine, loaded_at=time.time()

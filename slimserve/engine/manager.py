@@ -97,11 +97,13 @@ class ModelManager:
 
     def _load(self, artifact: Artifact) -> LoadedModel:
         if self.backend_hook is not None or not self.config.engine_process:
-            loaded = load(artifact, self.config, self.backend_hook)
-            engine = loaded.engine
-            if hasattr(engine, "on_failure"):  # a dead loop turns the model NOT_SERVING
-                engine.on_failure = lambda _exc: self._health(artifact.name, False)
-            return loaded
+            # A dead loop turns the model NOT_SERVING, as a dead engine process does.
+            return load(
+                artifact,
+                self.config,
+                self.backend_hook,
+                on_failure=lambda _exc: self._health(artifact.name, False),
+            )
 
         def on_state(serving: bool) -> None:
             with self._lock:
@@ -131,7 +133,7 @@ class ModelManager:
             model = self._models.get(name)
         if model is None:
             return False
-        return bool(getattr(model.engine, "serving", True))
+        return model.engine.serving
 
     def unload(self, name: str) -> None:
         with self._lock:

@@ -114,6 +114,8 @@ class Engine:
         self._free = list(range(backend.max_slots - 1, -1, -1))
         self._stats = EngineStats(free_slots=backend.max_slots)
         self._stopping = False
+        #: An engine in this process is never restarted (the `EngineLike` field).
+        self.restarts = 0
         #: Why the worker loop died, if it did.
         self.failure: BaseException | None = None
         #: Told (on the worker thread) when the loop dies; the engine process exits on it.

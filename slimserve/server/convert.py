@@ -306,14 +306,14 @@ def model_info(model: LoadedModel, *, is_default: bool, aliases: list[str]) -> m
         has_chat_template=bool(getattr(model.tokenizer, "chat_template", None)),
         metrics=metrics,
         is_default=is_default,
-        state="READY" if getattr(model.engine, "serving", True) else "RESTARTING",
+        state="READY" if model.engine.serving else "RESTARTING",
         plan=info.plan,
         kernels=info.kernels,
         threads=info.threads,
         refused=info.refused,
         measured={k: float(v) for k, v in info.measured.items() if _is_number(v)},
         engine_pid=0 if info.in_process else info.pid,
-        engine_restarts=int(getattr(model.engine, "restarts", 0)),
+        engine_restarts=model.engine.restarts,
     )
 
 
