@@ -11,6 +11,7 @@ only (it runs before torch is installed).
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import json
 import platform
@@ -64,6 +65,7 @@ class CpuInfo:
         return hashlib.sha256(" ".join(sorted(self.flags)).encode()).hexdigest()[:16]
 
 
+@functools.cache
 def cpu_info(cpuinfo: Path = Path("/proc/cpuinfo")) -> CpuInfo:
     """The first CPU's model name and flags (Linux), else what `platform` knows."""
     model, flags = platform.processor() or platform.machine(), frozenset[str]()
@@ -135,6 +137,7 @@ def fingerprint() -> dict[str, Any]:
     }
 
 
+@functools.cache  # the CPU, the libraries and the build do not change under a process
 def fingerprint_digest() -> str:
     return hashlib.sha256(json.dumps(fingerprint(), sort_keys=True).encode()).hexdigest()[:16]
 

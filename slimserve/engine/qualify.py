@@ -146,9 +146,10 @@ class VerdictCache:
                 tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
                 tmp.replace(self.path)
 
-    def get(self, key: str) -> Any:
+    def read(self) -> dict[str, Any]:
+        """Every verdict, read once (under the lock, as another server may be writing)."""
         with self._locked() as data:
-            return data.get(key)
+            return dict(data)
 
     def put(self, key: str, value: Any) -> None:
         with self._locked() as data:
@@ -175,7 +176,8 @@ class Qualifier:
             f"{prefix}/survey/{config.backend}/{config.gguf_type}/{config.dtype}/"
             + ",".join(config.backend_plugins)
         )
-        survey = self.cache.get(survey_key)
+        known = self.cache.read()
+        survey = known.get(survey_key)
         if survey is None:
             survey = _run_child(spec, None, self.timeout_s)
             if "error" in survey:
@@ -188,7 +190,7 @@ class Qualifier:
         verdicts: list[Verdict] = []
         for plan in plans:
             key = f"{prefix}/{plan.key}"
-            cached = self.cache.get(key)
+            cached = known.get(key)
             if cached is None:
                 if plan.trusted:
                     cached = survey["trusted"].get(plan.key) or asdict(
