@@ -406,9 +406,6 @@ class RemoteEngine:
         result: dict[str, Any] = self._call(Tag.STATS).result(10)
         return ipc.stats_from_wire(result)
 
-    def wake(self) -> None:
-        """Nothing to wake here: the child's scheduler wakes on each frame."""
-
     def shutdown(self, timeout: float = 10.0) -> None:
         """Stop the process: in-flight requests end CANCELLED, then it exits."""
         self._stopping = True

@@ -133,9 +133,6 @@ class SupervisedEngine:
     def stats(self) -> EngineStats:
         return self._engine().stats()
 
-    def wake(self) -> None:
-        """Nothing to wake: frames wake the engine process."""
-
     # ---- crashes ------------------------------------------------------------------------
     def _exited(self, engine: RemoteEngine, code: int | None) -> None:
         """Called on the dead engine's reader thread."""
