@@ -8,7 +8,8 @@ probability the server's ``Score`` returns, softmaxed across the labels). Inputs
 and batched as ``.labels`` describes.
 
 ``finetune_`` trains in place through ``.training``'s loop (schedule, time budget,
-clipping, parameter groups, checkpoints), with optional class balancing (oversampling rarer
+clipping, parameter groups, checkpoints, the budget plan), with optional bfloat16 autocast
+where the CPU runs it natively, optional class balancing (oversampling rarer
 labels, or weighting them) and optionally only the last ``train_layers`` transformer blocks:
 earlier blocks and the embeddings are frozen, so no backward pass runs through them (about
 half the cost of a step on CPU). It never touches ``torch.set_num_threads``. As a recipe stage
@@ -86,9 +87,14 @@ class FinetuneConfig(TrainingConfig):
     loss: LossKind = "vocab"
     train_layers: int = 0
     max_seq_len: int = 512
+    # Forwards under torch.autocast(bfloat16) where the device runs bf16 natively
+    # (``distill.bf16_pays``); weights, gradients and AdamW stay float32.
+    autocast_bf16: bool = False
 
     def validate(self) -> None:
         TrainingConfig.validate(self)
+        if not isinstance(self.autocast_bf16, bool):
+            raise ValueError(f"autocast_bf16={self.autocast_bf16!r} is invalid; use true or false")
         check_int("batch_size", self.batch_size, minimum=1)
         check_int("train_layers", self.train_layers, minimum=0)
         check_int("max_seq_len", self.max_seq_len, minimum=2)
@@ -121,6 +127,8 @@ class FinetuneReport:
     truncated: int  # examples whose prompt was cut to fit max_seq_len
     stopped_early: bool  # max_minutes ran out before ``config.steps``
     resumed_from_step: int | None
+    budget: dict[str, Any] | None  # how ``max_minutes`` sized the run (``BudgetPlan``)
+    autocast_bf16: bool  # whether forwards actually ran under bfloat16 autocast
     config: FinetuneConfig = field(repr=False)
 
     def to_dict(self) -> dict[str, Any]:
@@ -196,7 +204,7 @@ def finetune_(
     ]
     return FinetuneReport(
         steps=run.steps_done,
-        examples_seen=run.steps_done * config.batch_size,
+        examples_seen=run.calls_done * config.batch_size,
         seconds=run.seconds,
         first_loss=losses[0] if losses else math.nan,
         final_loss=losses[-1] if losses else math.nan,
@@ -205,6 +213,8 @@ def finetune_(
         truncated=truncated,
         stopped_early=run.steps_done < config.steps,
         resumed_from_step=run.resumed_from_step,
+        budget=run.budget(),
+        autocast_bf16=_autocast_on(model, config),
         config=config,
     )
 
@@ -223,7 +233,10 @@ def _stepper(
         import torch
 
         batch = draw(index)
-        per_example = _example_losses(model, batch, labels, config.loss, pad)  # (B,)
+        device = next(model.parameters()).device
+        on = _autocast_on(model, config)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=on):
+            per_example = _example_losses(model, batch, labels, config.loss, pad)  # (B,)
         scale = torch.tensor([weights[e.label] for e in batch], device=per_example.device)
         # Divided by B, not by the weights' sum: an unbiased estimate of the weighted loss.
         loss = (per_example * scale).mean()
@@ -255,6 +268,12 @@ def _example_losses(
     spans = [len(labels.ids[e.label]) for e in batch]
     logp = continuation_logprobs(model, seqs, spans, pad)  # (B,)
     return -logp / torch.tensor(spans, device=logp.device, dtype=logp.dtype)
+
+
+def _autocast_on(model: Any, config: FinetuneConfig) -> bool:
+    from slimserve.compression.distill import bf16_pays
+
+    return config.autocast_bf16 and bf16_pays(next(model.parameters()).device)
 
 
 def _label_weights(labels: Sequence[int], count: int, balance: Balance) -> list[float]:

@@ -314,3 +314,32 @@ def test_an_interrupted_finetune_resumes_to_the_same_weights(tok: Any, tmp_path:
     expected = straight.state_dict()
     for name, value in resumed.state_dict().items():
         torch.testing.assert_close(value, expected[name], rtol=0, atol=0, msg=name)
+
+
+def test_bf16_autocast_where_native_keeps_fp32_weights_and_records_the_choice(tok: Any) -> None:
+    from slimserve.compression.distill import bf16_pays
+
+    model = tiny_model(len(tok))
+    config = FinetuneConfig(steps=4, batch_size=2, warmup_steps=1, autocast_bf16=True)
+
+    report = finetune_(model, tok, toy_examples(8), config)
+
+    assert report.autocast_bf16 == bf16_pays(torch.device("cpu"))
+    assert math.isfinite(report.final_loss)
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    assert report.to_dict()["autocast_bf16"] == report.autocast_bf16
+
+
+def test_a_budgeted_finetune_records_its_plan(tok: Any) -> None:
+    model = tiny_model(len(tok))
+    config = FinetuneConfig(steps=8, batch_size=2, warmup_steps=1, max_minutes=10.0)
+
+    report = finetune_(model, tok, toy_examples(8), config)
+
+    budget = report.to_dict()["budget"]
+    assert budget is not None and budget["from_step"] == config.probe_steps + 1
+    assert budget["accumulation"] > 1  # ten minutes is far more than 8 tiny steps need
+    assert report.examples_seen == config.batch_size * (
+        budget["from_step"] + (8 - budget["from_step"]) * budget["accumulation"]
+    )
+    assert json.dumps(report.to_dict())  # the manifest records it as JSON
