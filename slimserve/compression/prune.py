@@ -26,7 +26,7 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import asdict, dataclass
-from typing import Any, Literal, get_args
+from typing import Any, ClassVar, Literal, get_args
 
 import torch
 from torch import nn
@@ -68,11 +68,21 @@ class PruneConfig(StageConfig):
     ``mlp_ratio``: MLP intermediate channels removed per layer. ``head_ratio``: query heads
     removed within each kv group (so every group keeps the same count and grouped-query
     attention stays consistent). ``kv_head_ratio``: whole kv heads removed, each with its
-    query heads. Counts round half up per layer / per group. ``layers_removed``: whole decoder
+    query heads. Head counts round half up per group. ``layers_removed``: whole decoder
     layers removed first, lowest Block Influence on the calibration text first (always
     calibrated, whatever ``importance`` ranks heads and channels by).
+
+    ``channel_multiple``: the MLP keeps a multiple of this many channels, the multiple
+    nearest ``(1 - mlp_ratio)`` of its width (at least one multiple, at most the width), so
+    quantized kernels whose blocks hold 32 weights of a row (GGUF q8_0/q4) can store every
+    pruned row; 1 keeps the count nearest the ratio.
+
+    Version 2 added ``channel_multiple`` (default 32); a version 1 table reads as
+    ``channel_multiple = 1``, which is how it pruned.
     """
 
+    version: int = 2
+    OLD_VERSIONS: ClassVar[frozenset[int]] = frozenset({1})
     mlp_ratio: float = 0.0
     head_ratio: float = 0.0
     kv_head_ratio: float = 0.0
@@ -83,6 +93,11 @@ class PruneConfig(StageConfig):
     calibration_samples: int = 32
     seq_len: int = 256
     seed: int = 0
+    channel_multiple: int = 32
+
+    @classmethod
+    def upgrade(cls, data: dict[str, Any], version: int) -> dict[str, Any]:
+        return {"channel_multiple": 1, **data}
 
     def validate(self) -> None:
         for name in ("mlp_ratio", "head_ratio", "kv_head_ratio"):
@@ -96,6 +111,7 @@ class PruneConfig(StageConfig):
             ("seq_len", 2),
             ("seed", 0),
             ("layers_removed", 0),
+            ("channel_multiple", 1),
         ):
             check_int(name, getattr(self, name), minimum=low)
         nothing = self.mlp_ratio == self.head_ratio == self.kv_head_ratio == 0
@@ -112,6 +128,9 @@ class PruneReport:
     params_before: int
     params_after: int
     intermediate_size: tuple[int, int]  # (before, after)
+    # (1 - mlp_ratio) of the width, before rounding to a multiple of channel_multiple.
+    intermediate_requested: float
+    channel_multiple: int
     num_attention_heads: tuple[int, int]
     num_key_value_heads: tuple[int, int]
     num_hidden_layers: tuple[int, int]
@@ -184,6 +203,8 @@ def prune_(
         params_before=params_before,
         params_after=_count(model),
         intermediate_size=(shape.channels, plan.channels),
+        intermediate_requested=round((1.0 - config.mlp_ratio) * shape.channels, 2),
+        channel_multiple=config.channel_multiple,
         num_attention_heads=(shape.heads, plan.kv_heads * plan.heads_per_group),
         num_key_value_heads=(shape.kv_heads, plan.kv_heads),
         num_hidden_layers=(layers_before, len(blocks)),
@@ -199,11 +220,24 @@ def _removed(ratio: float, n: int) -> int:
     return math.floor(ratio * n + 0.5)
 
 
+def kept_channels(ratio: float, n: int, multiple: int) -> int:
+    """MLP channels to keep of ``n`` when removing ``ratio``: the multiple of ``multiple``
+    nearest ``(1 - ratio) * n`` (halves round up), at least ``multiple`` and at most the
+    largest multiple within ``n``. Nothing removed keeps ``n`` as it is; a width below
+    ``multiple`` rounds to the count alone."""
+    if ratio == 0 or n < multiple:
+        return n - _removed(ratio, n)
+    nearest = math.floor((1.0 - ratio) * n / multiple + 0.5) * multiple
+    return min(max(nearest, multiple), n // multiple * multiple)
+
+
 def _plan(config: PruneConfig, shape: Shape) -> Plan:
     group = shape.heads // shape.kv_heads
     kv_gone = _removed(config.kv_head_ratio, shape.kv_heads)
     heads_gone = _removed(config.head_ratio, group)
-    channels_gone = _removed(config.mlp_ratio, shape.channels)
+    channels_gone = shape.channels - kept_channels(
+        config.mlp_ratio, shape.channels, config.channel_multiple
+    )
     if kv_gone >= shape.kv_heads:
         raise ValueError(
             f"kv_head_ratio={config.kv_head_ratio} would remove all {shape.kv_heads} kv heads "

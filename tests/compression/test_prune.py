@@ -15,7 +15,7 @@ from slimserve.compression.data import (
     pydoc_topics,
     token_chunks,
 )
-from slimserve.compression.prune import PruneConfig, prune_
+from slimserve.compression.prune import PruneConfig, kept_channels, prune_
 
 HEADS, KV_HEADS, HEAD_DIM, INTERMEDIATE, VOCAB = 4, 2, 16, 128, 128
 
@@ -245,6 +245,54 @@ def test_random_importance_is_seeded(calibration: torch.Tensor) -> None:
     torch.testing.assert_close(kept[0], kept[1])
 
 
+@pytest.mark.parametrize(
+    ("ratio", "n", "multiple", "kept"),
+    [
+        (0.2, 1536, 32, 1216),  # 1228.8 wanted: 38.4 blocks -> 38 (not 1229, which q8_0 refuses)
+        (0.5, 1536, 32, 768),
+        (0.2, 1536, 1, 1229),  # version 1's count
+        (0.99, 1536, 32, 32),  # never 0
+        (0.005, 1000, 32, 992),  # never more than the width (1000 is not a multiple)
+        (0.0, 1000, 32, 1000),  # nothing asked: untouched
+        (0.25, 16, 32, 12),  # narrower than one multiple: the count alone
+    ],
+)
+def test_kept_channels_round_to_the_nearest_multiple(
+    ratio: float, n: int, multiple: int, kept: int
+) -> None:
+    assert kept_channels(ratio, n, multiple) == kept
+
+
+def test_pruned_widths_are_multiples_and_the_model_reloads(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=200, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+        tie_word_embeddings=True,
+    )  # fmt: skip
+    model = LlamaForCausalLM(config)
+    model.train(False)
+    calibration = torch.randint(0, VOCAB, (4, 16), generator=torch.Generator().manual_seed(1))
+    report = prune_(model, _config(mlp_ratio=0.3, head_ratio=0.0), calibration)
+    # 0.7 * 200 = 140 wanted; nearest multiple of 32 is 128 (4.375 blocks -> 4).
+    assert report.intermediate_size == (200, 128)
+    assert report.intermediate_requested == 140.0
+    assert report.channel_multiple == 32
+    assert all(layer.mlp.down_proj.in_features == 128 for layer in model.model.layers)
+    assert [r.kept_channels for r in report.layers] == [128, 128]
+    ids = torch.randint(0, VOCAB, (1, 12), generator=torch.Generator().manual_seed(2))
+    model.save_pretrained(tmp_path)
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path)
+    reloaded.train(False)
+    torch.testing.assert_close(_logits(reloaded, ids), _logits(model, ids))
+
+
+def test_a_version_1_table_keeps_its_old_rounding() -> None:
+    old = PruneConfig.from_dict({"version": 1, "mlp_ratio": 0.2})
+    assert old.version == 2
+    assert old.channel_multiple == 1
+
+
 def test_config_round_trips_and_rejects_unknown_keys() -> None:
     config = _config(kv_head_ratio=0.5, seed=3)
     assert PruneConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config
@@ -260,7 +308,8 @@ def test_config_round_trips_and_rejects_unknown_keys() -> None:
         ({"mlp_ratio": "0.2"}, "mlp_ratio='0.2' must be a number"),
         ({"importance": "l1"}, "importance='l1' is not known"),
         ({"seq_len": 1}, "seq_len=1 must be an integer >= 2"),
-        ({"version": 2}, "version=2 is not supported"),
+        ({"version": 3}, "version=3 is not supported"),
+        ({"channel_multiple": 0}, "channel_multiple=0 must be an integer >= 1"),
         ({"mlp_ratio": 0.0, "head_ratio": 0.0}, "nothing to prune"),
         ({"layers_removed": -1}, "layers_removed=-1 must be an integer >= 0"),
         ({"layers_removed": 1.5}, "layers_removed=1.5 must be an integer >= 0"),
