@@ -1,15 +1,22 @@
 """`slimserve bench serve`: streaming latency and throughput, side by side in one run.
 
-Every system runs in its own process on the same weights and thread count: slimserve as a
-real server driven over gRPC by an asyncio load generator, and the baselines through
-`slimserve.bench.worker`. Runs are interleaved (repeat → concurrency → system), so a noisy
-neighbour slows every system alike; figures are medians over repeats, percentiles over all
-requests. The load average before each run is recorded.
+Every system runs in its own process on the same thread count: slimserve as a real server
+driven over gRPC by an asyncio load generator (`slimserve_draft`: the same server with a
+speculative drafter), and the baselines through `slimserve.bench.worker`. Runs are
+interleaved (repeat → concurrency → system), so a noisy neighbour slows every system alike;
+figures are medians over repeats, percentiles over all requests. The load average before
+each run is recorded. A system that fails records its error; the others still run.
+
+Memory is measured from outside, alike for every system: the summed RSS and PSS of the
+system's process and every descendant (engine processes, their forkserver), sampled during
+each run. RSS counts a page that a forked engine shares with its forkserver once per
+process; PSS divides it among them, so the memory target is judged on PSS. MB = 10^6 bytes.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import json
 import os
@@ -19,10 +26,14 @@ import socket
 import statistics
 import subprocess
 import sys
+import tempfile
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import IO, Any, Protocol
+
+from slimserve.engine.machine import CpuInfo
 
 PROMPTS = [
     "Write a short story about a lighthouse keeper who finds a message in a bottle.",
@@ -42,20 +53,38 @@ PROMPTS = [
     "Write a product description for a reusable water bottle.",
     "How does a bill become a law?",
 ]
+#: Systems served by `slimserve serve` and driven over gRPC.
+SERVER_SYSTEMS = ("slimserve", "slimserve_draft")
+#: llama.cpp's own loop on the shipped Q4_1 file and on its Q8_0 re-encode.
+LLAMACPP_SYSTEMS = ("llama_cpp", "llama_cpp_q8")
+BEST_LLAMACPP = "best llama.cpp"
+SYSTEMS = (*SERVER_SYSTEMS, "engine", "engine_ipc", "hf_generate", *LLAMACPP_SYSTEMS)
+#: Peak PSS of slimserve's serving processes (server, engine process, forkserver), MB.
+PSS_TARGET_MB = 1000.0
+#: CPU flags shown beside the figures: the kernels that exist for this model depend on them.
+SHOWN_FLAGS = ("avx2", "avx512f", "avx512_bf16")
 
 
 @dataclass
 class Sample:
+    """One system's run at one concurrency in one repeat (`error` set when it failed)."""
+
     system: str
     concurrency: int
     repeat: int
-    ttft_ms: list[float]
-    itl_ms: list[float]
-    e2e_ms: list[float]
-    tokens: int
-    wall_s: float
-    peak_rss_mb: float
-    load_before: float
+    ttft_ms: list[float] = field(default_factory=list)
+    itl_ms: list[float] = field(default_factory=list)
+    e2e_ms: list[float] = field(default_factory=list)
+    tokens: int = 0
+    wall_s: float = 0.0
+    #: Peak summed RSS and PSS of the system's processes, sampled during this run, MB.
+    peak_rss_mb: float = 0.0
+    peak_pss_mb: float = 0.0
+    #: Summed VmHWM of those processes after the run: includes loading, double counts.
+    hwm_rss_mb: float = 0.0
+    load_before: float = 0.0
+    #: prompt -> {"token_ids": [...], "text": "..."} (greedy), at concurrency 1 only.
+    outputs: dict[str, dict[str, Any]] = field(default_factory=dict)
     error: str = ""
 
 
@@ -77,7 +106,99 @@ class Bench:
     gguf_type: str = "auto"
     #: The version hf_generate runs (default: `model`), e.g. the fp32 parent of an int8 model.
     hf_model: str | None = None
+    #: `serve --draft` of slimserve_draft: "ngram" or a draft model's NAME@REF.
+    draft: str = "ngram"
+    #: `serve --draft-tokens`: tokens drafted per verification step.
+    draft_tokens: int = 4
     samples: list[Sample] = field(default_factory=list)
+
+
+def prompts_for(repeat: int, concurrency: int) -> list[str]:
+    """The prompts of one run; the start moves with the repeat, so concurrency 1 sees a
+    different prompt in each repeat (every system the same one)."""
+    return [PROMPTS[(repeat + i) % len(PROMPTS)] for i in range(concurrency)]
+
+
+# --- memory --------------------------------------------------------------------------------
+
+
+def _tree(pid: int) -> list[Any]:
+    import psutil
+
+    root = psutil.Process(pid)
+    return [root, *root.children(recursive=True)]
+
+
+def tree_memory_mb(procs: list[Any]) -> tuple[float, float]:
+    """(RSS, PSS) summed over `procs` (psutil processes; PSS from /proc/PID/smaps_rollup),
+    MB. A process that ended meanwhile counts 0."""
+    import psutil
+
+    rss = pss = 0
+    for proc in procs:
+        try:
+            mem = proc.memory_full_info()
+        except (psutil.NoSuchProcess, psutil.ZombieProcess):
+            continue
+        rss += mem.rss
+        pss += mem.pss
+    return rss / 1e6, pss / 1e6
+
+
+def tree_hwm_mb(pid: int) -> float:
+    """Summed peak RSS (VmHWM) of `pid` and every descendant, MB: an upper bound."""
+    total = 0.0
+    for proc in _tree(pid):
+        with contextlib.suppress(OSError):  # ended meanwhile
+            for ln in Path(f"/proc/{proc.pid}/status").read_text().splitlines():
+                if ln.startswith("VmHWM:"):
+                    total += int(ln.split()[1]) * 1024 / 1e6
+    return total
+
+
+class PeakMemory:
+    """Peak summed RSS and PSS of a process tree, sampled on a thread inside `with`.
+
+    The tree is re-read every `rescan` samples (walking /proc for children costs more than
+    reading the members' smaps_rollup)."""
+
+    def __init__(self, pid: int, interval_s: float = 0.1, rescan: int = 10) -> None:
+        self.pid, self.interval_s, self.rescan = pid, interval_s, rescan
+        self.rss_mb = self.pss_mb = 0.0
+        self._procs: list[Any] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+        self._failure: BaseException | None = None
+
+    def sample(self, rescan: bool = True) -> None:
+        if rescan or not self._procs:
+            self._procs = _tree(self.pid)
+        rss, pss = tree_memory_mb(self._procs)
+        self.rss_mb, self.pss_mb = max(self.rss_mb, rss), max(self.pss_mb, pss)
+
+    def _loop(self) -> None:
+        try:
+            for n in itertools.count(1):
+                if self._stop.wait(self.interval_s):
+                    return
+                self.sample(rescan=n % self.rescan == 0)
+        except BaseException as exc:  # re-raised by __exit__ on the caller's thread
+            self._failure = exc
+
+    def __enter__(self) -> PeakMemory:
+        self.sample()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        if self._failure is not None:
+            raise self._failure
+        self.sample()
+
+
+# --- the systems ---------------------------------------------------------------------------
 
 
 def _free_port() -> int:
@@ -86,28 +207,71 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _vm_hwm_mb(pid: int) -> float:
-    """Peak RSS of `pid` and every process under it (the server's engine processes and
-    their forkserver), as the sum of each one's peak: an upper bound of the peak total."""
-    import psutil
-
-    total = 0.0
-    procs = [psutil.Process(pid)]
-    procs += procs[0].children(recursive=True)
-    for proc in procs:
-        try:
-            lines = Path(f"/proc/{proc.pid}/status").read_text().splitlines()
-        except OSError:
-            continue  # ended meanwhile
-        total += sum(int(ln.split()[1]) / 1024 for ln in lines if ln.startswith("VmHWM:"))
-    return total
-
-
 def _loadavg() -> float:
     return float(Path("/proc/loadavg").read_text().split()[0])
 
 
-class _Worker:
+def _last_line(log: IO[str]) -> str:
+    log.seek(0)
+    lines = [ln.strip() for ln in log.read().splitlines() if ln.strip()]
+    return lines[-1] if lines else "no output"
+
+
+def describe(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}"
+
+
+class _System(Protocol):
+    served: str
+
+    @property
+    def pid(self) -> int: ...
+
+    def alive(self) -> bool: ...
+
+    def run(self, prompts: list[str], new_tokens: int) -> dict[str, Any]: ...
+
+    def close(self) -> None: ...
+
+
+class _Process:
+    """A system's process, its output kept in a file for the error message."""
+
+    def __init__(self, cmd: list[str], *, pipes: bool) -> None:
+        self.log = tempfile.TemporaryFile("w+")  # noqa: SIM115 - lives as long as the process
+        pipe = subprocess.PIPE if pipes else None
+        self.proc = subprocess.Popen(
+            cmd, stdin=pipe, stdout=pipe if pipes else self.log, stderr=self.log, text=True,
+            bufsize=1,
+        )  # fmt: skip
+        self.served = ""
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def exited(self) -> RuntimeError:
+        return RuntimeError(f"exited with {self.proc.wait()}: {_last_line(self.log)}")
+
+    def close(self) -> None:
+        if self.proc.stdin:
+            with contextlib.suppress(OSError):
+                self.proc.stdin.close()
+        self.proc.terminate()
+        try:
+            self.proc.wait(60)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        if self.proc.stdout:
+            self.proc.stdout.close()
+        self.log.close()
+
+
+class _Worker(_Process):
     def __init__(self, system: str, b: Bench) -> None:
         cmd = [
             sys.executable, "-m", "slimserve.bench.worker", system,
@@ -119,16 +283,18 @@ class _Worker:
         gguf = b.gguf_q8 if system == "llama_cpp_q8" else b.gguf
         if gguf is not None:
             cmd += ["--gguf", str(gguf)]
-        self.proc = subprocess.Popen(
-            cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1
-        )
-        self._read()
+        super().__init__(cmd, pipes=True)
+        try:
+            self.served = str(self._read().get("served", system))
+        except BaseException:
+            self.close()
+            raise
 
     def _read(self) -> dict[str, Any]:
         assert self.proc.stdout is not None
         line = self.proc.stdout.readline()
         if not line:
-            raise RuntimeError(f"worker exited with {self.proc.wait()}")
+            raise self.exited()
         out: dict[str, Any] = json.loads(line)
         return out
 
@@ -137,14 +303,9 @@ class _Worker:
         self.proc.stdin.write(json.dumps({"prompts": prompts, "new_tokens": new_tokens}) + "\n")
         return self._read()
 
-    def close(self) -> None:
-        if self.proc.stdin:
-            self.proc.stdin.close()
-        self.proc.wait(30)
 
-
-class _Server:
-    def __init__(self, b: Bench) -> None:
+class _Server(_Process):
+    def __init__(self, b: Bench, system: str = "slimserve") -> None:
         self.port = _free_port()
         cmd = [
             sys.executable, "-m", "slimserve.cli", "serve", "--model", b.model,
@@ -153,46 +314,70 @@ class _Server:
             "--max-seq-len", "1024", "--device", "cpu", "--backend", b.backend,
             "--gguf-type", b.gguf_type,
         ]  # fmt: skip
-        self.log = open(os.devnull, "w")  # noqa: SIM115 - lives as long as the server
-        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT)
-        from slimserve.clients import Client
+        if system == "slimserve_draft":
+            cmd += ["--draft", b.draft, "--draft-tokens", str(b.draft_tokens)]
+        super().__init__(cmd, pipes=False)
+        try:
+            self.served = self._wait_ready(600)
+        except BaseException:
+            self.close()
+            raise
 
+    def _wait_ready(self, timeout_s: float) -> str:
+        """What serves the figures, "<name>@<version> on <backend>", once SERVING.
+
+        Raises RuntimeError (with the server's last line) when it exits first."""
+        from slimserve.clients import Client, Unavailable
+
+        deadline = time.monotonic() + timeout_s
         with Client(self.target, retries=0) as c:
-            c.wait_ready(600)
+            while True:
+                if not self.alive():
+                    raise self.exited()
+                try:
+                    c.wait_ready(2)
+                    break
+                except Unavailable:
+                    if time.monotonic() > deadline:
+                        raise
             info = c.model_info()
-        #: What served the figures: "<name>@<version> on <backend>".
-        self.served = f"{info.name}@{info.version} on {info.backend}"
+        return f"{info.name}@{info.version} on {info.backend}"
 
     @property
     def target(self) -> str:
         return f"127.0.0.1:{self.port}"
 
-    async def run(self, prompts: list[str], new_tokens: int) -> dict[str, Any]:
+    def run(self, prompts: list[str], new_tokens: int) -> dict[str, Any]:
+        return asyncio.run(self._run(prompts, new_tokens))
+
+    async def _run(self, prompts: list[str], new_tokens: int) -> dict[str, Any]:
+        from slimserve.bench.worker import record
         from slimserve.clients import AsyncClient
 
         async with AsyncClient(self.target, timeout=600, retries=0) as client:
 
             async def one(prompt: str, t0: float) -> dict[str, Any]:
-                times = []
+                times: list[float] = []
+                ids: list[int] = []
+                text: list[str] = []
                 async for chunk in client.stream(
                     prompt, max_new_tokens=new_tokens, ignore_eos=True, token_ids=True
                 ):
-                    if chunk.token_ids:
-                        times.append(time.perf_counter())
-                itl = [(b - a) * 1e3 for a, b in itertools.pairwise(times)]
-                return {
-                    "ttft_ms": (times[0] - t0) * 1e3,
-                    "itl_ms": itl,
-                    "e2e_ms": (times[-1] - t0) * 1e3,
-                    "tokens": len(times),
-                }
+                    # A verified draft streams several tokens in one message.
+                    times.extend([time.perf_counter()] * len(chunk.token_ids))
+                    ids.extend(chunk.token_ids)
+                    text.append(chunk.text)
+                return record(t0, times, ids, "".join(text))
 
             t0 = time.perf_counter()
             runs = await asyncio.gather(*(one(p, t0) for p in prompts))
             wall = time.perf_counter() - t0
-        return {"runs": list(runs), "wall_s": wall, "peak_rss_mb": _vm_hwm_mb(self.proc.pid)}
+        return {"runs": list(runs), "wall_s": wall}
 
-    async def score_latency(self, n: int, concurrency: int) -> dict[str, float]:
+    def score_latency(self, n: int, concurrency: int) -> dict[str, float]:
+        return asyncio.run(self._score_latency(n, concurrency))
+
+    async def _score_latency(self, n: int, concurrency: int) -> dict[str, float]:
         from slimserve.clients import AsyncClient
 
         prompt = "Transaction: 912.40 EUR, online, country BR, 03:12. Is this fraud? Answer:"
@@ -214,10 +399,48 @@ class _Server:
             "per_s": len(lat) / wall,
         }
 
-    def close(self) -> None:
-        self.proc.terminate()
-        self.proc.wait(60)
-        self.log.close()
+
+def start(b: Bench, system: str) -> _System:
+    return _Server(b, system) if system in SERVER_SYSTEMS else _Worker(system, b)
+
+
+def measure(proc: _System, system: str, c: int, rep: int, new_tokens: int) -> Sample:
+    """One run of `system` at concurrency `c`, its memory sampled meanwhile."""
+    prompts = prompts_for(rep, c)
+    load = _loadavg()
+    try:
+        with PeakMemory(proc.pid) as mem:
+            out = proc.run(prompts, new_tokens)
+        hwm = tree_hwm_mb(proc.pid)
+    except Exception as exc:  # the run's error is the figure; the other systems go on
+        return Sample(system, c, rep, load_before=load, error=describe(exc))
+    if "error" in out:
+        return Sample(system, c, rep, load_before=load, error=str(out["error"]))
+    runs = out["runs"]
+    outputs = {}
+    if c == 1:
+        outputs = {
+            p: {"token_ids": r["token_ids"], "text": r["text"]}
+            for p, r in zip(prompts, runs, strict=True)
+        }
+    return Sample(
+        system=system,
+        concurrency=c,
+        repeat=rep,
+        ttft_ms=[r["ttft_ms"] for r in runs],
+        itl_ms=[x for r in runs for x in r["itl_ms"]],
+        e2e_ms=[r["e2e_ms"] for r in runs],
+        tokens=sum(r["tokens"] for r in runs),
+        wall_s=out["wall_s"],
+        peak_rss_mb=mem.rss_mb,
+        peak_pss_mb=mem.pss_mb,
+        hwm_rss_mb=hwm,
+        load_before=load,
+        outputs=outputs,
+    )
+
+
+# --- summaries -----------------------------------------------------------------------------
 
 
 def _pct(values: list[float], q: float) -> float:
@@ -229,60 +452,197 @@ def _pct(values: list[float], q: float) -> float:
     return vs[lo] + (vs[hi] - vs[lo]) * (k - lo)
 
 
+def _row(b: Bench, system: str, c: int, ok: list[Sample], failed: int) -> dict[str, Any]:
+    ttft = [x for s in ok for x in s.ttft_ms]
+    itl = [x for s in ok for x in s.itl_ms]
+    return {
+        "system": system,
+        "model": b.model,
+        "concurrency": c,
+        "threads": b.threads,
+        "new_tokens": b.new_tokens,
+        "repeats": len(ok),
+        "failed_runs": failed,
+        "ttft_ms_p50": _pct(ttft, 50),
+        "ttft_ms_p99": _pct(ttft, 99),
+        "itl_ms_p50": _pct(itl, 50),
+        "itl_ms_p99": _pct(itl, 99),
+        "e2e_ms_p50": _pct([x for s in ok for x in s.e2e_ms], 50),
+        "tokens_per_s": statistics.median(s.tokens / s.wall_s for s in ok),
+        "decode_tokens_per_s": 1e3 / statistics.mean(itl) if itl else float("nan"),
+        "peak_rss_mb": max(s.peak_rss_mb for s in ok),
+        "peak_pss_mb": max(s.peak_pss_mb for s in ok),
+        "hwm_rss_mb": max(s.hwm_rss_mb for s in ok),
+        "load_before": statistics.median(s.load_before for s in ok),
+    }
+
+
 def summarise(b: Bench) -> list[dict[str, Any]]:
+    """One row per system and concurrency (an `error` row when no run succeeded); the
+    faster llama.cpp system per concurrency has `best_llamacpp` true."""
     rows = []
     for system in b.systems:
         for c in b.concurrency:
             ss = [s for s in b.samples if s.system == system and s.concurrency == c]
             ok = [s for s in ss if not s.error]
-            if not ok:
-                if ss:
-                    rows.append({"system": system, "concurrency": c, "error": ss[0].error})
-                continue
-            ttft = [x for s in ok for x in s.ttft_ms]
-            itl = [x for s in ok for x in s.itl_ms]
-            rows.append(
-                {
-                    "system": system,
-                    "model": b.model,
-                    "concurrency": c,
-                    "threads": b.threads,
-                    "new_tokens": b.new_tokens,
-                    "repeats": len(ok),
-                    "ttft_ms_p50": _pct(ttft, 50),
-                    "ttft_ms_p99": _pct(ttft, 99),
-                    "itl_ms_p50": _pct(itl, 50),
-                    "itl_ms_p99": _pct(itl, 99),
-                    "e2e_ms_p50": _pct([x for s in ok for x in s.e2e_ms], 50),
-                    "tokens_per_s": statistics.median(s.tokens / s.wall_s for s in ok),
-                    "decode_tokens_per_s": 1e3 / statistics.mean(itl) if itl else float("nan"),
-                    "peak_rss_mb": max(s.peak_rss_mb for s in ok),
-                    "load_before": statistics.median(s.load_before for s in ok),
-                }
-            )
+            if ok:
+                rows.append(_row(b, system, c, ok, len(ss) - len(ok)))
+            elif ss:
+                rows.append({"system": system, "concurrency": c, "error": ss[0].error})
+    best = best_llamacpp(rows)
+    for r in rows:
+        if r["system"] in LLAMACPP_SYSTEMS and "error" not in r:
+            r["best_llamacpp"] = best.get(r["concurrency"]) is r
     return rows
 
 
-def markdown(rows: list[dict[str, Any]], baseline: str = "hf_generate") -> str:
-    base = {r["concurrency"]: r for r in rows if r["system"] == baseline and "error" not in r}
+def best_llamacpp(rows: list[dict[str, Any]]) -> dict[int, dict[str, Any]]:
+    """Concurrency -> the llama.cpp row with the most tokens/s there."""
+    best: dict[int, dict[str, Any]] = {}
+    for r in rows:
+        if r["system"] not in LLAMACPP_SYSTEMS or "error" in r:
+            continue
+        held = best.get(r["concurrency"])
+        if held is None or r["tokens_per_s"] > held["tokens_per_s"]:
+            best[r["concurrency"]] = r
+    return best
+
+
+def markdown(rows: list[dict[str, Any]]) -> str:
+    best = best_llamacpp(rows)
     lines = [
-        "| system | conc | TTFT p50 ms | TTFT p99 ms | ITL p50 ms | ITL p99 ms | "
-        f"tok/s | decode tok/s | vs {baseline} | peak RSS MB | load |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| system | conc | TTFT p50 ms | TTFT p99 ms | ITL p50 ms | ITL p99 ms | tok/s | "
+        f"decode tok/s | vs {BEST_LLAMACPP} | peak RSS MB | peak PSS MB | load |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['system']} | {r['concurrency']} | {r['error']} |")
+            lines.append(f"| {r['system']} | {r['concurrency']} | error: {r['error']} |")
             continue
-        ref = base.get(r["concurrency"]) or base.get(1)
-        ratio = r["tokens_per_s"] / ref["tokens_per_s"] if ref else float("nan")
+        ref = best.get(r["concurrency"])
+        ratio = f"{r['tokens_per_s'] / ref['tokens_per_s']:.2f}×" if ref else "n/a"
+        name = r["system"] + (f" ({BEST_LLAMACPP})" if r.get("best_llamacpp") else "")
         lines.append(
-            f"| {r['system']} | {r['concurrency']} | {r['ttft_ms_p50']:.1f} | "
+            f"| {name} | {r['concurrency']} | {r['ttft_ms_p50']:.1f} | "
             f"{r['ttft_ms_p99']:.1f} | {r['itl_ms_p50']:.1f} | {r['itl_ms_p99']:.1f} | "
-            f"{r['tokens_per_s']:.1f} | {r['decode_tokens_per_s']:.1f} | {ratio:.2f}× | "
-            f"{r['peak_rss_mb']:.0f} | {r['load_before']:.2f} |"
+            f"{r['tokens_per_s']:.1f} | {r['decode_tokens_per_s']:.1f} | {ratio} | "
+            f"{r['peak_rss_mb']:.0f} | {r['peak_pss_mb']:.0f} | {r['load_before']:.2f} |"
         )
+    lines.append(
+        "tok/s: generated tokens over wall time, median of repeats; ITL: per token (tokens "
+        "streamed together: 0). Peak RSS/PSS: summed over the system's processes (server, "
+        "engine processes, forkserver), sampled during each run, MB = 10^6 bytes; RSS counts "
+        "copy-on-write pages shared with the forkserver once per process, PSS divides them: "
+        "the memory target is judged on PSS."
+    )
     return "\n".join(lines)
+
+
+@dataclass(frozen=True, slots=True)
+class Target:
+    """One target as a measured value against its goal."""
+
+    label: str
+    value: float
+    goal: float
+    unit: str = "x"
+    #: True: the value must stay at or under the goal (memory); else reach it (speed).
+    at_most: bool = False
+
+    @property
+    def passed(self) -> bool:
+        return self.value <= self.goal if self.at_most else self.value >= self.goal
+
+    def line(self) -> str:
+        op = "<=" if self.at_most else ">="
+        fmt = ".0f" if self.unit == " MB" else ".3f"
+        return (
+            f"{self.label}: {self.value:{fmt}}{self.unit} (target {op} {self.goal:g}"
+            f"{self.unit}) {'PASS' if self.passed else 'MISS'}"
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "label": self.label,
+            "value": self.value,
+            "goal": self.goal,
+            "unit": self.unit.strip(),
+            "at_most": self.at_most,
+            "passed": self.passed,
+        }
+
+
+#: (what is compared, system, baseline or BEST_LLAMACPP, concurrency, goal), on tokens/s.
+SPEED_TARGETS = (
+    ("engine in-process vs llama.cpp's own loop on the same Q8_0 weights", "engine",
+     "llama_cpp_q8", 1, 0.97),
+    ("engine in-process vs llama.cpp batched decode on the same Q8_0 weights", "engine",
+     "llama_cpp_q8", 16, 1.0),
+    ("slimserve over gRPC with a draft vs best llama.cpp plain decode", "slimserve_draft",
+     BEST_LLAMACPP, 1, 1.3),
+)  # fmt: skip
+
+
+def targets(rows: list[dict[str, Any]]) -> list[Target]:
+    """The targets whose systems ran: speed ratios on tokens/s, then peak PSS."""
+    by = {(r["system"], r["concurrency"]): r for r in rows if "error" not in r}
+    best = best_llamacpp(rows)
+    out = []
+    for label, system, baseline, c, goal in SPEED_TARGETS:
+        mine = by.get((system, c))
+        ref = best.get(c) if baseline == BEST_LLAMACPP else by.get((baseline, c))
+        if mine is None or ref is None:
+            continue
+        out.append(
+            Target(
+                label=f"{label}, c={c} ({system} {mine['tokens_per_s']:.1f} vs "
+                f"{ref['system']} {ref['tokens_per_s']:.1f} tok/s)",
+                value=mine["tokens_per_s"] / ref["tokens_per_s"],
+                goal=goal,
+            )
+        )
+    for system in SERVER_SYSTEMS:
+        pss = [r["peak_pss_mb"] for r in rows if r["system"] == system and "error" not in r]
+        if pss:
+            out.append(
+                Target(
+                    label=f"peak PSS of {system}'s serving processes",
+                    value=max(pss),
+                    goal=PSS_TARGET_MB,
+                    unit=" MB",
+                    at_most=True,
+                )
+            )
+    return out
+
+
+def outputs(samples: list[Sample]) -> dict[str, dict[str, dict[str, Any]]]:
+    """System -> prompt -> its first recorded greedy output at concurrency 1."""
+    out: dict[str, dict[str, dict[str, Any]]] = {}
+    for s in samples:
+        for prompt, o in s.outputs.items():
+            out.setdefault(s.system, {}).setdefault(prompt, o)
+    return out
+
+
+def same_outputs(samples: list[Sample], a: str, b: str) -> dict[str, Any] | None:
+    """Whether `a` generated token for token what `b` did, on the prompts both ran at
+    concurrency 1; None when either has no output."""
+    seen = outputs(samples)
+    mine, theirs = seen.get(a, {}), seen.get(b, {})
+    prompts = [p for p in mine if p in theirs]
+    if not prompts:
+        return None
+    same = sum(mine[p]["token_ids"] == theirs[p]["token_ids"] for p in prompts)
+    return {"system": a, "reference": b, "identical": same, "prompts": len(prompts)}
+
+
+def identical_line(cmp: dict[str, Any]) -> str:
+    yes = "yes" if cmp["identical"] == cmp["prompts"] else "no"
+    return (
+        f"outputs identical: {yes} ({cmp['identical']} of {cmp['prompts']} prompts; "
+        f"{cmp['system']} vs {cmp['reference']}, greedy, token for token, c=1)"
+    )
 
 
 def ipc_overhead(rows: list[dict[str, Any]]) -> list[str]:
@@ -329,6 +689,15 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
     plt.close(fig)
 
 
+def cpu_flags(cpu: CpuInfo) -> str:
+    """The flags that decide which kernels exist, present and absent ("amx_*": none)."""
+    amx = sorted(f for f in cpu.flags if f.startswith("amx_"))
+    have = [f for f in SHOWN_FLAGS if f in cpu.flags] + amx
+    absent = [f for f in SHOWN_FLAGS if f not in cpu.flags] + ([] if amx else ["amx_*"])
+    text = " ".join(have) or "none of " + " ".join(SHOWN_FLAGS)
+    return text + (f" (absent: {' '.join(absent)})" if absent else "")
+
+
 def environment(b: Bench) -> dict[str, Any]:
     import torch
 
@@ -339,6 +708,7 @@ def environment(b: Bench) -> dict[str, Any]:
     return {
         "command": shlex.join(sys.argv),
         "cpu": cpu.model,
+        "cpu_flags": cpu_flags(cpu),
         "cpu_isa": " ".join(cpu.isa),
         "amx": cpu.has_amx,
         "llamacpp_build": f"{build.get('compiler', 'unrecorded')} native={build.get('native')}",
@@ -348,64 +718,73 @@ def environment(b: Bench) -> dict[str, Any]:
         "threads": b.threads,
         "model": b.model,
         "hf_generate_model": b.hf_model or b.model,
+        "draft": f"{b.draft}, {b.draft_tokens} tokens",
         "new_tokens": b.new_tokens,
         "repeats": b.repeats,
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
     }
 
 
+def _start_all(b: Bench) -> tuple[dict[str, _System], dict[str, str]]:
+    procs: dict[str, _System] = {}
+    failed: dict[str, str] = {}
+    for system in b.systems:
+        try:
+            procs[system] = start(b, system)
+        except Exception as exc:  # recorded as its figure; the others still run
+            failed[system] = f"did not start: {describe(exc)}"
+            print(f"  {system}: {failed[system]}", file=sys.stderr, flush=True)
+    return procs, failed
+
+
+def _race(b: Bench, procs: dict[str, _System], failed: dict[str, str]) -> None:
+    for rep in range(b.repeats):
+        for c in b.concurrency:
+            for system in b.systems:
+                if system in failed:
+                    b.samples.append(Sample(system, c, rep, error=failed[system]))
+                    continue
+                s = measure(procs[system], system, c, rep, b.new_tokens)
+                b.samples.append(s)
+                if s.error and not procs[system].alive():
+                    failed[system] = s.error
+                rate = f"{s.tokens / s.wall_s:.1f} tok/s" if not s.error else s.error
+                print(f"  rep {rep} c={c:<2} {system:15} {rate}", file=sys.stderr, flush=True)
+
+
 def run(b: Bench, *, score: bool = True) -> dict[str, Any]:
-    server = _Server(b) if "slimserve" in b.systems else None
-    workers: dict[str, _Worker] = {}
+    """Start every system, race them, stop them; the report `slimserve bench serve` prints
+    and writes as JSON."""
+    procs, failed = _start_all(b)
+    scores = []
     try:
-        for s in b.systems:
-            if s != "slimserve":
-                workers[s] = _Worker(s, b)
-        for rep in range(b.repeats):
-            for c in b.concurrency:
-                prompts = [PROMPTS[i % len(PROMPTS)] for i in range(c)]
-                for system in b.systems:
-                    load = _loadavg()
-                    if system == "slimserve":
-                        assert server is not None
-                        out = asyncio.run(server.run(prompts, b.new_tokens))
-                    else:
-                        out = workers[system].run(prompts, b.new_tokens)
-                    if "error" in out:
-                        b.samples.append(
-                            Sample(system, c, rep, [], [], [], 0, 0, 0, load, out["error"])
-                        )
-                        continue
-                    runs = out["runs"]
-                    b.samples.append(
-                        Sample(
-                            system=system,
-                            concurrency=c,
-                            repeat=rep,
-                            ttft_ms=[r["ttft_ms"] for r in runs],
-                            itl_ms=[x for r in runs for x in r["itl_ms"]],
-                            e2e_ms=[r["e2e_ms"] for r in runs],
-                            tokens=sum(r["tokens"] for r in runs),
-                            wall_s=out["wall_s"],
-                            peak_rss_mb=out["peak_rss_mb"],
-                            load_before=load,
-                        )
-                    )
-                    print(
-                        f"  rep {rep} c={c:<2} {system:12} "
-                        f"{b.samples[-1].tokens / out['wall_s']:.1f} tok/s",
-                        file=sys.stderr,
-                        flush=True,
-                    )
-        scores = []
-        if server is not None and score:
-            scores = [asyncio.run(server.score_latency(32, c)) for c in (1, 16)]
+        _race(b, procs, failed)
+        server = procs.get("slimserve")
+        if isinstance(server, _Server) and score and "slimserve" not in failed:
+            scores = [server.score_latency(32, c) for c in (1, 16)]
     finally:
-        if server is not None:
-            server.close()
-        for w in workers.values():
-            w.close()
+        for proc in procs.values():
+            proc.close()
     env = environment(b)
-    if server is not None:
-        env["slimserve_backend"] = server.served
-    return {"environment": env, "results": summarise(b), "score": scores}
+    env["served"] = {system: proc.served for system, proc in procs.items()}
+    rows = summarise(b)
+    return {
+        "environment": env,
+        "results": rows,
+        "score": scores,
+        "targets": [t.to_dict() for t in targets(rows)],
+        "outputs": outputs(b.samples),
+        "outputs_identical": same_outputs(b.samples, "slimserve_draft", "slimserve"),
+    }
+
+
+def report_lines(report: dict[str, Any]) -> list[str]:
+    """What `slimserve bench serve` prints after the environment: the CPU, the table, the
+    IPC cost, each target as PASS/MISS, and whether the draft changed the output."""
+    env = report["environment"]
+    lines = [f"CPU: {env['cpu']}; {env['cpu_flags']}", "", markdown(report["results"]), ""]
+    lines += ipc_overhead(report["results"])
+    lines += [t.line() for t in targets(report["results"])]
+    if report.get("outputs_identical"):
+        lines.append(identical_line(report["outputs_identical"]))
+    return lines

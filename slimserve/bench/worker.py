@@ -2,9 +2,11 @@
 
     python -m slimserve.bench.worker SYSTEM --registry DIR --model NAME@REF --threads N
 
-reads one JSON request per line on stdin (`{"concurrency": 4, "new_tokens": 128,
-"prompts": [...]}`) and answers one JSON line per request with raw timings, so the
-orchestrator can interleave systems without reloading models. Systems:
+reads one JSON request per line on stdin (`{"new_tokens": 128, "prompts": [...]}`) and
+answers one JSON line per request with raw timings and each prompt's generated token ids
+and text (or `{"error": ...}`), so the orchestrator can interleave systems without
+reloading models. Every generated token gets its own arrival time, so a step that yields
+several tokens counts them all. Systems:
 
 - `hf_generate`: transformers `generate()` on the artifact's weights, streamed through a
   `TextIteratorStreamer` at concurrency 1 (what a user would write); at higher concurrency a
@@ -28,14 +30,6 @@ from pathlib import Path
 from typing import Any
 
 
-def peak_rss_mb() -> float:
-    """Peak resident set size of this process (VmHWM), in MB."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return 0.0
-
-
 class _StepTimes:
     """A generate() streamer that records when each decode step's tokens arrive."""
 
@@ -52,13 +46,19 @@ class _StepTimes:
     def end(self) -> None: ...
 
 
-def _record(t0: float, times: list[float], tokens: int) -> dict[str, Any]:
+def record(
+    t0: float, times: list[float], token_ids: list[int] | None = None, text: str = ""
+) -> dict[str, Any]:
+    """One request's figures from `times`, the arrival of each generated token (tokens
+    that arrive together share a time: their inter-token latency is 0)."""
     itl = [(b - a) * 1e3 for a, b in itertools.pairwise(times)]
     return {
         "ttft_ms": (times[0] - t0) * 1e3 if times else None,
         "itl_ms": itl,
         "e2e_ms": (times[-1] - t0) * 1e3 if times else None,
-        "tokens": tokens,
+        "tokens": len(times),
+        "token_ids": token_ids or [],
+        "text": text,
     }
 
 
@@ -83,11 +83,14 @@ class HFGenerate:
         if len(prompts) == 1:
             streamer = TextIteratorStreamer(self.tok, skip_prompt=True)
             times: list[float] = []
+            ids: list[int] = []
             orig_put = streamer.put
 
             def put(value: Any) -> None:  # the token's arrival, before text buffering
                 if streamer.next_tokens_are_prompt is False:
-                    times.append(time.perf_counter())
+                    new = value.reshape(-1).tolist()
+                    times.extend([time.perf_counter()] * len(new))
+                    ids.extend(new)
                 orig_put(value)  # type: ignore[no-untyped-call]
 
             streamer.put = put  # type: ignore[method-assign]
@@ -96,15 +99,14 @@ class HFGenerate:
             )
             with torch.inference_mode():
                 thread.start()
-                for _ in streamer:
-                    pass
+                text = "".join(streamer)
                 thread.join()
-            runs = [_record(t0, times, len(times))]
+            runs = [record(t0, times, ids, text)]
         else:
             steps = _StepTimes()
             with torch.inference_mode():
                 self.model.generate(**kwargs, streamer=steps)
-            runs = [_record(t0, steps.times, len(steps.times)) for _ in prompts]
+            runs = [record(t0, steps.times) for _ in prompts]
         return {"runs": runs, "wall_s": time.perf_counter() - t0}
 
 
@@ -140,14 +142,10 @@ class InProcessEngine:
         else:
             self.loaded = load(Registry(registry).get(name, ref), cfg)
 
-    def peak_rss_mb(self) -> float:
-        """This process's peak, plus its engine process's when it has one."""
-        own = peak_rss_mb()
-        if self.loaded.info.in_process:
-            return own
-        status = Path(f"/proc/{self.loaded.info.pid}/status").read_text().splitlines()
-        child = sum(int(ln.split()[1]) / 1024 for ln in status if ln.startswith("VmHWM:"))
-        return own + child
+    @property
+    def served(self) -> str:
+        """The serving plan in words (the engine's choice: qualification is off here)."""
+        return f"{self.loaded.info.plan} ({self.loaded.info.kernels})"
 
     def run(self, prompts: list[str], new_tokens: int) -> dict[str, Any]:
         from slimserve.engine.types import GenerationRequest, SamplingParams, StopParams
@@ -157,11 +155,18 @@ class InProcessEngine:
         remaining = [len(prompts)]
         lock = threading.Lock()
         times: list[list[float]] = [[] for _ in prompts]
+        generated: list[list[int]] = [[] for _ in prompts]
+        texts: list[list[str]] = [[] for _ in prompts]
+        errors: list[str] = []
 
         def sink(i: int) -> Any:
             def on_event(ev: Any) -> None:
                 if ev.token_ids:
-                    times[i].append(time.perf_counter())
+                    times[i].extend([time.perf_counter()] * len(ev.token_ids))
+                    generated[i].extend(ev.token_ids)
+                texts[i].append(ev.text)
+                if ev.error is not None:
+                    errors.append(f"{type(ev.error).__name__}: {ev.error}")
                 if ev.finish is not None or ev.error is not None:
                     with lock:
                         remaining[0] -= 1
@@ -181,10 +186,13 @@ class InProcessEngine:
             )
             self.loaded.engine.submit(req, sink(i))
         done.wait()
-        return {
-            "runs": [_record(t0, t, len(t)) for t in times],
-            "wall_s": time.perf_counter() - t0,
-        }
+        wall = time.perf_counter() - t0
+        if errors:
+            return {"error": errors[0]}
+        runs = [
+            record(t0, t, g, "".join(x)) for t, g, x in zip(times, generated, texts, strict=True)
+        ]
+        return {"runs": runs, "wall_s": wall}
 
 
 class LlamaCpp:
@@ -212,6 +220,7 @@ class LlamaCpp:
         params.n_threads = threads
         params.n_threads_batch = threads
         self.ctx = lc.llama_init_from_model(self.model, params)
+        self.served = f"llama.cpp on {gguf.name}"
         self.vocab = lc.llama_model_get_vocab(self.model)
         self.n_vocab = lc.llama_vocab_n_tokens(self.vocab)
         self.eos = lc.llama_vocab_eos(self.vocab)
@@ -232,6 +241,16 @@ class LlamaCpp:
         fill_batch(self.batch, entries, self.batch_tokens)
         if self.lc.llama_decode(self.ctx, self.batch) != 0:
             raise RuntimeError("llama_decode failed")
+
+    def _text(self, ids: list[int]) -> str:
+        import ctypes
+
+        buf = (ctypes.c_char * 256)()
+        pieces = b""
+        for tok in ids:
+            n = self.lc.llama_token_to_piece(self.vocab, tok, buf, len(buf), 0, False)
+            pieces += buf.raw[: max(n, 0)]
+        return pieces.decode(errors="replace")
 
     def _greedy(self, i: int) -> int:
         import numpy as np
@@ -255,6 +274,7 @@ class LlamaCpp:
         now = time.perf_counter()
         last = [self._greedy(i) for i in out_index]
         times: list[list[float]] = [[now] for _ in prompts]
+        out: list[list[int]] = [[t] for t in last]
         pos = [len(ids) for ids in toks]
         for _ in range(new_tokens - 1):
             self._decode([(last[s], pos[s], s, True) for s in range(len(prompts))])
@@ -263,10 +283,10 @@ class LlamaCpp:
             for s in range(len(prompts)):
                 pos[s] += 1
                 times[s].append(now)
-        return {
-            "runs": [_record(t0, t, len(t)) for t in times],
-            "wall_s": time.perf_counter() - t0,
-        }
+                out[s].append(last[s])
+        wall = time.perf_counter() - t0
+        runs = [record(t0, t, o, self._text(o)) for t, o in zip(times, out, strict=True)]
+        return {"runs": runs, "wall_s": wall}
 
 
 def requantize_q8_0(src: Path, dst: Path) -> Path:
@@ -318,12 +338,14 @@ def main(argv: list[str] | None = None) -> int:
         )
     else:
         runner = LlamaCpp(args.gguf, args.threads)  # llama_cpp_q8 gets the re-encoded file
-    rss = getattr(runner, "peak_rss_mb", peak_rss_mb)
-    print(json.dumps({"ready": True, "peak_rss_mb": rss()}), flush=True)
+    # Memory is measured from outside, by the orchestrator, alike for every system.
+    print(json.dumps({"ready": True, "served": getattr(runner, "served", args.system)}), flush=True)
     for line in sys.stdin:
         req = json.loads(line)
-        out = runner.run(req["prompts"], req["new_tokens"])
-        out["peak_rss_mb"] = rss()
+        try:
+            out = runner.run(req["prompts"], req["new_tokens"])
+        except Exception as exc:  # reported to the orchestrator as this run's error
+            out = {"error": f"{type(exc).__name__}: {exc}"}
         print(json.dumps(out), flush=True)
     return 0
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -43,9 +44,22 @@ def cmd_bench_compare(args: argparse.Namespace) -> int:
     return 0
 
 
-def _systems(text: str) -> list[str]:
-    """The systems asked for, less llama.cpp ones when llama-cpp-python is missing."""
+def _system_list(text: str) -> list[str]:
+    """`--systems`: comma-separated names `slimserve.bench.serve.SYSTEMS` knows."""
+    from slimserve.bench.serve import SYSTEMS
+
     systems = [s.strip() for s in text.split(",") if s.strip()]
+    unknown = [s for s in systems if s not in SYSTEMS]
+    if unknown or not systems:
+        raise argparse.ArgumentTypeError(
+            f"unknown system {', '.join(unknown) or '(none)'}; choose from {', '.join(SYSTEMS)}"
+        )
+    return systems
+
+
+def _systems(asked: list[str]) -> list[str]:
+    """The systems asked for, less llama.cpp ones when llama-cpp-python is missing."""
+    systems = list(asked)
     llama = [s for s in systems if s.startswith("llama_cpp")]
     if llama and importlib.util.find_spec("llama_cpp") is None:
         print(
@@ -61,6 +75,9 @@ def cmd_bench_serve(args: argparse.Namespace) -> int:
     from slimserve.bench import serve as bench
 
     systems = _systems(args.systems)
+    if args.draft == "none" and "slimserve_draft" in systems:
+        print("slimserve_draft: --draft none; skipped", file=sys.stderr)
+        systems.remove("slimserve_draft")
     gguf = args.gguf
     gguf_q8 = None
     if any(s.startswith("llama_cpp") for s in systems):
@@ -84,13 +101,14 @@ def cmd_bench_serve(args: argparse.Namespace) -> int:
         backend=args.backend,
         hf_model=args.hf_model,
         gguf_type=args.gguf_type,
+        draft=args.draft,
+        draft_tokens=args.draft_tokens,
     )
+    why = "os.cpu_count(), what serve uses" if args.threads == os.cpu_count() else "--threads"
+    print(f"threads: {args.threads} per system ({why})", flush=True)
     report = bench.run(b, score=not args.no_score)
     print("\n".join(f"{k}: {v}" for k, v in report["environment"].items()))
-    print()
-    print(bench.markdown(report["results"]))
-    for line in bench.ipc_overhead(report["results"]):
-        print(line)
+    print("\n".join(bench.report_lines(report)))
     for s in report["score"]:
         print(
             f"Score (2 labels) concurrency {s['concurrency']}: p50 {s['p50_ms']:.1f} ms, "
@@ -101,6 +119,10 @@ def cmd_bench_serve(args: argparse.Namespace) -> int:
     if args.plot:
         bench.plot(report["results"], args.plot)
     return 0
+
+
+#: `bench serve --systems` when not given: what the targets are judged on.
+DEFAULT_SYSTEMS = "slimserve,slimserve_draft,engine,llama_cpp,llama_cpp_q8"
 
 
 def add_parser(sub: Any) -> None:
@@ -116,20 +138,34 @@ def add_parser(sub: Any) -> None:
     p.set_defaults(func=cmd_bench_compare)
 
     p = bsub.add_parser("serve", help="streaming latency/throughput vs baselines")
-    p.add_argument("--model", default="smollm2-135m-instruct", help="NAME[@REF]")
-    p.add_argument("--threads", type=positive_int, default=1)
-    p.add_argument("--new-tokens", type=positive_int, default=128)
+    p.add_argument("--model", default="smollm2-135m-instruct@production", help="NAME[@REF]")
     p.add_argument(
-        "--concurrency", type=positive_int_list, default=[1, 4, 16], help="comma-separated"
+        "--threads",
+        type=positive_int,
+        default=os.cpu_count() or 1,
+        help="threads of every system (default: os.cpu_count(), what serve uses)",
     )
+    p.add_argument("--new-tokens", type=positive_int, default=128)
+    p.add_argument("--concurrency", type=positive_int_list, default=[1, 16], help="comma-separated")
     p.add_argument("--repeats", type=positive_int, default=3)
     p.add_argument("--max-batch", type=positive_int, default=16)
     p.add_argument(
         "--systems",
-        default="slimserve,engine,engine_ipc,hf_generate,llama_cpp,llama_cpp_q8",
-        help="comma-separated: slimserve (the server: gRPC + engine process), engine "
-        "(in-process), engine_ipc (its own process, no gRPC), hf_generate, llama_cpp (the "
-        "shipped GGUF), llama_cpp_q8 (it re-encoded to Q8_0)",
+        type=_system_list,
+        default=DEFAULT_SYSTEMS.split(","),
+        help="comma-separated: slimserve (the server: gRPC + engine process), "
+        "slimserve_draft (the server with --draft), engine (in-process), engine_ipc (its "
+        "own process, no gRPC), hf_generate, llama_cpp (the shipped GGUF), llama_cpp_q8 (it "
+        f"re-encoded to Q8_0) (default: {DEFAULT_SYSTEMS})",
+    )
+    p.add_argument(
+        "--draft",
+        default="ngram",
+        help="slimserve_draft's `serve --draft`: ngram (prompt lookup, no model), NAME@REF "
+        "(a draft model sharing the tokenizer) or none (skip slimserve_draft)",
+    )
+    p.add_argument(
+        "--draft-tokens", type=positive_int, default=4, help="slimserve_draft's --draft-tokens"
     )
     p.add_argument("--gguf", type=Path, help="GGUF for llama_cpp (default: the shipped one)")
     backend_args(

@@ -1,0 +1,220 @@
+"""`slimserve bench serve`: memory of a real process tree, the targets, the output check,
+the defaults, and a race of real worker processes on the tiny model."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from slimserve.bench import serve as bench
+from slimserve.cli import build_parser
+from slimserve.engine.machine import CpuInfo
+
+#: A child that makes 60 MB resident, then forks: the grandchild shares those pages.
+FORKING_CHILD = """
+import os, sys, time
+buf = b"x" * 60_000_000
+if os.fork() == 0:
+    print("ready", flush=True)
+time.sleep(120)
+"""
+
+
+@pytest.fixture
+def forked_tree() -> Iterator[int]:
+    proc = subprocess.Popen(
+        [sys.executable, "-c", FORKING_CHILD],
+        stdout=subprocess.PIPE,
+        text=True,
+        start_new_session=True,  # its own group: the grandchild ends with it below
+    )
+    try:
+        assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
+        yield proc.pid
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        assert proc.stdout is not None
+        proc.stdout.close()
+
+
+def test_pss_counts_pages_shared_after_fork_once_where_rss_counts_them_twice(
+    forked_tree: int,
+) -> None:
+    with bench.PeakMemory(forked_tree, interval_s=0.01) as mem:
+        pass
+    assert len(bench._tree(forked_tree)) == 2
+    assert mem.rss_mb >= 120  # 60 MB in each of the two processes
+    assert 60 <= mem.pss_mb <= mem.rss_mb - 50  # the shared 60 MB once
+    assert bench.tree_hwm_mb(forked_tree) >= mem.rss_mb - 1
+
+
+def _sample(system: str, c: int, tok_s: float, pss: float = 400.0, **kw: object) -> bench.Sample:
+    tokens = 32 * c
+    return bench.Sample(
+        system=system,
+        concurrency=c,
+        repeat=0,
+        ttft_ms=[10.0] * c,
+        itl_ms=[5.0] * (tokens - c),
+        e2e_ms=[100.0] * c,
+        tokens=tokens,
+        wall_s=tokens / tok_s,
+        peak_rss_mb=pss * 1.5,
+        peak_pss_mb=pss,
+        **kw,  # type: ignore[arg-type]
+    )
+
+
+def _bench(systems: list[str], samples: list[bench.Sample]) -> bench.Bench:
+    return bench.Bench(
+        registry=Path("unused"),
+        model="m@production",
+        threads=2,
+        new_tokens=32,
+        concurrency=[1, 16],
+        repeats=1,
+        systems=systems,
+        gguf=None,
+        max_batch=16,
+        samples=samples,
+    )
+
+
+def test_targets_ratio_each_system_against_its_baseline_and_mark_pass_or_miss() -> None:
+    systems = ["slimserve", "slimserve_draft", "engine", "llama_cpp", "llama_cpp_q8"]
+    b = _bench(
+        systems,
+        [
+            _sample("slimserve", 1, 60.0, pss=900.0),
+            _sample("slimserve_draft", 1, 140.0, pss=1100.0),
+            _sample("engine", 1, 98.0),
+            _sample("engine", 16, 290.0),
+            _sample("llama_cpp", 1, 105.0),  # Q4_1 faster at 1 ...
+            _sample("llama_cpp", 16, 200.0),
+            _sample("llama_cpp_q8", 1, 100.0),
+            _sample("llama_cpp_q8", 16, 300.0),  # ... Q8_0 faster at 16
+        ],
+    )
+    rows = bench.summarise(b)
+    best = bench.best_llamacpp(rows)
+    assert (best[1]["system"], best[16]["system"]) == ("llama_cpp", "llama_cpp_q8")
+    marked = {(r["system"], r["concurrency"]) for r in rows if r.get("best_llamacpp")}
+    assert marked == {("llama_cpp", 1), ("llama_cpp_q8", 16)}
+    got = {t.label.split(",")[0]: t for t in bench.targets(rows)}
+    in_proc = got["engine in-process vs llama.cpp's own loop on the same Q8_0 weights"]
+    assert in_proc.value == pytest.approx(0.98) and in_proc.passed  # vs Q8_0, not the best
+    batched = got["engine in-process vs llama.cpp batched decode on the same Q8_0 weights"]
+    assert batched.value == pytest.approx(290 / 300) and not batched.passed
+    assert batched.line().endswith("(target >= 1x) MISS")
+    draft = got["slimserve over gRPC with a draft vs best llama.cpp plain decode"]
+    assert draft.value == pytest.approx(140 / 105) and draft.passed
+    assert got["peak PSS of slimserve's serving processes"].passed
+    pss = got["peak PSS of slimserve_draft's serving processes"]
+    assert not pss.passed and pss.line().endswith("1100 MB (target <= 1000 MB) MISS")
+    table = bench.markdown(rows)
+    assert "| llama_cpp (best llama.cpp) | 1 |" in table and "judged on PSS" in table
+
+
+def test_a_target_whose_systems_did_not_run_prints_no_line() -> None:
+    b = _bench(
+        ["slimserve_draft", "engine", "llama_cpp_q8"],
+        [
+            bench.Sample("slimserve_draft", 1, 0, error="did not start: exited with 2"),
+            _sample("engine", 1, 90.0),
+            _sample("llama_cpp_q8", 1, 100.0),
+        ],
+    )
+    rows = bench.summarise(b)
+    labels = [t.label for t in bench.targets(rows)]
+    assert len(labels) == 1 and labels[0].startswith("engine in-process vs llama.cpp's own")
+    assert "| slimserve_draft | 1 | error: did not start: exited with 2 |" in bench.markdown(rows)
+
+
+def test_outputs_identical_compares_token_ids_per_prompt_at_concurrency_1() -> None:
+    def out(*ids: list[int]) -> dict[str, dict[str, object]]:
+        return {f"p{i}": {"token_ids": t, "text": ""} for i, t in enumerate(ids)}
+
+    samples = [
+        _sample("slimserve", 1, 50.0, outputs=out([1, 2, 3], [4, 5])),
+        _sample("slimserve_draft", 1, 50.0, outputs=out([1, 2, 3], [4, 6], [7])),
+    ]
+    cmp = bench.same_outputs(samples, "slimserve_draft", "slimserve")
+    assert cmp == {
+        "system": "slimserve_draft",
+        "reference": "slimserve",
+        "identical": 1,
+        "prompts": 2,
+    }
+    assert bench.identical_line(cmp).startswith("outputs identical: no (1 of 2 prompts")
+    same = bench.same_outputs(samples[:1] * 2, "slimserve", "slimserve")
+    assert same is not None and bench.identical_line(same).startswith("outputs identical: yes")
+    assert bench.same_outputs(samples[:1], "slimserve_draft", "slimserve") is None
+
+
+def test_cpu_flags_name_what_is_there_and_what_is_not() -> None:
+    epyc = CpuInfo("AMD EPYC", frozenset({"avx2", "avx512f", "avx512_bf16", "sse2"}))
+    assert bench.cpu_flags(epyc) == "avx2 avx512f avx512_bf16 (absent: amx_*)"
+    spr = CpuInfo("Xeon", frozenset({"avx2", "avx512f", "amx_tile", "amx_int8", "amx_bf16"}))
+    assert bench.cpu_flags(spr) == "avx2 avx512f amx_bf16 amx_int8 amx_tile (absent: avx512_bf16)"
+
+
+def test_bench_serve_defaults_race_production_against_llamacpp() -> None:
+    args = build_parser().parse_args(["bench", "serve"])
+    assert args.model == "smollm2-135m-instruct@production"
+    assert args.threads == os.cpu_count()
+    assert args.systems == ["slimserve", "slimserve_draft", "engine", "llama_cpp", "llama_cpp_q8"]
+    assert (args.concurrency, args.repeats) == ([1, 16], 3)
+    assert (args.draft, args.draft_tokens) == ("ngram", 4)
+    args = build_parser().parse_args(["bench", "serve", "--systems", "engine,hf_generate"])
+    assert args.systems == ["engine", "hf_generate"]
+
+
+def test_an_unknown_system_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exc:
+        build_parser().parse_args(["bench", "serve", "--systems", "engine,vllm"])
+    assert exc.value.code == 2
+    assert "unknown system vllm" in capsys.readouterr().err
+
+
+def test_a_race_of_real_workers_records_outputs_memory_and_a_failed_start(
+    tiny_registry: Path,
+) -> None:
+    b = bench.Bench(
+        registry=tiny_registry,
+        model="tiny@1",
+        threads=1,
+        new_tokens=4,
+        concurrency=[1, 2],
+        repeats=2,
+        systems=["engine", "engine_ipc", "hf_generate"],
+        gguf=None,
+        max_batch=2,
+        backend="llama",
+        hf_model="missing@1",  # hf_generate cannot start: recorded, the others still run
+    )
+    report = bench.run(b, score=False)
+    rows = {(r["system"], r["concurrency"]): r for r in report["results"]}
+    assert rows[("hf_generate", 1)]["error"].startswith("did not start: RuntimeError: exited")
+    for system in ("engine", "engine_ipc"):
+        for c in (1, 2):
+            r = rows[(system, c)]
+            assert r["repeats"] == 2 and r["tokens_per_s"] > 0
+            assert 0 < r["peak_pss_mb"] <= r["peak_rss_mb"] <= r["hwm_rss_mb"] + 1
+    # The engine process and its forkserver count under engine_ipc's worker.
+    assert rows[("engine_ipc", 1)]["peak_rss_mb"] > rows[("engine", 1)]["peak_rss_mb"]
+    seen = report["outputs"]
+    assert set(seen["engine"]) == set(bench.PROMPTS[:2])  # concurrency 1, one per repeat
+    assert all(len(o["token_ids"]) == 4 for o in seen["engine"].values())
+    assert bench.same_outputs(b.samples, "engine_ipc", "engine") == {
+        "system": "engine_ipc",
+        "reference": "engine",
+        "identical": 2,
+        "prompts": 2,
+    }
