@@ -257,10 +257,15 @@ class _Process:
         return RuntimeError(f"exited with {self.proc.wait()}: {_last_line(self.log)}")
 
     def close(self) -> None:
+        """A worker ends at the end of its input (stopping its engine process itself); a
+        server, or a worker that does not, on SIGTERM; SIGKILL after 60 s."""
         if self.proc.stdin:
             with contextlib.suppress(OSError):
                 self.proc.stdin.close()
-        self.proc.terminate()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.proc.wait(30)
+        if self.alive():
+            self.proc.terminate()
         try:
             self.proc.wait(60)
         except subprocess.TimeoutExpired:
