@@ -87,7 +87,14 @@ def cmd_models(args: argparse.Namespace) -> int:
             f"batch={m.max_batch} digest={m.digest[:12]}"
         )
         where = f"engine pid {m.engine_pid}" if m.engine_pid else "in the server process"
-        print(f"  serves: {m.kernels or m.backend} [{m.plan}], {m.threads} threads, {where}")
+        torch_threads = f" (torch {m.torch_threads})" if m.torch_threads else ""
+        threads = f"{m.threads} threads{torch_threads}"
+        print(f"  serves: {m.kernels or m.backend} [{m.plan}], {threads}, {where}")
+        if m.draft:
+            print(
+                f"  draft: {m.draft}, {m.draft_tokens} tokens a step; accepted "
+                f"{m.draft_accepted} of {m.draft_proposed} ({m.draft_acceptance_rate:.0%})"
+            )
         if m.measured:
             figures = ", ".join(f"{k}={v:.4g}" for k, v in sorted(m.measured.items()))
             print(f"  measured here: {figures}")

@@ -93,6 +93,8 @@ def serve_config(args: argparse.Namespace) -> Any:
                 max_queue=args.max_queue,
                 score_step_tokens=args.score_step_tokens,
                 max_score_tokens=args.max_score_tokens,
+                draft=None if args.draft in (None, "none") else args.draft,
+                draft_tokens=args.draft_tokens,
             ),
             limits=Limits(
                 max_new_tokens=args.max_new_tokens_limit,
@@ -178,6 +180,15 @@ def add_parser(sub: Any) -> None:
         type=positive_int,
         default=65536,
         help="tokens one Score call may put through the model (prompt + label - 1, summed)",
+    )
+    p.add_argument(
+        "--draft",
+        metavar="ngram|NAME@REF",
+        help="speculative decoding: 'ngram' (prompt lookup, no model) or a draft model from "
+        "the registry sharing the tokenizer (e.g. made by recipes/draft.toml); same output",
+    )
+    p.add_argument(
+        "--draft-tokens", type=positive_int, default=4, help="tokens drafted per step (--draft)"
     )
     p.add_argument("--grace", type=non_negative_float, default=10.0, help="shutdown grace seconds")
     p.add_argument("--metrics-port", type=port, help="Prometheus /metrics port (default: off)")

@@ -109,6 +109,10 @@ def _timings(t: Any) -> Timings:
         ttft_ms=t.ttft_ms,
         decode_ms=t.decode_ms,
         total_ms=t.total_ms,
+        draft=t.draft,
+        draft_proposed=t.draft_proposed,
+        draft_accepted=t.draft_accepted,
+        draft_acceptance_rate=t.draft_acceptance_rate,
     )
 
 
@@ -195,6 +199,12 @@ def to_model_info(m: models_pb.ModelInfo) -> ModelInfo:
         measured=dict(m.measured),
         engine_pid=m.engine_pid,
         engine_restarts=m.engine_restarts,
+        draft=m.draft,
+        draft_tokens=m.draft_tokens,
+        draft_proposed=m.draft_proposed,
+        draft_accepted=m.draft_accepted,
+        draft_acceptance_rate=m.draft_acceptance_rate,
+        torch_threads=m.torch_threads,
     )
 
 

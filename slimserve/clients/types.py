@@ -30,6 +30,11 @@ class Timings:
     ttft_ms: float = 0.0
     decode_ms: float = 0.0
     total_ms: float = 0.0
+    #: Speculative decoding: the drafter ("" = none), tokens it proposed, tokens accepted.
+    draft: str = ""
+    draft_proposed: int = 0
+    draft_accepted: int = 0
+    draft_acceptance_rate: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -133,6 +138,15 @@ class ModelInfo:
     measured: dict[str, float] = field(default_factory=dict)
     engine_pid: int = 0
     engine_restarts: int = 0
+    #: Speculative decoding: the drafter ("" = none), tokens drafted per step, and its
+    #: proposed / accepted counts since the engine started.
+    draft: str = ""
+    draft_tokens: int = 0
+    draft_proposed: int = 0
+    draft_accepted: int = 0
+    draft_acceptance_rate: float = 0.0
+    #: Threads of torch's pool in the engine (token selection), apart from `threads`.
+    torch_threads: int = 0
 
     @property
     def ref(self) -> str:

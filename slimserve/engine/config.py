@@ -8,6 +8,8 @@ from typing import Literal
 BackendName = Literal["auto", "hf", "llama", "llamacpp"]
 GgufWeights = Literal["auto", "q8_0", "q4_1", "f16", "f32"]
 Dtype = Literal["auto", "float32", "bfloat16", "float16"]
+#: `ModelConfig.draft` for the model-free prompt-lookup drafter.
+NGRAM = "ngram"
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -48,6 +50,12 @@ class ModelConfig:
     restart_backoff_s: float = 0.5
     max_crashes: int = 3
     crash_window_s: float = 300.0
+    #: Speculative decoding (`slimserve.engine.speculative`): "ngram" for model-free prompt
+    #: lookup, or a draft model "NAME@REF" from the registry that shares the tokenizer;
+    #: None serves without drafts. Output is the same either way (greedy: token for token).
+    draft: str | None = None
+    #: Tokens drafted per sequence and step.
+    draft_tokens: int = 4
 
     def __post_init__(self) -> None:
         if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
@@ -63,3 +71,7 @@ class ModelConfig:
             raise ValueError("score_step_tokens and max_score_tokens must be >= 1")
         if self.kv_cache_mb < 1:
             raise ValueError(f"kv_cache_mb must be >= 1, got {self.kv_cache_mb}")
+        if self.draft_tokens < 1:
+            raise ValueError(f"draft_tokens must be >= 1, got {self.draft_tokens}")
+        if self.draft is not None and self.draft != NGRAM and not self.draft.strip():
+            raise ValueError("draft must be 'ngram' or a model NAME@REF")

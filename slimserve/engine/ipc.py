@@ -117,6 +117,7 @@ def event_to_wire(ev: Event) -> list[Any]:
             f.input_tokens,
             f.generated_tokens,
             [t.queue_ms, t.prefill_ms, t.ttft_ms, t.decode_ms, t.total_ms],
+            [t.draft, t.draft_proposed, t.draft_accepted],
         ]
     return [ev.text, list(ev.token_ids), lps, finish]
 
@@ -125,13 +126,23 @@ def event_from_wire(w: list[Any]) -> Event:
     text, token_ids, lps, finish = w
     fin = None
     if finish is not None:
-        reason, stop_sequence, input_tokens, generated, (q, p, ttft, dec, total) = finish
+        reason, stop_sequence, input_tokens, generated, times, (draft, proposed, accepted) = finish
+        q, p, ttft, dec, total = times
         fin = Finish(
             reason=StopReason(reason),
             stop_sequence=stop_sequence,
             input_tokens=input_tokens,
             generated_tokens=generated,
-            timings=Timings(queue_ms=q, prefill_ms=p, ttft_ms=ttft, decode_ms=dec, total_ms=total),
+            timings=Timings(
+                queue_ms=q,
+                prefill_ms=p,
+                ttft_ms=ttft,
+                decode_ms=dec,
+                total_ms=total,
+                draft=draft,
+                draft_proposed=proposed,
+                draft_accepted=accepted,
+            ),
         )
     return Event(
         text=text,
@@ -159,6 +170,8 @@ def stats_to_wire(s: EngineStats) -> dict[str, Any]:
         "steps": s.steps,
         "generated_tokens": s.generated_tokens,
         "finished": dict(s.finished),
+        "draft_proposed": s.draft_proposed,
+        "draft_accepted": s.draft_accepted,
     }
 
 

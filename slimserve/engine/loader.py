@@ -8,6 +8,7 @@ the server holds either way: the artifact, the tokenizer and an engine, local or
 from __future__ import annotations
 
 import concurrent.futures
+import functools
 import logging
 import os
 import threading
@@ -15,16 +16,18 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Protocol, cast
 
 import torch
 
-from slimserve.engine.backends.base import Backend
+from slimserve.engine.backends.base import Backend, can_speculate
 from slimserve.engine.backends.select import Plan, build_backend, plans_for
-from slimserve.engine.config import ModelConfig
+from slimserve.engine.config import NGRAM, ModelConfig
 from slimserve.engine.errors import IntegrityFailure, LoadFailed
 from slimserve.engine.scheduler import Engine, EngineConfig, Sink
 from slimserve.engine.spec import kv_bytes_per_token
+from slimserve.engine.speculative import Drafter, ModelDrafter, NgramDrafter
 from slimserve.engine.types import (
     BackendInfo,
     EngineInfo,
@@ -36,7 +39,7 @@ from slimserve.engine.types import (
 )
 from slimserve.registry.artifact import load_model
 from slimserve.registry.errors import IntegrityError, RegistryError
-from slimserve.registry.store import Artifact
+from slimserve.registry.store import Artifact, Registry, parse_model_ref
 
 log = logging.getLogger(__name__)
 
@@ -176,9 +179,11 @@ def load(
     plan: Plan | None = None,
     refused: dict[str, str] | None = None,
     on_failure: Callable[[BaseException], None] | None = None,
+    draft: Artifact | None = None,
 ) -> LoadedModel:
     """Verify, load, build the backend, start the engine in this process and warm it up;
-    `on_failure` hears (on the worker thread) if the engine's loop itself dies.
+    `on_failure` hears (on the worker thread) if the engine's loop itself dies. With
+    `config.draft` a model, `draft` is its artifact (`resolve_draft`).
 
     Raises:
         IntegrityFailure: a file fails its checksum.
@@ -186,6 +191,8 @@ def load(
     """
     device = resolve_device(config.device)
     dtype = resolve_dtype(config.dtype, device)
+    forward_threads = configured_threads()
+    torch.set_num_threads(forward_threads)  # an earlier llama.cpp load may have lowered it
     try:
         model, tokenizer = load_model(artifact, device=device, dtype=dtype)
         max_seq_len = context_length(model, config, dtype)
@@ -203,7 +210,12 @@ def load(
         why = f"{type(exc).__name__}: {exc}"
         raise LoadFailed(f"{artifact.ref} could not be loaded: {why}") from exc
     del model  # the backend holds its own copy of the weights (torch tensors or llama.cpp)
+    drafter = _drafter(config, artifact, draft, plan=plan, backend=backend, max_seq_len=max_seq_len)
     _return_freed_memory()
+    if plan.backend == "llamacpp":
+        # llama.cpp's own pool runs the forward; torch only picks tokens. Its intra-op
+        # threads would spin on the same cores as llama.cpp's workers and slow both.
+        torch.set_num_threads(1)
     if backend_hook is not None:
         backend = backend_hook(backend)
     info = EngineInfo(
@@ -219,11 +231,14 @@ def load(
         device=str(backend.device),
         dtype=plan.dtype if plan.backend != "hf" else str(dtype).removeprefix("torch."),
         max_context=max_seq_len,
-        threads=torch.get_num_threads(),
+        threads=forward_threads,
         pid=os.getpid(),
         in_process=True,
         eos_token_ids=tuple(sorted(eos_ids)),
         refused=dict(refused or {}),
+        draft=drafter.name if drafter is not None else "",
+        draft_tokens=config.draft_tokens if drafter is not None else 0,
+        torch_threads=torch.get_num_threads(),
     )
     engine = Engine(
         backend,
@@ -233,8 +248,10 @@ def load(
             eos_token_ids=eos_ids,
             score_step_tokens=config.score_step_tokens,
             max_score_tokens=config.max_score_tokens,
+            draft_tokens=config.draft_tokens,
         ),
         info=info,
+        drafter=drafter,
     )
     engine.on_failure = on_failure
     engine.start()
@@ -245,6 +262,70 @@ def load(
         warm_up(loaded)
     log.info("serving %s with %s on %s/%s", artifact.ref, info.kernels, device, info.dtype)
     return loaded
+
+
+@functools.cache
+def configured_threads() -> int:
+    """Threads for the forward pass: torch's count when this process first loaded a model
+    (what `serve --threads` set), before any llama.cpp load lowered torch's own pool."""
+    return torch.get_num_threads()
+
+
+def resolve_draft(registry_root: Path, config: ModelConfig) -> Artifact | None:
+    """The draft model's artifact when `config.draft` names one (None for none or ngram).
+
+    Raises:
+        RegistryError: no such model or version.
+    """
+    if config.draft is None or config.draft == NGRAM:
+        return None
+    name, ref = parse_model_ref(config.draft)
+    return Registry(registry_root).get(name, ref)
+
+
+def _drafter(
+    config: ModelConfig,
+    target: Artifact,
+    draft: Artifact | None,
+    *,
+    plan: Plan,
+    backend: Backend,
+    max_seq_len: int,
+) -> Drafter | None:
+    """The drafter `config.draft` asks for, its model loaded like the target's.
+
+    Raises:
+        LoadFailed: the target's backend cannot verify drafts, the draft model is missing,
+            does not share the target's tokenizer, or cannot be loaded.
+    """
+    if config.draft is None:
+        return None
+    if not can_speculate(backend):
+        raise LoadFailed(f"{target.ref}'s backend {backend.name} cannot verify drafts")
+    if config.draft == NGRAM:
+        return NgramDrafter()
+    if draft is None:
+        raise LoadFailed(f"draft model {config.draft} was not resolved in the registry")
+    mine, theirs = (a.files.get("tokenizer.json", {}).get("sha256") for a in (target, draft))
+    if mine is None or mine != theirs:
+        raise LoadFailed(
+            f"draft {draft.ref} does not share {target.ref}'s tokenizer (tokenizer.json differs)"
+        )
+    try:
+        model, _ = load_model(draft, device=torch.device(str(backend.device)), dtype=torch.float32)
+        tokenizer_json = draft.path / "tokenizer.json"
+        plans, _ = plans_for(model, config, tokenizer_json)
+        # The draft runs on the target's kind of backend (same threads, same kernels).
+        same = [p for p in plans if p.backend == plan.backend] or plans
+        draft_backend = build_backend(model, config, max_seq_len, tokenizer_json, same[0])
+    except IntegrityError as exc:
+        raise IntegrityFailure(str(exc)) from exc
+    except Exception as exc:
+        why = f"{type(exc).__name__}: {exc}"
+        raise LoadFailed(f"draft {draft.ref} could not be loaded: {why}") from exc
+    if not can_speculate(draft_backend) or draft_backend.vocab_size != backend.vocab_size:
+        raise LoadFailed(f"draft {draft.ref} cannot draft for {target.ref}: vocabulary differs")
+    return ModelDrafter(draft_backend, draft.ref)  # type: ignore[arg-type]
 
 
 def describe_plan(plan: Plan) -> str:

@@ -98,7 +98,7 @@ def child_main(conn: Connection, spec: ChildSpec) -> None:
     """Entry point of an engine process (configures its own logging)."""
     import torch
 
-    from slimserve.engine.loader import load
+    from slimserve.engine.loader import load, resolve_draft
     from slimserve.registry.store import Registry
 
     logging.basicConfig(
@@ -119,7 +119,8 @@ def child_main(conn: Connection, spec: ChildSpec) -> None:
         artifact = Registry(Path(spec.registry)).get(spec.name, str(spec.version))
         plan = Plan.from_dict(spec.plan) if spec.plan else None
         config = model_config_from_dict(spec.config)
-        loaded = load(artifact, config, plan=plan, refused=spec.refused)
+        draft = resolve_draft(Path(spec.registry), config)
+        loaded = load(artifact, config, plan=plan, refused=spec.refused, draft=draft)
     except BaseException as exc:
         send(Tag.FAILED, ipc.error_to_wire(exc))
         return

@@ -23,11 +23,12 @@ from typing import Protocol
 
 import torch
 
-from slimserve.engine.backends.base import Backend
+from slimserve.engine.backends.base import Backend, can_speculate
 from slimserve.engine.errors import InvalidRequest, NotReady, Overloaded
 from slimserve.engine.sampling import select, token_logprob
 from slimserve.engine.scoring import ScoreQueue
 from slimserve.engine.sequence import Handle, ScoreJob, SeqState, Sequence
+from slimserve.engine.speculative import NO_PROPOSAL, Drafter, DraftRequest, Proposal, accept
 from slimserve.engine.text import Decoder
 from slimserve.engine.types import (
     BackendInfo,
@@ -60,10 +61,14 @@ class EngineConfig:
     score_step_tokens: int = 2048
     #: Tokens one Score call may put through the model (prompt + label - 1, summed).
     max_score_tokens: int = 65536
+    #: Draft tokens proposed per sequence and step, when the engine has a drafter.
+    draft_tokens: int = 4
 
     def __post_init__(self) -> None:
         if self.max_queue < 0:
             raise ValueError(f"max_queue must be >= 0, got {self.max_queue}")
+        if self.draft_tokens < 1:
+            raise ValueError(f"draft_tokens must be >= 1, got {self.draft_tokens}")
         if self.score_step_tokens < 1 or self.max_score_tokens < 1:
             raise ValueError("score_step_tokens and max_score_tokens must be >= 1")
 
@@ -97,8 +102,18 @@ class Engine:
         tokenizer: Tokenizer,
         config: EngineConfig,
         info: EngineInfo | None = None,
+        drafter: Drafter | None = None,
     ) -> None:
+        """`drafter` turns on speculative decoding (`slimserve.engine.speculative`); the
+        backend must then implement `SpeculativeBackend`.
+
+        Raises:
+            ValueError: a drafter for a backend that cannot verify drafts.
+        """
+        if drafter is not None and not can_speculate(backend):
+            raise ValueError(f"backend {backend.name} cannot verify drafts (no extend/truncate)")
         self.backend = backend
+        self.drafter = drafter
         #: How this engine serves (set by the loader; tests that build an engine may omit it).
         self.info: EngineInfo = info or _bare_info(backend)
         self.tokenizer = tokenizer
@@ -238,6 +253,8 @@ class Engine:
                 steps=s.steps,
                 generated_tokens=s.generated_tokens,
                 finished=dict(s.finished),
+                draft_proposed=s.draft_proposed,
+                draft_accepted=s.draft_accepted,
             )
 
     def shutdown(self, timeout: float = 10.0) -> None:
@@ -325,6 +342,8 @@ class Engine:
         seq.t_admit = time.monotonic()
         try:
             logits = self.backend.prefill(seq.slot, list(seq.req.prompt_ids))
+            if self.drafter is not None:
+                self.drafter.begin(seq.slot, seq.req.prompt_ids)
         except Exception as exc:
             self._fail(seq, exc)
             return
@@ -334,6 +353,10 @@ class Engine:
 
     def _decode_step(self) -> None:
         batch = list(self._running)
+        proposals = self._propose(batch) if self.drafter is not None else None
+        if proposals is not None:
+            self._verify_step(batch, proposals)
+            return
         try:
             slots = [s.slot for s in batch if s.slot is not None]
             logits = self.backend.decode(slots, [s.last_token for s in batch])
@@ -348,6 +371,94 @@ class Engine:
             picks = logits.argmax(dim=-1).tolist()  # one call for the common case
         for i, seq in enumerate(batch):
             self._advance(seq, picks[i], logits[i])
+
+    # ---- speculative decoding ---------------------------------------------------------
+    def _draft_room(self, seq: Sequence) -> int:
+        """Draft tokens `seq` can take this step: none under a repetition penalty (it
+        depends on every token before), else as many as fit its limits after one more."""
+        if seq.req.sampling.repetition_penalty != 1.0:
+            return 0
+        done = len(seq.generated)
+        return max(
+            0,
+            min(
+                self.config.draft_tokens,
+                seq.req.stopping.max_new_tokens - done - 1,
+                self.backend.max_seq_len - len(seq.req.prompt_ids) - done - 1,
+            ),
+        )
+
+    def _propose(self, batch: list[Sequence]) -> list[Proposal] | None:
+        """A proposal per sequence of `batch`, or None when there is none at all (the step
+        is then a plain decode). A drafter that fails is dropped, not the requests."""
+        assert self.drafter is not None
+        asks, where = [], []
+        for i, seq in enumerate(batch):
+            k = self._draft_room(seq)
+            if k > 0 and seq.slot is not None:
+                asks.append(DraftRequest(seq.slot, seq.tokens, k, seq.req.sampling, seq.generator))
+                where.append(i)
+        if not asks:
+            return None
+        try:
+            got = self.drafter.propose(asks)
+        except Exception:
+            log.exception("the drafter %s failed; decoding without drafts", self.drafter.name)
+            self.drafter = None
+            return None
+        if not any(p.tokens for p in got):
+            return None
+        out = [NO_PROPOSAL] * len(batch)
+        for i, ask, p in zip(where, asks, got, strict=True):
+            k = min(ask.k, len(p.tokens))  # a drafter may not propose more than asked
+            out[i] = Proposal(p.tokens[:k], p.probs[:k] if p.probs is not None else None)
+        return out
+
+    def _verify_step(self, batch: list[Sequence], proposals: list[Proposal]) -> None:
+        """Run each sequence's last token and its draft through the target in one pass and
+        emit what the acceptance rule keeps (1 to k + 1 tokens each)."""
+        assert self.drafter is not None
+        drafter = self.drafter
+        try:
+            slots = [s.slot for s in batch if s.slot is not None]
+            inputs = [[s.last_token, *p.tokens] for s, p in zip(batch, proposals, strict=True)]
+            rows = self.backend.extend(slots, inputs)  # type: ignore[attr-defined]
+        except Exception as exc:
+            for seq in batch:
+                self._fail(seq, exc)
+            return
+        # First what each sequence keeps (caches rolled back, counts taken), then the
+        # events: a consumer that sees a finish sees the engine's counts include it.
+        kept: list[tuple[Sequence, list[int], torch.Tensor]] = []
+        proposed = accepted = 0
+        for seq, prop, logits in zip(batch, proposals, rows, strict=True):
+            try:
+                if prop.tokens:
+                    emitted = accept(logits, prop, seq.req.sampling, seq.generator)
+                else:
+                    emitted = [self._pick(seq, logits[0])]
+                committed = len(seq.tokens) + len(emitted)
+                assert seq.slot is not None
+                if len(emitted) <= len(prop.tokens):  # drop the rejected drafts' cache
+                    self.backend.truncate(seq.slot, committed - 1)  # type: ignore[attr-defined]
+                drafter.accept(seq.slot, committed)
+            except Exception as exc:
+                self._fail(seq, exc)
+                continue
+            seq.draft_proposed += len(prop.tokens)
+            seq.draft_accepted += len(emitted) - 1
+            proposed += len(prop.tokens)
+            accepted += len(emitted) - 1
+            kept.append((seq, emitted, logits))
+        with self._cond:
+            self._stats.steps += 1
+            self._stats.draft_proposed += proposed
+            self._stats.draft_accepted += accepted
+        for seq, emitted, logits in kept:
+            for j, tok in enumerate(emitted):
+                self._advance(seq, tok, logits[j])
+                if seq.state is SeqState.FINISHED:
+                    break
 
     def _advance(self, seq: Sequence, token: int | None, logits: torch.Tensor) -> None:
         """Pick (unless given) and emit one token; a failure ends only this request."""
@@ -369,6 +480,7 @@ class Engine:
             seq.t_first = now
         seq.t_last = now
         seq.generated.append(token)
+        seq.tokens.append(token)
         seq.last_token = token
         lp: tuple[TokenLogprob, ...] = ()
         if seq.req.logprobs:
@@ -420,6 +532,9 @@ class Engine:
             ttft_ms=(t_first - seq.t_arrival) * 1e3 if seq.generated else 0.0,
             decode_ms=(seq.t_last - t_first) * 1e3 if seq.generated else 0.0,
             total_ms=(now - seq.t_arrival) * 1e3,
+            draft=self.drafter.name if self.drafter is not None else "",
+            draft_proposed=seq.draft_proposed,
+            draft_accepted=seq.draft_accepted,
         )
         finish = Finish(
             reason=reason,
@@ -447,6 +562,8 @@ class Engine:
         seq.state = SeqState.FINISHED
         if seq.slot is not None:
             self.backend.release(seq.slot)
+            if self.drafter is not None:
+                self.drafter.release(seq.slot)
             with self._cond:
                 self._free.append(seq.slot)
             seq.slot = None

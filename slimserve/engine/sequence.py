@@ -52,6 +52,8 @@ class Sequence:
 
     __slots__ = (
         "detok",
+        "draft_accepted",
+        "draft_proposed",
         "generated",
         "generator",
         "handle",
@@ -66,6 +68,7 @@ class Sequence:
         "t_arrival",
         "t_first",
         "t_last",
+        "tokens",
     )
 
     def __init__(self, req: GenerationRequest, sink: Sink, handle: Handle, tok: Decoder) -> None:
@@ -76,6 +79,8 @@ class Sequence:
         #: The KV-cache slot while RUNNING.
         self.slot: int | None = None
         self.generated: list[int] = []
+        #: The prompt and every generated token (what a drafter looks back on).
+        self.tokens: list[int] = list(req.prompt_ids)
         self.last_token = -1
         self.detok = IncrementalDetokenizer(tok, req.prompt_ids)
         self.stops = StopMatcher(req.stopping.stop_sequences)
@@ -83,6 +88,7 @@ class Sequence:
         self.t_arrival = time.monotonic()
         self.t_admit = self.t_first = self.t_last = 0.0
         self.prefill_ms = 0.0
+        self.draft_proposed = self.draft_accepted = 0
 
     def expired_reason(self, now: float) -> StopReason | None:
         """Why the request must stop now, if it must: cancelled, deadline or time limit."""

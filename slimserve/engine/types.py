@@ -69,6 +69,15 @@ class Timings:
     ttft_ms: float
     decode_ms: float
     total_ms: float
+    #: The drafter that proposed tokens for this request ("" = none).
+    draft: str = ""
+    #: Draft tokens proposed, and how many of them the target accepted.
+    draft_proposed: int = 0
+    draft_accepted: int = 0
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.draft_accepted / self.draft_proposed if self.draft_proposed else 0.0
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -99,6 +108,9 @@ class EngineStats:
     steps: int = 0
     generated_tokens: int = 0
     finished: dict[str, int] = field(default_factory=dict)
+    #: Draft tokens proposed and accepted over the engine's life (speculative decoding).
+    draft_proposed: int = 0
+    draft_accepted: int = 0
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -138,6 +150,12 @@ class EngineInfo:
     refused: dict[str, str] = field(default_factory=dict)
     #: The serving plan's measurements (decode tokens/s, perplexity ratio, ...).
     measured: dict[str, float] = field(default_factory=dict)
+    #: The drafter of speculative decoding ("" = none), and tokens it proposes per step.
+    draft: str = ""
+    draft_tokens: int = 0
+    #: Threads of torch's intra-op pool in the engine (sampling, logits), set apart from
+    #: `threads` so the two pools do not contend for the same cores.
+    torch_threads: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)

@@ -12,6 +12,7 @@ from typing import Any
 from slimserve.engine.errors import InvalidRequest
 from slimserve.engine.loader import LoadedModel
 from slimserve.engine.types import (
+    EngineStats,
     Event,
     Finish,
     GenerationRequest,
@@ -248,6 +249,10 @@ def fill_finish(msg: Any, finish: Finish) -> None:
     msg.timings.ttft_ms = t.ttft_ms
     msg.timings.decode_ms = t.decode_ms
     msg.timings.total_ms = t.total_ms
+    msg.timings.draft = t.draft
+    msg.timings.draft_proposed = t.draft_proposed
+    msg.timings.draft_accepted = t.draft_accepted
+    msg.timings.draft_acceptance_rate = t.acceptance_rate
 
 
 def stream_message(
@@ -283,9 +288,18 @@ def unary_response(
     return msg
 
 
-def model_info(model: LoadedModel, *, is_default: bool, aliases: list[str]) -> models_pb.ModelInfo:
+def model_info(
+    model: LoadedModel,
+    *,
+    is_default: bool,
+    aliases: list[str],
+    stats: EngineStats | None = None,
+) -> models_pb.ModelInfo:
+    """`stats` (the engine's, when the caller has them) fill the draft's running counts."""
     m = model.artifact.manifest
     info = model.info
+    proposed = stats.draft_proposed if stats is not None else 0
+    accepted = stats.draft_accepted if stats is not None else 0
     metrics = {k: float(v) for k, v in m.metrics.items() if _is_number(v)}
     return models_pb.ModelInfo(
         name=model.name,
@@ -314,6 +328,12 @@ def model_info(model: LoadedModel, *, is_default: bool, aliases: list[str]) -> m
         measured={k: float(v) for k, v in info.measured.items() if _is_number(v)},
         engine_pid=0 if info.in_process else info.pid,
         engine_restarts=model.engine.restarts,
+        draft=info.draft,
+        draft_tokens=info.draft_tokens,
+        draft_proposed=proposed,
+        draft_accepted=accepted,
+        draft_acceptance_rate=accepted / proposed if proposed else 0.0,
+        torch_threads=info.torch_threads,
     )
 
 

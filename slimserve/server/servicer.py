@@ -279,17 +279,21 @@ class ModelServicer(models_grpc.ModelServiceServicer):
     def __init__(self, models: ModelManager) -> None:
         self.models = models
 
-    def _info(self, model: LoadedModel) -> models_pb.ModelInfo:
+    async def _info(self, model: LoadedModel) -> models_pb.ModelInfo:
         aliases = self.models.registry.aliases_of(model.name, model.artifact.version)
+        stats = None
+        if model.info.draft and model.engine.serving:  # the draft's running acceptance
+            stats = await asyncio.to_thread(model.engine.stats)  # a pipe round trip
         return convert.model_info(
-            model, is_default=model.name == self.models.default_name, aliases=aliases
+            model, is_default=model.name == self.models.default_name, aliases=aliases, stats=stats
         )
 
     async def ListModels(
         self, request: models_pb.ListModelsRequest, context: grpc.aio.ServicerContext
     ) -> models_pb.ListModelsResponse:
         async def run() -> models_pb.ListModelsResponse:
-            return models_pb.ListModelsResponse(models=[self._info(m) for m in self.models.all()])
+            infos = [await self._info(m) for m in self.models.all()]
+            return models_pb.ListModelsResponse(models=infos)
 
         return await guard(context, run)
 
@@ -297,7 +301,7 @@ class ModelServicer(models_grpc.ModelServiceServicer):
         self, request: models_pb.GetModelInfoRequest, context: grpc.aio.ServicerContext
     ) -> models_pb.ModelInfo:
         async def run() -> models_pb.ModelInfo:
-            return self._info(self.models.get(request.name, request.ref))
+            return await self._info(self.models.get(request.name, request.ref))
 
         return await guard(context, run)
 
@@ -309,7 +313,7 @@ class ModelServicer(models_grpc.ModelServiceServicer):
                 self.models.load, request.name, request.ref, make_default=request.make_default
             )
             logs.annotate(model=loaded.ref)
-            return models_pb.LoadModelResponse(model=self._info(loaded))
+            return models_pb.LoadModelResponse(model=await self._info(loaded))
 
         return await guard(context, run)
 

@@ -343,6 +343,10 @@ class Timings(_message.Message):
     TTFT_MS_FIELD_NUMBER: _builtins.int
     DECODE_MS_FIELD_NUMBER: _builtins.int
     TOTAL_MS_FIELD_NUMBER: _builtins.int
+    DRAFT_FIELD_NUMBER: _builtins.int
+    DRAFT_PROPOSED_FIELD_NUMBER: _builtins.int
+    DRAFT_ACCEPTED_FIELD_NUMBER: _builtins.int
+    DRAFT_ACCEPTANCE_RATE_FIELD_NUMBER: _builtins.int
     queue_ms: _builtins.float
     """Waiting for a batch slot."""
     prefill_ms: _builtins.float
@@ -353,6 +357,15 @@ class Timings(_message.Message):
     """First to last generated token."""
     total_ms: _builtins.float
     """Arrival to completion."""
+    draft: _builtins.str
+    """Speculative decoding: the drafter ("ngram" or a draft model "name@version"; empty
+    when the model serves without one), the tokens it proposed for this request and how
+    many the model accepted. The output is the same as without a draft.
+    """
+    draft_proposed: _builtins.int
+    draft_accepted: _builtins.int
+    draft_acceptance_rate: _builtins.float
+    """draft_accepted / draft_proposed (0 when nothing was proposed)."""
     def __init__(
         self,
         *,
@@ -361,10 +374,14 @@ class Timings(_message.Message):
         ttft_ms: _builtins.float = ...,
         decode_ms: _builtins.float = ...,
         total_ms: _builtins.float = ...,
+        draft: _builtins.str = ...,
+        draft_proposed: _builtins.int = ...,
+        draft_accepted: _builtins.int = ...,
+        draft_acceptance_rate: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["decode_ms", b"decode_ms", "prefill_ms", b"prefill_ms", "queue_ms", b"queue_ms", "total_ms", b"total_ms", "ttft_ms", b"ttft_ms"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["decode_ms", b"decode_ms", "draft", b"draft", "draft_acceptance_rate", b"draft_acceptance_rate", "draft_accepted", b"draft_accepted", "draft_proposed", b"draft_proposed", "prefill_ms", b"prefill_ms", "queue_ms", b"queue_ms", "total_ms", b"total_ms", "ttft_ms", b"ttft_ms"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

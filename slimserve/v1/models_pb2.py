@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19slimserve/v1/models.proto\x12\x0cslimserve.v1\"\xef\x05\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\r\x12\x0f\n\x07\x61liases\x18\x03 \x03(\t\x12\x0e\n\x06\x64igest\x18\x04 \x01(\t\x12\x0e\n\x06parent\x18\x05 \x01(\t\x12\x0e\n\x06source\x18\x06 \x01(\t\x12\x0e\n\x06recipe\x18\x07 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x08 \x01(\t\x12\r\n\x05\x64type\x18\t \x01(\t\x12\x0f\n\x07\x62\x61\x63kend\x18\n \x01(\t\x12\x14\n\x0cquantization\x18\x0b \x01(\t\x12\x12\n\nparameters\x18\x0c \x01(\x04\x12\x13\n\x0bmax_context\x18\r \x01(\r\x12\x11\n\tmax_batch\x18\x0e \x01(\r\x12\x1d\n\x15kv_bytes_per_sequence\x18\x0f \x01(\x04\x12\x19\n\x11has_chat_template\x18\x10 \x01(\x08\x12\x35\n\x07metrics\x18\x11 \x03(\x0b\x32$.slimserve.v1.ModelInfo.MetricsEntry\x12\x12\n\nis_default\x18\x12 \x01(\x08\x12\r\n\x05state\x18\x13 \x01(\t\x12\x0c\n\x04plan\x18\x14 \x01(\t\x12\x0f\n\x07kernels\x18\x15 \x01(\t\x12\x0f\n\x07threads\x18\x16 \x01(\r\x12\x35\n\x07refused\x18\x17 \x03(\x0b\x32$.slimserve.v1.ModelInfo.RefusedEntry\x12\x37\n\x08measured\x18\x18 \x03(\x0b\x32%.slimserve.v1.ModelInfo.MeasuredEntry\x12\x12\n\nengine_pid\x18\x19 \x01(\r\x12\x17\n\x0f\x65ngine_restarts\x18\x1a \x01(\r\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x1a.\n\x0cRefusedEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x1a/\n\rMeasuredEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\x13\n\x11ListModelsRequest\"=\n\x12ListModelsResponse\x12\'\n\x06models\x18\x01 \x03(\x0b\x32\x17.slimserve.v1.ModelInfo\"0\n\x13GetModelInfoRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0b\n\x03ref\x18\x02 \x01(\t\"C\n\x10LoadModelRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0b\n\x03ref\x18\x02 \x01(\t\x12\x14\n\x0cmake_default\x18\x03 \x01(\x08\";\n\x11LoadModelResponse\x12&\n\x05model\x18\x01 \x01(\x0b\x32\x17.slimserve.v1.ModelInfo\"\"\n\x12UnloadModelRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"\x15\n\x13UnloadModelResponse2\xcd\x02\n\x0cModelService\x12O\n\nListModels\x12\x1f.slimserve.v1.ListModelsRequest\x1a .slimserve.v1.ListModelsResponse\x12J\n\x0cGetModelInfo\x12!.slimserve.v1.GetModelInfoRequest\x1a\x17.slimserve.v1.ModelInfo\x12L\n\tLoadModel\x12\x1e.slimserve.v1.LoadModelRequest\x1a\x1f.slimserve.v1.LoadModelResponse\x12R\n\x0bUnloadModel\x12 .slimserve.v1.UnloadModelRequest\x1a!.slimserve.v1.UnloadModelResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19slimserve/v1/models.proto\x12\x0cslimserve.v1\"\xfa\x06\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\r\x12\x0f\n\x07\x61liases\x18\x03 \x03(\t\x12\x0e\n\x06\x64igest\x18\x04 \x01(\t\x12\x0e\n\x06parent\x18\x05 \x01(\t\x12\x0e\n\x06source\x18\x06 \x01(\t\x12\x0e\n\x06recipe\x18\x07 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x08 \x01(\t\x12\r\n\x05\x64type\x18\t \x01(\t\x12\x0f\n\x07\x62\x61\x63kend\x18\n \x01(\t\x12\x14\n\x0cquantization\x18\x0b \x01(\t\x12\x12\n\nparameters\x18\x0c \x01(\x04\x12\x13\n\x0bmax_context\x18\r \x01(\r\x12\x11\n\tmax_batch\x18\x0e \x01(\r\x12\x1d\n\x15kv_bytes_per_sequence\x18\x0f \x01(\x04\x12\x19\n\x11has_chat_template\x18\x10 \x01(\x08\x12\x35\n\x07metrics\x18\x11 \x03(\x0b\x32$.slimserve.v1.ModelInfo.MetricsEntry\x12\x12\n\nis_default\x18\x12 \x01(\x08\x12\r\n\x05state\x18\x13 \x01(\t\x12\x0c\n\x04plan\x18\x14 \x01(\t\x12\x0f\n\x07kernels\x18\x15 \x01(\t\x12\x0f\n\x07threads\x18\x16 \x01(\r\x12\x35\n\x07refused\x18\x17 \x03(\x0b\x32$.slimserve.v1.ModelInfo.RefusedEntry\x12\x37\n\x08measured\x18\x18 \x03(\x0b\x32%.slimserve.v1.ModelInfo.MeasuredEntry\x12\x12\n\nengine_pid\x18\x19 \x01(\r\x12\x17\n\x0f\x65ngine_restarts\x18\x1a \x01(\r\x12\r\n\x05\x64raft\x18\x1b \x01(\t\x12\x14\n\x0c\x64raft_tokens\x18\x1c \x01(\r\x12\x16\n\x0e\x64raft_proposed\x18\x1d \x01(\x04\x12\x16\n\x0e\x64raft_accepted\x18\x1e \x01(\x04\x12\x1d\n\x15\x64raft_acceptance_rate\x18\x1f \x01(\x01\x12\x15\n\rtorch_threads\x18  \x01(\r\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x1a.\n\x0cRefusedEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x1a/\n\rMeasuredEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\x13\n\x11ListModelsRequest\"=\n\x12ListModelsResponse\x12\'\n\x06models\x18\x01 \x03(\x0b\x32\x17.slimserve.v1.ModelInfo\"0\n\x13GetModelInfoRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0b\n\x03ref\x18\x02 \x01(\t\"C\n\x10LoadModelRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0b\n\x03ref\x18\x02 \x01(\t\x12\x14\n\x0cmake_default\x18\x03 \x01(\x08\";\n\x11LoadModelResponse\x12&\n\x05model\x18\x01 \x01(\x0b\x32\x17.slimserve.v1.ModelInfo\"\"\n\x12UnloadModelRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"\x15\n\x13UnloadModelResponse2\xcd\x02\n\x0cModelService\x12O\n\nListModels\x12\x1f.slimserve.v1.ListModelsRequest\x1a .slimserve.v1.ListModelsResponse\x12J\n\x0cGetModelInfo\x12!.slimserve.v1.GetModelInfoRequest\x1a\x17.slimserve.v1.ModelInfo\x12L\n\tLoadModel\x12\x1e.slimserve.v1.LoadModelRequest\x1a\x1f.slimserve.v1.LoadModelResponse\x12R\n\x0bUnloadModel\x12 .slimserve.v1.UnloadModelRequest\x1a!.slimserve.v1.UnloadModelResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -38,27 +38,27 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_MODELINFO_MEASUREDENTRY']._loaded_options = None
   _globals['_MODELINFO_MEASUREDENTRY']._serialized_options = b'8\001'
   _globals['_MODELINFO']._serialized_start=44
-  _globals['_MODELINFO']._serialized_end=795
-  _globals['_MODELINFO_METRICSENTRY']._serialized_start=652
-  _globals['_MODELINFO_METRICSENTRY']._serialized_end=698
-  _globals['_MODELINFO_REFUSEDENTRY']._serialized_start=700
-  _globals['_MODELINFO_REFUSEDENTRY']._serialized_end=746
-  _globals['_MODELINFO_MEASUREDENTRY']._serialized_start=748
-  _globals['_MODELINFO_MEASUREDENTRY']._serialized_end=795
-  _globals['_LISTMODELSREQUEST']._serialized_start=797
-  _globals['_LISTMODELSREQUEST']._serialized_end=816
-  _globals['_LISTMODELSRESPONSE']._serialized_start=818
-  _globals['_LISTMODELSRESPONSE']._serialized_end=879
-  _globals['_GETMODELINFOREQUEST']._serialized_start=881
-  _globals['_GETMODELINFOREQUEST']._serialized_end=929
-  _globals['_LOADMODELREQUEST']._serialized_start=931
-  _globals['_LOADMODELREQUEST']._serialized_end=998
-  _globals['_LOADMODELRESPONSE']._serialized_start=1000
-  _globals['_LOADMODELRESPONSE']._serialized_end=1059
-  _globals['_UNLOADMODELREQUEST']._serialized_start=1061
-  _globals['_UNLOADMODELREQUEST']._serialized_end=1095
-  _globals['_UNLOADMODELRESPONSE']._serialized_start=1097
-  _globals['_UNLOADMODELRESPONSE']._serialized_end=1118
-  _globals['_MODELSERVICE']._serialized_start=1121
-  _globals['_MODELSERVICE']._serialized_end=1454
+  _globals['_MODELINFO']._serialized_end=934
+  _globals['_MODELINFO_METRICSENTRY']._serialized_start=791
+  _globals['_MODELINFO_METRICSENTRY']._serialized_end=837
+  _globals['_MODELINFO_REFUSEDENTRY']._serialized_start=839
+  _globals['_MODELINFO_REFUSEDENTRY']._serialized_end=885
+  _globals['_MODELINFO_MEASUREDENTRY']._serialized_start=887
+  _globals['_MODELINFO_MEASUREDENTRY']._serialized_end=934
+  _globals['_LISTMODELSREQUEST']._serialized_start=936
+  _globals['_LISTMODELSREQUEST']._serialized_end=955
+  _globals['_LISTMODELSRESPONSE']._serialized_start=957
+  _globals['_LISTMODELSRESPONSE']._serialized_end=1018
+  _globals['_GETMODELINFOREQUEST']._serialized_start=1020
+  _globals['_GETMODELINFOREQUEST']._serialized_end=1068
+  _globals['_LOADMODELREQUEST']._serialized_start=1070
+  _globals['_LOADMODELREQUEST']._serialized_end=1137
+  _globals['_LOADMODELRESPONSE']._serialized_start=1139
+  _globals['_LOADMODELRESPONSE']._serialized_end=1198
+  _globals['_UNLOADMODELREQUEST']._serialized_start=1200
+  _globals['_UNLOADMODELREQUEST']._serialized_end=1234
+  _globals['_UNLOADMODELRESPONSE']._serialized_start=1236
+  _globals['_UNLOADMODELRESPONSE']._serialized_end=1257
+  _globals['_MODELSERVICE']._serialized_start=1260
+  _globals['_MODELSERVICE']._serialized_end=1593
 # @@protoc_insertion_point(module_scope)

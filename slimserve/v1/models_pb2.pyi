@@ -108,6 +108,12 @@ class ModelInfo(_message.Message):
     MEASURED_FIELD_NUMBER: _builtins.int
     ENGINE_PID_FIELD_NUMBER: _builtins.int
     ENGINE_RESTARTS_FIELD_NUMBER: _builtins.int
+    DRAFT_FIELD_NUMBER: _builtins.int
+    DRAFT_TOKENS_FIELD_NUMBER: _builtins.int
+    DRAFT_PROPOSED_FIELD_NUMBER: _builtins.int
+    DRAFT_ACCEPTED_FIELD_NUMBER: _builtins.int
+    DRAFT_ACCEPTANCE_RATE_FIELD_NUMBER: _builtins.int
+    TORCH_THREADS_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     version: _builtins.int
     digest: _builtins.str
@@ -148,6 +154,18 @@ class ModelInfo(_message.Message):
     """The engine process serving it (0 when the engine runs in the server process)."""
     engine_restarts: _builtins.int
     """Times its engine process was restarted after dying."""
+    draft: _builtins.str
+    """Speculative decoding: the drafter (empty = none), tokens drafted per step, and what it
+    proposed and the model accepted since the engine started.
+    """
+    draft_tokens: _builtins.int
+    draft_proposed: _builtins.int
+    draft_accepted: _builtins.int
+    draft_acceptance_rate: _builtins.float
+    torch_threads: _builtins.int
+    """Threads of torch's pool in the engine (token selection); kept apart from `threads`
+    (the forward pass's) so that two pools do not spin on the same cores.
+    """
     @_builtins.property
     def aliases(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Aliases that pointed at this version when it was loaded."""
@@ -197,10 +215,16 @@ class ModelInfo(_message.Message):
         measured: _abc.Mapping[_builtins.str, _builtins.float] | None = ...,
         engine_pid: _builtins.int = ...,
         engine_restarts: _builtins.int = ...,
+        draft: _builtins.str = ...,
+        draft_tokens: _builtins.int = ...,
+        draft_proposed: _builtins.int = ...,
+        draft_accepted: _builtins.int = ...,
+        draft_acceptance_rate: _builtins.float = ...,
+        torch_threads: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["aliases", b"aliases", "backend", b"backend", "device", b"device", "digest", b"digest", "dtype", b"dtype", "engine_pid", b"engine_pid", "engine_restarts", b"engine_restarts", "has_chat_template", b"has_chat_template", "is_default", b"is_default", "kernels", b"kernels", "kv_bytes_per_sequence", b"kv_bytes_per_sequence", "max_batch", b"max_batch", "max_context", b"max_context", "measured", b"measured", "metrics", b"metrics", "name", b"name", "parameters", b"parameters", "parent", b"parent", "plan", b"plan", "quantization", b"quantization", "recipe", b"recipe", "refused", b"refused", "source", b"source", "state", b"state", "threads", b"threads", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["aliases", b"aliases", "backend", b"backend", "device", b"device", "digest", b"digest", "draft", b"draft", "draft_acceptance_rate", b"draft_acceptance_rate", "draft_accepted", b"draft_accepted", "draft_proposed", b"draft_proposed", "draft_tokens", b"draft_tokens", "dtype", b"dtype", "engine_pid", b"engine_pid", "engine_restarts", b"engine_restarts", "has_chat_template", b"has_chat_template", "is_default", b"is_default", "kernels", b"kernels", "kv_bytes_per_sequence", b"kv_bytes_per_sequence", "max_batch", b"max_batch", "max_context", b"max_context", "measured", b"measured", "metrics", b"metrics", "name", b"name", "parameters", b"parameters", "parent", b"parent", "plan", b"plan", "quantization", b"quantization", "recipe", b"recipe", "refused", b"refused", "source", b"source", "state", b"state", "threads", b"threads", "torch_threads", b"torch_threads", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -82,6 +82,33 @@ def check_decode(
             raise ValueError(f"slot {slot} is full ({max_seq_len} tokens)")
 
 
+def check_extend(
+    slots: list[int], token_ids: list[list[int]], lengths: list[int], max_seq_len: int, vocab: int
+) -> None:
+    """Refuse an extend step a backend cannot take: at least one token per distinct,
+    prefilled slot, all of them fitting the slot, and every token in the vocabulary."""
+    if len(slots) != len(token_ids) or not slots or not all(token_ids):
+        raise ValueError(f"need tokens for each of {len(slots)} slots, got {len(token_ids)}")
+    if len(set(slots)) != len(slots):
+        raise ValueError(f"slots repeat in one extend step: {slots}")
+    for slot, toks in zip(slots, token_ids, strict=True):
+        check_ids(toks, vocab)
+        check_slot(slot, len(lengths))
+        if lengths[slot] == 0:
+            raise ValueError(f"slot {slot} is free: prefill it before extending")
+        if lengths[slot] + len(toks) > max_seq_len:
+            raise ValueError(
+                f"slot {slot} holds {lengths[slot]} tokens; {len(toks)} more exceed {max_seq_len}"
+            )
+
+
+def check_truncate(slot: int, length: int, lengths: list[int]) -> None:
+    """Refuse keeping more tokens than `slot` holds, or none (that is `release`)."""
+    check_slot(slot, len(lengths))
+    if not 0 < length <= lengths[slot]:
+        raise ValueError(f"slot {slot} holds {lengths[slot]} tokens; cannot keep {length}")
+
+
 @dataclass(frozen=True, slots=True)
 class ScorePlan:
     """What a batch of Score jobs needs computed, shared by every backend's `score_batch`.
@@ -182,3 +209,26 @@ class Backend(Protocol):
     def kv_bytes_per_slot(self) -> int:
         """Bytes of KV cache one slot can occupy at `max_seq_len`."""
         ...
+
+
+class SpeculativeBackend(Backend, Protocol):
+    """A backend that can verify drafts: several tokens into a slot at once, and back."""
+
+    def extend(self, slots: list[int], token_ids: list[list[int]]) -> list[torch.Tensor]:
+        """Append `token_ids[i]` to `slots[i]` (each already prefilled) in one pass.
+
+        Returns, per slot, the float32 logits at every appended position, (T_i, vocab); they
+        may be views that are valid only until the backend's next call.
+        """
+        ...
+
+    def truncate(self, slot: int, length: int) -> None:
+        """Keep only the first `length` (> 0) cached tokens of `slot`."""
+        ...
+
+
+def can_speculate(backend: object) -> bool:
+    """Whether `backend` implements `SpeculativeBackend`'s extend and truncate."""
+    return callable(getattr(backend, "extend", None)) and callable(
+        getattr(backend, "truncate", None)
+    )

@@ -31,8 +31,10 @@ import torch.nn.functional as F  # noqa: N812
 from slimserve.engine.backends.base import (
     ScorePlan,
     check_decode,
+    check_extend,
     check_ids,
     check_slot,
+    check_truncate,
     prompt_logprobs_from,
 )
 from slimserve.engine.spec import LlamaShape
@@ -374,6 +376,48 @@ class LlamaBackend:
         tokens = torch.tensor(token_ids, device=self.device).view(b, 1)
         hidden = self._forward(tokens, pos.view(b, 1), attention)
         return self._logits(hidden[:, 0])
+
+    def extend(self, slots: list[int], token_ids: list[list[int]]) -> list[torch.Tensor]:
+        """Append several tokens to each slot (a speculative step's verification); returns
+        each slot's float32 logits at every appended position, (T_i, vocab).
+
+        One forward per slot: drafts are a handful of tokens, and rows of unequal lengths
+        would need padding and a ragged mask for little gain on these backends.
+
+        Raises:
+            ValueError: as `decode`, or tokens that do not fit a slot.
+        """
+        check_extend(slots, token_ids, self._lengths, self.max_seq_len, self.vocab_size)
+        out = []
+        with torch.inference_mode():
+            for slot, toks in zip(slots, token_ids, strict=True):
+                out.append(self._extend_one(slot, toks))
+                self._lengths[slot] += len(toks)
+        return out
+
+    def _extend_one(self, slot: int, token_ids: list[int]) -> torch.Tensor:
+        start, t = self._lengths[slot], len(token_ids)
+        end = start + t
+        positions = self._arange[start:end]  # (T,)
+        # Query i (at start + i) sees cache positions 0..start + i.
+        mask = (self._arange[:end][None, :] <= positions[:, None]).view(1, 1, t, end)
+
+        def attention(i: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+            self._k_cache[i, slot, :, start:end] = k[0]  # (Hkv, T, D)
+            self._v_cache[i, slot, :, start:end] = v[0]
+            keys = self._k_cache[i, slot : slot + 1, :, :end]  # (1, Hkv, end, D)
+            values = self._v_cache[i, slot : slot + 1, :, :end]
+            out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=True)
+            return out.transpose(1, 2).reshape(1, t, -1)  # (1, T, H * D)
+
+        tokens = torch.tensor([token_ids], device=self.device)  # (1, T)
+        hidden = self._forward(tokens, positions[None], attention)
+        return self._logits(hidden[0])  # (T, vocab)
+
+    def truncate(self, slot: int, length: int) -> None:
+        """Keep the first `length` cached tokens of `slot` (later positions are masked)."""
+        check_truncate(slot, length, self._lengths)
+        self._lengths[slot] = length
 
     def release(self, slot: int) -> None:
         """Forget `slot`'s cache (the memory stays allocated for the next prefill)."""

@@ -34,8 +34,10 @@ from slimserve.engine.backends.base import (
     LOGPROB_ROWS,
     ScorePlan,
     check_decode,
+    check_extend,
     check_ids,
     check_slot,
+    check_truncate,
     prompt_logprobs_from,
 )
 from slimserve.engine.backends.gguf_export import GgufType, export_gguf
@@ -160,9 +162,13 @@ class LlamaCppBackend:
 
     def _logits(self, n: int) -> torch.Tensor:
         """The last decode's `n` output rows as float32 (n, vocab), copied."""
+        return self._logits_view(n).clone()
+
+    def _logits_view(self, n: int) -> torch.Tensor:
+        """The last decode's `n` output rows where llama.cpp holds them: no copy, valid until
+        the next llama_decode (the scheduler reads a step's logits before the next call)."""
         ptr = self.lc.llama_get_logits(self._ctx)
-        rows = np.ctypeslib.as_array(ptr, shape=(n, self.vocab_size))
-        return torch.from_numpy(rows.copy())
+        return torch.from_numpy(np.ctypeslib.as_array(ptr, shape=(n, self.vocab_size)))
 
     # ------------------------------------------------------------------ Backend protocol
 
@@ -188,6 +194,32 @@ class LlamaCppBackend:
         for slot in slots:
             self._lengths[slot] += 1
         return self._logits(n)
+
+    def extend(self, slots: list[int], token_ids: list[list[int]]) -> list[torch.Tensor]:
+        """Append several tokens to each slot in one llama_decode (a speculative step's
+        verification); returns each slot's logits at every appended position, (T_i, vocab),
+        views valid until the next call."""
+        check_extend(slots, token_ids, self._lengths, self.max_seq_len, self.vocab_size)
+        entries = [
+            (tok, self._lengths[s] + j, s, True)
+            for s, toks in zip(slots, token_ids, strict=True)
+            for j, tok in enumerate(toks)
+        ]
+        n = self._run(entries)
+        block = self._logits_view(n)
+        out, at = [], 0
+        for s, toks in zip(slots, token_ids, strict=True):
+            out.append(block[at : at + len(toks)])
+            at += len(toks)
+            self._lengths[s] += len(toks)
+        return out
+
+    def truncate(self, slot: int, length: int) -> None:
+        """Keep the first `length` cached tokens of `slot` (drop rejected draft positions)."""
+        check_truncate(slot, length, self._lengths)
+        if length < self._lengths[slot]:
+            self.lc.llama_memory_seq_rm(self._mem, slot, length, -1)
+        self._lengths[slot] = length
 
     def release(self, slot: int) -> None:
         self._check_slot(slot)
