@@ -73,7 +73,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
     from slimserve.compression.recipe import CompressJob, compress, load_recipe
     from slimserve.registry.store import parse_model_ref
 
-    recipe = load_recipe(args.recipe)  # every stage validated before any work
+    recipe = load_recipe(args.recipe, args.set)  # every stage validated before any work
     registry = open_registry(args)
     name, ref = parse_model_ref(args.source)
     parent = registry.get(name, ref)
@@ -153,6 +153,14 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--to", help="name to publish under (default: the parent's)")
     p.add_argument("--data", type=Path, help="training text (.txt or .jsonl with 'text')")
     p.add_argument("--eval-text", type=Path, help="held-out text for perplexity")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="STAGE.KEY=VALUE",
+        help="override a stage field (STAGE: a stage type or 1-based position; VALUE: TOML), "
+        "e.g. --set distill.steps=20 --set distill.max_minutes=2; repeatable",
+    )
     p.add_argument("--alias", help="point this alias at the new version")
     p.add_argument(
         "--skip-existing",

@@ -44,7 +44,8 @@ class TextSource:
     digest: str
 
 
-def _source(name: str, text: str) -> TextSource:
+def text_source(name: str, text: str) -> TextSource:
+    """``text`` under ``name``, with its sha256."""
     return TextSource(name=name, text=text, digest=hashlib.sha256(text.encode()).hexdigest())
 
 
@@ -76,7 +77,7 @@ def pydoc_topics(split: Split) -> TextSource:
     from pydoc_data.topics import topics
 
     text = "\n\n".join(topics[k] for k in pydoc_topic_keys(split))
-    return _source(f"pydoc_data.topics:{split}@{platform.python_version()}", text)
+    return text_source(f"pydoc_data.topics:{split}@{platform.python_version()}", text)
 
 
 def load_text_file(path: str | Path) -> TextSource:
@@ -94,7 +95,7 @@ def load_text_file(path: str | Path) -> TextSource:
     text = raw if path.suffix == ".txt" else "\n\n".join(_jsonl_texts(raw, path))
     if not text.strip():
         raise ValueError(f"{path}: holds no text")
-    return _source(f"file:{path.name}", text)
+    return text_source(f"file:{path.name}", text)
 
 
 def _jsonl_texts(raw: str, path: Path) -> list[str]:

@@ -18,16 +18,16 @@ from __future__ import annotations
 import functools
 import logging
 import math
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, ClassVar, NamedTuple
+from typing import Any, ClassVar, Literal, NamedTuple, get_args
 
 import torch
 import torch.nn.functional as F  # noqa: N812
 from torch import nn
 
-from slimserve.compression.data import token_chunks
-from slimserve.compression.distill_data import data_digest, sample_indices
+from slimserve.compression.distill_data import data_digest, distill_batches, sample_indices
 from slimserve.compression.distributed import Dist, grad_sync, init_distributed
 from slimserve.compression.errors import CompressionError
 from slimserve.compression.progress import Progress
@@ -35,12 +35,16 @@ from slimserve.compression.stage import (
     StageContext,
     StageOutcome,
     StageSpec,
+    check_choice,
     check_float,
     check_int,
 )
+from slimserve.compression.teacher_data import TeacherTextConfig, select_prompts
 from slimserve.compression.training import TrainingConfig, train_
 
 log = logging.getLogger(__name__)
+
+DistillData = Literal["text", "teacher"]
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -61,6 +65,14 @@ class DistillConfig(TrainingConfig):
     # Forward passes under torch.autocast(bfloat16); weights, grads and AdamW stay fp32.
     # On an AVX512-BF16 CPU this saved ~30% CPU time a step with the same loss (SmolLM2-135M).
     autocast_bf16: bool = False
+    # What the student reads: "text" is the run's text (--data, else the built-in pydoc
+    # text); "teacher" is the parent's own answers to the shipped prompts (made once and kept
+    # in the registry, see .teacher_data), with `text_share` of the sequences taken from the
+    # run's text. Text of one domain alone makes the student forget the rest.
+    data: DistillData = "text"
+    teacher_prompts: int = 0  # the first N shipped prompts; 0 = all of them
+    teacher_new_tokens: int = 192  # most tokens the teacher writes per prompt
+    text_share: float = 0.25  # with data = "teacher": share of sequences from the run's text
 
     def validate(self) -> None:
         TrainingConfig.validate(self)
@@ -71,6 +83,16 @@ class DistillConfig(TrainingConfig):
         check_float("alpha", self.alpha, low=0.0, high=1.0)
         if not isinstance(self.autocast_bf16, bool):
             raise ValueError(f"autocast_bf16={self.autocast_bf16!r} is invalid; use true or false")
+        check_choice("data", self.data, get_args(DistillData))
+        check_int("teacher_prompts", self.teacher_prompts, minimum=0)
+        check_int("teacher_new_tokens", self.teacher_new_tokens, minimum=1)
+        check_float("text_share", self.text_share, low=0.0, high=0.9)
+
+    def teacher_text(self) -> TeacherTextConfig:
+        """The teacher text this config asks for (sampling as ``TeacherTextConfig``'s)."""
+        return TeacherTextConfig(
+            prompts=self.teacher_prompts, max_new_tokens=self.teacher_new_tokens
+        )
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -90,6 +112,9 @@ class DistillReport:
     stopped_by_time: bool
     world_size: int
     rank: int  # this process's rank; 0 without DDP
+    # What the batches came from (text name and sha256, teacher dataset, sequences of each);
+    # filled in by the stage.
+    data: Mapping[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         """The summary a manifest records (per-step losses stay in the logs)."""
@@ -99,6 +124,7 @@ class DistillReport:
             "seconds": self.seconds,
             "stopped_by_time": self.stopped_by_time,
             "resumed_from_step": self.resumed_from_step,
+            "data": dict(self.data),
         }
 
 
@@ -270,16 +296,34 @@ def bf16_pays(device: torch.device) -> bool:
 def run_distill(
     model: Any, tokenizer: Any, config: DistillConfig, ctx: StageContext
 ) -> StageOutcome:
-    """The ``distill`` stage: the parent teaches, on the run's text."""
+    """The ``distill`` stage: the parent teaches, on the run's text or its own answers."""
     teacher = ctx.load_parent()
     teacher.requires_grad_(False)
-    batches = token_chunks(
-        tokenizer, ctx.train.text, config.seq_len, config.steps * config.batch_size
+    tt = config.teacher_text() if config.data == "teacher" else None
+    batches, record = distill_batches(
+        tokenizer,
+        ctx,
+        seq_len=config.seq_len,
+        count=config.steps * config.batch_size,
+        teacher_text=tt,
+        text_share=config.text_share,
+        teacher=teacher,
     )
     report = distill_(
         model, teacher, batches, config, checkpoint_dir=ctx.work_dir, progress=ctx.progress
     )
-    return StageOutcome(model=model, report=report)
+    return StageOutcome(model=model, report=replace(report, data=record))
 
 
-STAGE = StageSpec(name="distill", config=DistillConfig, run=run_distill, order=1)
+def check_distill(config: DistillConfig, ctx: StageContext) -> None:
+    """Teacher text needs a recipe run (a registry and a parent) and enough prompts."""
+    if config.data != "teacher":
+        return
+    if ctx.teacher_text is None:
+        raise ValueError("distill data = 'teacher' needs a recipe run (a registry and parent)")
+    select_prompts(config.teacher_text())
+
+
+STAGE = StageSpec(
+    name="distill", config=DistillConfig, run=run_distill, order=1, check=check_distill
+)

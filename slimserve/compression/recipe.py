@@ -19,7 +19,12 @@ made and published here. A run publishes nothing unless it finishes; training ch
 live in ``<registry>/.work/`` so an interrupted run resumes where it stopped (pruning is
 deterministic and simply runs again).
 
-Imports the registry and ``.data``, ``.errors``, ``.progress``, ``.stage``, ``.stages``.
+Stages that distill on the parent's own answers get them through ``StageContext.teacher_text``,
+bound here to the run's registry and parent: generated on first use, published once in
+``registry.datasets``, and read back by every later run with the same key.
+
+Imports the registry and ``.data``, ``.errors``, ``.progress``, ``.stage``, ``.stages``,
+``.teacher_data``.
 """
 
 from __future__ import annotations
@@ -43,6 +48,12 @@ from slimserve.compression.evaluate import EvaluateConfig
 from slimserve.compression.progress import Progress, ProgressEvent, relabelled
 from slimserve.compression.stage import Report, StageConfig, StageContext
 from slimserve.compression.stages import STAGES, spec_of
+from slimserve.compression.teacher_data import (
+    TeacherText,
+    TeacherTextConfig,
+    TeacherTextSource,
+    teacher_text,
+)
 from slimserve.registry.errors import IntegrityError
 from slimserve.registry.store import Artifact, Registry, validate_name
 
@@ -126,12 +137,51 @@ def _check_order(stages: Sequence[Stage], origin: str) -> None:
             raise RecipeError(f"{origin}: at most one {spec.name} stage")
 
 
-def load_recipe(path: Path) -> Recipe:
+def load_recipe(path: Path, overrides: Sequence[str] = ()) -> Recipe:
+    """Read and validate a recipe file, with ``overrides`` (``apply_overrides``) applied.
+
+    Raises:
+        RecipeError: the file cannot be read, an override is malformed, or a stage is invalid.
+    """
     try:
         data = tomllib.loads(Path(path).read_text())
     except (OSError, tomllib.TOMLDecodeError) as exc:
         raise RecipeError(f"cannot read recipe {path}: {exc}") from exc
-    return parse_recipe(data, origin=str(path))
+    return parse_recipe(apply_overrides(data, overrides, str(path)), origin=str(path))
+
+
+def apply_overrides(
+    data: dict[str, Any], overrides: Sequence[str], origin: str = "recipe"
+) -> dict[str, Any]:
+    """The recipe mapping with each ``STAGE.KEY=VALUE`` set: STAGE is a stage type (every
+    stage of it) or a 1-based position, VALUE a TOML value (a bare word is a string). The
+    result is validated like any recipe, and its digest records what actually ran.
+
+    Raises:
+        RecipeError: a malformed override, or a STAGE the recipe does not have.
+    """
+    stages = [dict(s) if isinstance(s, dict) else s for s in data.get("stage", [])]
+    for text in overrides:
+        target, dot, rest = text.partition(".")
+        key, eq, raw = rest.partition("=")
+        if not (dot and eq and target and key.strip()):
+            raise RecipeError(f"{origin}: override {text!r} is not STAGE.KEY=VALUE")
+        picked = [
+            s for i, s in enumerate(stages, start=1)
+            if isinstance(s, dict) and target in (str(i), s.get("type"))
+        ]  # fmt: skip
+        if not picked:
+            raise RecipeError(f"{origin}: override {text!r}: the recipe has no stage {target!r}")
+        for stage in picked:
+            stage[key.strip()] = _toml_value(raw.strip())
+    return {**data, "stage": stages} if "stage" in data else data
+
+
+def _toml_value(raw: str) -> Any:
+    try:
+        return tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        return raw  # a bare word: a string
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -189,6 +239,19 @@ def work_dir(registry: Registry, job: CompressJob, train: TextSource) -> Path:
     return registry.root / ".work" / f"{key}-{inputs.hexdigest()[:8]}"
 
 
+def teacher_source(registry: Registry, parent: Artifact, device: torch.device) -> TeacherTextSource:
+    """The parent's teacher text for a config, from ``registry`` (made there when absent)."""
+
+    def source(
+        config: TeacherTextConfig, *, teacher: Any = None, progress: Progress | None = None
+    ) -> TeacherText:
+        return teacher_text(
+            registry, parent, config, model=teacher, device=str(device), progress=progress
+        )
+
+    return source
+
+
 def run_stages(
     registry: Registry, job: CompressJob, progress: Progress | None = None
 ) -> Compressed:
@@ -209,6 +272,7 @@ def run_stages(
         work_dir=work_dir(registry, job, train),
         load_parent=lambda: load_parent(job.parent, device)[0],
         eval_text=job.eval_text,
+        teacher_text=teacher_source(registry, job.parent, device),
     )
     for stage in job.recipe.stages:
         check = spec_of(stage.config).check
@@ -282,7 +346,7 @@ def publish_compressed(
             recipe=recipe,
             metrics={**_inherited_metrics(job.parent), **(metrics or {}), **measured},
             quantization=done.quantization,
-            data=data or {"train": {"name": train.name, "sha256": train.digest}},
+            data=data or _data_record(train, done.reports),
         )
         artifact = registry.publish(job.to_name, staged, manifest)
     shutil.rmtree(done.context.work_dir, ignore_errors=True)
@@ -325,6 +389,16 @@ def _label(i: int, job: CompressJob, name: str) -> str:
 def _finished(progress: Progress | None, label: str) -> None:
     if progress is not None:
         progress(ProgressEvent(stage=label, done=1, total=1))
+
+
+def _data_record(train: TextSource, reports: Mapping[str, Report]) -> dict[str, Any]:
+    """The run's text, and the teacher text a stage distilled on (when one did)."""
+    record: dict[str, Any] = {"train": {"name": train.name, "sha256": train.digest}}
+    for report in reports.values():
+        used = report.to_dict().get("data", {}).get("teacher_text")
+        if used:
+            record["teacher_text"] = used
+    return record
 
 
 def _inherited_metrics(parent: Artifact) -> dict[str, Any]:

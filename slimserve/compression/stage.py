@@ -9,7 +9,7 @@ keyword-only dataclass whose ``version`` field defaults to its current version; 
 refuses keys outside its fields and hands an older version it still reads (``OLD_VERSIONS``)
 to ``upgrade`` first; any other version is refused by validation.
 
-Imports only ``slimserve.compression.data`` and ``.progress``.
+Imports only ``slimserve.compression.data``, ``.progress`` and (for types) ``.teacher_data``.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ if TYPE_CHECKING:
 
     from slimserve.compression.data import TextSource
     from slimserve.compression.progress import Progress
+    from slimserve.compression.teacher_data import TeacherTextSource
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -124,7 +125,8 @@ class StageContext:
     the version is published. ``load_parent``: a fresh full-precision copy of the parent (a
     distillation teacher). ``model_bytes``: the size of the saved weights, known to stages
     that measure (they run after saving). ``progress`` is already labelled with the stage's
-    place in the run.
+    place in the run. ``teacher_text``: the parent's answers to the shipped prompts, made
+    once per key and kept in the registry (``.teacher_data``); None outside a recipe run.
     """
 
     device: torch.device
@@ -135,6 +137,7 @@ class StageContext:
     eval_text: Path | None = None
     model_bytes: int | None = None
     progress: Progress | None = None
+    teacher_text: TeacherTextSource | None = None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

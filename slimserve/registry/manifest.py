@@ -35,6 +35,18 @@ class Manifest(Mapping[str, Any]):
 
     # ---- typed fields ----------------------------------------------------------------------
     @property
+    def kind(self) -> str:
+        """ "model" (the default, and every manifest written before kinds existed) or
+        "dataset" (a version in `Registry.datasets`)."""
+        return str(self._raw.get("kind") or "model")
+
+    @property
+    def dataset(self) -> Mapping[str, Any]:
+        """What a dataset holds and how it was made (its own schema per ``type``); {} for a
+        model."""
+        return self._raw.get("dataset") or {}
+
+    @property
     def parent(self) -> str | None:
         """`name@version` this version was made from, or None for an import."""
         return self._raw.get("parent") or None

@@ -5,6 +5,12 @@ Layout::
     <root>/<name>/<version>/manifest.json + model files   (read-only once published)
     <root>/<name>/aliases.json                             {"production": 3, ...}
     <root>/.staging/<random>/                              work in progress, never listed
+    <root>/.datasets/<name>/<version>/                     datasets (`Registry.datasets`)
+
+Datasets a run derives (text a teacher generated, say) are stored once, with the same
+immutability and checksums as models, in a registry of their own under ``.datasets``: the
+leading dot keeps them out of `names()`, so nothing that lists or serves models sees them.
+Their manifests say ``"kind": "dataset"``.
 
 A version becomes visible by one `rename` of a complete, fsynced staging directory, so a
 crash at any moment leaves either no new version or a whole one. Every write that moves
@@ -33,6 +39,7 @@ from slimserve.registry.manifest import Manifest
 MANIFEST = "manifest.json"
 ALIASES = "aliases.json"
 MANIFEST_FORMAT = 1
+DATASETS = ".datasets"
 
 _NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
 # Aliases start with a letter so they can never be mistaken for a version number.
@@ -159,6 +166,15 @@ class Registry:
 
     def __init__(self, root: Path) -> None:
         self.root = Path(root).expanduser()
+
+    @property
+    def datasets(self) -> Registry:
+        """The registry of datasets kept beside this one's models (``<root>/.datasets``).
+
+        Same layout, publishing and verification; its names are usually the name of the
+        model a dataset came from, and its versions one per distinct dataset.
+        """
+        return Registry(self.root / DATASETS)
 
     # ---- reading ------------------------------------------------------------------------
     def names(self) -> list[str]:

@@ -13,7 +13,14 @@ import torch
 
 from slimserve.compression.errors import RecipeError
 from slimserve.compression.progress import ProgressEvent
-from slimserve.compression.recipe import CompressJob, compress, load_recipe, parse_recipe
+from slimserve.compression.recipe import (
+    CompressJob,
+    apply_overrides,
+    compress,
+    load_recipe,
+    parse_recipe,
+)
+from slimserve.compression.teacher_data import TeacherTextConfig, find_teacher_text
 from slimserve.registry.artifact import load_model
 from slimserve.registry.errors import IntegrityError
 from slimserve.registry.store import Registry
@@ -36,7 +43,7 @@ def recipe(*stages: dict[str, Any], name: str = "t") -> Any:
 
 def test_shipped_recipes_parse() -> None:
     names = {p.stem for p in (ROOT / "recipes").glob("*.toml")}
-    assert {"int8", "int4", "bf16", "prune20-distill", "prune50-distill-int8"} <= names
+    assert {"int8", "int4", "bf16", "prune20-distill", "prune50-distill-int8", "draft"} <= names
     for path in (ROOT / "recipes").glob("*.toml"):
         r = load_recipe(path)
         assert r.stages[-1].type == "evaluate"
@@ -182,3 +189,67 @@ def test_a_quantized_parent_is_refused(registry: Registry) -> None:
     with pytest.raises(RecipeError, match=r"tiny@2 is quantized \(int8-weight-only\)"):
         compress(registry, job)
     assert registry.versions("tiny") == [1, 2]
+
+
+def test_overrides_set_fields_by_stage_type_or_position() -> None:
+    data = {"name": "x", "stage": [{"type": "prune", "mlp_ratio": 0.2},
+                                   {"type": "distill", "steps": 200}]}  # fmt: skip
+    out = apply_overrides(
+        data,
+        ["distill.steps=3", "2.max_minutes=1.5", "distill.data=teacher", "1.importance='taylor'",
+         "distill.autocast_bf16=true"],
+    )  # fmt: skip
+    assert out["stage"][1] == {"type": "distill", "steps": 3, "max_minutes": 1.5,
+                               "data": "teacher", "autocast_bf16": True}  # fmt: skip
+    assert out["stage"][0]["importance"] == "taylor"
+    assert data["stage"][1] == {"type": "distill", "steps": 200}  # the input is left alone
+    r = parse_recipe(out)
+    assert r.stages[1].config.steps == 3
+    assert r.digest != parse_recipe(data).digest  # the manifest records what actually ran
+    with pytest.raises(RecipeError, match=r"not STAGE\.KEY=VALUE"):
+        apply_overrides(data, ["distill.steps"])
+    with pytest.raises(RecipeError, match="no stage 'quantize'"):
+        apply_overrides(data, ["quantize.scheme=bfloat16"])
+    with pytest.raises(RecipeError, match="stepz"):
+        load_recipe(ROOT / "recipes" / "prune20-distill.toml", ["distill.stepz=3"])
+
+
+def test_shipped_prune_recipes_distill_on_teacher_text() -> None:
+    for name in ("prune20-distill", "prune50-distill-int8", "draft"):
+        r = load_recipe(ROOT / "recipes" / f"{name}.toml")
+        distill = next(s.config for s in r.stages if s.type == "distill")
+        assert distill.data == "teacher", name
+        prune = next(s.config for s in r.stages if s.type == "prune")
+        assert prune.channel_multiple == 32, name
+
+
+@pytest.mark.slow  # the teacher answers all shipped prompts once (~1 min on a shared core)
+def test_the_draft_recipe_makes_a_small_int8_draft(tmp_path: Path) -> None:
+    from tests.helpers import publish_tiny
+
+    publish_tiny(tmp_path, "deep", num_hidden_layers=30)  # as deep as SmolLM2-135M
+    registry = Registry(tmp_path)
+    budgets = [
+        "prune.calibration_samples=4", "prune.seq_len=32",
+        "distill.steps=2", "distill.batch_size=2", "distill.seq_len=32", "distill.warmup_steps=0",
+        "evaluate.seq_len=32", "evaluate.max_chunks=2", "evaluate.speed_tokens=0",
+    ]  # fmt: skip
+    r = load_recipe(ROOT / "recipes" / "draft.toml", budgets)
+    assert [s.type for s in r.stages] == ["prune", "distill", "quantize", "evaluate"]
+    parent = registry.get("deep", "1")
+    art = compress(registry, CompressJob(recipe=r, parent=parent, to_name="deep-draft"))
+    arch = art.manifest.architecture
+    assert arch["num_hidden_layers"] == 8
+    assert arch["intermediate_size"] == 64  # half of 128, a multiple of 32
+    assert (arch["num_attention_heads"], arch["num_key_value_heads"]) == (2, 2)
+    assert art.manifest.quantization_scheme == "int8-weight-only"
+    assert art.manifest.parent == "deep@1"
+    # The shipped prompts, as the recipe asks: the dataset every later run of it reuses.
+    made = find_teacher_text(registry, parent, TeacherTextConfig())
+    assert made is not None and made.manifest.dataset["prompts"]["count"] >= 300
+    assert art.manifest["data"]["teacher_text"]["digest"] == made.digest
+    model, _ = load_model(art)
+    with torch.inference_mode():
+        logits = model(torch.tensor([[5, 17, 42]])).logits
+    assert logits.shape[-1] == parent.manifest.architecture["vocab_size"]
+    assert torch.isfinite(logits).all()

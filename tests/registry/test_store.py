@@ -131,3 +131,22 @@ def test_a_half_written_staging_dir_is_never_a_version(tmp_path: Path) -> None:
     (crashed / "model.safetensors").write_bytes(b"partial")
     assert reg.versions("m") == [1]
     assert [a.ref for a in reg.artifacts()] == ["m@1"]
+
+
+def test_datasets_live_beside_models_and_are_never_listed_as_models(tmp_path: Path) -> None:
+    reg = Registry(tmp_path)
+    _publish(reg, "m")
+    with reg.datasets.staging() as staged:
+        (staged / "rows.safetensors").write_bytes(b"rows")
+        ds = reg.datasets.publish("m", staged, {"kind": "dataset", "dataset": {"type": "x"}})
+    assert ds.path == tmp_path / ".datasets" / "m" / "1"
+    assert ds.manifest.kind == "dataset" and ds.manifest.dataset == {"type": "x"}
+    assert reg.get("m").manifest.kind == "model"  # manifests without a kind are models
+    assert reg.get("m").manifest.dataset == {}
+    assert reg.names() == ["m"] and reg.versions("m") == [1]
+    assert [a.ref for a in reg.artifacts()] == ["m@1"]
+    ds.verify()
+    os.chmod(ds.path / "rows.safetensors", 0o644)
+    (ds.path / "rows.safetensors").write_bytes(b"ROWS")
+    with pytest.raises(IntegrityError, match=r"rows\.safetensors fails its sha256"):
+        reg.datasets.get("m", "1").verify()
