@@ -101,19 +101,41 @@ def export_gguf(
          "f16": gguf.LlamaFileType.MOSTLY_F16, "f32": gguf.LlamaFileType.ALL_F32}[weight_type]
     )  # fmt: skip
     _add_tokenizer(writer, tokenizer_json, shape.vocab_size)
+    plan = _tensor_plan(shape, state_dict, linear_type, embed_type)
+    missing = [hf for _, hf, _, _ in plan if hf not in state_dict]
+    if missing:
+        raise ValueError(f"state_dict has no {missing[0]!r}; expected LlamaForCausalLM names")
+    shapes = _shapes(shape)
+    # The header lists every tensor's shape and size first; then each tensor is read,
+    # converted and written on its own, so the peak is one tensor, not the model.
+    for gguf_name, hf_name, _, kind in plan:
+        info = _stored_info(shapes[_tail(hf_name)], kind)
+        writer.add_tensor_info(gguf_name, info[0], info[1], info[2], raw_dtype=info[3])
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_ti_data_to_file()
+    for done, (_, hf_name, heads, kind) in enumerate(plan, 1):
+        data = state_dict[hf_name].detach().to("cpu", torch.float32).numpy()
+        rows = shapes[_tail(hf_name)]
+        if data.shape != rows:
+            raise ValueError(f"{hf_name} has shape {data.shape}; the config says {rows}")
+        writer.write_tensor_data(_stored(_permute(data, heads) if heads else data, kind))
+        del data
+        if progress is not None:
+            progress(done, len(plan))
+    writer.close()
+    log.info("wrote %s (%s, %.0f MB)", path, weight_type, path.stat().st_size / 1e6)
+    return path
 
-    def tensor(name: str) -> np.ndarray:
-        if name not in state_dict:
-            raise ValueError(f"state_dict has no {name!r}; expected LlamaForCausalLM names")
-        return state_dict[name].detach().to("cpu", torch.float32).numpy()
 
-    def add(gguf_name: str, data: np.ndarray, kind: Any) -> None:
-        if kind in (q.F32, q.F16):
-            writer.add_tensor(gguf_name, data.astype(np.float32 if kind == q.F32 else np.float16))
-        else:
-            writer.add_tensor(gguf_name, gguf.quants.quantize(data, kind), raw_dtype=kind)
+def _tensor_plan(
+    shape: Any, state_dict: Mapping[str, Any], linear_type: Any, embed_type: Any
+) -> list[tuple[str, str, int, Any]]:
+    """(GGUF name, Hugging Face name, heads to permute q/k rows by (0: none), storage type)
+    of every tensor, in the order they are written."""
+    import gguf
 
-    # (GGUF name, Hugging Face name, heads to permute q/k rows by (0: none), storage type)
+    q = gguf.GGMLQuantizationType
     plan: list[tuple[str, str, int, Any]] = [
         ("token_embd.weight", "model.embed_tokens.weight", 0, embed_type),
         ("output_norm.weight", "model.norm.weight", 0, q.F32),
@@ -133,17 +155,56 @@ def export_gguf(
             (b + "ffn_up.weight", p + "mlp.up_proj.weight", 0, linear_type),
             (b + "ffn_down.weight", p + "mlp.down_proj.weight", 0, linear_type),
         ]
-    for done, (gguf_name, hf_name, heads, kind) in enumerate(plan, 1):
-        data = tensor(hf_name)
-        add(gguf_name, _permute(data, heads) if heads else data, kind)
-        if progress is not None:
-            progress(done, len(plan))
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    log.info("wrote %s (%s, %.0f MB)", path, weight_type, path.stat().st_size / 1e6)
-    return path
+    return plan
+
+
+def _tail(hf_name: str) -> str:
+    """ "model.layers.3.mlp.up_proj.weight" -> "mlp.up_proj.weight"; "lm_head.weight" kept."""
+    name = hf_name.removeprefix("model.")
+    return name.split(".", 2)[2] if name.startswith("layers.") else name
+
+
+def _shapes(shape: Any) -> dict[str, tuple[int, ...]]:
+    """Each weight's (rows, columns) by its name's tail, from the config's dimensions."""
+    hidden, q_width = shape.hidden_size, shape.n_heads * shape.head_dim
+    kv_width, inter = shape.n_kv_heads * shape.head_dim, shape.intermediate_size
+    return {
+        "embed_tokens.weight": (shape.vocab_size, hidden),
+        "lm_head.weight": (shape.vocab_size, hidden),
+        "norm.weight": (hidden,),
+        "input_layernorm.weight": (hidden,),
+        "post_attention_layernorm.weight": (hidden,),
+        "self_attn.q_proj.weight": (q_width, hidden),
+        "self_attn.k_proj.weight": (kv_width, hidden),
+        "self_attn.v_proj.weight": (kv_width, hidden),
+        "self_attn.o_proj.weight": (hidden, q_width),
+        "mlp.gate_proj.weight": (inter, hidden),
+        "mlp.up_proj.weight": (inter, hidden),
+        "mlp.down_proj.weight": (hidden, inter),
+    }
+
+
+def _stored_info(shape: tuple[int, ...], kind: Any) -> tuple[tuple[int, ...], Any, int, Any]:
+    """(shape, numpy dtype, bytes, raw type) as `GGUFWriter.add_tensor` records a tensor
+    of `shape` stored as `kind`, so the header is the one it would write."""
+    import gguf
+
+    q = gguf.GGMLQuantizationType
+    if kind in (q.F32, q.F16):
+        dtype = np.dtype(np.float32 if kind == q.F32 else np.float16)
+        return shape, dtype, int(np.prod(shape)) * dtype.itemsize, None
+    stored = gguf.quants.quant_shape_to_byte_shape(shape, kind)
+    return stored, np.dtype(np.uint8), int(np.prod(stored)), kind
+
+
+def _stored(data: np.ndarray, kind: Any) -> np.ndarray:
+    """`data` (float32) as GGUF stores `kind`: cast, or quantized to bytes."""
+    import gguf
+
+    q = gguf.GGMLQuantizationType
+    if kind in (q.F32, q.F16):
+        return data.astype(np.float32 if kind == q.F32 else np.float16)
+    return gguf.quants.quantize(data, kind)
 
 
 def _add_tokenizer(writer: Any, tokenizer_json: Path, vocab_size: int) -> None:

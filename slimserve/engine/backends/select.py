@@ -6,7 +6,12 @@ float32, bfloat16 or int8, the eager Hugging Face forward, or a backend plugin n
 import path. `plans_for` lists what an artifact allows on this machine, with the reason for
 each refusal; which of them serves is decided by measurement (`slimserve.engine.qualify`).
 `build_backend(..., plan=None)` keeps the static choice for in-process callers (evaluate,
-benchmarks). Imports torch and engine modules only.
+benchmarks).
+
+`open_model` reads what a plan needs: for a llama.cpp plan, the artifact's safetensors one
+tensor at a time (`registry.artifact.ArtifactWeights`) and the `tokenizers` tokenizer, so
+the engine process imports neither transformers nor torchao; for a torch plan, the
+transformers model. Imports engine and registry modules only; torch when a function runs.
 """
 
 from __future__ import annotations
@@ -16,15 +21,17 @@ import logging
 from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-
-from slimserve.engine import spec
-from slimserve.engine.backends.base import Backend
-from slimserve.engine.backends.hf import HFBackend
 from slimserve.engine.config import ModelConfig
 from slimserve.engine.machine import cpu_info, llamacpp_build_problem
+from slimserve.registry.artifact import ArtifactWeights
+
+if TYPE_CHECKING:
+    import torch
+
+    from slimserve.engine.backends.base import Backend
+    from slimserve.registry.store import Artifact
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +54,7 @@ def torchao_scheme(model: Any) -> str | None:
     return type(getattr(qc, "quant_type", None)).__name__
 
 
-class _DequantizedStateDict(Mapping[str, torch.Tensor]):
+class _DequantizedStateDict(Mapping[str, "torch.Tensor"]):
     """A model's state dict with torchao tensors dequantized on access, one at a time,
     so building a backend never holds a second full-precision copy of the weights."""
 
@@ -55,10 +62,15 @@ class _DequantizedStateDict(Mapping[str, torch.Tensor]):
         self._sd = model.state_dict()
 
     def __getitem__(self, key: str) -> torch.Tensor:
+        import torch
+
         v = self._sd[key]
         if type(v) in (torch.Tensor, torch.nn.Parameter):
             return v  # type: ignore[no-any-return]
         return v.dequantize().to(torch.float32)  # type: ignore[no-any-return]
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._sd  # without dequantizing
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._sd)
@@ -107,12 +119,22 @@ class Plan:
         )
 
 
-def _gguf_weights(config: ModelConfig, scheme: str | None, dtype: torch.dtype) -> str:
+def _gguf_weights(config: ModelConfig, scheme: str | None, dtype: str) -> str:
     if config.gguf_type != "auto":
         return config.gguf_type
     if scheme == "Int8WeightOnlyConfig":
         return "q8_0"
-    return "f32" if dtype == torch.float32 else "f16"
+    return "f32" if dtype == "float32" else "f16"
+
+
+def _dtype_and_device(model: Any) -> tuple[str, str]:
+    """The weights' dtype ("float32" for torchao int8, whose values dequantize to it) and
+    device type, of a transformers model or of `ArtifactWeights` (read on the CPU)."""
+    if isinstance(model, ArtifactWeights):
+        return model.dtype, "cpu"
+    param = next(model.parameters())
+    dtype = str(param.dtype).removeprefix("torch.")
+    return ("float32" if dtype == "int8" else dtype), param.device.type
 
 
 def plans_for(
@@ -120,17 +142,20 @@ def plans_for(
 ) -> tuple[list[Plan], dict[str, str]]:
     """The plans this model can be served with here, in the static order of preference, and
     why each other backend is refused (backend or plan key -> reason)."""
-    param = next(model.parameters())
-    dtype = torch.float32 if param.dtype == torch.int8 else param.dtype
+    from slimserve.engine import spec
+
+    dtype, device = _dtype_and_device(model)
     scheme = torchao_scheme(model)
     llama_reason = spec.unsupported_reason(model.config)
     plans: list[Plan] = []
     refused: dict[str, str] = {}
     for factory in config.backend_plugins:
-        plans.append(Plan(backend=factory, dtype=str(dtype).removeprefix("torch.")))
+        plans.append(Plan(backend=factory, dtype=dtype))
     if config.backend in ("auto", "llamacpp"):
         weights = _gguf_weights(config, scheme, dtype)
-        why = _llamacpp_unsupported(model, llama_reason, scheme, tokenizer_json, weights)
+        why = _llamacpp_unsupported(model.config, device=device, reason=llama_reason,
+                                    scheme=scheme, tokenizer_json=tokenizer_json,
+                                    weight_type=weights)  # fmt: skip
         if why is None:
             plans += [
                 Plan(backend="llamacpp", weights=weights, extra_buffers=x) for x in (True, False)
@@ -139,15 +164,14 @@ def plans_for(
             refused["llamacpp"] = why
     if config.backend in ("auto", "llama"):
         why = llama_reason
-        if why is None and dtype not in (torch.float32, torch.bfloat16):
-            why = f"dtype {dtype} (float32 or bfloat16 only)"
+        if why is None and dtype not in ("float32", "bfloat16"):
+            why = f"dtype torch.{dtype} (float32 or bfloat16 only)"
         if why is None and scheme not in (None, "Int8WeightOnlyConfig"):
             why = f"torchao {scheme} runs on torchao's own kernels"
         if why is None:
             weights = "int8" if scheme == "Int8WeightOnlyConfig" else "none"
-            base = str(dtype).removeprefix("torch.")
-            plans.append(Plan(backend="llama", weights=weights, dtype=base))
-            if config.dtype == "auto" and base == "float32" and param.device.type == "cpu":
+            plans.append(Plan(backend="llama", weights=weights, dtype=dtype))
+            if config.dtype == "auto" and dtype == "float32" and device == "cpu":
                 if cpu_info().has_native_bf16 and weights == "none":
                     plans.append(Plan(backend="llama", dtype="bfloat16"))
                 else:
@@ -155,7 +179,7 @@ def plans_for(
         else:
             refused["llama"] = why
     if config.backend in ("auto", "hf"):
-        plans.append(Plan(backend="hf", dtype=str(dtype).removeprefix("torch.")))
+        plans.append(Plan(backend="hf", dtype=dtype))
     if not plans:
         raise ValueError(f"backend {config.backend!r} cannot serve this model: {refused}")
     return plans, refused
@@ -184,15 +208,17 @@ def build_backend(
 def _build(
     plan: Plan, model: Any, config: ModelConfig, max_seq_len: int, tokenizer_json: Path | None
 ) -> Backend:
-    from slimserve.engine.backends import llama, llamacpp
+    import torch
 
-    param = next(model.parameters())
+    from slimserve.engine.backends import llama, llamacpp
+    from slimserve.engine.backends.hf import HFBackend
+
     if plan.backend == "llamacpp":
         if tokenizer_json is None:
             raise ValueError("llama.cpp needs the artifact's tokenizer.json")
         return llamacpp.LlamaCppBackend(
             model.config,
-            _DequantizedStateDict(model),
+            model if isinstance(model, ArtifactWeights) else _DequantizedStateDict(model),
             tokenizer_json,
             max_slots=config.max_batch,
             max_seq_len=max_seq_len,
@@ -200,6 +226,9 @@ def _build(
             weight_type=plan.weights,  # type: ignore[arg-type]
             extra_buffers=plan.extra_buffers,
         )
+    if isinstance(model, ArtifactWeights):
+        raise ValueError(f"plan {plan.key} needs the model loaded by transformers (open_model)")
+    param = next(model.parameters())
     if plan.backend == "llama":
         dtype = getattr(torch, plan.dtype)
         if plan.weights == "int8":
@@ -227,7 +256,9 @@ def _build(
 
 
 def _llamacpp_unsupported(
-    model: Any,
+    config: Any,
+    *,
+    device: str,
     reason: str | None,
     scheme: str | None,
     tokenizer_json: Path | None,
@@ -240,7 +271,7 @@ def _llamacpp_unsupported(
     build = llamacpp_build_problem()
     if build is not None:
         return build
-    if next(model.parameters()).device.type != "cpu":
+    if device != "cpu":
         return "llama.cpp serves on the CPU only here"
     if reason is not None:
         return reason
@@ -248,5 +279,60 @@ def _llamacpp_unsupported(
         return f"torchao {scheme} has no GGUF equivalent"
     if tokenizer_json is None or not tokenizer_json.is_file():
         return "the artifact has no tokenizer.json"
+    from slimserve.engine import spec
+
     # Quantized GGUF blocks hold 32 weights of a row: a pruned width like 1229 does not split.
-    return spec.gguf_unsupported_reason(model.config, weight_type)
+    return spec.gguf_unsupported_reason(config, weight_type)
+
+
+def open_model(
+    artifact: Artifact,
+    config: ModelConfig,
+    plan: Plan | None,
+    *,
+    device: torch.device,
+    dtype: torch.dtype,
+) -> tuple[Any, Any]:
+    """Verify `artifact`, then (model, tokenizer) to build `plan`'s backend from (None: the
+    static choice): `ArtifactWeights` and `slimserve.engine.tokenizer`'s tokenizer when a
+    llama.cpp plan serves and the files allow it, else transformers' model and tokenizer.
+    Loads a target and a draft model alike.
+
+    Raises:
+        IntegrityError: a file fails its checksum.
+    """
+    from slimserve.registry.artifact import load_model
+
+    verified = False
+    if plan is None or plan.backend == "llamacpp":
+        artifact.verify()
+        verified = True
+        opened = _open_weights(artifact, config, plan, device, dtype)
+        if opened is not None:
+            return opened
+    return load_model(artifact, device=device, dtype=dtype, verify=not verified)
+
+
+def _open_weights(
+    artifact: Artifact, config: ModelConfig, plan: Plan | None, device: Any, dtype: Any
+) -> tuple[Any, Any] | None:
+    from slimserve.engine.tokenizer import Tokenizer, load_tokenizer
+
+    why = None if device.type == "cpu" else f"device {device}"
+    why = why or Tokenizer.unsupported_reason(artifact.path)
+    weights = None
+    if why is None:
+        try:
+            weights = ArtifactWeights(artifact, dtype=str(dtype).removeprefix("torch."))
+        except ValueError as exc:
+            why = str(exc)
+    if weights is not None and plan is None:
+        first = plans_for(weights, config, artifact.path / "tokenizer.json")[0][0]
+        if first.backend != "llamacpp":
+            why = f"the static choice is {first.key}"
+    if why is not None:
+        if weights is not None:
+            weights.close()
+        log.info("%s: loading through transformers (%s)", artifact.ref, why)
+        return None
+    return weights, load_tokenizer(artifact.path)
