@@ -2,20 +2,20 @@
 
 `launch` is what the model manager calls for each load: choose the plan (`qualify`), start
 the engine process under a supervisor, then load the tokenizer in the server (after the
-engine has verified every file's checksum). A plan that keeps crashing is marked bad here
-and, for `--backend auto`, the next restart serves by the next qualified plan. Imports no
-grpc.
+engine has verified every file's checksum) with `tokenizers`, not transformers
+(`slimserve.engine.tokenizer`). A plan that keeps crashing is marked bad here and, for
+`--backend auto`, the next restart serves by the next qualified plan. Imports no grpc, and
+no torch: the server process holds no weights.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-
-import torch
 
 from slimserve.engine.backends.select import Plan
 from slimserve.engine.config import ModelConfig
@@ -23,6 +23,7 @@ from slimserve.engine.loader import LoadedModel
 from slimserve.engine.process import ChildSpec, model_config_to_dict
 from slimserve.engine.qualify import Qualifier, Selection
 from slimserve.engine.supervisor import RestartPolicy, SupervisedEngine
+from slimserve.engine.tokenizer import load_tokenizer
 from slimserve.registry.store import Artifact
 
 log = logging.getLogger(__name__)
@@ -34,6 +35,13 @@ def needs_qualification(config: ModelConfig) -> bool:
         return False
     pinned_reference = config.backend in ("llama", "hf") and config.dtype != "bfloat16"
     return not pinned_reference or bool(config.backend_plugins)
+
+
+def _torch_threads() -> int:
+    """The threads `serve --threads` gave torch (which it imports only then); 0 leaves the
+    engine process torch's default, which is what this process would have had."""
+    torch = sys.modules.get("torch")
+    return int(torch.get_num_threads()) if torch is not None else 0
 
 
 def _with(base: ChildSpec, selection: Selection) -> ChildSpec:
@@ -64,7 +72,7 @@ def launch(
         name=artifact.name,
         version=artifact.version,
         config=model_config_to_dict(config),
-        threads=torch.get_num_threads(),  # what `serve --threads` set
+        threads=_torch_threads(),
         log_level=logging.getLogger().getEffectiveLevel(),
     )
     current = base
@@ -101,8 +109,6 @@ def launch(
         make_spec, policy=policy, on_state=on_state, on_crash_loop=on_crash_loop
     )
     engine.start()
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(artifact.path)
+    tokenizer = load_tokenizer(artifact.path)
     log.info("serving %s in engine process %s: %s", artifact.ref, engine.pid, engine.info.kernels)
     return LoadedModel(artifact=artifact, tokenizer=tokenizer, engine=engine, loaded_at=time.time())
