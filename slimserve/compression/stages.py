@@ -11,7 +11,7 @@ from collections.abc import Mapping
 from types import MappingProxyType
 from typing import Any, Final
 
-from slimserve.compression import distill, evaluate, finetune, prune, quantize
+from slimserve.compression import distill, evaluate, finetune, prune, quantize, speculate
 from slimserve.compression.stage import StageConfig, StageSpec
 
 _ALL: Final[tuple[StageSpec[Any], ...]] = (
@@ -20,6 +20,7 @@ _ALL: Final[tuple[StageSpec[Any], ...]] = (
     finetune.STAGE,
     quantize.STAGE,
     evaluate.STAGE,
+    speculate.STAGE,
 )
 
 #: Recipe stage name -> its spec, in the order stages run.
