@@ -114,8 +114,9 @@ class TeacherText:
         """What a model's manifest says of the dataset it trained on."""
         d = self.artifact.manifest.dataset
         return {
-            "dataset": f"{self.artifact.ref}",
+            "dataset": self.artifact.ref,  # in registry.datasets
             "digest": self.artifact.digest,
+            "teacher": d.get("teacher"),
             "sha256": d.get("sha256"),
             "prompts_sha256": d.get("prompts", {}).get("sha256"),
             "tokens": d.get("tokens"),

@@ -17,14 +17,13 @@ from transformers import LlamaForCausalLM
 
 from slimserve.compression.checkpoint import latest_checkpoint
 from slimserve.compression.distill import DistillConfig, distill_, kd_loss
-from slimserve.compression.distill_data import sample_indices, teacher_generate_batches
+from slimserve.compression.distill_data import sample_indices
 from slimserve.compression.errors import CheckpointMismatchError, CompressionError
 from slimserve.compression.progress import ProgressEvent
 from slimserve.compression.training import lr_factor
 from slimserve.registry.errors import IntegrityError
 from tests.compression.ddp_distill_main import (
     SEQ_LEN,
-    VOCAB,
     distill_config,
     tiny_llama,
     tiny_teacher,
@@ -271,27 +270,6 @@ def test_wrong_batch_shape_is_refused(student: LlamaForCausalLM, teacher: LlamaF
             distill_config(),
             checkpoint_dir=None,
         )
-
-
-class _CharTokenizer:
-    eos_token_id = 0
-
-    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        return [1 + ord(c) % (VOCAB - 1) for c in text]
-
-
-def test_teacher_generate_batches(teacher: LlamaForCausalLM) -> None:
-    tok, prompts = _CharTokenizer(), ["ab", "hello"]
-    out = teacher_generate_batches(teacher, tok, prompts, seq_len=12, n=5, seed=1, batch_size=2)
-    assert out.shape == (5, 12) and out.dtype == torch.long
-    for row, prompt in enumerate([0, 1, 0, 1, 0]):
-        ids = tok.encode(prompts[prompt])
-        assert out[row, : len(ids)].tolist() == ids
-    assert (out != tok.eos_token_id).all()  # never stops early
-    again = teacher_generate_batches(teacher, tok, prompts, seq_len=12, n=5, seed=1, batch_size=2)
-    assert torch.equal(out, again)
-    other = teacher_generate_batches(teacher, tok, prompts, seq_len=12, n=5, seed=2)
-    assert not torch.equal(out, other)
 
 
 @pytest.mark.slow
