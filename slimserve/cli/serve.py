@@ -166,7 +166,11 @@ def add_parser(sub: Any) -> None:
         help="context per sequence (0 = fit the budget)",
     )
     p.add_argument(
-        "--kv-cache-mb", type=positive_int, default=1024, help="KV-cache budget per model, MiB"
+        "--kv-cache-mb",
+        type=non_negative_int,
+        default=0,
+        help="KV-cache budget per model, MiB (0 = auto: contexts as for 1024, llama.cpp's "
+        "shared pool at most 256)",
     )
     p.add_argument("--max-queue", type=positive_int, default=64, help="waiting requests at most")
     p.add_argument(

@@ -10,6 +10,20 @@ GgufWeights = Literal["auto", "q8_0", "q4_1", "f16", "f32"]
 Dtype = Literal["auto", "float32", "bfloat16", "float16"]
 #: `ModelConfig.draft` for the model-free prompt-lookup drafter.
 NGRAM = "ngram"
+#: `kv_cache_mb = 0`: the budget contexts are sized by, and the most a llama.cpp pool takes
+#: (at SmolLM2-135M's 23 KB of float16 K and V a token: ~11,600 tokens shared by all streams).
+AUTO_KV_CACHE_MB = 1024
+AUTO_KV_POOL_MB = 256
+
+
+def kv_budget_bytes(config: ModelConfig) -> int:
+    """The per-slot sizing budget `kv_cache_mb` stands for (auto: `AUTO_KV_CACHE_MB`)."""
+    return (config.kv_cache_mb or AUTO_KV_CACHE_MB) * 2**20
+
+
+def kv_pool_bytes(config: ModelConfig) -> int:
+    """The most one pooled (llama.cpp) KV cache may take (auto: `AUTO_KV_POOL_MB`)."""
+    return (config.kv_cache_mb or AUTO_KV_POOL_MB) * 2**20
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -27,8 +41,12 @@ class ModelConfig:
     #: Longest prompt + generation per sequence; 0 = the model's own limit, capped at 4096
     #: and at what `kv_cache_mb` allows for `max_batch` sequences.
     max_seq_len: int = 0
-    #: KV-cache budget per model in MiB (the cache is allocated up front for every slot).
-    kv_cache_mb: int = 1024
+    #: KV-cache budget per model in MiB, allocated up front. The torch backends give every
+    #: slot its own `max_seq_len` of it; llama.cpp holds one pool of cells that every
+    #: sequence draws on (each up to `max_seq_len`; a request waits while the pool cannot
+    #: hold its prompt and max_new_tokens). 0 = auto: contexts sized as for 1024 MiB of
+    #: per-slot cache, and a llama.cpp pool of at most `AUTO_KV_POOL_MB`.
+    kv_cache_mb: int = 0
     #: Requests waiting for a slot beyond this get RESOURCE_EXHAUSTED.
     max_queue: int = 64
     #: Tokens of Score work between two decode steps (how long streams wait for a Score).
@@ -69,8 +87,8 @@ class ModelConfig:
                 raise ValueError(f"backend plugin {plugin!r} must be 'module:factory'")
         if self.score_step_tokens < 1 or self.max_score_tokens < 1:
             raise ValueError("score_step_tokens and max_score_tokens must be >= 1")
-        if self.kv_cache_mb < 1:
-            raise ValueError(f"kv_cache_mb must be >= 1, got {self.kv_cache_mb}")
+        if self.kv_cache_mb < 0:
+            raise ValueError(f"kv_cache_mb must be >= 0 (0 = auto), got {self.kv_cache_mb}")
         if self.draft_tokens < 1:
             raise ValueError(f"draft_tokens must be >= 1, got {self.draft_tokens}")
         if self.draft is not None and self.draft != NGRAM and not self.draft.strip():

@@ -23,7 +23,7 @@ import torch
 
 from slimserve.engine.backends.base import Backend, can_speculate
 from slimserve.engine.backends.select import Plan, build_backend, plans_for
-from slimserve.engine.config import NGRAM, ModelConfig
+from slimserve.engine.config import NGRAM, ModelConfig, kv_budget_bytes
 from slimserve.engine.errors import IntegrityFailure, LoadFailed
 from slimserve.engine.scheduler import Engine, EngineConfig, Sink
 from slimserve.engine.spec import kv_bytes_per_token
@@ -152,20 +152,20 @@ def context_length(model: Any, config: ModelConfig, dtype: torch.dtype) -> int:
     """
     model_limit = int(getattr(model.config, "max_position_embeddings", 0) or _CONTEXT_CAP)
     per_token = kv_bytes_per_token(model.config, dtype)
-    budget = config.kv_cache_mb * 2**20
+    budget = kv_budget_bytes(config)
     if config.max_seq_len:
         need = per_token * config.max_seq_len * config.max_batch
         if need > budget:
             raise ValueError(
                 f"KV cache for max_batch={config.max_batch} x max_seq_len={config.max_seq_len} "
-                f"needs {need / 2**20:.0f} MiB > kv_cache_mb={config.kv_cache_mb}; raise "
+                f"needs {need / 2**20:.0f} MiB > kv_cache_mb={budget // 2**20}; raise "
                 "--kv-cache-mb or lower --max-batch/--max-seq-len"
             )
         return config.max_seq_len
     fit = budget // (per_token * config.max_batch)
     if fit < _MIN_CONTEXT:
         raise ValueError(
-            f"kv_cache_mb={config.kv_cache_mb} leaves {fit} tokens per sequence for "
+            f"kv_cache_mb={budget // 2**20} leaves {fit} tokens per sequence for "
             f"max_batch={config.max_batch}; raise --kv-cache-mb or lower --max-batch"
         )
     return int(min(model_limit, _CONTEXT_CAP, fit))

@@ -127,6 +127,10 @@ class Engine:
         self._scores = ScoreQueue()
         self._running: list[Sequence] = []
         self._free = list(range(backend.max_slots - 1, -1, -1))
+        #: A backend whose slots share one pool of cache cells (llama.cpp) names its size; a
+        #: request is admitted only while the pool can hold all it may grow to.
+        self._pool: int | None = getattr(backend, "kv_pool_tokens", None)
+        self._reserved = 0
         self._stats = EngineStats(free_slots=backend.max_slots)
         self._stopping = False
         #: An engine in this process is never restarted (the `EngineLike` field).
@@ -327,11 +331,23 @@ class Engine:
                 self._waiting.remove(seq)
                 self._finish(seq, reason, "")
         while self._waiting and self._free:
+            need = self._reservation(self._waiting[0])
+            if self._pool is not None and self._reserved and self._reserved + need > self._pool:
+                break  # first come, first served: it waits until the pool has room
             seq = self._waiting.popleft()
+            seq.reserved = need
+            self._reserved += need
             seq.slot = self._free.pop()
             seq.state = SeqState.RUNNING
             admitted.append(seq)
         return admitted
+
+    def _reservation(self, seq: Sequence) -> int:
+        """Cache cells `seq` may come to hold: its prompt, every token it may generate, and
+        a step of draft tokens in flight."""
+        drafts = self.config.draft_tokens if self.drafter is not None else 0
+        grow = len(seq.req.prompt_ids) + seq.req.stopping.max_new_tokens + drafts
+        return min(self.backend.max_seq_len, grow)
 
     def _drop_waiting(self, reason: StopReason) -> None:
         while self._waiting:
@@ -566,4 +582,6 @@ class Engine:
                 self.drafter.release(seq.slot)
             with self._cond:
                 self._free.append(seq.slot)
+                self._reserved -= seq.reserved
+                seq.reserved = 0
             seq.slot = None

@@ -60,6 +60,7 @@ class Sequence:
         "last_token",
         "prefill_ms",
         "req",
+        "reserved",
         "sink",
         "slot",
         "state",
@@ -78,6 +79,8 @@ class Sequence:
         self.state = SeqState.WAITING
         #: The KV-cache slot while RUNNING.
         self.slot: int | None = None
+        #: Cache cells held for it in a shared pool while RUNNING (see Engine._reservation).
+        self.reserved = 0
         self.generated: list[int] = []
         #: The prompt and every generated token (what a drafter looks back on).
         self.tokens: list[int] = list(req.prompt_ids)

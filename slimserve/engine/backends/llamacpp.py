@@ -76,12 +76,17 @@ class LlamaCppBackend:
         threads: int,
         weight_type: GgufType = "q8_0",
         extra_buffers: bool = True,
+        kv_pool_bytes: int | None = None,
     ) -> None:
         """Convert the weights, load them into llama.cpp and allocate the KV cache.
 
         Raises:
             ImportError: llama-cpp-python is not installed.
-            ValueError: the model cannot be exported, or llama.cpp refuses it.
+            ValueError: the model cannot be exported, or llama.cpp refuses it, or
+                `kv_pool_bytes` cannot hold one sequence of `max_seq_len`.
+
+        `kv_pool_bytes` caps the cells the slots share (None: max_slots x max_seq_len): the
+        engine then admits a request only while the pool can hold what it may grow to.
         """
         import llama_cpp as lc
 
@@ -121,14 +126,17 @@ class LlamaCppBackend:
         # of the SCORE_ROWS scratch sequences would hold max_seq_len cells too (+50% memory).
         ctx.kv_unified = True
         self._score_cells = max(max_seq_len, _SCORE_CELLS)
-        ctx.n_ctx = max_slots * max_seq_len + self._score_cells
+        # The KV cache in float32 for float32 weights (what the torch backend keeps), else in
+        # float16 (llama.cpp's default): an fp32 artifact is then served at fp32 precision.
+        self._kv_bytes = 4 if weight_type == "f32" else 2
+        per_token = 2 * self._n_layers * self._kv_dim * self._kv_bytes
+        #: Cache cells the slots share (the engine's admission keeps within them).
+        self.kv_pool_tokens = pool_cells(max_slots, max_seq_len, per_token, kv_pool_bytes)
+        ctx.n_ctx = self.kv_pool_tokens + self._score_cells
         ctx.n_batch = _BATCH_TOKENS
         ctx.n_ubatch = 512
         ctx.n_threads = ctx.n_threads_batch = threads
         ctx.no_perf = True
-        # The KV cache in float32 for float32 weights (what the torch backend keeps), else in
-        # float16 (llama.cpp's default): an fp32 artifact is then served at fp32 precision.
-        self._kv_bytes = 4 if weight_type == "f32" else 2
         ctx.type_k = ctx.type_v = lc.GGML_TYPE_F32 if self._kv_bytes == 4 else lc.GGML_TYPE_F16
         if self._kv_bytes == 4:  # flash attention on CPU rounds Q and K to float16
             ctx.flash_attn_type = lc.LLAMA_FLASH_ATTN_TYPE_DISABLED
@@ -311,6 +319,24 @@ class LlamaCppBackend:
 
 
 _GGML_LOG_ERROR = 4
+
+
+def pool_cells(max_slots: int, max_seq_len: int, per_token: int, pool_bytes: int | None) -> int:
+    """Cells for the slots: one full context each, or fewer when `pool_bytes` caps them.
+
+    Raises:
+        ValueError: the cap cannot hold even one sequence of `max_seq_len`.
+    """
+    cells = max_slots * max_seq_len
+    if pool_bytes is None:
+        return cells
+    cells = min(cells, pool_bytes // per_token)
+    if cells < max_seq_len:
+        raise ValueError(
+            f"a KV pool of {pool_bytes / 2**20:.0f} MiB holds {cells} tokens, less than one "
+            f"sequence of {max_seq_len}; raise --kv-cache-mb or lower --max-seq-len"
+        )
+    return cells
 
 
 def fill_batch(batch: Any, entries: list[tuple[int, int, int, bool]], capacity: int) -> None:

@@ -23,7 +23,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from slimserve.engine.config import ModelConfig
+from slimserve.engine.config import ModelConfig, kv_pool_bytes
 from slimserve.engine.machine import cpu_info, llamacpp_build_problem
 from slimserve.registry.artifact import ArtifactWeights
 
@@ -225,6 +225,7 @@ def _build(
             threads=torch.get_num_threads(),  # what `serve --threads` set
             weight_type=plan.weights,  # type: ignore[arg-type]
             extra_buffers=plan.extra_buffers,
+            kv_pool_bytes=kv_pool_bytes(config),
         )
     if isinstance(model, ArtifactWeights):
         raise ValueError(f"plan {plan.key} needs the model loaded by transformers (open_model)")
