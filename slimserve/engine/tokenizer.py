@@ -72,7 +72,8 @@ def _chat_template(directory: Path, config: Mapping[str, Any]) -> str | list[Any
 class Tokenizer:
     """Encode, decode and chat templates over a `tokenizers.Tokenizer` (see module docstring).
 
-    Thread-safe: `split_special_tokens` flips a flag of the backend, under a lock.
+    Thread-safe: `split_special_tokens` flips a flag of the backend, so encodes take a lock
+    (decoding does not).
     """
 
     def __init__(
@@ -166,9 +167,11 @@ class Tokenizer:
         self, text: str, add_special_tokens: bool = True, split_special_tokens: bool = False
     ) -> list[int]:
         """Token ids of `text`; `split_special_tokens` encodes special token text as text."""
-        if not split_special_tokens:
-            return list(self._tok.encode(text, add_special_tokens=add_special_tokens).ids)
+        # Every encode holds the lock: the flag is the backend's, so an encode on another
+        # thread while it is flipped would split special tokens it should keep.
         with self._split_lock:
+            if not split_special_tokens:
+                return list(self._tok.encode(text, add_special_tokens=add_special_tokens).ids)
             self._tok.encode_special_tokens = True
             try:
                 return list(self._tok.encode(text, add_special_tokens=add_special_tokens).ids)

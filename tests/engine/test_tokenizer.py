@@ -135,3 +135,18 @@ def test_files_that_need_transformers_fall_back(tiny_dir: Path, tmp_path: Path) 
     assert not isinstance(fallback, Tokenizer)
     assert type(fallback).__module__.startswith("transformers.")
     assert isinstance(load_tokenizer(tiny_dir), Tokenizer)
+
+
+def test_concurrent_encodes_keep_their_own_special_token_rule(tiny_dir: Path) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    tok = Tokenizer.from_dir(tiny_dir)
+    text = "<|im_start|>user hi<|im_end|>" * 50
+    keep, split = tok.encode(text), tok.encode(text, split_special_tokens=True)
+    assert keep != split
+
+    def one(i: int) -> bool:
+        return tok.encode(text, split_special_tokens=bool(i % 2)) == (split if i % 2 else keep)
+
+    with ThreadPoolExecutor(4) as pool:
+        assert all(pool.map(one, range(400)))
