@@ -110,7 +110,7 @@ def parse_recipe(data: dict[str, Any], origin: str = "recipe") -> Recipe:
         raise RecipeError(f"{origin}: at least one [[stage]] table is required")
     stages = [_parse_stage(raw, i, origin) for i, raw in enumerate(raw_stages, start=1)]
     _check_order(stages, origin)
-    if stages[-1].type != "evaluate":
+    if not any(s.type == "evaluate" for s in stages):  # every version is measured
         stages.append(Stage(EvaluateConfig()))
     return Recipe(name=name, description=str(data.get("description", "")), stages=tuple(stages))
 

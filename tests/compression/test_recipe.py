@@ -46,7 +46,8 @@ def test_shipped_recipes_parse() -> None:
     assert {"int8", "int4", "bf16", "prune20-distill", "prune50-distill-int8", "draft"} <= names
     for path in (ROOT / "recipes").glob("*.toml"):
         r = load_recipe(path)
-        assert r.stages[-1].type == "evaluate"
+        assert "evaluate" in [s.type for s in r.stages]  # every version is measured
+        assert r.stages[-1].type in ("evaluate", "speculate")
         assert all(s.config.version == type(s.config).current_version() for s in r.stages)
 
 
