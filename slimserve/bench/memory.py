@@ -199,6 +199,7 @@ def measure_serve(
     new_tokens: int = 64,
     rounds: int = 2,
     extra_args: Sequence[str] = (),
+    ready_timeout_s: float = 1800.0,
 ) -> dict[str, object]:
     """Start a server, wait for health, run `rounds` x `streams` streams; the peaks."""
     port = free_port()
@@ -212,7 +213,13 @@ def measure_serve(
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, text=True)
         try:
             return _sample_serving(
-                proc.pid, target, model, streams=streams, new_tokens=new_tokens, rounds=rounds
+                proc.pid,
+                target,
+                model,
+                streams=streams,
+                new_tokens=new_tokens,
+                rounds=rounds,
+                ready_timeout_s=ready_timeout_s,
             )
         finally:
             proc.terminate()
@@ -227,14 +234,21 @@ def measure_serve(
 
 
 def _sample_serving(
-    pid: int, target: str, model: str, *, streams: int, new_tokens: int, rounds: int
+    pid: int,
+    target: str,
+    model: str,
+    *,
+    streams: int,
+    new_tokens: int,
+    rounds: int,
+    ready_timeout_s: float,
 ) -> dict[str, object]:
     from slimserve.clients import Client
 
     with Sampler(pid) as sampler:
         t0 = time.perf_counter()
         with Client(target, retries=0) as c:
-            c.wait_ready(600)
+            c.wait_ready(ready_timeout_s)
             info = c.model_info()
         load_s = time.perf_counter() - t0
         sampler.phase = "idle"
@@ -326,6 +340,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--tokens", type=int, default=64, help="new tokens per stream")
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--imports", action="store_true", help="also measure import costs")
+    p.add_argument(
+        "--ready-timeout",
+        type=float,
+        default=1800.0,
+        help="seconds to wait for SERVING (a first serve on a machine qualifies plans first)",
+    )
     p.add_argument("--json", type=Path, help="write the figures here as JSON")
     p.add_argument("serve_args", nargs="*", help="more `serve` flags (after --)")
     args = p.parse_args(argv)
@@ -336,6 +356,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         new_tokens=args.tokens,
         rounds=args.rounds,
         extra_args=args.serve_args,
+        ready_timeout_s=args.ready_timeout,
     )
     print(report(result))
     costs = None
