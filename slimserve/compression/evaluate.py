@@ -23,7 +23,6 @@ Imports ``.data``, ``.errors``, ``.stage``; the engine inside ``served_backend``
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import math
 import platform
@@ -34,14 +33,23 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F  # noqa: N812  # torch's own convention
 
-from slimserve.compression.data import TextSource, load_text_file, pydoc_topics, token_chunks
+from slimserve.compression.data import (
+    TextSource,
+    load_text_file,
+    pydoc_topics,
+    text_source,
+    token_chunks,
+)
 from slimserve.compression.errors import CompressionError
 from slimserve.compression.stage import StageConfig, StageContext, StageOutcome, StageSpec
+
+if TYPE_CHECKING:
+    from slimserve.compression.teacher_data import TeacherRow, TeacherText
 
 log = logging.getLogger(__name__)
 
@@ -102,10 +110,7 @@ def ood_source() -> TextSource:
             f"no out-of-domain text: cannot read {path} ({exc}); evaluate with an interpreter "
             "whose standard library ships its LICENSE.txt"
         ) from exc
-    digest = hashlib.sha256(text.encode()).hexdigest()
-    return TextSource(
-        name=f"cpython:LICENSE.txt@{platform.python_version()}", text=text, digest=digest
-    )
+    return text_source(f"cpython:LICENSE.txt@{platform.python_version()}", text)
 
 
 def check_unseen(ood: TextSource, train: TextSource) -> None:
@@ -214,7 +219,7 @@ def agreement(
 
 
 def teacher_rows(
-    heldout: Sequence[Any], limit: int, tokens: int
+    heldout: Sequence[TeacherRow], limit: int, tokens: int
 ) -> tuple[list[list[int]], list[int]]:
     """(rows, starts) of the first `limit` held-out teacher rows that generated something;
     each row is its ``prompt_ids`` then the first `tokens` of its ``generated_ids``
@@ -384,7 +389,7 @@ def _ratios(out: dict[str, Any], texts: dict[str, TextSource]) -> dict[str, floa
     return ratios
 
 
-def generations_of(data: Any, config: EvaluateConfig) -> Generations:
+def generations_of(data: TeacherText, config: EvaluateConfig) -> Generations:
     """`Generations` of a ``teacher_data.TeacherText``'s held-out rows, as many rows and
     tokens as `config` compares."""
     rows, starts = teacher_rows(data.heldout, config.agreement_rows, config.agreement_tokens)
@@ -397,12 +402,11 @@ def stage_generations(
     """The run's held-out teacher generations for an instruct model, or None (not an
     instruct model, agreement off, or a run that offers no teacher text). The parent
     generates them when the registry has none for it yet (once; kept in the registry)."""
-    offer = getattr(ctx, "teacher_text", None)  # None outside a recipe run
-    if not config.agreement_rows or not is_instruct(tokenizer) or offer is None:
+    if not config.agreement_rows or not is_instruct(tokenizer) or ctx.teacher_text is None:
         return None
     from slimserve.compression.teacher_data import TeacherTextConfig
 
-    data = offer(TeacherTextConfig(), teacher=parent, progress=ctx.progress)
+    data = ctx.teacher_text(TeacherTextConfig(), teacher=parent, progress=ctx.progress)
     return generations_of(data, config)
 
 

@@ -20,9 +20,9 @@ from slimserve.compression.evaluate import (
     backend_logits,
     check_unseen,
     evaluate,
-    generations_of,
     model_logits,
     ood_source,
+    teacher_rows,
 )
 from slimserve.compression.recipe import CompressJob, compress, parse_recipe
 from slimserve.engine.backends.select import Plan, build_backend
@@ -154,25 +154,18 @@ def test_evaluate_through_the_serving_backend_records_served_figures(tok: Any) -
     assert m["decode_tokens_per_s"] > 0 and math.isfinite(m["ttft_ms"])
 
 
-def test_generations_of_teacher_text_puts_each_generation_after_its_prompt() -> None:
+def test_teacher_rows_put_each_generation_after_its_prompt() -> None:
     from slimserve.compression.teacher_data import TeacherRow
 
-    class _Data:  # the two things read of a TeacherText
-        heldout = (
-            TeacherRow(index=0, prompt="a", prompt_ids=(5, 6), generated_ids=(7, 8, 9), seed=1),
-            TeacherRow(index=3, prompt="b", prompt_ids=(5,), generated_ids=(), seed=2),
-            TeacherRow(index=4, prompt="c", prompt_ids=(4, 4, 4), generated_ids=(1,), seed=3),
-        )
-        digest = "abc"
+    heldout = (
+        TeacherRow(index=0, prompt="a", prompt_ids=(5, 6), generated_ids=(7, 8, 9), seed=1),
+        TeacherRow(index=3, prompt="b", prompt_ids=(5,), generated_ids=(), seed=2),
+        TeacherRow(index=4, prompt="c", prompt_ids=(4, 4, 4), generated_ids=(1,), seed=3),
+    )
 
-        class artifact:  # noqa: N801
-            ref = "tiny@1"
-
-    g = generations_of(_Data(), EvaluateConfig(agreement_rows=5))
-    assert g.rows == [[5, 6, 7, 8, 9], [4, 4, 4, 1]] and g.starts == [2, 3]  # empty one dropped
-    assert (g.source, g.digest) == ("tiny@1", "abc")
-    one = generations_of(_Data(), EvaluateConfig(agreement_rows=1, agreement_tokens=2))
-    assert one.rows == [[5, 6, 7, 8]]  # the first two generated tokens
+    rows, starts = teacher_rows(heldout, limit=5, tokens=64)
+    assert rows == [[5, 6, 7, 8, 9], [4, 4, 4, 1]] and starts == [2, 3]  # the empty one dropped
+    assert teacher_rows(heldout, limit=1, tokens=2) == ([[5, 6, 7, 8]], [2])  # first 2 tokens
 
 
 def test_a_run_whose_training_text_holds_the_out_of_domain_text_is_refused_before_work(
