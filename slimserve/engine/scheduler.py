@@ -31,6 +31,7 @@ from slimserve.engine.sequence import Handle, ScoreJob, SeqState, Sequence
 from slimserve.engine.speculative import NO_PROPOSAL, Drafter, DraftRequest, Proposal, accept
 from slimserve.engine.text import Decoder
 from slimserve.engine.types import (
+    PHASES,
     BackendInfo,
     EngineInfo,
     EngineStats,
@@ -132,6 +133,8 @@ class Engine:
         self._pool: int | None = getattr(backend, "kv_pool_tokens", None)
         self._reserved = 0
         self._stats = EngineStats(free_slots=backend.max_slots)
+        #: Seconds per decode-step phase (worker thread only; `stats` copies it).
+        self._phase = dict.fromkeys(PHASES, 0.0)
         self._stopping = False
         #: An engine in this process is never restarted (the `EngineLike` field).
         self.restarts = 0
@@ -259,6 +262,7 @@ class Engine:
                 finished=dict(s.finished),
                 draft_proposed=s.draft_proposed,
                 draft_accepted=s.draft_accepted,
+                phase_s=dict(self._phase),
             )
 
     def shutdown(self, timeout: float = 10.0) -> None:
@@ -303,7 +307,9 @@ class Engine:
             self._flush()  # first tokens out before the next decode step
             if self._running:
                 self._decode_step()
+                t = time.perf_counter()
                 self._flush()
+                self._phase["flush"] += time.perf_counter() - t
 
     def _flush(self) -> None:
         if self.on_flush is not None:
@@ -369,7 +375,10 @@ class Engine:
 
     def _decode_step(self) -> None:
         batch = list(self._running)
+        t0 = time.perf_counter()
         proposals = self._propose(batch) if self.drafter is not None else None
+        t1 = time.perf_counter()
+        self._phase["draft"] += t1 - t0
         if proposals is not None:
             self._verify_step(batch, proposals)
             return
@@ -380,13 +389,18 @@ class Engine:
             for seq in batch:
                 self._fail(seq, exc)
             return
+        t2 = time.perf_counter()
         with self._cond:
             self._stats.steps += 1
         picks: list[int | None] = [None] * len(batch)
         if all(s.req.sampling.is_greedy for s in batch):
             picks = logits.argmax(dim=-1).tolist()  # one call for the common case
+        t3 = time.perf_counter()
         for i, seq in enumerate(batch):
             self._advance(seq, picks[i], logits[i])
+        self._phase["forward"] += t2 - t1
+        self._phase["pick"] += t3 - t2
+        self._phase["emit"] += time.perf_counter() - t3
 
     # ---- speculative decoding ---------------------------------------------------------
     def _draft_room(self, seq: Sequence) -> int:
@@ -435,6 +449,7 @@ class Engine:
         emit what the acceptance rule keeps (1 to k + 1 tokens each)."""
         assert self.drafter is not None
         drafter = self.drafter
+        t0 = time.perf_counter()
         try:
             slots = [s.slot for s in batch if s.slot is not None]
             inputs = [[s.last_token, *p.tokens] for s, p in zip(batch, proposals, strict=True)]
@@ -443,6 +458,7 @@ class Engine:
             for seq in batch:
                 self._fail(seq, exc)
             return
+        t1 = time.perf_counter()
         # First what each sequence keeps (caches rolled back, counts taken), then the
         # events: a consumer that sees a finish sees the engine's counts include it.
         kept: list[tuple[Sequence, list[int], torch.Tensor]] = []
@@ -470,11 +486,15 @@ class Engine:
             self._stats.steps += 1
             self._stats.draft_proposed += proposed
             self._stats.draft_accepted += accepted
+        t2 = time.perf_counter()
         for seq, emitted, logits in kept:
             for j, tok in enumerate(emitted):
                 self._advance(seq, tok, logits[j])
                 if seq.state is SeqState.FINISHED:
                     break
+        self._phase["forward"] += t1 - t0
+        self._phase["pick"] += t2 - t1
+        self._phase["emit"] += time.perf_counter() - t2
 
     def _advance(self, seq: Sequence, token: int | None, logits: torch.Tensor) -> None:
         """Pick (unless given) and emit one token; a failure ends only this request."""

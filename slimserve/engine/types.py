@@ -111,6 +111,14 @@ class EngineStats:
     #: Draft tokens proposed and accepted over the engine's life (speculative decoding).
     draft_proposed: int = 0
     draft_accepted: int = 0
+    #: Seconds the worker spent in each phase of its decode steps, summed (`PHASES`).
+    phase_s: dict[str, float] = field(default_factory=dict)
+
+
+#: A decode step's phases: proposing drafts, the model's forward pass, choosing tokens
+#: (argmax, sampling, the acceptance rule), emitting them (detokenization, stop checks,
+#: events) and flushing the step's events to their consumers (the engine process's pipe).
+PHASES = ("draft", "forward", "pick", "emit", "flush")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
