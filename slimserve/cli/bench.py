@@ -179,3 +179,24 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--plot", type=Path)
     registry_arg(p)
     p.set_defaults(func=cmd_bench_serve)
+    p = bsub.add_parser("step", help="where a decode step's milliseconds go (in-process)")
+    p.add_argument("--model", default="smollm2-135m-instruct@production", help="NAME[@REF]")
+    p.add_argument("--threads", type=positive_int, default=os.cpu_count() or 1)
+    p.add_argument("--concurrency", type=positive_int_list, default=[1, 16], help="comma-separated")
+    p.add_argument("--new-tokens", type=positive_int, default=128)
+    p.add_argument("--draft", help="also run with this drafter: ngram or NAME@REF")
+    registry_arg(p)
+    p.set_defaults(func=cmd_bench_step)
+
+
+def cmd_bench_step(args: argparse.Namespace) -> int:
+    from slimserve.bench.step import run_step_profile
+
+    return run_step_profile(
+        args.registry or default_registry(),
+        args.model,
+        threads=args.threads,
+        concurrency=args.concurrency,
+        new_tokens=args.new_tokens,
+        draft=args.draft,
+    )
