@@ -26,8 +26,10 @@ from slimserve.registry.errors import IntegrityError
 from slimserve.registry.store import Registry
 
 ROOT = Path(__file__).resolve().parents[2]
+# agreement_rows = 0: the agreement with the parent needs the full teacher text (minutes on
+# a shared core); tests/compression/test_evaluate.py measures it.
 FAST_EVAL = {"type": "evaluate", "seq_len": 32, "max_chunks": 2, "speed_tokens": 8,
-             "speed_repeats": 1}  # fmt: skip
+             "speed_repeats": 1, "agreement_rows": 0}  # fmt: skip
 
 
 @pytest.fixture()
@@ -234,6 +236,7 @@ def test_the_draft_recipe_makes_a_small_int8_draft(tmp_path: Path) -> None:
         "prune.calibration_samples=4", "prune.seq_len=32",
         "distill.steps=2", "distill.batch_size=2", "distill.seq_len=32", "distill.warmup_steps=0",
         "evaluate.seq_len=32", "evaluate.max_chunks=2", "evaluate.speed_tokens=0",
+        "evaluate.agreement_rows=0",
     ]  # fmt: skip
     r = load_recipe(ROOT / "recipes" / "draft.toml", budgets)
     assert [s.type for s in r.stages] == ["prune", "distill", "quantize", "evaluate"]
