@@ -11,7 +11,7 @@ emitted token is then distributed exactly as p, the target's warped distribution
 
 Two drafters:
 - `NgramDrafter`: model-free prompt lookup. The latest earlier occurrence of the context's
-  last n tokens (n from `max_n` down to 1) proposes what followed it. Costs no forward pass;
+  last n tokens (n from `max_n` down to `min_n`) proposes what followed it. Costs no forward pass;
   pays off on text that repeats the prompt or itself (extraction, editing, code, and the
   loops small models fall into).
 - `ModelDrafter`: a smaller model sharing the tokenizer (e.g. one the compression toolkit
@@ -142,7 +142,10 @@ class NgramDrafter:
     Hand-written: a dict per n is all it takes (vLLM's proposer searches with numpy each
     step; the index makes a lookup O(1) and an update O(new tokens))."""
 
-    def __init__(self, max_n: int = 3, min_n: int = 1) -> None:
+    #: min_n 2 by default: on SmolLM2's greedy answers to everyday prompts a one-token
+    #: match is right 15-20% of the time and a two-token one 35-55% (replaying recorded
+    #: outputs), while a verify pass costs more than a decode: single-token guesses lose.
+    def __init__(self, max_n: int = 3, min_n: int = 2) -> None:
         if not 1 <= min_n <= max_n:
             raise ValueError(f"need 1 <= min_n <= max_n, got {min_n}, {max_n}")
         self.name = "ngram"
