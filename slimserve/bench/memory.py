@@ -25,6 +25,7 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 #: Imported one after the other in a fresh interpreter by `import_costs`.
 IMPORTS = (
@@ -213,7 +214,7 @@ def measure_serve(
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, text=True)
         try:
             return _sample_serving(
-                proc.pid,
+                proc,
                 target,
                 model,
                 streams=streams,
@@ -234,7 +235,7 @@ def measure_serve(
 
 
 def _sample_serving(
-    pid: int,
+    proc: subprocess.Popen[str],
     target: str,
     model: str,
     *,
@@ -245,10 +246,10 @@ def _sample_serving(
 ) -> dict[str, object]:
     from slimserve.clients import Client
 
-    with Sampler(pid) as sampler:
+    with Sampler(proc.pid) as sampler:
         t0 = time.perf_counter()
         with Client(target, retries=0) as c:
-            c.wait_ready(ready_timeout_s)
+            _wait_serving(c, proc, ready_timeout_s)
             info = c.model_info()
         load_s = time.perf_counter() - t0
         sampler.phase = "idle"
@@ -263,6 +264,26 @@ def _sample_serving(
         "tokens": tokens,
         "phases": sampler.phases,
     }
+
+
+def _wait_serving(client: Any, proc: subprocess.Popen[str], timeout_s: float) -> None:
+    """Until SERVING; a server that exits first ends the wait at once.
+
+    Raises:
+        RuntimeError: the server exited. TimeoutError: not SERVING within `timeout_s`.
+    """
+    from slimserve.clients.errors import Unavailable
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"the server exited ({proc.returncode}) before SERVING")
+        try:
+            client.wait_ready(5.0)
+            return
+        except Unavailable:
+            continue
+    raise TimeoutError(f"the server was not SERVING after {timeout_s:.0f} s")
 
 
 _IMPORT_PROBE = """
