@@ -236,10 +236,10 @@ def test_the_draft_recipe_makes_a_small_int8_draft(tmp_path: Path) -> None:
         "prune.calibration_samples=4", "prune.seq_len=32",
         "distill.steps=2", "distill.batch_size=2", "distill.seq_len=32", "distill.warmup_steps=0",
         "evaluate.seq_len=32", "evaluate.max_chunks=2", "evaluate.speed_tokens=0",
-        "evaluate.agreement_rows=0",
+        "evaluate.agreement_rows=0", "speculate.prompts=2", "speculate.new_tokens=8",
     ]  # fmt: skip
     r = load_recipe(ROOT / "recipes" / "draft.toml", budgets)
-    assert [s.type for s in r.stages] == ["prune", "distill", "quantize", "evaluate"]
+    assert [s.type for s in r.stages] == ["prune", "distill", "quantize", "evaluate", "speculate"]
     parent = registry.get("deep", "1")
     art = compress(registry, CompressJob(recipe=r, parent=parent, to_name="deep-draft"))
     arch = art.manifest.architecture
