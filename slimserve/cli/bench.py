@@ -18,21 +18,24 @@ from slimserve.cli.common import (
     backend_args,
     default_registry,
     home,
+    open_registry,
     positive_int,
     positive_int_list,
     registry_arg,
 )
-from slimserve.cli.compress import evaluate_ref, evaluation_args
+from slimserve.cli.compress import evaluation_args
 
 
 def cmd_bench_compare(args: argparse.Namespace) -> int:
     import torch
 
-    from slimserve.bench.compare import markdown, plot
+    from slimserve.bench.compare import markdown, measure, plot
+    from slimserve.compression.evaluate import EvaluateConfig
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    rows = [evaluate_ref(args, ref) for ref in args.models]
+    cfg = EvaluateConfig(speed_tokens=args.speed_tokens, max_chunks=args.max_chunks)
+    rows = measure(open_registry(args), args.models, cfg, text=args.text)  # parents load once
     print(f"command: {' '.join(sys.argv)}")
     print(f"threads: {torch.get_num_threads()}  torch: {torch.__version__}")
     print(markdown(rows))
@@ -129,7 +132,11 @@ def add_parser(sub: Any) -> None:
     """Add `bench compare` and `bench serve` to the top-level subparsers."""
     bench = sub.add_parser("bench", help="benchmarks (figures side by side in one run)")
     bsub = bench.add_subparsers(dest="bench", required=True)
-    p = bsub.add_parser("compare", help="versions side by side: perplexity, size, speed")
+    p = bsub.add_parser(
+        "compare",
+        help="versions side by side against their parents: perplexity in and out of domain, "
+        "agreement, size, speed",
+    )
     p.add_argument("models", nargs="+", help="NAME@REF ...")
     evaluation_args(p)
     p.add_argument("--json", type=Path)
