@@ -108,17 +108,13 @@ def cmd_compress(args: argparse.Namespace) -> int:
 
 
 def evaluate_ref(args: argparse.Namespace, text: str) -> dict[str, Any]:
-    """Perplexity, size and speed of the version `text` names (`eval`, `bench compare`)."""
-    from slimserve.compression.evaluate import EvaluateConfig, evaluate
-    from slimserve.registry.artifact import load_model
-    from slimserve.registry.store import parse_model_ref
+    """Every evaluate metric of the version `text` names, against its parent (`eval`):
+    perplexity in and out of domain, agreement, size and speed."""
+    from slimserve.bench.compare import measure
+    from slimserve.compression.evaluate import EvaluateConfig
 
-    registry = open_registry(args)
-    art = registry.get(*parse_model_ref(text))
-    model, tok = load_model(art)
-    size = sum(int(f["size"]) for r, f in art.files.items() if r.endswith(".safetensors"))
     cfg = EvaluateConfig(speed_tokens=args.speed_tokens, max_chunks=args.max_chunks)
-    return {"model": art.ref, **evaluate(model, tok, cfg, text=args.text, model_bytes=size)}
+    return measure(open_registry(args), [text], cfg, text=args.text)[0]
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
