@@ -115,6 +115,10 @@ class DistillReport:
     # What the batches came from (text name and sha256, teacher dataset, sequences of each);
     # filled in by the stage.
     data: Mapping[str, Any] = field(default_factory=dict)
+    #: How a `max_minutes` budget was planned (steps, accumulation; None without one).
+    budget: Mapping[str, Any] | None = None
+    #: Whether the forward passes ran under bf16 autocast (asked for, and the CPU pays).
+    autocast_bf16: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         """The summary a manifest records (per-step losses stay in the logs)."""
@@ -124,6 +128,9 @@ class DistillReport:
             "seconds": self.seconds,
             "stopped_by_time": self.stopped_by_time,
             "resumed_from_step": self.resumed_from_step,
+            "tokens_seen": self.tokens_seen,
+            "autocast_bf16": self.autocast_bf16,
+            "budget": dict(self.budget) if self.budget is not None else None,
             "data": dict(self.data),
         }
 
@@ -214,11 +221,14 @@ def distill_(
         final_ce=last[2],
         mean_loss=sum(losses) / len(losses) if losses else math.nan,
         losses=tuple(losses),
-        tokens_seen=run.steps_done * config.batch_size * config.grad_accum * config.seq_len,
+        # Calls, not optimizer steps: a budget plan may accumulate several per step.
+        tokens_seen=run.calls_done * config.batch_size * config.grad_accum * config.seq_len,
         seconds=run.seconds,
         stopped_by_time=run.stopped_by_time,
         world_size=run.world_size,
         rank=run.rank,
+        budget=run.budget(),
+        autocast_bf16=config.autocast_bf16 and bf16_pays(next(student.parameters()).device),
     )
 
 
