@@ -172,7 +172,9 @@ def plans_for(
             weights = "int8" if scheme == "Int8WeightOnlyConfig" else "none"
             plans.append(Plan(backend="llama", weights=weights, dtype=dtype))
             if config.dtype == "auto" and dtype == "float32" and device == "cpu":
-                if cpu_info().has_native_bf16 and weights == "none":
+                if weights != "none":
+                    refused["llama/bfloat16"] = "int8 weights run as int8 (llama/float32/int8)"
+                elif cpu_info().has_native_bf16:
                     plans.append(Plan(backend="llama", dtype="bfloat16"))
                 else:
                     refused["llama/bfloat16"] = "this CPU has no native bfloat16 (AVX512-BF16/AMX)"
