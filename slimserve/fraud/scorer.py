@@ -57,6 +57,7 @@ from slimserve.fraud.features import (
     build_features,
     render_prompt,
 )
+from slimserve.fraud.metrics import LatencySummary, latency_summary
 from slimserve.fraud.schema import RowError, Transaction, read_transactions
 
 __all__ = [
@@ -124,6 +125,9 @@ class ScoreSummary:
     scored: tuple[ScoredRow, ...]
     failed: tuple[ScoreFailure, ...]
     wall_s: float
+    #: Of ``wall_s``, the seconds spent scoring (features and Score calls, explanations
+    #: included), what the rows per second are measured over; 0 = not measured.
+    scoring_s: float = 0.0
 
     @property
     def rejected(self) -> int:
@@ -134,13 +138,29 @@ class ScoreSummary:
     def flagged(self) -> int:
         return sum(r.decision == DECISION_FRAUD for r in self.scored)
 
+    @property
+    def latency(self) -> LatencySummary | None:
+        """Percentiles of the scored rows' client round trips (None when none was scored)."""
+        if not self.scored:
+            return None
+        return latency_summary([r.latency_ms for r in self.scored])
+
     def describe(self) -> str:
-        """A one-line summary for people."""
-        return (
+        """A one-line summary for people; with scored rows, their latency percentiles and
+        the rows per second while scoring."""
+        text = (
             f"scored {len(self.scored)} rows ({self.flagged} flagged), rejected "
             f"{self.rejected} lines, no decision for {len(self.failed)} rows, "
             f"in {self.wall_s:.1f} s"
         )
+        lat = self.latency
+        if lat is not None:
+            text += (
+                f"; Score latency p50 {lat.p50_ms:.1f} ms, p90 {lat.p90_ms:.1f} ms, "
+                f"p99 {lat.p99_ms:.1f} ms; "
+                f"{len(self.scored) / (self.scoring_s or self.wall_s):.1f} rows/s"
+            )
+        return text
 
 
 def decide(score: float, threshold: float) -> str:
@@ -321,7 +341,9 @@ def score_file(
     read = read_transactions(path)
     for error in read.errors:
         log.write(f"{path}:{error.line_number}: {error.field}: {error.message}\n")
+    scoring = time.perf_counter()
     outcomes = score_outcomes(client, read.rows, options, explain_to=explain_to)
+    scoring_s = time.perf_counter() - scoring
     scored = [o for o in outcomes if isinstance(o, ScoredRow)]
     failed = [o for o in outcomes if isinstance(o, ScoreFailure)]
     for failure in failed:
@@ -335,6 +357,7 @@ def score_file(
         scored=tuple(scored),
         failed=tuple(failed),
         wall_s=time.perf_counter() - start,
+        scoring_s=scoring_s,
     )
 
 

@@ -82,6 +82,10 @@ def test_score_file_scores_every_valid_row_and_reports_bad_lines(
     assert summary.rejected == 3 and not summary.failed
     assert len(summary.scored) == len(valid)
     assert "rejected 3 lines" in summary.describe()
+    # Latency percentiles of the scored rows' round trips, and the rate while scoring.
+    assert summary.latency is not None and summary.latency.count == len(valid)
+    assert 0 < summary.scoring_s <= summary.wall_s
+    assert f"p50 {summary.latency.p50_ms:.1f} ms" in summary.describe()
 
 
 def test_scores_do_not_depend_on_concurrency_or_file_order(
