@@ -211,6 +211,23 @@ def generation_request(
     )
 
 
+def score_inputs(pb: Any, model: LoadedModel, limits: Limits) -> tuple[list[int], list[list[int]]]:
+    """A ScoreRequest's prompt and label token ids, both tokenized in one call (the servicer
+    runs it in one worker-thread hop: each hop costs a thread handoff both ways).
+
+    Raises:
+        InvalidRequest: a bad prompt or label, or prompt + longest label over the context.
+    """
+    prompt = list(prompt_ids(pb, model, limits))
+    labels = score_labels(pb, model, limits)
+    longest = len(prompt) + max(map(len, labels))
+    if longest > model.max_context:
+        raise InvalidRequest(
+            "labels", f"prompt + label is {longest} tokens; context is {model.max_context}"
+        )
+    return prompt, labels
+
+
 def score_labels(pb: Any, model: LoadedModel, limits: Limits) -> list[list[int]]:
     if not pb.labels:
         raise InvalidRequest("labels", "at least one label is required")

@@ -224,13 +224,9 @@ class GenerationServicer(gen_grpc.GenerationServiceServicer):
             rid = request_id(context)
             model = self._model(request.model)
             logs.annotate(model=model.ref)
-            prompt = list(await asyncio.to_thread(convert.prompt_ids, request, model, self.limits))
-            labels = await asyncio.to_thread(convert.score_labels, request, model, self.limits)
-            longest = len(prompt) + max(map(len, labels))
-            if longest > model.max_context:
-                raise InvalidRequest(
-                    "labels", f"prompt + label is {longest} tokens; context is {model.max_context}"
-                )
+            prompt, labels = await asyncio.to_thread(
+                convert.score_inputs, request, model, self.limits
+            )
             remaining = context.time_remaining()
             deadline = time.monotonic() + remaining if remaining is not None else None
             try:
