@@ -17,17 +17,11 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol, cast
+from typing import TYPE_CHECKING, Any, Protocol, cast
 
-import torch
-
-from slimserve.engine.backends.base import Backend, can_speculate
-from slimserve.engine.backends.select import Plan, build_backend, plans_for
+from slimserve.engine.backends.select import Plan, build_backend, open_model, plans_for
 from slimserve.engine.config import NGRAM, ModelConfig, kv_budget_bytes
 from slimserve.engine.errors import IntegrityFailure, LoadFailed
-from slimserve.engine.scheduler import Engine, EngineConfig, Sink
-from slimserve.engine.spec import kv_bytes_per_token
-from slimserve.engine.speculative import Drafter, ModelDrafter, NgramDrafter
 from slimserve.engine.types import (
     BackendInfo,
     EngineInfo,
@@ -37,21 +31,27 @@ from slimserve.engine.types import (
     StopParams,
     TokenLogprob,
 )
-from slimserve.registry.artifact import load_model
 from slimserve.registry.errors import IntegrityError, RegistryError
 from slimserve.registry.store import Artifact, Registry, parse_model_ref
+
+if TYPE_CHECKING:  # torch and the scheduler load in `load`: the server process imports
+    # this module for LoadedModel and holds no weights, so it never imports torch.
+    import torch
+
+    from slimserve.engine.backends.base import Backend
+    from slimserve.engine.scheduler import Sink
+    from slimserve.engine.speculative import Drafter
 
 log = logging.getLogger(__name__)
 
 #: Wraps a freshly built backend (tests inject slow or failing devices through it).
-BackendHook = Callable[[Backend], Backend]
-
-
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+BackendHook = Callable[["Backend"], "Backend"]
 _CONTEXT_CAP = 4096
 
 
 def resolve_device(name: str) -> torch.device:
+    import torch
+
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(name)
@@ -61,9 +61,11 @@ def resolve_device(name: str) -> torch.device:
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    import torch
+
     if name == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return _DTYPES[name]
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
 
 
 class EngineLike(Protocol):
@@ -130,10 +132,14 @@ class LoadedModel:
 
     @property
     def device(self) -> torch.device:
+        import torch
+
         return torch.device(self.engine.info.device)
 
     @property
     def dtype(self) -> torch.dtype:
+        import torch
+
         return getattr(torch, self.engine.info.dtype)  # type: ignore[no-any-return]
 
     @property
@@ -150,6 +156,8 @@ def context_length(model: Any, config: ModelConfig, dtype: torch.dtype) -> int:
     Raises:
         ValueError: the configured batch and context do not fit `kv_cache_mb`.
     """
+    from slimserve.engine.spec import kv_bytes_per_token
+
     model_limit = int(getattr(model.config, "max_position_embeddings", 0) or _CONTEXT_CAP)
     per_token = kv_bytes_per_token(model.config, dtype)
     budget = kv_budget_bytes(config)
@@ -189,12 +197,16 @@ def load(
         IntegrityFailure: a file fails its checksum.
         LoadFailed: the files verify but do not make a model this server can run.
     """
+    import torch
+
+    from slimserve.engine.scheduler import Engine, EngineConfig
+
     device = resolve_device(config.device)
     dtype = resolve_dtype(config.dtype, device)
     forward_threads = configured_threads()
     torch.set_num_threads(forward_threads)  # an earlier llama.cpp load may have lowered it
     try:
-        model, tokenizer = load_model(artifact, device=device, dtype=dtype)
+        model, tokenizer = open_model(artifact, config, plan, device=device, dtype=dtype)
         max_seq_len = context_length(model, config, dtype)
         if plan is None:
             plans, refused = plans_for(model, config, artifact.path / "tokenizer.json")
@@ -268,6 +280,8 @@ def load(
 def configured_threads() -> int:
     """Threads for the forward pass: torch's count when this process first loaded a model
     (what `serve --threads` set), before any llama.cpp load lowered torch's own pool."""
+    import torch
+
     return torch.get_num_threads()
 
 
@@ -298,6 +312,9 @@ def _drafter(
         LoadFailed: the target's backend cannot verify drafts, the draft model is missing,
             does not share the target's tokenizer, or cannot be loaded.
     """
+    from slimserve.engine.backends.base import can_speculate
+    from slimserve.engine.speculative import ModelDrafter, NgramDrafter
+
     if config.draft is None:
         return None
     if not can_speculate(backend):
@@ -312,7 +329,10 @@ def _drafter(
             f"draft {draft.ref} does not share {target.ref}'s tokenizer (tokenizer.json differs)"
         )
     try:
-        model, _ = load_model(draft, device=torch.device(str(backend.device)), dtype=torch.float32)
+        import torch
+
+        device = torch.device(str(backend.device))
+        model, _ = open_model(draft, config, plan, device=device, dtype=torch.float32)
         tokenizer_json = draft.path / "tokenizer.json"
         plans, _ = plans_for(model, config, tokenizer_json)
         # The draft runs on the target's kind of backend (same threads, same kernels).

@@ -6,7 +6,7 @@ scheduler and answers frames (`slimserve.engine.ipc`) on a pipe. The server hold
 a reader thread that turns frames back into events. Native code that crashes (SIGSEGV,
 abort, an OOM kill) takes only the child: the reader sees the pipe close, every request in
 flight ends at once with `NotReady` naming the model and the signal, and `on_exit` tells
-the supervisor. Children fork from a forkserver that has torch and transformers imported,
+the supervisor. Children fork from a forkserver that has torch and llama_cpp imported,
 so a start costs the model load, not the imports. Imports no grpc.
 """
 
@@ -44,7 +44,7 @@ from slimserve.engine.types import (
 log = logging.getLogger(__name__)
 
 Sink = Callable[[Event], None]
-_PRELOAD = ["slimserve.engine.loader", "transformers", "llama_cpp"]
+_PRELOAD = ["slimserve.engine.loader", "slimserve.engine.scheduler", "llama_cpp"]
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

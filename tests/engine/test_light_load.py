@@ -135,3 +135,37 @@ def test_a_llamacpp_plan_loads_without_transformers(registry: Path) -> None:
     ).stdout.split()
     assert out[0] == "llamacpp"
     assert out[-1] == "[]", out  # neither transformers nor torchao was imported
+
+
+_LOADER_CHILD = """
+import sys
+from pathlib import Path
+from slimserve.engine.config import ModelConfig
+from slimserve.engine.loader import load
+from slimserve.registry.store import Registry
+art = Registry(Path(sys.argv[1])).get("tiny-int8", "1")
+config = ModelConfig(device="cpu", backend="llamacpp", max_batch=2, max_seq_len=64)
+m = load(art, config)
+print(m.info.plan, sorted({n.split(".")[0] for n in sys.modules} & {"transformers", "torchao"}))
+m.engine.shutdown()
+"""
+
+
+def test_the_engine_loader_serves_llamacpp_without_transformers(registry: Path) -> None:
+    pytest.importorskip("llama_cpp")
+    out = subprocess.run(
+        [sys.executable, "-c", _LOADER_CHILD, str(registry)],
+        capture_output=True, text=True, check=True, timeout=300,
+    ).stdout.split()  # fmt: skip
+    assert out[0].startswith("llamacpp/") and out[-1] == "[]", out
+
+
+def test_the_server_imports_neither_torch_nor_transformers() -> None:
+    code = (
+        "import sys, slimserve.server.app; "
+        "print(sorted({'torch', 'transformers'} & {m.split('.')[0] for m in sys.modules}))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120
+    ).stdout.split()
+    assert out[-1] == "[]", out
