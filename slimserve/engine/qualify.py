@@ -156,6 +156,11 @@ class VerdictCache:
             data[key] = value
 
 
+#: A plan whose qualification ran past the timeout: not a verdict on the plan (a loaded
+#: machine can be that slow), so it does not serve now and is not cached.
+TIMED_OUT = "timed-out"
+
+
 def _prefix(digest: str, config: ModelConfig, threads: int) -> str:
     shape = f"b{config.max_batch}-s{config.max_seq_len}-kv{config.kv_cache_mb}-t{threads}"
     return f"{fingerprint_digest()}/{digest[:16]}/{shape}"
@@ -165,7 +170,7 @@ def _prefix(digest: str, config: ModelConfig, threads: int) -> str:
 class Qualifier:
     """Chooses each artifact's plan on this machine, qualifying in throwaway processes."""
 
-    def __init__(self, cache: VerdictCache, *, timeout_s: float = 600.0) -> None:
+    def __init__(self, cache: VerdictCache, *, timeout_s: float = 1200.0) -> None:
         self.cache = cache
         self.timeout_s = timeout_s
 
@@ -199,7 +204,8 @@ class Qualifier:
                 else:
                     log.info("qualifying %s for %s on this machine", plan.key, spec.ref)
                     cached = _run_child(spec, plan, self.timeout_s)
-                self.cache.put(key, cached)
+                if cached["status"] != TIMED_OUT:  # a busy machine says nothing of the plan
+                    self.cache.put(key, cached)
             verdict = Verdict(**cached)
             verdicts.append(verdict)
             log.info("%s %s: %s", spec.ref, plan.key, verdict.summary())
@@ -257,20 +263,20 @@ def _run_child(spec: ChildSpec, plan: Plan | None, timeout_s: float) -> dict[str
         with contextlib.suppress(EOFError, OSError):
             result = json.loads(conn.recv_bytes())
     proc.join(10)
-    if proc.is_alive():
+    timed_out = proc.is_alive()
+    if timed_out:
         proc.kill()
         proc.join(5)
     if result is not None:
         return result
-    how = (
-        describe_exit(proc.exitcode) if proc.exitcode is not None else f"timed out ({timeout_s} s)"
-    )
+    how = f"timed out ({timeout_s} s)" if timed_out else describe_exit(proc.exitcode)
     if plan is None:
         from slimserve.engine.errors import LoadFailed
         from slimserve.engine.ipc import error_to_wire
 
         return {"error": error_to_wire(LoadFailed(f"{spec.ref}: the survey process {how}"))}
-    return asdict(Verdict(plan=plan.to_dict(), status="crashed", reason=how))
+    status = TIMED_OUT if timed_out else "crashed"
+    return asdict(Verdict(plan=plan.to_dict(), status=status, reason=how))
 
 
 # ---- the throwaway process ----------------------------------------------------------------

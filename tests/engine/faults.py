@@ -95,3 +95,11 @@ class _NanScores(_Wrapped):
 
 def nan_scores(model: Any, config: Any, max_seq_len: int, tokenizer_json: Path | None) -> Any:
     return _NanScores(_llama(model, config, max_seq_len, tokenizer_json), "fault-nan-scores")
+
+
+def hang_at_load(model: Any, config: Any, max_seq_len: int, tokenizer_json: Path | None) -> Any:
+    """Loads as slowly as a machine too busy to qualify in time."""
+    import time
+
+    time.sleep(3600)
+    return _llama(model, config, max_seq_len, tokenizer_json)

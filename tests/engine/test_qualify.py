@@ -104,3 +104,21 @@ def test_auto_picks_the_fastest_plan_of_equal_quality() -> None:
     assert sel.refused[broken.key].startswith("crashed")
     with pytest.raises(ValueError, match="no plan qualified"):
         choose([broken], [verdicts[3]], {}, ModelConfig())
+
+
+def test_a_plan_that_times_out_is_refused_now_and_qualified_again_later(registry: Path) -> None:
+    """A timeout says the machine was busy, not that the plan is bad: no verdict is kept."""
+    config = ModelConfig(
+        device="cpu", max_batch=2, max_seq_len=128, backend_plugins=(f"{FAULTS}:hang_at_load",)
+    )
+    manager = ModelManager(Registry(registry), config)
+    manager.qualifier.timeout_s = 20
+    cache = manager.qualifier.cache
+    try:
+        info = manager.load("tiny").info
+    finally:
+        manager.shutdown()
+    key = f"{FAULTS}:hang_at_load/float32"
+    assert info.refused[key].startswith("timed-out")
+    assert not info.plan.startswith(FAULTS)
+    assert not any(k.endswith(key) for k in cache.read())
