@@ -267,22 +267,39 @@ class LlamaCppBackend:
                     entries.append((tok, pos, self.max_slots + k, want))
                     if want:
                         order.append((r, pos))
+            targets = [[tok for tok, _ in need[r][pos]] for r, pos in order]
+            logprobs: list[list[float]] = []  # output index -> one per target
             try:
                 # A group may hold more tokens than one batch (max_seq_len > _BATCH_TOKENS):
                 # it runs in chunks, each sequence's cache carrying over between them.
-                outs = []
                 for at in range(0, len(entries), _BATCH_TOKENS):
                     n = self._run(entries[at : at + _BATCH_TOKENS])
                     if n:
-                        outs.append(self._logits(n))
-                logprobs = torch.log_softmax(torch.cat(outs).double(), dim=-1)
+                        done = len(logprobs)
+                        logprobs += self._target_logprobs(targets[done : done + n])
             finally:  # scratch sequences are always left empty for the next group
                 for k in range(len(group)):
                     self.lc.llama_memory_seq_rm(self._mem, self.max_slots + k, -1, -1)
             for index, (r, pos) in enumerate(order):
-                for tok, cont in need[r][pos]:
-                    sums[cont] += float(logprobs[index, tok])
+                for (_, cont), lp in zip(need[r][pos], logprobs[index], strict=True):
+                    sums[cont] += lp
         return ScorePlan.by_job(sums, jobs)
+
+    def _target_logprobs(self, targets: list[list[int]]) -> list[list[float]]:
+        """Log-probabilities of `targets[i]`'s token ids at the last decode's output row i.
+
+        Read in place from llama.cpp's logits with numpy: no (n, vocab) copy into torch and
+        no float64 log_softmax over the vocabulary, only each row's log-sum-exp (exp in
+        float32, summed in float64: within ~1e-6 nats of a float64 log_softmax over
+        SmolLM2's 49,152 logits) and the wanted entries. No torch op runs here, so a Score
+        never wakes torch's intra-op threads to contend with llama.cpp's for the cores.
+        """
+        rows = np.ctypeslib.as_array(
+            self.lc.llama_get_logits(self._ctx), shape=(len(targets), self.vocab_size)
+        )  # (n, vocab) float32, llama.cpp's buffer
+        top = rows.max(axis=1, keepdims=True)  # NaN stays NaN: the score queue refuses it
+        lse = np.log(np.exp(rows - top).sum(axis=1, dtype=np.float64)) + top[:, 0]
+        return [[float(rows[i, t]) - float(lse[i]) for t in ids] for i, ids in enumerate(targets)]
 
     def prompt_logprobs(self, prompt_ids: list[int], top_n: int) -> list[TokenLogprob]:
         """In the first scratch sequence, `LOGPROB_ROWS` positions a decode call, so the
