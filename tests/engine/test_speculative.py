@@ -234,7 +234,7 @@ def test_rejection_rule_emits_the_targets_distribution(drafter: str) -> None:
     first = int(p0.argmin())
     if drafter == "deterministic":
 
-        def propose(gen: torch.Generator) -> Proposal:  # noqa: ARG001
+        def propose(gen: torch.Generator) -> Proposal:
             return Proposal([first, 0])
     else:  # a draft model: x ~ q, and q far from p (it favours p's least likely token)
         q = torch.softmax(torch.randn(k, vocab), dim=-1)
