@@ -17,9 +17,12 @@ pytestmark = pytest.mark.skipif(not os.path.exists("/proc/self/smaps_rollup"), r
 _TREE = """
 import os, sys, time
 a = bytearray(40 * 2**20)
+r, w = os.pipe()
 if os.fork() == 0:
     b = bytearray(80 * 2**20)
+    os.write(w, b"x")  # allocated: the parent may say ready
     time.sleep(30); os._exit(0)
+os.read(r, 1)
 print("ready", flush=True); time.sleep(30)
 """
 
