@@ -48,6 +48,8 @@ def test_a_tree_is_sampled_per_process_and_summed() -> None:
     finally:
         proc.kill()
         proc.wait()
+        if proc.stdout is not None:
+            proc.stdout.close()
 
 
 def test_peaks_keep_the_maximum_of_each_and_of_the_sum() -> None:
