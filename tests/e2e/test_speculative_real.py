@@ -34,12 +34,11 @@ pytestmark = [
 PROMPTS = [
     "List the days of the week, then list them again in reverse order.",
     "Explain recursion with an example in Python.",
-    "Write a poem about autumn leaves.",
     "def fibonacci(n):",
 ]
 
 
-def _generate(loaded: Any, n: int = 48) -> list[tuple[list[int], Any]]:
+def _generate(loaded: Any, n: int = 32) -> list[tuple[list[int], Any]]:
     """Each prompt in turn (batch 1), greedy, EOS ignored."""
     out: list[tuple[list[int], Any]] = [([], None) for _ in PROMPTS]
     done = threading.Semaphore(0)
