@@ -338,6 +338,12 @@ def _qualify(spec: ChildSpec, plan: Plan) -> dict[str, Any]:
     ids, ref = _reference(model, tokenizer)
     backend = build_backend(model, config, max_seq_len, path / "tokenizer.json", plan)
     del model
+    if plan.backend == "llamacpp":
+        import torch
+
+        # As the engine serves it (loader.load): torch's pool at one thread, or its spinning
+        # workers slow llama.cpp's on the same cores and the plan is measured too slow.
+        torch.set_num_threads(1)
     return asdict(_probe(plan, backend, ids, ref))
 
 
