@@ -6,10 +6,11 @@ longest prefix the target agrees with, plus one token of the target's own. Greed
 requests keep a draft token only when it is the target's argmax, so their output is the
 output of decoding without a draft, as far as the backend's logits do not depend on how
 its cache is laid out (llama.cpp's unified cache reuses freed cells across streams, which
-can reorder a stream's attention sum: see README, "Speculative decoding"). Sampled requests use the standard rejection rule
-(Leviathan et al. 2023; Chen et al. 2023): a draft token x drawn from q is kept with
-probability min(1, p(x) / q(x)), else the token is drawn from norm(max(0, p - q)); every
-emitted token is then distributed exactly as p, the target's warped distribution.
+can reorder a stream's attention sum: see README, "Speculative decoding"). Sampled
+requests use the standard rejection rule (Leviathan et al. 2023; Chen et al. 2023): a
+draft token x drawn from q is kept with probability min(1, p(x) / q(x)), else the token
+is drawn from norm(max(0, p - q)); every emitted token is then distributed exactly as p,
+the target's warped distribution.
 
 Two drafters:
 - `NgramDrafter`: model-free prompt lookup. The latest earlier occurrence of the context's
