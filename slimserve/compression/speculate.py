@@ -119,7 +119,7 @@ def measure_speculation(
     """Serve `target` alone and with `draft` drafting (both in memory, same tokenizer) and
     return the figures the manifest records (see module docstring)."""
     from slimserve.engine.backends.base import SpeculativeBackend, can_speculate
-    from slimserve.engine.backends.select import build_backend, plans_for
+    from slimserve.engine.backends.select import build_backend, plans_for, quiet_torch_beside
     from slimserve.engine.config import ModelConfig
     from slimserve.engine.scheduler import Engine, EngineConfig
     from slimserve.engine.speculative import ModelDrafter
@@ -142,8 +142,7 @@ def measure_speculation(
     runs: dict[str, list[Any]] = {"plain": [], "draft": []}
     wall = {"plain": 0.0, "draft": 0.0}
     threads = torch.get_num_threads()
-    if plan.backend == "llamacpp":
-        torch.set_num_threads(1)  # as the engine process does: torch only picks tokens
+    quiet_torch_beside(plan)  # as the engine process does
     try:
         # Interleaved prompt by prompt, so a noisy neighbour slows both alike; the first
         # round (one short prompt) warms both up and is not counted.

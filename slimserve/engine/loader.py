@@ -19,7 +19,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, cast
 
-from slimserve.engine.backends.select import Plan, build_backend, open_model, plans_for
+from slimserve.engine.backends.select import (
+    Plan,
+    build_backend,
+    open_model,
+    plans_for,
+    quiet_torch_beside,
+)
 from slimserve.engine.config import NGRAM, ModelConfig, kv_budget_bytes
 from slimserve.engine.errors import IntegrityFailure, LoadFailed
 from slimserve.engine.types import (
@@ -224,10 +230,7 @@ def load(
     del model  # the backend holds its own copy of the weights (torch tensors or llama.cpp)
     drafter = _drafter(config, artifact, draft, plan=plan, backend=backend, max_seq_len=max_seq_len)
     _return_freed_memory()
-    if plan.backend == "llamacpp":
-        # llama.cpp's own pool runs the forward; torch only picks tokens. Its intra-op
-        # threads would spin on the same cores as llama.cpp's workers and slow both.
-        torch.set_num_threads(1)
+    quiet_torch_beside(plan)
     if backend_hook is not None:
         backend = backend_hook(backend)
     info = EngineInfo(

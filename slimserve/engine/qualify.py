@@ -31,7 +31,7 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
-from slimserve.engine.backends.select import Plan
+from slimserve.engine.backends.select import Plan, quiet_torch_beside
 from slimserve.engine.config import ModelConfig
 from slimserve.engine.machine import fingerprint_digest
 from slimserve.engine.process import ChildSpec, describe_exit, model_config_from_dict, mp_context
@@ -338,12 +338,7 @@ def _qualify(spec: ChildSpec, plan: Plan) -> dict[str, Any]:
     ids, ref = _reference(model, tokenizer)
     backend = build_backend(model, config, max_seq_len, path / "tokenizer.json", plan)
     del model
-    if plan.backend == "llamacpp":
-        import torch
-
-        # As the engine serves it (loader.load): torch's pool at one thread, or its spinning
-        # workers slow llama.cpp's on the same cores and the plan is measured too slow.
-        torch.set_num_threads(1)
+    quiet_torch_beside(plan)  # as the engine serves it, else llama.cpp is measured too slow
     return asdict(_probe(plan, backend, ids, ref))
 
 

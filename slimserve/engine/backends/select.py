@@ -187,6 +187,16 @@ def plans_for(
     return plans, refused
 
 
+def quiet_torch_beside(plan: Plan) -> None:
+    """Drop torch's intra-op pool to one thread when `plan` runs the forward in llama.cpp:
+    torch only picks tokens then, and its spinning workers would slow llama.cpp's on the
+    same cores (the engine, qualification and the speculate stage all run plans so)."""
+    if plan.backend == "llamacpp":
+        import torch
+
+        torch.set_num_threads(1)
+
+
 def build_backend(
     model: Any,
     config: ModelConfig,
