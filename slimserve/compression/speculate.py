@@ -31,7 +31,7 @@ from slimserve.compression.stage import (
     check_choice,
     check_int,
 )
-from slimserve.compression.teacher_data import TeacherTextConfig
+from slimserve.compression.teacher_data import TeacherTextConfig, encode_prompt
 
 #: Prompts used when the run has no teacher text (a plain `compress` of a base model).
 FALLBACK_PROMPTS = (
@@ -70,17 +70,7 @@ def _prompts(tokenizer: Any, ctx: StageContext, n: int) -> list[tuple[int, ...]]
         rows = ctx.teacher_text(TeacherTextConfig()).heldout
         if rows:
             return [row.prompt_ids for row in rows[:n]]
-    out = []
-    for text in FALLBACK_PROMPTS[:n]:
-        if getattr(tokenizer, "chat_template", None):
-            ids = tokenizer.apply_chat_template(
-                [{"role": "user", "content": text}], add_generation_prompt=True, tokenize=True
-            )
-            ids = ids["input_ids"] if hasattr(ids, "keys") else ids
-        else:
-            ids = tokenizer(text)["input_ids"]
-        out.append(tuple(int(t) for t in ids))
-    return out
+    return [tuple(encode_prompt(tokenizer, text)) for text in FALLBACK_PROMPTS[:n]]
 
 
 def _generate(engine: Any, prompts: Sequence[tuple[int, ...]], new_tokens: int) -> list[Any]:
