@@ -25,7 +25,7 @@ import torch
 
 from slimserve.engine.backends.base import Backend, can_speculate
 from slimserve.engine.errors import InvalidRequest, NotReady, Overloaded
-from slimserve.engine.sampling import select, token_logprob
+from slimserve.engine.sampling import greedy_rows, select, token_logprob
 from slimserve.engine.scoring import ScoreQueue
 from slimserve.engine.sequence import Handle, ScoreJob, SeqState, Sequence
 from slimserve.engine.speculative import NO_PROPOSAL, Drafter, DraftRequest, Proposal, accept
@@ -115,6 +115,10 @@ class Engine:
             raise ValueError(f"backend {backend.name} cannot verify drafts (no extend/truncate)")
         self.backend = backend
         self.drafter = drafter
+        # The backend's fast paths where it has them (`BatchingBackend`): logits read where
+        # they lie for one step, and the prompts admitted together prefilled in one pass.
+        self._decode = getattr(backend, "decode_view", backend.decode)
+        self._prefill_batch = getattr(backend, "prefill_batch", None)
         #: How this engine serves (set by the loader; tests that build an engine may omit it).
         self.info: EngineInfo = info or _bare_info(backend)
         self.tokenizer = tokenizer
@@ -301,8 +305,10 @@ class Engine:
             self._flush()  # the finishes of requests that expired while waiting
             if self._scores:
                 self._scores.step(self.backend, self.config.score_step_tokens)
-            for seq in admitted:
-                self._prefill(seq)
+            if admitted:
+                t = time.perf_counter()
+                self._prefill_all(admitted)
+                self._phase["prefill"] += time.perf_counter() - t
             self._reap()
             self._flush()  # first tokens out before the next decode step
             if self._running:
@@ -359,11 +365,43 @@ class Engine:
         while self._waiting:
             self._finish(self._waiting.popleft(), reason, "")
 
+    def _prefill_all(self, seqs: list[Sequence]) -> None:
+        """Prefill the sequences just admitted: in one batched pass where the backend has
+        one, else (or when the batch fails: then each prompt's own error is found) one by
+        one."""
+        if self._prefill_batch is None or len(seqs) < 2:
+            for seq in seqs:
+                self._prefill(seq)
+            return
+        now = time.monotonic()
+        for seq in seqs:
+            seq.t_admit = now
+        try:
+            rows = self._prefill_batch(
+                [s.slot for s in seqs], [list(s.req.prompt_ids) for s in seqs]
+            )
+        except Exception as exc:
+            log.debug("batched prefill failed (%r); prefilling one by one", exc)
+            for seq in seqs:
+                self._prefill(seq)
+            return
+        for seq, logits in zip(seqs, rows, strict=True):
+            self._started(seq, logits)
+
     def _prefill(self, seq: Sequence) -> None:
         assert seq.slot is not None  # admitted
         seq.t_admit = time.monotonic()
         try:
             logits = self.backend.prefill(seq.slot, list(seq.req.prompt_ids))
+        except Exception as exc:
+            self._fail(seq, exc)
+            return
+        self._started(seq, logits)
+
+    def _started(self, seq: Sequence, logits: torch.Tensor) -> None:
+        """A prefilled sequence: its drafter's start, then its first token."""
+        assert seq.slot is not None  # admitted
+        try:
             if self.drafter is not None:
                 self.drafter.begin(seq.slot, seq.req.prompt_ids)
         except Exception as exc:
@@ -384,7 +422,7 @@ class Engine:
             return
         try:
             slots = [s.slot for s in batch if s.slot is not None]
-            logits = self.backend.decode(slots, [s.last_token for s in batch])
+            logits = self._decode(slots, [s.last_token for s in batch])
         except Exception as exc:
             for seq in batch:
                 self._fail(seq, exc)
@@ -394,7 +432,7 @@ class Engine:
             self._stats.steps += 1
         picks: list[int | None] = [None] * len(batch)
         if all(s.req.sampling.is_greedy for s in batch):
-            picks = logits.argmax(dim=-1).tolist()  # one call for the common case
+            picks = list(greedy_rows(logits))  # one call for the common case
         t3 = time.perf_counter()
         for i, seq in enumerate(batch):
             self._advance(seq, picks[i], logits[i])

@@ -115,10 +115,11 @@ class EngineStats:
     phase_s: dict[str, float] = field(default_factory=dict)
 
 
-#: A decode step's phases: proposing drafts, the model's forward pass, choosing tokens
+#: Where the worker's time goes: prefilling the requests just admitted (with their first
+#: token), and a decode step's phases: proposing drafts, the model's forward pass, choosing tokens
 #: (argmax, sampling, the acceptance rule), emitting them (detokenization, stop checks,
 #: events) and flushing the step's events to their consumers (the engine process's pipe).
-PHASES = ("draft", "forward", "pick", "emit", "flush")
+PHASES = ("prefill", "draft", "forward", "pick", "emit", "flush")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -111,6 +111,35 @@ def test_score_batch_matches_the_torch_backend(
     cpp.release(1)
 
 
+def test_batched_prefill_and_view_decode_match_one_by_one(
+    pair: tuple[LlamaBackend, llamacpp.LlamaCppBackend],
+) -> None:
+    ref, cpp = pair
+    v = ref.vocab_size
+    prompts = [_ids(7, 30, v), _ids(2, 31, v), _ids(12, 32, v)]
+    cpp.prefill(1, _ids(4, 33, v))  # stale content the batch must drop
+    rows = cpp.prefill_batch([2, 0, 1], prompts)
+    assert len(rows) == 3
+    for s, (row, prompt) in enumerate(zip(rows, prompts, strict=True)):
+        torch.testing.assert_close(row, ref.prefill(0, prompt), atol=ATOL, rtol=0)
+        ref.release(0)
+        assert row.data_ptr() != rows[(s + 1) % 3].data_ptr()
+    view = cpp.decode_view([2, 0, 1], [5, 6, 7])
+    assert view.shape == (3, v)
+    want = []
+    for prompt, tok in zip(prompts, [5, 6, 7], strict=True):
+        ref.prefill(0, prompt)
+        want.append(ref.decode([0], [tok])[0])
+        ref.release(0)
+    torch.testing.assert_close(view, torch.stack(want), atol=ATOL, rtol=0)
+    with pytest.raises(ValueError, match="token ids"):  # checked before any prompt runs
+        cpp.prefill_batch([0, 1], [[1, 2], [v]])
+    with pytest.raises(ValueError, match="distinct"):
+        cpp.prefill_batch([0, 0], [[1], [2]])
+    for s in range(3):
+        cpp.release(s)
+
+
 def test_bad_calls_are_refused(pair: tuple[LlamaBackend, llamacpp.LlamaCppBackend]) -> None:
     _, cpp = pair
     with pytest.raises(ValueError, match="out of range"):

@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 import torch
 
+from slimserve.engine.backends import llamacpp
 from slimserve.engine.backends.hf import HFBackend
 from slimserve.engine.errors import (
     DeadlineExpired,
@@ -18,6 +19,7 @@ from slimserve.engine.errors import (
     Overloaded,
 )
 from slimserve.engine.scheduler import Engine, EngineConfig
+from slimserve.engine.sequence import Handle, Sequence
 from slimserve.engine.types import GenerationRequest, SamplingParams, StopParams, StopReason
 from tests.helpers import Collector, tiny_model
 
@@ -316,3 +318,57 @@ def test_prompt_logprobs_through_the_engine_match_score_sums(model: Any, tokeniz
             eng.prompt_logprobs(prompt * 10)
     finally:
         eng.shutdown()
+
+
+@pytest.mark.skipif(not llamacpp.available(), reason="llama-cpp-python not installed")
+def test_a_burst_is_prefilled_together_and_a_bad_prompt_fails_alone(
+    model: Any, tokenizer: Any, tmp_path: Any
+) -> None:
+    """Requests admitted together take one batched prefill (llama.cpp); their greedy output
+    is what each gives alone, and a prompt the backend refuses fails only its request."""
+    tokenizer.save_pretrained(tmp_path)
+    backend = llamacpp.LlamaCppBackend(
+        model.config, model.state_dict(), tmp_path / "tokenizer.json",
+        max_slots=4, max_seq_len=64, threads=1, weight_type="f32",
+    )  # fmt: skip
+    eng = Engine(backend, tokenizer, EngineConfig(max_queue=8))  # not started: queue first
+    texts = ["the quick brown", "a", "over the lazy dog and"]
+    alone = []
+    reqs = [request(tokenizer, t, n=8, rid=f"r{i}") for i, t in enumerate(texts)]
+    bad = GenerationRequest(
+        request_id="bad",
+        prompt_ids=(1, backend.vocab_size + 5),
+        sampling=SamplingParams(),
+        stopping=StopParams(max_new_tokens=4),
+    )
+    collectors = [Collector() for _ in range(4)]
+    for req, c in zip([*reqs[:2], bad, reqs[2]], collectors, strict=True):
+        eng.submit(req, c)
+    eng.start()
+    try:
+        got = [c.wait() for c in collectors]
+        assert got[2][-1].error is not None and "token ids" in str(got[2][-1].error)
+        for req in reqs:
+            alone.append(generated_ids(run_one(eng, req)))
+        assert [generated_ids(got[i]) for i in (0, 1, 3)] == alone
+        # A burst of good prompts: one batched prefill, the same tokens.
+        batches = []
+        real = backend.prefill_batch
+
+        def counted(slots: list[int], prompts: list[list[int]]) -> list[torch.Tensor]:
+            batches.append(len(slots))
+            return real(slots, prompts)
+
+        eng._prefill_batch = counted
+        with eng._cond:  # queue all three before the worker can admit the first
+            collectors = [Collector() for _ in reqs]
+            for req, c in zip(reqs, collectors, strict=True):
+                eng._waiting.append(Sequence(req, c, Handle(eng, req.request_id), tokenizer))
+            eng._cond.notify()
+        assert [generated_ids(c.wait()) for c in collectors] == alone
+        assert batches == [3]
+        assert eng.stats().free_slots == 4
+        assert eng.stats().phase_s["prefill"] > 0
+    finally:
+        eng.shutdown()
+        backend.close()

@@ -211,6 +211,18 @@ class Backend(Protocol):
         ...
 
 
+class BatchingBackend(Backend, Protocol):
+    """A backend with the engine's fast paths (each optional; see `Engine`)."""
+
+    def decode_view(self, slots: list[int], token_ids: list[int]) -> torch.Tensor:
+        """`decode`, the logits possibly a view that is valid only until the next call."""
+        ...
+
+    def prefill_batch(self, slots: list[int], prompts: list[list[int]]) -> list[torch.Tensor]:
+        """`prefill` for several slots at once; each slot's last-position logits (vocab,)."""
+        ...
+
+
 class SpeculativeBackend(Backend, Protocol):
     """A backend that can verify drafts: several tokens into a slot at once, and back."""
 

@@ -194,14 +194,69 @@ class LlamaCppBackend:
         self._lengths[slot] = t
         return self._logits(1)[0]
 
+    def prefill_batch(self, slots: list[int], prompts: list[list[int]]) -> list[torch.Tensor]:
+        """`prefill` for several slots in as few llama_decode calls as `_BATCH_TOKENS`
+        allows (one, for a burst of chat-sized prompts): the matrix products see every
+        prompt's tokens at once. Returns each slot's last-position logits (vocab,), copied:
+        a later call of the same batch overwrites llama.cpp's buffer.
+
+        Raises:
+            ValueError: as `prefill`, for any of the prompts (checked before any runs).
+        """
+        if len(slots) != len(prompts) or len(set(slots)) != len(slots):
+            raise ValueError(f"need distinct slots, one per prompt: {slots}")
+        for slot, ids in zip(slots, prompts, strict=True):
+            self._check_slot(slot)
+            if not 0 < len(ids) <= self.max_seq_len:
+                raise ValueError(
+                    f"prompt has {len(ids)} tokens; need 1..max_seq_len ({self.max_seq_len})"
+                )
+            self._check_ids(ids)
+        out: list[torch.Tensor | None] = [None] * len(slots)
+        group: list[int] = []  # indices of prompts that go into the next call
+        for i in sorted(range(len(slots)), key=lambda i: len(prompts[i])):
+            if len(prompts[i]) > _BATCH_TOKENS:  # takes calls of its own
+                out[i] = self.prefill(slots[i], prompts[i])
+                continue
+            if group and sum(len(prompts[j]) for j in group) + len(prompts[i]) > _BATCH_TOKENS:
+                self._prefill_group(group, slots, prompts, out)
+                group = []
+            group.append(i)
+        if group:
+            self._prefill_group(group, slots, prompts, out)
+        return [row for row in out if row is not None]
+
+    def _prefill_group(
+        self,
+        group: list[int],
+        slots: list[int],
+        prompts: list[list[int]],
+        out: list[torch.Tensor | None],
+    ) -> None:
+        entries = []
+        for i in group:
+            slot, ids = slots[i], prompts[i]
+            self.lc.llama_memory_seq_rm(self._mem, slot, -1, -1)
+            self._lengths[slot] = 0
+            entries += [(tok, j, slot, j == len(ids) - 1) for j, tok in enumerate(ids)]
+        rows = self._logits(self._run(entries))  # outputs in entry order: one per prompt
+        for row, i in enumerate(group):
+            self._lengths[slots[i]] = len(prompts[i])
+            out[i] = rows[row]
+
     def decode(self, slots: list[int], token_ids: list[int]) -> torch.Tensor:
+        return self.decode_view(slots, token_ids).clone()
+
+    def decode_view(self, slots: list[int], token_ids: list[int]) -> torch.Tensor:
+        """`decode` without the copy: the logits where llama.cpp holds them (a view the
+        scheduler reads before it makes the backend's next call)."""
         check_decode(slots, token_ids, self._lengths, self.max_seq_len, self.vocab_size)
         n = self._run(
             [(tok, self._lengths[s], s, True) for s, tok in zip(slots, token_ids, strict=True)]
         )
         for slot in slots:
             self._lengths[slot] += 1
-        return self._logits(n)
+        return self._logits_view(n)
 
     def extend(self, slots: list[int], token_ids: list[list[int]]) -> list[torch.Tensor]:
         """Append several tokens to each slot in one llama_decode (a speculative step's
