@@ -101,9 +101,11 @@ def _generations(
 
     if not config.agreement_rows or not is_instruct(tokenizer):
         return None, ""
-    found = find_teacher_text(registry, parent, TeacherTextConfig())
+    found = find_teacher_text(registry, parent, TeacherTextConfig(split="heldout"))
     if found is None:
-        return None, f"no teacher text of {parent.ref} yet (a recipe that distills makes it)"
+        return None, (
+            f"no teacher text of {parent.ref} yet (a recipe that distills or evaluates makes it)"
+        )
     return generations_of(load_teacher_text(found), config), ""
 
 

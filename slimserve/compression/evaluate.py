@@ -408,7 +408,11 @@ def stage_generations(
         return None
     from slimserve.compression.teacher_data import TeacherTextConfig
 
-    data = ctx.teacher_text(TeacherTextConfig(), teacher=parent, progress=ctx.progress)
+    # The held-out rows only: a full dataset when one is stored, else just those rows
+    # (about a tenth of the prompts) are generated.
+    data = ctx.teacher_text(
+        TeacherTextConfig(split="heldout"), teacher=parent, progress=ctx.progress
+    )
     return generations_of(data, config)
 
 

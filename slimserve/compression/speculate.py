@@ -67,7 +67,7 @@ class SpeculateConfig(StageConfig):
 def _prompts(tokenizer: Any, ctx: StageContext, n: int) -> list[tuple[int, ...]]:
     """Held-out teacher prompts (as the teacher saw them), else the fallback, chat-wrapped."""
     if ctx.teacher_text is not None:
-        rows = ctx.teacher_text(TeacherTextConfig()).heldout
+        rows = ctx.teacher_text(TeacherTextConfig(split="heldout")).heldout
         if rows:
             return [row.prompt_ids for row in rows[:n]]
     return [tuple(encode_prompt(tokenizer, text)) for text in FALLBACK_PROMPTS[:n]]

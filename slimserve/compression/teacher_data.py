@@ -26,7 +26,7 @@ import logging
 import queue
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from importlib import resources
 from pathlib import Path
 from typing import Any, Literal, Protocol
@@ -56,7 +56,9 @@ class TeacherTextConfig:
     categories, so any prefix is varied). ``heldout_fraction``: share of prompts kept out of
     training, by a hash of the prompt text. ``max_batch`` and ``backend`` decide only how
     fast the text is made (the torch ``llama`` backend gives the same tokens however
-    requests are batched), so they stay out of the dataset's key.
+    requests are batched), so they stay out of the dataset's key. ``split="heldout"``: only
+    the held-out prompts' rows, the same ones a full dataset holds (each row's seed is its
+    prompt's index); what evaluation needs, a tenth of the cost when no full set exists yet.
     """
 
     prompts: int = 0
@@ -68,6 +70,7 @@ class TeacherTextConfig:
     heldout_fraction: float = 0.1
     max_batch: int = 16
     backend: Literal["llama", "auto"] = "llama"
+    split: Literal["all", "heldout"] = "all"
 
     def __post_init__(self) -> None:
         check_int("prompts", self.prompts, minimum=0)
@@ -80,6 +83,8 @@ class TeacherTextConfig:
         check_int("max_batch", self.max_batch, minimum=1)
         if self.backend not in ("llama", "auto"):
             raise ValueError(f"backend={self.backend!r} is not known; use 'llama' or 'auto'")
+        if self.split not in ("all", "heldout"):
+            raise ValueError(f"split={self.split!r} is not known; use 'all' or 'heldout'")
 
     def generation(self) -> dict[str, Any]:
         """The parameters that decide the text (part of the key)."""
@@ -160,6 +165,13 @@ def select_prompts(config: TeacherTextConfig) -> tuple[str, ...]:
     return every[: config.prompts] if config.prompts else every
 
 
+def wanted(prompts: Sequence[str], config: TeacherTextConfig) -> list[int]:
+    """Indices of the prompts whose rows ``config`` asks for (all, or the held-out ones)."""
+    if config.split == "all":
+        return list(range(len(prompts)))
+    return [i for i, p in enumerate(prompts) if split_of(p, config.heldout_fraction) == "heldout"]
+
+
 def prompts_digest(prompts: Sequence[str]) -> str:
     """sha256 of the prompts, in order."""
     return hashlib.sha256(json.dumps(list(prompts), ensure_ascii=False).encode()).hexdigest()
@@ -180,6 +192,8 @@ def dataset_key(teacher: Artifact, prompts: Sequence[str], config: TeacherTextCo
         "prompts": prompts_digest(prompts),
         "generation": config.generation(),
     }
+    if config.split != "all":  # a full dataset keeps the key it always had
+        raw["split"] = config.split
     return hashlib.sha256(json.dumps(raw, sort_keys=True).encode()).hexdigest()
 
 
@@ -200,19 +214,25 @@ def generate_rows(
     prompts: Sequence[str],
     config: TeacherTextConfig,
     progress: Progress | None = None,
+    *,
+    indices: Sequence[int] | None = None,
 ) -> list[TeacherRow]:
-    """Answer every prompt with ``model`` through the serving engine's continuous batch.
+    """Answer every prompt (or those at ``indices``) with ``model`` through the serving
+    engine's continuous batch.
 
-    Row i samples with ``derive_seed(config.seed, "teacher", i)``, so each answer depends on
-    its prompt and seed only. ``progress`` gets a ``"teacher text"`` event per answer.
+    The row of prompt i samples with ``derive_seed(config.seed, "teacher", i)``, so each
+    answer depends on its prompt and seed only. ``progress`` gets a ``"teacher text"`` event
+    per answer.
 
     Raises:
         CompressionError: the engine failed a request.
     """
     from slimserve.engine.types import Event
 
-    encoded = [encode_prompt(tokenizer, p) for p in prompts]
-    seeds = [derive_seed(config.seed, "teacher", i) for i in range(len(prompts))]
+    at = list(range(len(prompts))) if indices is None else list(indices)
+    encoded = [encode_prompt(tokenizer, prompts[i]) for i in at]
+    seeds = [derive_seed(config.seed, "teacher", i) for i in at]
+    prompts = [prompts[i] for i in at]
     longest = max(len(ids) for ids in encoded) + config.max_new_tokens + 1
     engine = _engine(model, tokenizer, config, longest, len(prompts))
     finished: queue.Queue[tuple[int, Event]] = queue.Queue()
@@ -232,7 +252,7 @@ def generate_rows(
         engine.shutdown()
     return [
         TeacherRow(
-            index=i,
+            index=at[i],
             prompt=p,
             prompt_ids=tuple(encoded[i]),
             generated_ids=tuple(tokens[i]),
@@ -298,14 +318,20 @@ def _wait(finished: queue.Queue[tuple[int, Any]], n: int, progress: Progress | N
 def find_teacher_text(
     registry: Registry, teacher: Artifact, config: TeacherTextConfig
 ) -> Artifact | None:
-    """The stored dataset of this teacher, prompts and generation, or None."""
-    key = dataset_key(teacher, select_prompts(config), config)
+    """The stored dataset of this teacher, prompts and generation, or None. For the held-out
+    rows alone, a full dataset of the same prompts holds them too and is preferred."""
+    prompts = select_prompts(config)
+    keys = [dataset_key(teacher, prompts, config)]
+    if config.split != "all":
+        keys.insert(0, dataset_key(teacher, prompts, replace(config, split="all")))
     store = registry.datasets
+    found: dict[str, Artifact] = {}
     for version in store.versions(teacher.name):
         art = store.get(teacher.name, str(version))
-        if art.manifest.dataset.get("key") == key:
-            return art
-    return None
+        key = art.manifest.dataset.get("key")
+        if key in keys and key not in found:
+            found[key] = art
+    return next((found[k] for k in keys if k in found), None)
 
 
 def teacher_text(
@@ -333,11 +359,15 @@ def teacher_text(
     from slimserve.registry.artifact import load_model
 
     prompts = select_prompts(config)
+    if not wanted(prompts, config):
+        raise ValueError(f"none of the {len(prompts)} prompts asked for is held out")
     tokenizer = AutoTokenizer.from_pretrained(teacher.path)
     if model is None:
         model, _ = load_model(teacher, device=device, dtype=torch.float32)
     t0 = time.perf_counter()
-    rows = generate_rows(model, tokenizer, prompts, config, progress)
+    rows = generate_rows(
+        model, tokenizer, prompts, config, progress, indices=wanted(prompts, config)
+    )
     seconds = time.perf_counter() - t0
     art = publish_teacher_text(
         registry, teacher, prompts, config, rows, tokenizer=tokenizer, seconds=seconds
@@ -380,6 +410,7 @@ def publish_teacher_text(
                     "source": "slimserve/compression/prompts/teacher.jsonl",
                     "sha256": prompts_digest(prompts),
                     "count": len(prompts),
+                    "rows": config.split,
                     "heldout": splits.count("heldout"),
                 },
                 "chat_template": bool(getattr(tokenizer, "chat_template", None)),

@@ -6,6 +6,7 @@ import json
 import os
 import shutil
 from collections import Counter
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -51,7 +52,8 @@ def generations(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     real = teacher_data.generate_rows
 
     def counted(model: Any, tokenizer: Any, prompts: Any, *args: Any, **kw: Any) -> Any:
-        calls.append(len(prompts))
+        indices = kw.get("indices")
+        calls.append(len(prompts) if indices is None else len(indices))
         return real(model, tokenizer, prompts, *args, **kw)
 
     monkeypatch.setattr(teacher_data, "generate_rows", counted)
@@ -113,6 +115,29 @@ def test_generated_once_stored_with_its_digests_and_reused(
     assert generations == [24, 24]
     assert other.artifact.version == 2
     assert find_teacher_text(registry, teacher, SMALL) == first.artifact
+
+
+def test_the_held_out_rows_alone_are_those_of_the_full_set(
+    registry: Registry, generations: list[int]
+) -> None:
+    teacher = registry.get("tiny", "1")
+    held = replace(SMALL, split="heldout")
+    want = [i for i, p in enumerate(select_prompts(SMALL)) if split_of(p, 0.1) == "heldout"]
+    assert 0 < len(want) < 24
+    part = teacher_text(registry, teacher, held)
+    assert generations == [len(want)] and not part.train
+    assert [r.index for r in part.heldout] == want
+    assert part.artifact.manifest.dataset["prompts"]["rows"] == "heldout"
+    assert teacher_text(registry, teacher, held).digest == part.digest  # reused
+    assert generations == [len(want)]
+
+    full = teacher_text(registry, teacher, SMALL)  # a distill run's: its own dataset
+    assert generations == [len(want), 24] and full.artifact.version == 2
+    assert full.heldout == part.heldout  # same seeds per prompt: the same rows
+    # With a full dataset stored, the held-out rows come from it.
+    assert find_teacher_text(registry, teacher, held) == full.artifact
+    with pytest.raises(ValueError, match="held out"):
+        teacher_text(registry, teacher, replace(SMALL, prompts=1, split="heldout"))
 
 
 def test_prompts_go_through_the_chat_template_and_answers_are_reproducible(
