@@ -94,6 +94,13 @@ class PruneConfig(StageConfig):
     seq_len: int = 256
     seed: int = 0
     channel_multiple: int = 32
+    #: What importance and Block Influence are measured on: "text", the run's text (the
+    #: Python docs unless --data), or "teacher", the parent's answers to the shipped prompts
+    #: (the train split of the dataset distillation uses), so the units kept are the ones
+    #: what the parent knows runs through, not only one domain's.
+    calibration: Literal["text", "teacher"] = "text"
+    teacher_prompts: int = 0  # as distill's: the first N shipped prompts; 0 = all
+    teacher_new_tokens: int = 192  # as distill's: most tokens the teacher writes per prompt
 
     @classmethod
     def upgrade(cls, data: dict[str, Any], version: int) -> dict[str, Any]:
@@ -112,6 +119,8 @@ class PruneConfig(StageConfig):
             ("seed", 0),
             ("layers_removed", 0),
             ("channel_multiple", 1),
+            ("teacher_prompts", 0),
+            ("teacher_new_tokens", 1),
         ):
             check_int(name, getattr(self, name), minimum=low)
         nothing = self.mlp_ratio == self.head_ratio == self.kv_head_ratio == 0
@@ -121,6 +130,7 @@ class PruneConfig(StageConfig):
                 "nothing to prune"
             )
         check_choice("importance", self.importance, get_args(Importance))
+        check_choice("calibration", self.calibration, ("text", "teacher"))
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -282,11 +292,24 @@ def _count(model: nn.Module) -> int:
 
 
 def run_prune(model: Any, tokenizer: Any, config: PruneConfig, ctx: StageContext) -> StageOutcome:
-    """The ``prune`` stage: calibrate on the run's text (deterministic, so a rerun after an
-    interruption prunes the same units)."""
-    calibration = token_chunks(
-        tokenizer, ctx.train.text, config.seq_len, config.calibration_samples
-    )
+    """The ``prune`` stage: calibrate on the run's text or the parent's teacher text
+    (deterministic either way, so a rerun after an interruption prunes the same units)."""
+    if config.calibration == "teacher":
+        from slimserve.compression.teacher_data import TeacherTextConfig, packed_chunks
+
+        if ctx.teacher_text is None:
+            raise ValueError("calibration='teacher' needs a recipe run (it has teacher text)")
+        # The dataset a distill stage with the same teacher settings trains on (made here
+        # with the parent, before it is pruned, when the registry has none yet).
+        wanted = TeacherTextConfig(
+            prompts=config.teacher_prompts, max_new_tokens=config.teacher_new_tokens
+        )
+        data = ctx.teacher_text(wanted, teacher=model, progress=ctx.progress)
+        calibration = packed_chunks(data.train, config.seq_len, config.calibration_samples)
+    else:
+        calibration = token_chunks(
+            tokenizer, ctx.train.text, config.seq_len, config.calibration_samples
+        )
     report = prune_(model, config, calibration, ctx.progress)
     return StageOutcome(model=model, report=report)
 

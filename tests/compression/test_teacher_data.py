@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 
 from slimserve.compression import teacher_data
 from slimserve.compression.recipe import CompressJob, compress, parse_recipe
@@ -219,6 +220,34 @@ def test_a_recipe_distills_on_teacher_text_mixed_with_data(
     compress(registry, job)
     assert generations == before
     assert registry.datasets.versions("tiny") == datasets
+
+
+def test_pruning_can_calibrate_on_the_teacher_text_distillation_reuses(
+    registry: Registry, generations: list[int]
+) -> None:
+    distill = {"type": "distill", "data": "teacher", "teacher_prompts": 24,
+               "teacher_new_tokens": 12, "steps": 1, "batch_size": 2, "seq_len": 32,
+               "warmup_steps": 0}  # fmt: skip
+    prune = {"type": "prune", "mlp_ratio": 0.5, "calibration_samples": 4, "seq_len": 32}
+    on_teacher_prune = {**prune, "calibration": "teacher", "teacher_prompts": 24,
+                        "teacher_new_tokens": 12}  # fmt: skip
+    parent = registry.get("tiny", "1")
+
+    def run(*stages: dict[str, Any]) -> Any:
+        recipe = parse_recipe({"name": "t", "stage": [*stages, FAST_EVAL]})
+        return compress(registry, CompressJob(recipe=recipe, parent=parent, to_name="tiny"))
+
+    distilled = run(on_teacher_prune, distill)
+    assert generations == [24]  # made once, by the prune stage; distill read it back
+    assert distilled.manifest.recipe["stages"][0]["config"]["calibration"] == "teacher"
+    # Pruned alone: other calibration tokens rank the channels differently.
+    on_teacher, on_text = run(on_teacher_prune), run(prune)
+    assert generations == [24]
+    a, _ = load_model(on_teacher)
+    b, _ = load_model(on_text)
+    wa = a.model.layers[0].mlp.down_proj.weight
+    wb = b.model.layers[0].mlp.down_proj.weight
+    assert wa.shape == wb.shape and not torch.equal(wa, wb)
 
 
 def test_teacher_text_without_data_uses_the_default_text_share(
