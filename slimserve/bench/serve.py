@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, Protocol
 
+from slimserve.bench.worker import stream_tokens
 from slimserve.engine.machine import CpuInfo
 
 PROMPTS = [
@@ -111,6 +112,11 @@ class Bench:
     #: `serve --draft-tokens`: tokens drafted per verification step.
     draft_tokens: int = 4
     samples: list[Sample] = field(default_factory=list)
+
+    @property
+    def stream_tokens(self) -> int:
+        """Tokens every system holds per stream (`worker.stream_tokens`)."""
+        return stream_tokens(self.new_tokens)
 
 
 def prompts_for(repeat: int, concurrency: int) -> list[str]:
@@ -284,6 +290,7 @@ class _Worker(_Process):
             "--model", (b.hf_model or b.model) if system == "hf_generate" else b.model,
             "--threads", str(b.threads), "--max-batch", str(b.max_batch),
             "--backend", b.backend, "--gguf-type", b.gguf_type,
+            "--stream-tokens", str(b.stream_tokens),
         ]  # fmt: skip
         gguf = b.gguf_q8 if system == "llama_cpp_q8" else b.gguf
         if gguf is not None:
@@ -316,7 +323,7 @@ class _Server(_Process):
             sys.executable, "-m", "slimserve.cli", "serve", "--model", b.model,
             "--registry", str(b.registry), "--port", str(self.port),
             "--threads", str(b.threads), "--max-batch", str(b.max_batch),
-            "--max-seq-len", "1024", "--device", "cpu", "--backend", b.backend,
+            "--max-seq-len", str(b.stream_tokens), "--device", "cpu", "--backend", b.backend,
             "--gguf-type", b.gguf_type,
         ]  # fmt: skip
         if system == "slimserve_draft":
@@ -725,6 +732,7 @@ def environment(b: Bench) -> dict[str, Any]:
         "hf_generate_model": b.hf_model or b.model,
         "draft": f"{b.draft}, {b.draft_tokens} tokens",
         "new_tokens": b.new_tokens,
+        "stream_tokens": b.stream_tokens,
         "repeats": b.repeats,
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
     }
@@ -787,7 +795,13 @@ def report_lines(report: dict[str, Any]) -> list[str]:
     """What `slimserve bench serve` prints after the environment: the CPU, the table, the
     IPC cost, each target as PASS/MISS, and whether the draft changed the output."""
     env = report["environment"]
-    lines = [f"CPU: {env['cpu']}; {env['cpu_flags']}", "", markdown(report["results"]), ""]
+    lines = [f"CPU: {env['cpu']}; {env['cpu_flags']}"]
+    if "stream_tokens" in env:
+        lines.append(
+            f"Every system holds {env['stream_tokens']} tokens of KV cache per stream "
+            "(llama.cpp: a context split per sequence; slimserve: --max-seq-len)."
+        )
+    lines += ["", markdown(report["results"]), ""]
     lines += ipc_overhead(report["results"])
     lines += [t.line() for t in targets(report["results"])]
     if report.get("outputs_identical"):

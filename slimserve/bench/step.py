@@ -7,7 +7,8 @@ loads the model in this process on the plan `serve` would pick by default (quali
 off: the static choice), generates greedily from `slimserve.bench.serve.PROMPTS` with EOS
 ignored, and prints per decode step the milliseconds spent proposing drafts, in the
 model's forward pass, choosing tokens, emitting them (detokenization, stop checks, events)
-and flushing, from `EngineStats.phase_s`, beside tokens/s. With `--draft` it runs each
+and flushing, from `EngineStats.phase_s`, beside tokens/s; the prefill of arrivals (with
+their first token) is shown per decode step too. With `--draft` it runs each
 concurrency twice, without and with the drafter, interleaved.
 """
 
@@ -118,5 +119,5 @@ def run_step_profile(
     finally:
         for loaded in systems.values():
             loaded.engine.shutdown()
-    print("other = step ms minus the phases: admission, prefill of arrivals, the loop itself")
+    print("other = step ms minus the phases: admission, expiry checks, the loop itself")
     return 0

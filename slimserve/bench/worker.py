@@ -110,6 +110,13 @@ class HFGenerate:
         return {"runs": runs, "wall_s": time.perf_counter() - t0}
 
 
+def stream_tokens(new_tokens: int) -> int:
+    """Cache cells every benchmarked system holds per stream, alike: llama.cpp's context
+    gets max_batch x this (split per sequence, as `llama-server -np 16 -c 4096` gives each
+    slot 256) and slimserve `--max-seq-len` this; 256, or room for longer generations."""
+    return max(256, -(-(new_tokens + 128) // 256) * 256)
+
+
 class InProcessEngine:
     def __init__(
         self,
@@ -120,6 +127,7 @@ class InProcessEngine:
         gguf_type: str = "auto",
         *,
         process: bool = False,
+        max_seq_len: int = 1024,
     ) -> None:
         from slimserve.engine.config import ModelConfig
         from slimserve.engine.loader import load
@@ -130,7 +138,7 @@ class InProcessEngine:
         cfg = ModelConfig(
             device="cpu",
             max_batch=max_batch,
-            max_seq_len=1024,
+            max_seq_len=max_seq_len,
             backend=backend,  # type: ignore[arg-type]
             gguf_type=gguf_type,  # type: ignore[arg-type]
             # The static plan in both, so the two differ by the process boundary alone.
@@ -202,7 +210,7 @@ class LlamaCpp:
     decode), greedy with EOS masked so every system generates the same number of tokens.
     """
 
-    def __init__(self, gguf: Path, threads: int, max_seqs: int = 16) -> None:
+    def __init__(self, gguf: Path, threads: int, max_seqs: int = 16, seq_tokens: int = 256) -> None:
         import llama_cpp as lc
 
         self.lc = lc
@@ -213,7 +221,7 @@ class LlamaCpp:
         if not self.model:
             raise RuntimeError(f"llama.cpp could not load {gguf}")
         params = lc.llama_context_default_params()
-        params.n_ctx = 4096
+        params.n_ctx = max_seqs * seq_tokens  # kv_unified off: seq_tokens cells per sequence
         params.n_batch = 1024
         params.n_ubatch = 1024
         params.n_seq_max = max_seqs
@@ -320,6 +328,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--gguf", type=Path, help="llama_cpp: the GGUF file")
     p.add_argument("--backend", default="auto", help="engine: slimserve's serving backend")
     p.add_argument("--gguf-type", default="auto", help="engine: llama.cpp backend weights")
+    p.add_argument("--stream-tokens", type=int, default=256, help="cache cells per stream")
     args = p.parse_args(argv)
     import torch
 
@@ -335,9 +344,11 @@ def main(argv: list[str] | None = None) -> int:
             args.backend,
             args.gguf_type,
             process=args.system == "engine_ipc",
+            max_seq_len=args.stream_tokens,
         )
     else:
-        runner = LlamaCpp(args.gguf, args.threads)  # llama_cpp_q8 gets the re-encoded file
+        # llama_cpp_q8 gets the re-encoded file.
+        runner = LlamaCpp(args.gguf, args.threads, args.max_batch, args.stream_tokens)
     # Memory is measured from outside, by the orchestrator, alike for every system.
     print(json.dumps({"ready": True, "served": getattr(runner, "served", args.system)}), flush=True)
     for line in sys.stdin:

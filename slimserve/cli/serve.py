@@ -90,6 +90,7 @@ def serve_config(args: argparse.Namespace) -> Any:
                 max_batch=args.max_batch,
                 max_seq_len=args.max_seq_len,
                 kv_cache_mb=args.kv_cache_mb,
+                kv_layout=args.kv_layout,
                 max_queue=args.max_queue,
                 score_step_tokens=args.score_step_tokens,
                 max_score_tokens=args.max_score_tokens,
@@ -171,6 +172,14 @@ def add_parser(sub: Any) -> None:
         default=0,
         help="KV-cache budget per model, MiB (0 = auto: contexts as for 1024, llama.cpp's "
         "shared pool at most 256)",
+    )
+    p.add_argument(
+        "--kv-layout",
+        choices=("auto", "unified", "split"),
+        default="auto",
+        help="llama.cpp's KV cache: one pool every stream draws on (unified), max-seq-len "
+        "held per stream (split: faster with many streams), or split when it fits the pool's "
+        "budget (auto)",
     )
     p.add_argument("--max-queue", type=positive_int, default=64, help="waiting requests at most")
     p.add_argument(

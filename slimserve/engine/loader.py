@@ -242,7 +242,7 @@ def load(
             kv_bytes=backend.kv_bytes_per_slot(),
         ),
         plan=plan.key,
-        kernels=describe_plan(plan),
+        kernels=describe_plan(plan) + _kv_layout_words(backend),
         device=str(backend.device),
         dtype=plan.dtype if plan.backend != "hf" else str(dtype).removeprefix("torch."),
         max_context=max_seq_len,
@@ -389,3 +389,11 @@ def warm_up(model: LoadedModel) -> None:
     model.engine.submit(req, lambda ev: done.set() if ev.finish or ev.error else None)
     done.wait(120)
     model.engine.score(list(ids), [[ids[-1]]]).result(120)
+
+
+def _kv_layout_words(backend: Any) -> str:
+    """ ", KV cache split per stream" or ", KV cache unified" for a llama.cpp backend."""
+    layout = getattr(backend, "kv_layout", None)
+    if layout is None:
+        return ""
+    return ", KV cache split per stream" if layout == "split" else ", KV cache unified"

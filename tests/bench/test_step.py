@@ -17,12 +17,15 @@ def test_step_profile_prints_every_phase_for_each_system(
     )
     assert rc == 0
     out = capsys.readouterr().out
-    head = "| system | conc | tok/s | steps | step ms | draft | forward | pick | emit | flush |"
+    head = (
+        "| system | conc | tok/s | steps | step ms | prefill | draft | forward | pick | emit "
+        "| flush |"
+    )
     assert head in out
     rows = [line for line in out.splitlines() if line.startswith(("| plain", "| draft"))]
     assert [r.split("|")[1:3] for r in rows] == [
         [" plain ", " 1 "], [" draft ", " 1 "], [" plain ", " 2 "], [" draft ", " 2 "]
     ]  # fmt: skip
     for row in rows:
-        forward = float(row.split("|")[7])
-        assert forward > 0  # every step ran the model
+        prefill, forward = float(row.split("|")[6]), float(row.split("|")[8])
+        assert forward > 0 and prefill > 0  # every step ran the model, every run a prefill

@@ -140,6 +140,48 @@ def test_batched_prefill_and_view_decode_match_one_by_one(
         cpp.release(s)
 
 
+def test_the_split_layout_serves_alike_and_auto_chooses_it_when_it_fits(
+    pair: tuple[LlamaBackend, llamacpp.LlamaCppBackend], tmp_path: Path
+) -> None:
+    ref, unified = pair
+    tok = tiny_tokenizer()
+    tok.save_pretrained(tmp_path)
+    model = tiny_model(len(tok), seed=3)  # the pair's weights
+    per_token = 2 * model.config.num_hidden_layers * unified._kv_dim * 4
+    need = (3 + llamacpp.SCORE_ROWS) * 64 * per_token  # what split holds: every sequence full
+
+    def build(layout: str, pool: int | None) -> llamacpp.LlamaCppBackend:
+        return llamacpp.LlamaCppBackend(
+            model.config, model.state_dict(), tmp_path / "tokenizer.json", max_slots=3,
+            max_seq_len=64, threads=1, weight_type="f32", kv_pool_bytes=pool, kv_layout=layout,
+        )  # fmt: skip
+
+    assert unified.kv_layout == "unified"
+    assert build("auto", need).kv_layout == "split"
+    assert build("auto", need - 1).kv_layout == "unified"
+    split = build("split", None)
+    assert split.kv_pool_tokens == 3 * 64
+    v = ref.vocab_size
+    prompts = [_ids(64 - 6, 40, v), _ids(5, 41, v), _ids(9, 42, v)]  # one fills its slot
+    rows = split.prefill_batch([0, 1, 2], prompts)
+    steps = [split.decode([0, 1, 2], [t, t + 1, t + 2]) for t in range(3, 8)]
+    for s, prompt in enumerate(prompts):
+        want = [ref.prefill(0, prompt)] + [ref.decode([0], [t + s])[0] for t in range(3, 8)]
+        ref.release(0)
+        got = [rows[s]] + [step[s] for step in steps]
+        torch.testing.assert_close(torch.stack(got), torch.stack(want), atol=ATOL, rtol=0)
+    split.decode([0, 1, 2], [5] * 3)  # slot 0 now holds 64 tokens: its own cells, no more
+    with pytest.raises(ValueError, match="full"):
+        split.decode([0], [5])
+    jobs = [(_ids(6 + i, 50 + i, v), [[5], [6, 7]]) for i in range(10)]
+    torch.testing.assert_close(
+        torch.tensor(split.score_batch(jobs)), torch.tensor(ref.score_batch(jobs)), atol=1e-2,
+        rtol=0,
+    )  # fmt: skip
+    with pytest.raises(ValueError, match="kv_layout"):
+        build("paged", None)
+
+
 def test_bad_calls_are_refused(pair: tuple[LlamaBackend, llamacpp.LlamaCppBackend]) -> None:
     _, cpp = pair
     with pytest.raises(ValueError, match="out of range"):

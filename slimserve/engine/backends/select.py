@@ -238,6 +238,7 @@ def _build(
             weight_type=plan.weights,  # type: ignore[arg-type]
             extra_buffers=plan.extra_buffers,
             kv_pool_bytes=kv_pool_bytes(config),
+            kv_layout=config.kv_layout,
         )
     if isinstance(model, ArtifactWeights):
         raise ValueError(f"plan {plan.key} needs the model loaded by transformers (open_model)")
