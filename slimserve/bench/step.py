@@ -81,6 +81,8 @@ def run_step_profile(
     concurrency: list[int],
     new_tokens: int,
     draft: str | None = None,
+    kv_layout: str = "auto",
+    max_seq_len: int = 0,
 ) -> int:
     """Print the table (see module docstring); returns the exit code."""
     import torch
@@ -98,7 +100,13 @@ def run_step_profile(
         if label == "draft" and not spec:
             continue
         config = ModelConfig(
-            device="cpu", max_batch=16, engine_process=False, qualify=False, draft=spec
+            device="cpu",
+            max_batch=16,
+            max_seq_len=max_seq_len,
+            kv_layout=kv_layout,
+            engine_process=False,
+            qualify=False,
+            draft=spec,
         )
         systems[label] = load(artifact, config, draft=resolve_draft(registry.root, config))
     info = systems["plain"].info

@@ -18,6 +18,7 @@ from slimserve.cli.common import (
     backend_args,
     default_registry,
     home,
+    non_negative_int,
     open_registry,
     positive_int,
     positive_int_list,
@@ -192,6 +193,18 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--concurrency", type=positive_int_list, default=[1, 16], help="comma-separated")
     p.add_argument("--new-tokens", type=positive_int, default=128)
     p.add_argument("--draft", help="also run with this drafter: ngram or NAME@REF")
+    p.add_argument(
+        "--kv-layout",
+        choices=("auto", "unified", "split"),
+        default="auto",
+        help="llama.cpp's KV cache (as serve --kv-layout)",
+    )
+    p.add_argument(
+        "--max-seq-len",
+        type=non_negative_int,
+        default=0,
+        help="context per sequence (as serve; 0 = fit the budget)",
+    )
     registry_arg(p)
     p.set_defaults(func=cmd_bench_step)
 
@@ -206,4 +219,6 @@ def cmd_bench_step(args: argparse.Namespace) -> int:
         concurrency=args.concurrency,
         new_tokens=args.new_tokens,
         draft=args.draft,
+        kv_layout=args.kv_layout,
+        max_seq_len=args.max_seq_len,
     )
