@@ -111,6 +111,8 @@ class Bench:
     draft: str = "ngram"
     #: `serve --draft-tokens`: tokens drafted per verification step.
     draft_tokens: int = 4
+    #: `serve --kv-layout` of slimserve, slimserve_draft and the engine.
+    kv_layout: str = "unified"
     samples: list[Sample] = field(default_factory=list)
 
     @property
@@ -290,7 +292,7 @@ class _Worker(_Process):
             "--model", (b.hf_model or b.model) if system == "hf_generate" else b.model,
             "--threads", str(b.threads), "--max-batch", str(b.max_batch),
             "--backend", b.backend, "--gguf-type", b.gguf_type,
-            "--stream-tokens", str(b.stream_tokens),
+            "--stream-tokens", str(b.stream_tokens), "--kv-layout", b.kv_layout,
         ]  # fmt: skip
         gguf = b.gguf_q8 if system == "llama_cpp_q8" else b.gguf
         if gguf is not None:
@@ -324,7 +326,7 @@ class _Server(_Process):
             "--registry", str(b.registry), "--port", str(self.port),
             "--threads", str(b.threads), "--max-batch", str(b.max_batch),
             "--max-seq-len", str(b.stream_tokens), "--device", "cpu", "--backend", b.backend,
-            "--gguf-type", b.gguf_type,
+            "--gguf-type", b.gguf_type, "--kv-layout", b.kv_layout,
         ]  # fmt: skip
         if system == "slimserve_draft":
             cmd += ["--draft", b.draft, "--draft-tokens", str(b.draft_tokens)]
@@ -733,6 +735,7 @@ def environment(b: Bench) -> dict[str, Any]:
         "draft": f"{b.draft}, {b.draft_tokens} tokens",
         "new_tokens": b.new_tokens,
         "stream_tokens": b.stream_tokens,
+        "kv_layout": b.kv_layout,
         "repeats": b.repeats,
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
     }
@@ -799,7 +802,8 @@ def report_lines(report: dict[str, Any]) -> list[str]:
     if "stream_tokens" in env:
         lines.append(
             f"Every system holds {env['stream_tokens']} tokens of KV cache per stream "
-            "(llama.cpp: a context split per sequence; slimserve: --max-seq-len)."
+            "(llama.cpp: a context split per sequence; slimserve: --max-seq-len, KV layout "
+            f"{env.get('kv_layout', 'unified')})."
         )
     lines += ["", markdown(report["results"]), ""]
     lines += ipc_overhead(report["results"])

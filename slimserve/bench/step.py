@@ -81,7 +81,7 @@ def run_step_profile(
     concurrency: list[int],
     new_tokens: int,
     draft: str | None = None,
-    kv_layout: str = "auto",
+    kv_layout: str = "unified",
     max_seq_len: int = 0,
 ) -> int:
     """Print the table (see module docstring); returns the exit code."""

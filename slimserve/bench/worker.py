@@ -128,6 +128,7 @@ class InProcessEngine:
         *,
         process: bool = False,
         max_seq_len: int = 1024,
+        kv_layout: str = "unified",
     ) -> None:
         from slimserve.engine.config import ModelConfig
         from slimserve.engine.loader import load
@@ -139,6 +140,7 @@ class InProcessEngine:
             device="cpu",
             max_batch=max_batch,
             max_seq_len=max_seq_len,
+            kv_layout=kv_layout,
             backend=backend,  # type: ignore[arg-type]
             gguf_type=gguf_type,  # type: ignore[arg-type]
             # The static plan in both, so the two differ by the process boundary alone.
@@ -329,6 +331,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--backend", default="auto", help="engine: slimserve's serving backend")
     p.add_argument("--gguf-type", default="auto", help="engine: llama.cpp backend weights")
     p.add_argument("--stream-tokens", type=int, default=256, help="cache cells per stream")
+    p.add_argument("--kv-layout", default="unified", help="engine: serve --kv-layout")
     args = p.parse_args(argv)
     import torch
 
@@ -345,6 +348,7 @@ def main(argv: list[str] | None = None) -> int:
             args.gguf_type,
             process=args.system == "engine_ipc",
             max_seq_len=args.stream_tokens,
+            kv_layout=args.kv_layout,
         )
     else:
         # llama_cpp_q8 gets the re-encoded file.

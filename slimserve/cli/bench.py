@@ -107,6 +107,7 @@ def cmd_bench_serve(args: argparse.Namespace) -> int:
         gguf_type=args.gguf_type,
         draft=args.draft,
         draft_tokens=args.draft_tokens,
+        kv_layout=args.kv_layout,
     )
     why = "os.cpu_count(), what serve uses" if args.threads == os.cpu_count() else "--threads"
     print(f"threads: {args.threads} per system ({why})", flush=True)
@@ -182,6 +183,13 @@ def add_parser(sub: Any) -> None:
         "llama.cpp backend weights for the slimserve and engine systems",
     )
     p.add_argument("--hf-model", help="NAME@REF for hf_generate (default: --model)")
+    p.add_argument(
+        "--kv-layout",
+        choices=("unified", "split"),
+        default="unified",
+        help="slimserve's and the engine's llama.cpp KV cache (serve --kv-layout); llama.cpp's "
+        "own loop is always split per sequence",
+    )
     p.add_argument("--no-score", action="store_true", help="skip the Score measurement")
     p.add_argument("--json", type=Path)
     p.add_argument("--plot", type=Path)
@@ -195,8 +203,8 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--draft", help="also run with this drafter: ngram or NAME@REF")
     p.add_argument(
         "--kv-layout",
-        choices=("auto", "unified", "split"),
-        default="auto",
+        choices=("unified", "split"),
+        default="unified",
         help="llama.cpp's KV cache (as serve --kv-layout)",
     )
     p.add_argument(

@@ -175,11 +175,11 @@ def add_parser(sub: Any) -> None:
     )
     p.add_argument(
         "--kv-layout",
-        choices=("auto", "unified", "split"),
-        default="auto",
-        help="llama.cpp's KV cache: one pool every stream draws on (unified), max-seq-len "
-        "held per stream (split: faster with many streams), or split when it fits the pool's "
-        "budget (auto)",
+        choices=("unified", "split"),
+        default="unified",
+        help="llama.cpp's KV cache: one pool every stream draws on (unified), or max-seq-len "
+        "held per stream (split: faster while the running slots are consecutive, e.g. a "
+        "burst that starts and ends together; slower with gaps between them)",
     )
     p.add_argument("--max-queue", type=positive_int, default=64, help="waiting requests at most")
     p.add_argument(

@@ -48,9 +48,10 @@ class ModelConfig:
     #: per-slot cache, and a llama.cpp pool of at most `AUTO_KV_POOL_MB`.
     kv_cache_mb: int = 0
     #: How llama.cpp lays out the KV cache (`backends.llamacpp.KV_LAYOUTS`): "unified", the
-    #: pool above; "split", max_seq_len cells held for each sequence (faster with many
-    #: streams); "auto", split when that fits the pool's budget, else unified.
-    kv_layout: str = "auto"
+    #: pool above; "split", max_seq_len cells held for each sequence: faster while the
+    #: running slots are consecutive (streams that start and end together), slower when
+    #: they are not.
+    kv_layout: str = "unified"
     #: Requests waiting for a slot beyond this get RESOURCE_EXHAUSTED.
     max_queue: int = 64
     #: Tokens of Score work between two decode steps (how long streams wait for a Score).
@@ -91,8 +92,8 @@ class ModelConfig:
                 raise ValueError(f"backend plugin {plugin!r} must be 'module:factory'")
         if self.score_step_tokens < 1 or self.max_score_tokens < 1:
             raise ValueError("score_step_tokens and max_score_tokens must be >= 1")
-        if self.kv_layout not in ("auto", "unified", "split"):
-            raise ValueError(f"kv_layout must be auto, unified or split, got {self.kv_layout!r}")
+        if self.kv_layout not in ("unified", "split"):
+            raise ValueError(f"kv_layout must be unified or split, got {self.kv_layout!r}")
         if self.kv_cache_mb < 0:
             raise ValueError(f"kv_cache_mb must be >= 0 (0 = auto), got {self.kv_cache_mb}")
         if self.draft_tokens < 1:

@@ -163,7 +163,7 @@ TIMED_OUT = "timed-out"
 
 def _prefix(digest: str, config: ModelConfig, threads: int) -> str:
     shape = f"b{config.max_batch}-s{config.max_seq_len}-kv{config.kv_cache_mb}-t{threads}"
-    if config.kv_layout != "auto":  # auto follows from the shape above
+    if config.kv_layout != "unified":  # verdicts made before the choice existed stay valid
         shape += f"-{config.kv_layout}"
     return f"{fingerprint_digest()}/{digest[:16]}/{shape}"
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
+import heapq
 import logging
 import os
 import threading
@@ -74,6 +75,10 @@ class EngineConfig:
             raise ValueError("score_step_tokens and max_score_tokens must be >= 1")
 
 
+def _slot_of(seq: Sequence) -> int:
+    return -1 if seq.slot is None else seq.slot
+
+
 def _bare_info(backend: Backend) -> EngineInfo:
     return EngineInfo(
         backend=BackendInfo(
@@ -131,7 +136,9 @@ class Engine:
         self._waiting: collections.deque[Sequence] = collections.deque()
         self._scores = ScoreQueue()
         self._running: list[Sequence] = []
-        self._free = list(range(backend.max_slots - 1, -1, -1))
+        #: Free slots, a heap: the lowest is taken first, so running slots stay packed low
+        #: (llama.cpp's per-stream cache runs a step's consecutive slots as one batch).
+        self._free = list(range(backend.max_slots))
         #: A backend whose slots share one pool of cache cells (llama.cpp) names its size; a
         #: request is admitted only while the pool can hold all it may grow to.
         self._pool: int | None = getattr(backend, "kv_pool_tokens", None)
@@ -349,7 +356,7 @@ class Engine:
             seq = self._waiting.popleft()
             seq.reserved = need
             self._reserved += need
-            seq.slot = self._free.pop()
+            seq.slot = heapq.heappop(self._free)
             seq.state = SeqState.RUNNING
             admitted.append(seq)
         return admitted
@@ -412,7 +419,9 @@ class Engine:
         self._advance(seq, None, logits)
 
     def _decode_step(self) -> None:
-        batch = list(self._running)
+        # In slot order: a llama.cpp cache split per stream takes a run of consecutive slots
+        # into one pass, and a step out of order costs a pass per break in the run.
+        batch = sorted(self._running, key=_slot_of)
         t0 = time.perf_counter()
         proposals = self._propose(batch) if self.drafter is not None else None
         t1 = time.perf_counter()
@@ -639,7 +648,7 @@ class Engine:
             if self.drafter is not None:
                 self.drafter.release(seq.slot)
             with self._cond:
-                self._free.append(seq.slot)
+                heapq.heappush(self._free, seq.slot)
                 self._reserved -= seq.reserved
                 seq.reserved = 0
             seq.slot = None
