@@ -18,6 +18,7 @@ from slimserve.cli.common import (
     backend_args,
     default_registry,
     home,
+    kv_layout_arg,
     non_negative_int,
     open_registry,
     positive_int,
@@ -183,11 +184,9 @@ def add_parser(sub: Any) -> None:
         "llama.cpp backend weights for the slimserve and engine systems",
     )
     p.add_argument("--hf-model", help="NAME@REF for hf_generate (default: --model)")
-    p.add_argument(
-        "--kv-layout",
-        choices=("unified", "split"),
-        default="unified",
-        help="slimserve's and the engine's llama.cpp KV cache (serve --kv-layout); llama.cpp's "
+    kv_layout_arg(
+        p,
+        "slimserve's and the engine's llama.cpp KV cache (serve --kv-layout); llama.cpp's "
         "own loop is always split per sequence",
     )
     p.add_argument("--no-score", action="store_true", help="skip the Score measurement")
@@ -201,12 +200,7 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--concurrency", type=positive_int_list, default=[1, 16], help="comma-separated")
     p.add_argument("--new-tokens", type=positive_int, default=128)
     p.add_argument("--draft", help="also run with this drafter: ngram or NAME@REF")
-    p.add_argument(
-        "--kv-layout",
-        choices=("unified", "split"),
-        default="unified",
-        help="llama.cpp's KV cache (as serve --kv-layout)",
-    )
+    kv_layout_arg(p, "llama.cpp's KV cache (as serve --kv-layout)")
     p.add_argument(
         "--max-seq-len",
         type=non_negative_int,

@@ -150,6 +150,13 @@ def backend_args(p: argparse.ArgumentParser, backend_help: str, gguf_help: str) 
     )
 
 
+def kv_layout_arg(p: argparse.ArgumentParser, help_text: str) -> None:
+    """`--kv-layout` (serve, bench serve, bench step)."""
+    from slimserve.engine.config import KV_LAYOUTS
+
+    p.add_argument("--kv-layout", choices=KV_LAYOUTS, default=KV_LAYOUTS[0], help=help_text)
+
+
 def check_pair(args: argparse.Namespace, cert: str, key: str) -> None:
     """Refuse one of two flags that only work together (a certificate and its key)."""
     if bool(getattr(args, cert)) != bool(getattr(args, key)):

@@ -21,6 +21,7 @@ from slimserve.cli.common import (
     backend_args,
     check_pair,
     default_registry,
+    kv_layout_arg,
     non_negative_float,
     non_negative_int,
     port,
@@ -173,11 +174,9 @@ def add_parser(sub: Any) -> None:
         help="KV-cache budget per model, MiB (0 = auto: contexts as for 1024, llama.cpp's "
         "shared pool at most 256)",
     )
-    p.add_argument(
-        "--kv-layout",
-        choices=("unified", "split"),
-        default="unified",
-        help="llama.cpp's KV cache: one pool every stream draws on (unified), or max-seq-len "
+    kv_layout_arg(
+        p,
+        "llama.cpp's KV cache: one pool every stream draws on (unified), or max-seq-len "
         "held per stream (split: faster while the running slots are consecutive, e.g. a "
         "burst that starts and ends together; slower with gaps between them)",
     )

@@ -359,15 +359,14 @@ def teacher_text(
     from slimserve.registry.artifact import load_model
 
     prompts = select_prompts(config)
-    if not wanted(prompts, config):
+    indices = wanted(prompts, config)
+    if not indices:
         raise ValueError(f"none of the {len(prompts)} prompts asked for is held out")
     tokenizer = AutoTokenizer.from_pretrained(teacher.path)
     if model is None:
         model, _ = load_model(teacher, device=device, dtype=torch.float32)
     t0 = time.perf_counter()
-    rows = generate_rows(
-        model, tokenizer, prompts, config, progress, indices=wanted(prompts, config)
-    )
+    rows = generate_rows(model, tokenizer, prompts, config, progress, indices=indices)
     seconds = time.perf_counter() - t0
     art = publish_teacher_text(
         registry, teacher, prompts, config, rows, tokenizer=tokenizer, seconds=seconds

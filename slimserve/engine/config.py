@@ -10,6 +10,8 @@ GgufWeights = Literal["auto", "q8_0", "q4_1", "f16", "f32"]
 Dtype = Literal["auto", "float32", "bfloat16", "float16"]
 #: `ModelConfig.draft` for the model-free prompt-lookup drafter.
 NGRAM = "ngram"
+#: `ModelConfig.kv_layout`: how a llama.cpp backend lays out its KV cache.
+KV_LAYOUTS = ("unified", "split")
 #: `kv_cache_mb = 0`: the budget contexts are sized by, and the most a llama.cpp pool takes
 #: (at SmolLM2-135M's 23 KB of float16 K and V a token: ~11,600 tokens shared by all streams).
 AUTO_KV_CACHE_MB = 1024
@@ -47,7 +49,7 @@ class ModelConfig:
     #: hold its prompt and max_new_tokens). 0 = auto: contexts sized as for 1024 MiB of
     #: per-slot cache, and a llama.cpp pool of at most `AUTO_KV_POOL_MB`.
     kv_cache_mb: int = 0
-    #: How llama.cpp lays out the KV cache (`backends.llamacpp.KV_LAYOUTS`): "unified", the
+    #: How llama.cpp lays out the KV cache (`KV_LAYOUTS`): "unified", the
     #: pool above; "split", max_seq_len cells held for each sequence: faster while the
     #: running slots are consecutive (streams that start and end together), slower when
     #: they are not.
@@ -92,8 +94,8 @@ class ModelConfig:
                 raise ValueError(f"backend plugin {plugin!r} must be 'module:factory'")
         if self.score_step_tokens < 1 or self.max_score_tokens < 1:
             raise ValueError("score_step_tokens and max_score_tokens must be >= 1")
-        if self.kv_layout not in ("unified", "split"):
-            raise ValueError(f"kv_layout must be unified or split, got {self.kv_layout!r}")
+        if self.kv_layout not in KV_LAYOUTS:
+            raise ValueError(f"kv_layout must be one of {KV_LAYOUTS}, got {self.kv_layout!r}")
         if self.kv_cache_mb < 0:
             raise ValueError(f"kv_cache_mb must be >= 0 (0 = auto), got {self.kv_cache_mb}")
         if self.draft_tokens < 1:

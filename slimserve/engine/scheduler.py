@@ -439,9 +439,9 @@ class Engine:
         t2 = time.perf_counter()
         with self._cond:
             self._stats.steps += 1
-        picks: list[int | None] = [None] * len(batch)
+        picks: list[int] | list[None] = [None] * len(batch)
         if all(s.req.sampling.is_greedy for s in batch):
-            picks = list(greedy_rows(logits))  # one call for the common case
+            picks = greedy_rows(logits)  # one call for the common case
         t3 = time.perf_counter()
         for i, seq in enumerate(batch):
             self._advance(seq, picks[i], logits[i])

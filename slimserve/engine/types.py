@@ -116,9 +116,10 @@ class EngineStats:
 
 
 #: Where the worker's time goes: prefilling the requests just admitted (with their first
-#: token), and a decode step's phases: proposing drafts, the model's forward pass, choosing tokens
-#: (argmax, sampling, the acceptance rule), emitting them (detokenization, stop checks,
-#: events) and flushing the step's events to their consumers (the engine process's pipe).
+#: token), then a decode step's phases: proposing drafts, the model's forward pass,
+#: choosing tokens (argmax, sampling, the acceptance rule), emitting them (detokenization,
+#: stop checks, events) and flushing the step's events to their consumers (the engine
+#: process's pipe).
 PHASES = ("prefill", "draft", "forward", "pick", "emit", "flush")
 
 

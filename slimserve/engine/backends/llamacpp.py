@@ -41,6 +41,7 @@ from slimserve.engine.backends.base import (
     prompt_logprobs_from,
 )
 from slimserve.engine.backends.gguf_export import GgufType, export_gguf
+from slimserve.engine.config import KV_LAYOUTS
 from slimserve.engine.types import TokenLogprob
 
 log = logging.getLogger(__name__)
@@ -165,9 +166,8 @@ class LlamaCppBackend:
             ctx.n_ctx = self.kv_pool_tokens + self._score_cells
         else:
             # llama.cpp gives each sequence n_ctx / n_seq_max cells of its own, and a decode
-            # step's attention reads only each stream's cells: in one pool it walks every
-            # cell of the pool for every query (skipping the masked ones), which cost 17% of
-            # a 16-stream step on SmolLM2 (32.7 vs 27.9 ms, AMD EPYC, 2 threads).
+            # step's attention reads only each stream's cells (in one pool it walks every
+            # cell for every query, skipping the masked ones; see __init__ for the cost).
             ctx.kv_unified = False
             self._score_cells = SCORE_ROWS * max_seq_len
             self.kv_pool_tokens = max_slots * max_seq_len
@@ -207,11 +207,8 @@ class LlamaCppBackend:
     # ------------------------------------------------------------------ Backend protocol
 
     def prefill(self, slot: int, token_ids: list[int]) -> torch.Tensor:
-        self._check_slot(slot)
+        self._check_prompt(slot, token_ids)
         t = len(token_ids)
-        if not 0 < t <= self.max_seq_len:
-            raise ValueError(f"prompt has {t} tokens; need 1..max_seq_len ({self.max_seq_len})")
-        self._check_ids(token_ids)
         self.lc.llama_memory_seq_rm(self._mem, slot, -1, -1)
         self._lengths[slot] = 0
         for start in range(0, t, _BATCH_TOKENS):
@@ -232,12 +229,7 @@ class LlamaCppBackend:
         if len(slots) != len(prompts) or len(set(slots)) != len(slots):
             raise ValueError(f"need distinct slots, one per prompt: {slots}")
         for slot, ids in zip(slots, prompts, strict=True):
-            self._check_slot(slot)
-            if not 0 < len(ids) <= self.max_seq_len:
-                raise ValueError(
-                    f"prompt has {len(ids)} tokens; need 1..max_seq_len ({self.max_seq_len})"
-                )
-            self._check_ids(ids)
+            self._check_prompt(slot, ids)
         out: list[torch.Tensor | None] = [None] * len(slots)
         group: list[int] = []  # indices of prompts that go into the next call
         # In slot order: a cache split per stream batches runs of consecutive sequence ids
@@ -411,6 +403,14 @@ class LlamaCppBackend:
 
     # ------------------------------------------------------------------ checks
 
+    def _check_prompt(self, slot: int, token_ids: list[int]) -> None:
+        """Refuse a prefill of a bad slot, an empty or too long prompt, or a bad token id."""
+        self._check_slot(slot)
+        t = len(token_ids)
+        if not 0 < t <= self.max_seq_len:
+            raise ValueError(f"prompt has {t} tokens; need 1..max_seq_len ({self.max_seq_len})")
+        self._check_ids(token_ids)
+
     def _check_slot(self, slot: int) -> None:
         check_slot(slot, self.max_slots)
 
@@ -419,10 +419,6 @@ class LlamaCppBackend:
 
 
 _GGML_LOG_ERROR = 4
-
-
-#: `LlamaCppBackend(kv_layout=...)` and `serve --kv-layout`.
-KV_LAYOUTS = ("unified", "split")
 
 
 def pool_cells(max_slots: int, max_seq_len: int, per_token: int, pool_bytes: int | None) -> int:
