@@ -97,6 +97,7 @@ def serve_config(args: argparse.Namespace) -> Any:
                 max_score_tokens=args.max_score_tokens,
                 draft=None if args.draft in (None, "none") else args.draft,
                 draft_tokens=args.draft_tokens,
+                draft_policy=args.draft_policy,
             ),
             limits=Limits(
                 max_new_tokens=args.max_new_tokens_limit,
@@ -146,6 +147,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def add_parser(sub: Any) -> None:
     """Add `serve` to the top-level subparsers."""
+    from slimserve.engine.spec_policy import DRAFT_POLICIES
+
     p = sub.add_parser("serve", help="serve registry models over gRPC")
     p.add_argument("--model", action="append", required=True, help="NAME[@VERSION|@ALIAS]")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
@@ -200,7 +203,17 @@ def add_parser(sub: Any) -> None:
         "the registry sharing the tokenizer (e.g. made by recipes/draft.toml); same output",
     )
     p.add_argument(
-        "--draft-tokens", type=positive_int, default=4, help="tokens drafted per step (--draft)"
+        "--draft-tokens",
+        type=positive_int,
+        default=4,
+        help="most tokens drafted per sequence and step (--draft)",
+    )
+    p.add_argument(
+        "--draft-policy",
+        choices=DRAFT_POLICIES,
+        default=DRAFT_POLICIES[0],
+        help="adaptive: verify as many drafts as pay, from this machine's measured pass costs "
+        "and the measured acceptance (none when none do); always: all of --draft-tokens",
     )
     p.add_argument("--grace", type=non_negative_float, default=10.0, help="shutdown grace seconds")
     p.add_argument("--metrics-port", type=port, help="Prometheus /metrics port (default: off)")

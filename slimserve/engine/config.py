@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+from slimserve.engine.spec_policy import DRAFT_POLICIES
+
 BackendName = Literal["auto", "hf", "llama", "llamacpp"]
 GgufWeights = Literal["auto", "q8_0", "q4_1", "f16", "f32"]
 Dtype = Literal["auto", "float32", "bfloat16", "float16"]
@@ -79,8 +81,10 @@ class ModelConfig:
     #: lookup, or a draft model "NAME@REF" from the registry that shares the tokenizer;
     #: None serves without drafts. Output is the same either way (greedy: token for token).
     draft: str | None = None
-    #: Tokens drafted per sequence and step.
+    #: Tokens drafted per sequence and step: at most, as many as pay on this machine
+    #: ("adaptive", `slimserve.engine.spec_policy`), or always ("always").
     draft_tokens: int = 4
+    draft_policy: str = "adaptive"
 
     def __post_init__(self) -> None:
         if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
@@ -100,5 +104,9 @@ class ModelConfig:
             raise ValueError(f"kv_cache_mb must be >= 0 (0 = auto), got {self.kv_cache_mb}")
         if self.draft_tokens < 1:
             raise ValueError(f"draft_tokens must be >= 1, got {self.draft_tokens}")
+        if self.draft_policy not in DRAFT_POLICIES:
+            raise ValueError(
+                f"draft_policy must be one of {DRAFT_POLICIES}, got {self.draft_policy!r}"
+            )
         if self.draft is not None and self.draft != NGRAM and not self.draft.strip():
             raise ValueError("draft must be 'ngram' or a model NAME@REF")

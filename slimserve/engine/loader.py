@@ -264,6 +264,7 @@ def load(
             score_step_tokens=config.score_step_tokens,
             max_score_tokens=config.max_score_tokens,
             draft_tokens=config.draft_tokens,
+            draft_policy=config.draft_policy,
         ),
         info=info,
         drafter=drafter,

@@ -29,6 +29,7 @@ from slimserve.engine.errors import InvalidRequest, NotReady, Overloaded
 from slimserve.engine.sampling import greedy_rows, select, token_logprob
 from slimserve.engine.scoring import ScoreQueue
 from slimserve.engine.sequence import Handle, ScoreJob, SeqState, Sequence
+from slimserve.engine.spec_policy import DRAFT_POLICIES, DraftPolicy, probe, probe_sizes
 from slimserve.engine.speculative import NO_PROPOSAL, Drafter, DraftRequest, Proposal, accept
 from slimserve.engine.text import Decoder
 from slimserve.engine.types import (
@@ -63,14 +64,21 @@ class EngineConfig:
     score_step_tokens: int = 2048
     #: Tokens one Score call may put through the model (prompt + label - 1, summed).
     max_score_tokens: int = 65536
-    #: Draft tokens proposed per sequence and step, when the engine has a drafter.
+    #: Draft tokens proposed per sequence and step, when the engine has a drafter: at most
+    #: (`draft_policy` "adaptive", `spec_policy`: as many as pay on this machine, none when
+    #: none do), or always.
     draft_tokens: int = 4
+    draft_policy: str = "adaptive"
 
     def __post_init__(self) -> None:
         if self.max_queue < 0:
             raise ValueError(f"max_queue must be >= 0, got {self.max_queue}")
         if self.draft_tokens < 1:
             raise ValueError(f"draft_tokens must be >= 1, got {self.draft_tokens}")
+        if self.draft_policy not in DRAFT_POLICIES:
+            raise ValueError(
+                f"draft_policy must be one of {DRAFT_POLICIES}, got {self.draft_policy!r}"
+            )
         if self.score_step_tokens < 1 or self.max_score_tokens < 1:
             raise ValueError("score_step_tokens and max_score_tokens must be >= 1")
 
@@ -109,9 +117,13 @@ class Engine:
         config: EngineConfig,
         info: EngineInfo | None = None,
         drafter: Drafter | None = None,
+        *,
+        policy: DraftPolicy | None = None,
     ) -> None:
         """`drafter` turns on speculative decoding (`slimserve.engine.speculative`); the
-        backend must then implement `SpeculativeBackend`.
+        backend must then implement `SpeculativeBackend`. `policy` decides how many draft
+        tokens to verify each step (None: measured at `start` for `draft_policy`
+        "adaptive").
 
         Raises:
             ValueError: a drafter for a backend that cannot verify drafts.
@@ -157,9 +169,14 @@ class Engine:
         #: decode): the engine process sends the events of that phase in one frame.
         self.on_flush: Callable[[], None] | None = None
         self._thread: threading.Thread | None = None
+        #: How many draft tokens to verify each step (`spec_policy`); None: always all.
+        self._policy = policy
 
     # ---- submitter side (any thread) ---------------------------------------------------
     def start(self) -> None:
+        adaptive = self.config.draft_policy == "adaptive"
+        if self.drafter is not None and adaptive and self._policy is None:
+            self._policy = self._measure_passes()
         self._thread = threading.Thread(target=self._loop, name="slimserve-engine", daemon=True)
         self._thread.start()
 
@@ -251,6 +268,11 @@ class Engine:
             raise NotReady(f"the engine loop failed: {self.failure!r}")
         if self._stopping:
             raise NotReady("the engine is shutting down")
+
+    @property
+    def policy(self) -> DraftPolicy | None:
+        """How it chooses the draft tokens to verify (None: no drafter, or always all)."""
+        return self._policy
 
     @property
     def serving(self) -> bool:
@@ -437,6 +459,8 @@ class Engine:
                 self._fail(seq, exc)
             return
         t2 = time.perf_counter()
+        if self._policy is not None:
+            self._policy.costs.observe(len(batch), t2 - t1)
         with self._cond:
             self._stats.steps += 1
         picks: list[int] | list[None] = [None] * len(batch)
@@ -469,27 +493,64 @@ class Engine:
         """A proposal per sequence of `batch`, or None when there is none at all (the step
         is then a plain decode). A drafter that fails is dropped, not the requests."""
         assert self.drafter is not None
+        policy = self._policy
+        rooms = [self._draft_room(seq) if seq.slot is not None else 0 for seq in batch]
+        cap = self.config.draft_tokens
+        if policy is not None and not policy.free_proposals:  # choose, then pay for it
+            cap = policy.choose(rooms, [policy.alpha(s.spec) for s in batch])
         asks, where = [], []
         for i, seq in enumerate(batch):
-            k = self._draft_room(seq)
+            k = min(rooms[i], cap)
             if k > 0 and seq.slot is not None:
                 asks.append(DraftRequest(seq.slot, seq.tokens, k, seq.req.sampling, seq.generator))
                 where.append(i)
         if not asks:
             return None
+        t = time.perf_counter()
         try:
             got = self.drafter.propose(asks)
         except Exception:
             log.exception("the drafter %s failed; decoding without drafts", self.drafter.name)
             self.drafter = None
             return None
-        if not any(p.tokens for p in got):
+        if policy is not None and not policy.free_proposals:
+            policy.observe_draft(time.perf_counter() - t, cap)
+        lengths = [0] * len(batch)
+        for i, ask, p in zip(where, asks, got, strict=True):
+            lengths[i] = min(ask.k, len(p.tokens))  # a drafter may not propose more than asked
+        if policy is not None and policy.free_proposals:  # proposed for free: how many pay?
+            cap = policy.choose(lengths, [policy.alpha(s.spec) for s in batch])
+            if cap == 0:  # sit out; the target's next token tells whether the first was right
+                for i, p in zip(where, got, strict=True):
+                    if p.tokens:
+                        batch[i].spec.guess = p.tokens[0]
+                return None
+        if not any(lengths):
             return None
         out = [NO_PROPOSAL] * len(batch)
-        for i, ask, p in zip(where, asks, got, strict=True):
-            k = min(ask.k, len(p.tokens))  # a drafter may not propose more than asked
+        for i, p in zip(where, got, strict=True):
+            k = min(lengths[i], cap)
             out[i] = Proposal(p.tokens[:k], p.probs[:k] if p.probs is not None else None)
         return out
+
+    def _measure_passes(self) -> DraftPolicy:
+        """Time the backend's passes over the sizes a step may take (`spec_policy.probe`),
+        on the last slot (free: the engine has not started)."""
+        backend = self.backend
+        slot = backend.max_slots - 1
+        k = self.config.draft_tokens
+        ids = [1 + j % (backend.vocab_size - 1) for j in range(backend.max_slots * (k + 1))]
+
+        def extend(n: int) -> None:
+            backend.prefill(slot, ids[:1])
+            backend.extend([slot], [ids[:n]])  # type: ignore[attr-defined]
+
+        sizes = probe_sizes(k, backend.max_slots, backend.max_seq_len)
+        costs = probe(extend, lambda: backend.release(slot), sizes)
+        assert self.drafter is not None
+        free = bool(getattr(self.drafter, "free_proposals", False))
+        log.info("forward pass by tokens in it (%s): %s", backend.name, costs.describe())
+        return DraftPolicy(costs, k, free_proposals=free)
 
     def _verify_step(self, batch: list[Sequence], proposals: list[Proposal]) -> None:
         """Run each sequence's last token and its draft through the target in one pass and
@@ -526,9 +587,13 @@ class Engine:
                 continue
             seq.draft_proposed += len(prop.tokens)
             seq.draft_accepted += len(emitted) - 1
+            if self._policy is not None:
+                self._policy.record(seq.spec, len(prop.tokens), len(emitted) - 1)
             proposed += len(prop.tokens)
             accepted += len(emitted) - 1
             kept.append((seq, emitted, logits))
+        if self._policy is not None:
+            self._policy.costs.observe(sum(len(x) for x in inputs), t1 - t0)
         with self._cond:
             self._stats.steps += 1
             self._stats.draft_proposed += proposed
@@ -562,6 +627,8 @@ class Engine:
         if not seq.generated:
             seq.t_first = now
         seq.t_last = now
+        if seq.spec.guess is not None and self._policy is not None:
+            self._policy.check(seq.spec, token)
         seq.generated.append(token)
         seq.tokens.append(token)
         seq.last_token = token

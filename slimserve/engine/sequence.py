@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from slimserve.engine.sampling import make_generator
+from slimserve.engine.spec_policy import Acceptance
 from slimserve.engine.text import Decoder, IncrementalDetokenizer, StopMatcher
 from slimserve.engine.types import Event, GenerationRequest, StopReason
 
@@ -63,6 +64,7 @@ class Sequence:
         "reserved",
         "sink",
         "slot",
+        "spec",
         "state",
         "stops",
         "t_admit",
@@ -92,6 +94,8 @@ class Sequence:
         self.t_admit = self.t_first = self.t_last = 0.0
         self.prefill_ms = 0.0
         self.draft_proposed = self.draft_accepted = 0
+        #: How often its drafts are accepted (`spec_policy`; used only with a drafter).
+        self.spec = Acceptance()
 
     def expired_reason(self, now: float) -> StopReason | None:
         """Why the request must stop now, if it must: cancelled, deadline or time limit."""

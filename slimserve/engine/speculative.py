@@ -68,6 +68,9 @@ class Drafter(Protocol):
 
     #: Shown in GetModelInfo and each response's timings ("ngram", "draft-model@3").
     name: str
+    #: Proposals cost no forward pass (`spec_policy`: propose, then choose how many to
+    #: verify) rather than one per token (choose, then propose).
+    free_proposals: bool
 
     def begin(self, slot: int, prompt_ids: Sequence[int]) -> None:
         """A sequence starts in `slot` with this prompt."""
@@ -152,6 +155,7 @@ class NgramDrafter:
         if not 1 <= min_n <= max_n:
             raise ValueError(f"need 1 <= min_n <= max_n, got {min_n}, {max_n}")
         self.name = "ngram"
+        self.free_proposals = True
         self.max_n, self.min_n = max_n, min_n
         #: slot -> (n -> gram -> the position right after its latest indexed occurrence)
         self._index: dict[int, dict[int, dict[tuple[int, ...], int]]] = {}
@@ -203,6 +207,7 @@ class ModelDrafter:
     def __init__(self, backend: SpeculativeBackend, name: str) -> None:
         self.backend = backend
         self.name = name
+        self.free_proposals = False
         self._cached: dict[int, int] = {}
         #: slot -> tokens its cache holds beyond the committed ones (drafts in flight)
         self._drafted: dict[int, list[int]] = {}

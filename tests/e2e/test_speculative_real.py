@@ -69,10 +69,10 @@ def _generate(loaded: Any, n: int = 32) -> list[tuple[list[int], Any]]:
     return out
 
 
-def _config(draft: str | None) -> ModelConfig:
+def _config(draft: str | None, policy: str = "always") -> ModelConfig:
     return ModelConfig(
         device="cpu", backend="llamacpp", gguf_type="q8_0", max_batch=4, max_seq_len=512,
-        qualify=False, engine_process=False, draft=draft,
+        qualify=False, engine_process=False, draft=draft, draft_policy=policy,
     )  # fmt: skip
 
 
@@ -97,12 +97,22 @@ def test_greedy_output_with_drafts_equals_output_without_on_the_real_model(
         ngram.engine.shutdown()
     assert [ids for ids, _ in got] == want
     assert sum(f.timings.draft_proposed for _, f in got) > 0
+    # The default policy verifies only drafts that pay on this machine: the same output,
+    # from pass costs it measured before serving.
+    adaptive = load(artifact, _config("ngram", "adaptive"), plan=plan)
+    try:
+        assert [ids for ids, _ in _generate(adaptive)] == want
+        policy = adaptive.engine.policy  # type: ignore[attr-defined]
+        assert policy is not None and {1, 2, 5} <= set(policy.costs.table())
+        assert policy.steps_drafted + policy.steps_plain > 0
+    finally:
+        adaptive.engine.shutdown()
     target = load(artifact, _config(None), plan=plan)
     target.engine.shutdown()  # its backend now serves a new engine with a drafter
     engine = Engine(
         target.engine.backend,  # type: ignore[attr-defined]
         target.tokenizer,
-        EngineConfig(draft_tokens=4),
+        EngineConfig(draft_tokens=4, draft_policy="always"),
         drafter=ModelDrafter(backend, "self"),
     )
     engine.start()

@@ -12,6 +12,7 @@ import torch
 from slimserve.engine.backends import llamacpp
 from slimserve.engine.backends.llama import LlamaBackend
 from slimserve.engine.scheduler import Engine, EngineConfig
+from slimserve.engine.spec_policy import EXPLORE_EVERY, DraftPolicy, PassCosts
 from slimserve.engine.speculative import (
     DraftRequest,
     ModelDrafter,
@@ -141,8 +142,18 @@ def _ids(events: list[Any]) -> list[int]:
     return [t for ev in events for t in ev.token_ids]
 
 
-def _run(backend: Any, tokenizer: Any, drafter: Any, sampling: SamplingParams, k: int = 4) -> Any:
-    engine = Engine(backend, tokenizer, EngineConfig(draft_tokens=k), drafter=drafter)
+def _run(
+    backend: Any,
+    tokenizer: Any,
+    drafter: Any,
+    sampling: SamplingParams,
+    k: int = 4,
+    *,
+    policy: DraftPolicy | None = None,
+) -> Any:
+    mode = "always" if policy is None else "adaptive"
+    config = EngineConfig(draft_tokens=k, draft_policy=mode)
+    engine = Engine(backend, tokenizer, config, drafter=drafter, policy=policy)
     engine.start()
     try:
         return _generate(engine, tokenizer, sampling), engine.stats()
@@ -187,6 +198,61 @@ def test_greedy_output_with_a_draft_equals_output_without_on_llamacpp(
         spec, stats = _run(_cpp(target, tokenizer_dir), tokenizer, drafter, SamplingParams())
         assert [_ids(s) for s in spec] == [_ids(p) for p in plain]
         assert stats.draft_proposed > 0
+
+
+class _Fixed(PassCosts):
+    """Pass costs as a machine with this curve would measure them: the engine's own timings
+    of this tiny model are not taken (on this CPU, verifying is almost free)."""
+
+    def __init__(self, cost: Any, up_to: int = 64) -> None:
+        super().__init__()
+        for n in range(1, up_to + 1):
+            super().observe(n, cost(n))
+
+    def observe(self, n: int, seconds: float) -> None:
+        pass
+
+
+def _flat(seconds: float) -> PassCosts:
+    return _Fixed(lambda n: seconds)
+
+
+def _steep() -> PassCosts:
+    # A pass of n tokens costs n^4 ms: each token more costs more than it could bring.
+    return _Fixed(lambda n: 1e-3 * n**4)
+
+
+def test_adaptive_policy_sits_out_when_verifying_costs_more_than_it_gains(
+    target: Any, draft_model: Any, tokenizer: Any
+) -> None:
+    plain, _ = _run(_backend(target), tokenizer, None, SamplingParams())
+    # Prompt lookup proposes for free; the policy verifies none of it and learns from
+    # comparing each first guess with the token the target emits.
+    policy = DraftPolicy(_steep(), 4, free_proposals=True)
+    spec, stats = _run(_backend(target), tokenizer, NgramDrafter(), SamplingParams(), policy=policy)
+    assert [_ids(s) for s in spec] == [_ids(p) for p in plain]
+    assert stats.draft_proposed == 0 and policy.steps_drafted == 0 and policy.steps_plain > 0
+    assert policy.acceptance != 0.5  # the free checks moved it off its prior
+    # A model drafter costs a pass per token: it proposes one token only to keep its
+    # acceptance measured, every EXPLORE_EVERY idle steps.
+    policy = DraftPolicy(_steep(), 4, free_proposals=False)
+    drafter = ModelDrafter(_backend(draft_model), "other")
+    spec, stats = _run(_backend(target), tokenizer, drafter, SamplingParams(), policy=policy)
+    assert [_ids(s) for s in spec] == [_ids(p) for p in plain]
+    explored = stats.steps // EXPLORE_EVERY + 1
+    assert 0 < policy.steps_drafted <= explored
+    assert 0 < stats.draft_proposed <= 4 * explored  # one token for each of <= 4 slots
+
+
+def test_adaptive_policy_drafts_when_verifying_is_cheap(target: Any, tokenizer: Any) -> None:
+    plain, _ = _run(_backend(target), tokenizer, None, SamplingParams())
+    policy = DraftPolicy(_flat(1e-9), 4, free_proposals=False)
+    # The target drafting for itself: every draft is accepted, so drafting keeps paying.
+    drafter = ModelDrafter(_backend(target), "same")
+    spec, stats = _run(_backend(target), tokenizer, drafter, SamplingParams(), policy=policy)
+    assert [_ids(s) for s in spec] == [_ids(p) for p in plain]
+    assert stats.draft_proposed > 0 and stats.draft_accepted == stats.draft_proposed
+    assert policy.steps_drafted > 0 and policy.acceptance > 0.9
 
 
 def test_sampled_requests_run_with_a_draft_and_are_reproducible(

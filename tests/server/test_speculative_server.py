@@ -42,7 +42,9 @@ def test_a_draft_model_serves_the_same_tokens_and_reports_its_acceptance(
     registry: Path, tiny_server: Any
 ) -> None:
     plain = _outputs(tiny_server.target)
-    server = ServerThread(tiny_server_config(registry, draft="drafty@1", draft_tokens=3)).start()
+    server = ServerThread(
+        tiny_server_config(registry, draft="drafty@1", draft_tokens=3, draft_policy="always")
+    ).start()
     try:
         spec = _outputs(server.target)
         with Client(server.target, retries=0) as c:
