@@ -112,7 +112,7 @@ class Bench:
     #: `serve --draft-tokens`: tokens drafted per verification step.
     draft_tokens: int = 4
     #: `serve --kv-layout` of slimserve, slimserve_draft and the engine.
-    kv_layout: str = "unified"
+    kv_layout: str = "auto"
     samples: list[Sample] = field(default_factory=list)
 
     @property
@@ -803,7 +803,7 @@ def report_lines(report: dict[str, Any]) -> list[str]:
         lines.append(
             f"Every system holds {env['stream_tokens']} tokens of KV cache per stream "
             "(llama.cpp: a context split per sequence; slimserve: --max-seq-len, KV layout "
-            f"{env.get('kv_layout', 'unified')})."
+            f"{env.get('kv_layout', 'auto')})."
         )
     lines += ["", markdown(report["results"]), ""]
     lines += ipc_overhead(report["results"])

@@ -81,7 +81,7 @@ def run_step_profile(
     concurrency: list[int],
     new_tokens: int,
     draft: str | None = None,
-    kv_layout: str = "unified",
+    kv_layout: str = "auto",
     max_seq_len: int = 0,
 ) -> int:
     """Print the table (see module docstring); returns the exit code."""
@@ -124,8 +124,31 @@ def run_step_profile(
                     f"| {label} | {c} | {f['tok_s']:.1f} | {f['steps']:.0f} | {f['step_ms']:.2f}"
                     f" | {phases} | {f['acceptance']:.0%} |"
                 )
+        if "draft" in systems:
+            print_policy(systems["draft"].engine)
     finally:
         for loaded in systems.values():
             loaded.engine.shutdown()
     print("other = step ms minus the phases: admission, expiry checks, the loop itself")
     return 0
+
+
+def print_policy(engine: Any) -> None:
+    """What the draft policy measured: the pass costs, and the acceptance a draft of k
+    tokens needs on them to pay at batch 1 and at 16 (`spec_policy.break_even`)."""
+    from slimserve.engine.spec_policy import break_even
+
+    policy = getattr(engine, "policy", None)
+    if policy is None:
+        return
+    costs = policy.costs
+    print(f"forward pass by tokens in it: {costs.describe()}")
+    for batch in (1, 16):
+        needs = ", ".join(
+            f"k={k}: {break_even(costs, k, batch):.2f}" for k in range(1, policy.max_tokens + 1)
+        )
+        print(f"acceptance a draft needs to pay at batch {batch} (free drafts): {needs}")
+    print(
+        f"adaptive policy: {policy.steps_drafted} steps drafted, {policy.steps_plain} plain; "
+        f"acceptance {policy.acceptance:.2f}"
+    )

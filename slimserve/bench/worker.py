@@ -128,7 +128,7 @@ class InProcessEngine:
         *,
         process: bool = False,
         max_seq_len: int = 1024,
-        kv_layout: str = "unified",
+        kv_layout: str = "auto",
     ) -> None:
         from slimserve.engine.config import ModelConfig
         from slimserve.engine.loader import load
@@ -331,7 +331,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--backend", default="auto", help="engine: slimserve's serving backend")
     p.add_argument("--gguf-type", default="auto", help="engine: llama.cpp backend weights")
     p.add_argument("--stream-tokens", type=int, default=256, help="cache cells per stream")
-    p.add_argument("--kv-layout", default="unified", help="engine: serve --kv-layout")
+    p.add_argument("--kv-layout", default="auto", help="engine: serve --kv-layout")
     args = p.parse_args(argv)
     import torch
 

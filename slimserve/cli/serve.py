@@ -180,8 +180,8 @@ def add_parser(sub: Any) -> None:
     kv_layout_arg(
         p,
         "llama.cpp's KV cache: one pool every stream draws on (unified), or max-seq-len "
-        "held per stream (split: faster while the running slots are consecutive, e.g. a "
-        "burst that starts and ends together; slower with gaps between them)",
+        "held per stream (split: a step reads only each stream's cells; the engine keeps "
+        "the running slots consecutive); auto: split when that fits --kv-cache-mb",
     )
     p.add_argument("--max-queue", type=positive_int, default=64, help="waiting requests at most")
     p.add_argument(

@@ -12,8 +12,9 @@ GgufWeights = Literal["auto", "q8_0", "q4_1", "f16", "f32"]
 Dtype = Literal["auto", "float32", "bfloat16", "float16"]
 #: `ModelConfig.draft` for the model-free prompt-lookup drafter.
 NGRAM = "ngram"
-#: `ModelConfig.kv_layout`: how a llama.cpp backend lays out its KV cache.
-KV_LAYOUTS = ("unified", "split")
+#: `ModelConfig.kv_layout`: how a llama.cpp backend lays out its KV cache ("auto": split
+#: when a context of max_seq_len per stream fits the KV budget, else unified).
+KV_LAYOUTS = ("auto", "unified", "split")
 #: `kv_cache_mb = 0`: the budget contexts are sized by, and the most a llama.cpp pool takes
 #: (at SmolLM2-135M's 23 KB of float16 K and V a token: ~11,600 tokens shared by all streams).
 AUTO_KV_CACHE_MB = 1024
@@ -51,11 +52,11 @@ class ModelConfig:
     #: hold its prompt and max_new_tokens). 0 = auto: contexts sized as for 1024 MiB of
     #: per-slot cache, and a llama.cpp pool of at most `AUTO_KV_POOL_MB`.
     kv_cache_mb: int = 0
-    #: How llama.cpp lays out the KV cache (`KV_LAYOUTS`): "unified", the
-    #: pool above; "split", max_seq_len cells held for each sequence: faster while the
-    #: running slots are consecutive (streams that start and end together), slower when
-    #: they are not.
-    kv_layout: str = "unified"
+    #: How llama.cpp lays out the KV cache (`KV_LAYOUTS`): "unified", the pool above;
+    #: "split", max_seq_len cells held for each sequence (and each Score row), whose decode
+    #: step reads only each stream's own cells: faster, the engine keeping the running
+    #: slots consecutive; "auto", split when that fits the budget above, else unified.
+    kv_layout: str = "auto"
     #: Requests waiting for a slot beyond this get RESOURCE_EXHAUSTED.
     max_queue: int = 64
     #: Tokens of Score work between two decode steps (how long streams wait for a Score).

@@ -172,6 +172,7 @@ def stats_to_wire(s: EngineStats) -> dict[str, Any]:
         "finished": dict(s.finished),
         "draft_proposed": s.draft_proposed,
         "draft_accepted": s.draft_accepted,
+        "slot_moves": s.slot_moves,
         "phase_s": dict(s.phase_s),
     }
 

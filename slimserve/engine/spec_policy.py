@@ -117,6 +117,24 @@ def expected_tokens(alpha: float, k: int) -> float:
     return (1.0 - alpha ** (k + 1)) / (1.0 - alpha)
 
 
+def break_even(costs: PassCosts, k: int, batch: int = 1, draft_s: float = 0.0) -> float:
+    """The acceptance at which verifying k drafts per sequence (each drafted at `draft_s`
+    seconds a position) emits tokens as fast as a plain step: above it drafting pays.
+    1.0 when not even certain drafts pay."""
+    plain = batch / costs.cost(batch)
+    seconds = costs.cost(batch * (k + 1)) + draft_s * k
+    if batch * (k + 1) / seconds <= plain:
+        return 1.0
+    lo, hi = 0.0, 1.0
+    for _ in range(40):  # bisection: expected tokens grow with acceptance
+        mid = (lo + hi) / 2
+        if batch * expected_tokens(mid, k) / seconds > plain:
+            hi = mid
+        else:
+            lo = mid
+    return hi
+
+
 class Acceptance:
     """Draft positions accepted and tried, for one sequence."""
 

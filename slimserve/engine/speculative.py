@@ -89,6 +89,13 @@ class Drafter(Protocol):
         """The sequence in `slot` ended."""
         ...
 
+    #: Whether `move` works (the engine keeps slots packed only if it does).
+    can_move: bool
+
+    def move(self, src: int, dst: int) -> None:
+        """The sequence in `src` now runs in the free slot `dst`."""
+        ...
+
 
 # ---- the acceptance rule ---------------------------------------------------------------
 
@@ -156,6 +163,7 @@ class NgramDrafter:
             raise ValueError(f"need 1 <= min_n <= max_n, got {min_n}, {max_n}")
         self.name = "ngram"
         self.free_proposals = True
+        self.can_move = True
         self.max_n, self.min_n = max_n, min_n
         #: slot -> (n -> gram -> the position right after its latest indexed occurrence)
         self._index: dict[int, dict[int, dict[tuple[int, ...], int]]] = {}
@@ -196,6 +204,11 @@ class NgramDrafter:
         self._index.pop(slot, None)
         self._done.pop(slot, None)
 
+    def move(self, src: int, dst: int) -> None:
+        if src in self._index:
+            self._index[dst] = self._index.pop(src)
+            self._done[dst] = self._done.pop(src)
+
 
 class ModelDrafter:
     """A draft model in its own backend, one slot per target slot (see module docstring).
@@ -208,6 +221,7 @@ class ModelDrafter:
         self.backend = backend
         self.name = name
         self.free_proposals = False
+        self.can_move = callable(getattr(backend, "move", None))
         self._cached: dict[int, int] = {}
         #: slot -> tokens its cache holds beyond the committed ones (drafts in flight)
         self._drafted: dict[int, list[int]] = {}
@@ -276,6 +290,13 @@ class ModelDrafter:
         self._cached.pop(slot, None)
         self._drafted.pop(slot, None)
         self.backend.release(slot)
+
+    def move(self, src: int, dst: int) -> None:
+        cached = self._cached.pop(src)
+        if cached:  # a one-token prompt's draft cache fills on its first proposal
+            self.backend.move(src, dst)  # type: ignore[attr-defined]
+        self._cached[dst] = cached
+        self._drafted[dst] = self._drafted.pop(src, [])
 
 
 def _draw(

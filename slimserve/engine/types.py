@@ -111,16 +111,19 @@ class EngineStats:
     #: Draft tokens proposed and accepted over the engine's life (speculative decoding).
     draft_proposed: int = 0
     draft_accepted: int = 0
+    #: Running sequences moved down into a freed slot (a cache split per sequence).
+    slot_moves: int = 0
     #: Seconds the worker spent in each phase of its decode steps, summed (`PHASES`).
     phase_s: dict[str, float] = field(default_factory=dict)
 
 
 #: Where the worker's time goes: prefilling the requests just admitted (with their first
-#: token), then a decode step's phases: proposing drafts, the model's forward pass,
+#: token), moving running sequences down into freed slots (a cache split per sequence),
+#: then a decode step's phases: proposing drafts, the model's forward pass,
 #: choosing tokens (argmax, sampling, the acceptance rule), emitting them (detokenization,
 #: stop checks, events) and flushing the step's events to their consumers (the engine
 #: process's pipe).
-PHASES = ("prefill", "draft", "forward", "pick", "emit", "flush")
+PHASES = ("prefill", "compact", "draft", "forward", "pick", "emit", "flush")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -18,8 +18,8 @@ def test_step_profile_prints_every_phase_for_each_system(
     assert rc == 0
     out = capsys.readouterr().out
     head = (
-        "| system | conc | tok/s | steps | step ms | prefill | draft | forward | pick | emit "
-        "| flush |"
+        "| system | conc | tok/s | steps | step ms | prefill | compact | draft | forward | pick "
+        "| emit | flush |"
     )
     assert head in out
     rows = [line for line in out.splitlines() if line.startswith(("| plain", "| draft"))]
@@ -27,5 +27,9 @@ def test_step_profile_prints_every_phase_for_each_system(
         [" plain ", " 1 "], [" draft ", " 1 "], [" plain ", " 2 "], [" draft ", " 2 "]
     ]  # fmt: skip
     for row in rows:
-        prefill, forward = float(row.split("|")[6]), float(row.split("|")[8])
+        prefill, forward = float(row.split("|")[6]), float(row.split("|")[9])
         assert forward > 0 and prefill > 0  # every step ran the model, every run a prefill
+    # The draft policy's measured pass costs and what a draft must reach to pay on them.
+    assert "forward pass by tokens in it: 1:" in out
+    assert "acceptance a draft needs to pay at batch 1 (free drafts): k=1: " in out
+    assert "adaptive policy: " in out

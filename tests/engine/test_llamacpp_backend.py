@@ -32,11 +32,12 @@ def pair(tmp_path_factory: pytest.TempPathFactory) -> tuple[LlamaBackend, llamac
 def _backends(
     model: Any, tokenizer_dir: Path, slots: int
 ) -> tuple[LlamaBackend, llamacpp.LlamaCppBackend]:
-    """The torch reference and llama.cpp (f32) over the same weights, 64-token slots."""
+    """The torch reference and llama.cpp (f32, one pool of cells) over the same weights,
+    64-token slots."""
     ref = LlamaBackend.from_model(model, max_slots=slots, max_seq_len=64, pack_weights=False)
     cpp = llamacpp.LlamaCppBackend(
         model.config, model.state_dict(), tokenizer_dir / "tokenizer.json",
-        max_slots=slots, max_seq_len=64, threads=1, weight_type="f32",
+        max_slots=slots, max_seq_len=64, threads=1, weight_type="f32", kv_layout="unified",
     )  # fmt: skip
     return ref, cpp
 
@@ -176,6 +177,51 @@ def test_the_split_layout_serves_alike(
     )  # fmt: skip
     with pytest.raises(ValueError, match="kv_layout"):
         build("paged", None)
+    # auto: split while (3 slots + the Score rows) x 64 cells fit the budget, else the pool
+    per_token = (
+        2
+        * model.config.num_hidden_layers
+        * model.config.num_key_value_heads
+        * (model.config.hidden_size // model.config.num_attention_heads)
+        * 4
+    )
+    cells = (3 + llamacpp.SCORE_ROWS) * 64
+    assert build("auto", cells * per_token).kv_layout == "split"
+    assert build("auto", cells * per_token - 1).kv_layout == "unified"
+
+
+@pytest.mark.parametrize("layout", ["split", "unified"])
+def test_a_moved_sequence_decodes_as_if_it_had_never_moved(
+    pair: tuple[LlamaBackend, llamacpp.LlamaCppBackend], tmp_path: Path, layout: str
+) -> None:
+    ref, _ = pair
+    tok = tiny_tokenizer()
+    tok.save_pretrained(tmp_path)
+    model = tiny_model(len(tok), seed=3)  # the pair's weights
+    cpp = llamacpp.LlamaCppBackend(
+        model.config, model.state_dict(), tmp_path / "tokenizer.json", max_slots=3,
+        max_seq_len=64, threads=1, weight_type="f32", kv_layout=layout,
+    )  # fmt: skip
+    assert cpp.packed_slots == (layout == "split")
+    v = ref.vocab_size
+    a, b = _ids(7, 60, v), _ids(11, 61, v)
+    cpp.prefill_batch([0, 2], [a, b])
+    cpp.decode([0, 2], [3, 4])
+    cpp.release(0)
+    cpp.move(2, 0)  # b's cache: from slot 2 to slot 0
+    cpp.prefill(2, a)  # slot 2 reused at once, in the same pass as the copy
+    got = torch.stack([cpp.decode([0, 2], [t, t])[0].clone() for t in (5, 6, 7)])
+    ref.prefill(0, b)
+    ref.decode([0], [4])
+    want = [ref.decode([0], [t])[0].clone() for t in (5, 6, 7)]
+    ref.release(0)
+    torch.testing.assert_close(got, torch.stack(want), atol=ATOL, rtol=0)
+    with pytest.raises(ValueError, match="cannot move"):
+        cpp.move(1, 0)  # from a free slot
+    with pytest.raises(ValueError, match="cannot move"):
+        cpp.move(2, 0)  # onto a full one
+    for s in (0, 2):
+        cpp.release(s)
 
 
 def test_bad_calls_are_refused(pair: tuple[LlamaBackend, llamacpp.LlamaCppBackend]) -> None:

@@ -372,3 +372,60 @@ def test_a_burst_is_prefilled_together_and_a_bad_prompt_fails_alone(
     finally:
         eng.shutdown()
         backend.close()
+
+
+@pytest.mark.skipif(not llamacpp.available(), reason="llama-cpp-python not installed")
+@pytest.mark.parametrize("drafted", [False, True], ids=["plain", "ngram"])
+def test_a_split_cache_keeps_running_slots_packed_and_output_unchanged(
+    model: Any, tokenizer: Any, tmp_path: Any, drafted: bool
+) -> None:
+    """Streams that end out of order free slots below running ones; the engine moves the
+    highest stream down, so every step runs slots 0..n-1 (one pass of a split cache), and
+    each stream's greedy output is what it gives alone."""
+    from slimserve.engine.speculative import NgramDrafter
+
+    tokenizer.save_pretrained(tmp_path)
+
+    def backend(slots: int) -> llamacpp.LlamaCppBackend:
+        return llamacpp.LlamaCppBackend(
+            model.config, model.state_dict(), tmp_path / "tokenizer.json",
+            max_slots=slots, max_seq_len=64, threads=1, weight_type="f32", kv_layout="split",
+        )  # fmt: skip
+
+    prompts = ["the quick brown", "café naïve", "hello world, hello", "def main():"]
+    lengths = [20, 4, 9, 14]  # slot 1 ends first, then slot 2 (or whoever moved there)
+    pairs = enumerate(zip(prompts, lengths, strict=True))
+    reqs = [request(tokenizer, p, n, rid=str(i)) for i, (p, n) in pairs]
+    alone = make_engine(model, tokenizer, slots=1, backend=backend(1))
+    try:
+        expected = [generated_ids(run_one(alone, r)) for r in reqs]
+    finally:
+        alone.shutdown()
+    packed = backend(4)
+    steps: list[list[int]] = []
+    real = packed.decode_view if not drafted else packed.extend
+
+    def recorded(slots: list[int], tokens: list[Any]) -> Any:
+        steps.append(list(slots))
+        return real(slots, tokens)
+
+    if drafted:
+        packed.extend = recorded  # type: ignore[method-assign]
+    else:
+        packed.decode_view = recorded  # type: ignore[method-assign]
+    config = EngineConfig(max_queue=8, draft_policy="always")
+    eng = Engine(packed, tokenizer, config, drafter=NgramDrafter() if drafted else None)
+    collectors = [Collector() for _ in reqs]
+    for r, c in zip(reqs, collectors, strict=True):
+        eng.submit(r, c)  # queued before the worker starts: admitted together
+    eng.start()
+    try:
+        got = [generated_ids(c.wait()) for c in collectors]
+        stats = eng.stats()
+    finally:
+        eng.shutdown()
+        packed.close()
+    assert got == expected
+    assert stats.slot_moves >= 1 and stats.phase_s["compact"] > 0
+    assert all(sorted(s) == list(range(len(s))) for s in steps), steps
+    assert any(len(s) < 4 for s in steps)  # streams did end while others ran

@@ -12,6 +12,7 @@ from slimserve.engine.spec_policy import (
     Acceptance,
     DraftPolicy,
     PassCosts,
+    break_even,
     expected_tokens,
     probe,
     probe_sizes,
@@ -102,3 +103,14 @@ def test_probe_times_each_size_and_sizes_fit_a_slot() -> None:
     assert seen == [1, 1, 2, 2, 5, 5] and sorted(costs.table()) == [1, 2, 5]
     assert probe_sizes(4, 16, 4096) == [1, 2, 3, 4, 5, 10, 16, 80]
     assert probe_sizes(4, 16, 32) == [1, 2, 3, 4, 5, 10, 16]
+
+
+def test_break_even_acceptance_on_measured_curves() -> None:
+    zen5 = _costs(ZEN5_Q8)
+    # Two tokens cost 2.5 plain steps: not even a certain draft of one pays.
+    assert break_even(zen5, 1) == 1.0
+    k4 = break_even(zen5, 4)  # five tokens for 3.8 plain steps: nearly certain drafts
+    assert 0.85 < k4 < 0.9
+    assert expected_tokens(k4, 4) * ZEN5_Q8[1] == pytest.approx(ZEN5_Q8[5], rel=1e-6)
+    flat = _costs({1: 8.0, 5: 8.0})
+    assert break_even(flat, 4) == pytest.approx(0.0, abs=1e-6)  # free verify: anything pays

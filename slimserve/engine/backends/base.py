@@ -223,6 +223,25 @@ class BatchingBackend(Backend, Protocol):
         ...
 
 
+class PackingBackend(Backend, Protocol):
+    """A backend that runs consecutive slots fastest (llama.cpp's cache split per sequence)
+    and can move a sequence to another slot, so the engine keeps running slots packed."""
+
+    #: Whether the engine should keep the running slots consecutive (from 0).
+    packed_slots: bool
+
+    def move(self, src: int, dst: int) -> None:
+        """Move the sequence cached in `src` to the free slot `dst`; `src` is then free."""
+        ...
+
+
+def wants_packing(backend: object) -> bool:
+    """Whether `backend` asks for packed slots and can move sequences (`PackingBackend`)."""
+    return bool(getattr(backend, "packed_slots", False)) and callable(
+        getattr(backend, "move", None)
+    )
+
+
 class SpeculativeBackend(Backend, Protocol):
     """A backend that can verify drafts: several tokens into a slot at once, and back."""
 

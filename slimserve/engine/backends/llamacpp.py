@@ -78,7 +78,7 @@ class LlamaCppBackend:
         weight_type: GgufType = "q8_0",
         extra_buffers: bool = True,
         kv_pool_bytes: int | None = None,
-        kv_layout: str = "unified",
+        kv_layout: str = "auto",
     ) -> None:
         """Convert the weights, load them into llama.cpp and allocate the KV cache.
 
@@ -93,10 +93,11 @@ class LlamaCppBackend:
         `kv_layout` (`KV_LAYOUTS`): "unified", one pool of cells every sequence draws on;
         "split", a fixed max_seq_len of cells per sequence (llama.cpp's per-sequence
         streams), holding (max_slots + SCORE_ROWS) x max_seq_len cells whatever
-        `kv_pool_bytes` says. Split decodes a run of consecutive slots in one pass, faster
-        than the pool, but each break in the run costs another pass (16 streams: 25.1 ms
-        a step split, 27.4 unified; 15 with slot 5 free: 49.9 split, 36.1 unified;
-        SmolLM2 q8_0, AMD EPYC, 2 threads).
+        `kv_pool_bytes` says; "auto", split when those cells fit `kv_pool_bytes`, else
+        unified. Split decodes a run of consecutive slots in one pass, faster than the
+        pool, but each break in the run costs another pass (16 streams: 25.1 ms a step
+        split, 27.4 unified; 15 with slot 5 free: 49.9 split, 36.1 unified; SmolLM2 q8_0,
+        AMD EPYC, 2 threads), so the engine keeps the run unbroken (`move`).
         """
         import llama_cpp as lc
 
@@ -155,6 +156,10 @@ class LlamaCppBackend:
         per_token = 2 * self._n_layers * self._kv_dim * self._kv_bytes
         if layout not in KV_LAYOUTS:
             raise ValueError(f"kv_layout={layout!r} is not one of {', '.join(KV_LAYOUTS)}")
+        if layout == "auto":
+            split_bytes = self._n_seqs * max_seq_len * per_token
+            layout = "split" if pool_bytes is None or split_bytes <= pool_bytes else "unified"
+        #: "unified" or "split" (what "auto" chose).
         self.kv_layout = layout
         if self.kv_layout == "unified":
             # One pool of cache cells shared by every sequence: max_seq_len per slot, plus
@@ -308,6 +313,24 @@ class LlamaCppBackend:
         self._check_slot(slot)
         self.lc.llama_memory_seq_rm(self._mem, slot, -1, -1)
         self._lengths[slot] = 0
+
+    @property
+    def packed_slots(self) -> bool:
+        """Split: a step over consecutive slots is one pass, each break in the run another."""
+        return self.kv_layout == "split"
+
+    def move(self, src: int, dst: int) -> None:
+        """`PackingBackend.move`. Split: llama.cpp copies `src`'s whole stream into `dst`'s
+        at the start of the next pass (`llama_memory_seq_cp` across streams); unified: the
+        cells change owner, no copy."""
+        self._check_slot(src)
+        self._check_slot(dst)
+        if src == dst or not self._lengths[src] or self._lengths[dst]:
+            raise ValueError(f"cannot move slot {src} to {dst}: need a full slot and a free one")
+        self.lc.llama_memory_seq_rm(self._mem, dst, -1, -1)
+        self.lc.llama_memory_seq_cp(self._mem, src, dst, -1, -1)
+        self.lc.llama_memory_seq_rm(self._mem, src, -1, -1)
+        self._lengths[dst], self._lengths[src] = self._lengths[src], 0
 
     def score(self, prompt_ids: list[int], continuations: list[list[int]]) -> list[float]:
         return self.score_batch([(prompt_ids, continuations)])[0]
