@@ -29,7 +29,13 @@ from slimserve.engine.errors import InvalidRequest, NotReady, Overloaded
 from slimserve.engine.sampling import greedy_rows, select, token_logprob
 from slimserve.engine.scoring import ScoreQueue
 from slimserve.engine.sequence import Handle, ScoreJob, SeqState, Sequence
-from slimserve.engine.spec_policy import DRAFT_POLICIES, DraftPolicy, probe, probe_sizes
+from slimserve.engine.spec_policy import (
+    DRAFT_POLICIES,
+    DraftPolicy,
+    one_pass,
+    probe,
+    probe_sizes,
+)
 from slimserve.engine.speculative import NO_PROPOSAL, Drafter, DraftRequest, Proposal, accept
 from slimserve.engine.text import Decoder
 from slimserve.engine.types import (
@@ -505,7 +511,7 @@ class Engine:
             return
         t2 = time.perf_counter()
         if self._policy is not None:
-            self._policy.costs.observe(len(batch), t2 - t1)
+            self._policy.observe_step([1] * len(batch), t2 - t1)
         with self._cond:
             self._stats.steps += 1
         picks: list[int] | list[None] = [None] * len(batch)
@@ -595,7 +601,8 @@ class Engine:
         assert self.drafter is not None
         free = bool(getattr(self.drafter, "free_proposals", False))
         log.info("forward pass by tokens in it (%s): %s", backend.name, costs.describe())
-        return DraftPolicy(costs, k, free_proposals=free)
+        passes = getattr(backend, "passes", None) or one_pass
+        return DraftPolicy(costs, k, free_proposals=free, passes=passes)
 
     def _verify_step(self, batch: list[Sequence], proposals: list[Proposal]) -> None:
         """Run each sequence's last token and its draft through the target in one pass and
@@ -638,7 +645,7 @@ class Engine:
             accepted += len(emitted) - 1
             kept.append((seq, emitted, logits))
         if self._policy is not None:
-            self._policy.costs.observe(sum(len(x) for x in inputs), t1 - t0)
+            self._policy.observe_step([len(x) for x in inputs], t1 - t0)
         with self._cond:
             self._stats.steps += 1
             self._stats.draft_proposed += proposed

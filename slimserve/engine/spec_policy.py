@@ -13,11 +13,13 @@ machine loses on another, so the engine asks this module each step (`DraftPolicy
   Bernoulli trial, pooled with an engine-wide prior (`Acceptance`).
 - The cap k on draft tokens per sequence that maximizes expected tokens per second,
 
-      sum_i E(a_i, min(k, L_i)) / (C(sum_i 1 + min(k, L_i)) + D(k)),
+      sum_i E(a_i, min(k, L_i)) / (C(1 + min(k, L_1), ...) + D(k)),
 
   E(a, k) = 1 + a + ... + a^k (the emitted tokens: accepted drafts and the target's own),
-  C the pass cost, D the drafter's own time, and L_i the draft room of sequence i (its
-  proposal, for a drafter whose proposals cost nothing). k = 0 is a plain decode step.
+  C the step's cost (the sum of its passes': a cache split per sequence runs unequal
+  token counts in several passes, `Passes`), D the drafter's own time, and L_i the draft
+  room of sequence i (its proposal, for a drafter whose proposals cost nothing). k = 0 is
+  a plain decode step.
 - Steps a drafter sits out still teach the policy: a free drafter's first proposed token is
   compared with the token the target emits (`Acceptance.check`); a model drafter proposes
   one token after `EXPLORE_EVERY` idle steps.
@@ -30,6 +32,16 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
+
+#: Tokens of each forward pass a step over these per-slot token counts (in slot order)
+#: takes: one pass of their sum, unless the backend says otherwise (llama.cpp's split
+#: cache: `LlamaCppBackend.passes`).
+Passes = Callable[[list[int]], list[int]]
+
+
+def one_pass(counts: list[int]) -> list[int]:
+    return [sum(counts)]
+
 
 #: `draft_policy`: "adaptive" verifies as many draft tokens as pay (this module); "always"
 #: verifies every draft token proposed, up to `draft_tokens`.
@@ -151,8 +163,15 @@ class Acceptance:
 class DraftPolicy:
     """Chooses each step's draft cap (module docstring)."""
 
-    def __init__(self, costs: PassCosts, max_tokens: int, free_proposals: bool) -> None:
+    def __init__(
+        self,
+        costs: PassCosts,
+        max_tokens: int,
+        free_proposals: bool,
+        passes: Passes = one_pass,
+    ) -> None:
         self.costs = costs
+        self.passes = passes
         self.max_tokens = max_tokens
         #: Proposals cost nothing (prompt lookup): propose first, then choose how many of
         #: them to verify; else choose first, and pay the drafter for what it proposes.
@@ -162,6 +181,16 @@ class DraftPolicy:
         self._idle = 0
         self.steps_drafted = 0
         self.steps_plain = 0
+
+    def step_cost(self, counts: list[int]) -> float:
+        """Seconds of a step feeding these token counts (slot order): its passes' costs."""
+        return sum(self.costs.cost(n) for n in self.passes(counts))
+
+    def observe_step(self, counts: list[int], seconds: float) -> None:
+        """A step's time, taken as a pass cost when it was one pass."""
+        passes = self.passes(counts)
+        if len(passes) == 1:
+            self.costs.observe(passes[0], seconds)
 
     @property
     def acceptance(self) -> float:
@@ -199,11 +228,11 @@ class DraftPolicy:
         """The draft cap for a step over these sequences (room: the most each may take)."""
         b = len(rooms)
         top = min(self.max_tokens, max(rooms, default=0))
-        best_k, best = 0, b / self.costs.cost(b)
+        best_k, best = 0, b / self.step_cost([1] * b)
         for k in range(1, top + 1):
             ks = [min(k, r) for r in rooms]
             tokens = sum(expected_tokens(a, x) for a, x in zip(alphas, ks, strict=True))
-            seconds = self.costs.cost(b + sum(ks))
+            seconds = self.step_cost([1 + x for x in ks])
             if not self.free_proposals:
                 seconds += self._draft_s * k
             if tokens / seconds > best:

@@ -375,3 +375,15 @@ def test_prompt_logprobs_match_the_torch_backend_and_its_scores(
     # The same figures a Score gives: the continuation's sum is the sum of its tokens.
     (total,) = ref.score(prompt[:5], [prompt[5:]])
     assert total == pytest.approx(sum(lp.logprob for lp in want[4:]), abs=1e-3)
+
+
+def test_split_passes_follow_llamacpps_equal_split() -> None:
+    split = llamacpp.split_passes
+    assert split([1] * 16, 512) == [16]  # a plain step: one pass
+    assert split([5] * 16, 512) == [80]  # equal drafts: one pass
+    # Drafts for slots 0 and 1 only: one token from all 16, then the run of two.
+    assert split([5, 5] + [1] * 14, 512) == [16, 8]
+    # A slot without drafts between two with: the run breaks, a pass each.
+    assert split([3, 1, 3, 1], 512) == [4, 2, 2]
+    assert split([100] * 8, 512) == [512, 288]  # at most a ubatch a pass
+    assert split([], 512) == []

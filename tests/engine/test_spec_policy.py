@@ -114,3 +114,17 @@ def test_break_even_acceptance_on_measured_curves() -> None:
     assert expected_tokens(k4, 4) * ZEN5_Q8[1] == pytest.approx(ZEN5_Q8[5], rel=1e-6)
     flat = _costs({1: 8.0, 5: 8.0})
     assert break_even(flat, 4) == pytest.approx(0.0, abs=1e-6)  # free verify: anything pays
+
+
+def test_a_step_that_takes_several_passes_costs_them_all() -> None:
+    def two_runs(counts: list[int]) -> list[int]:  # one pass per distinct count, say
+        return [counts.count(c) * c for c in sorted(set(counts))]
+
+    one = DraftPolicy(_costs(ZEN5_Q8), 4, free_proposals=True)
+    many = DraftPolicy(_costs(ZEN5_Q8), 4, free_proposals=True, passes=two_runs)
+    assert one.step_cost([2, 2]) == pytest.approx(ZEN5_Q8[4] / 1e3)
+    assert many.step_cost([1, 5]) == pytest.approx((ZEN5_Q8[1] + ZEN5_Q8[5]) / 1e3)
+    many.observe_step([1, 5], 1.0)  # two passes: not one pass's cost
+    assert many.costs.cost(6) == one.costs.cost(6)
+    many.observe_step([3, 3], 0.050)  # one pass of 6
+    assert many.costs.table()[6] == 0.050

@@ -49,6 +49,7 @@ log = logging.getLogger(__name__)
 #: Sequence ids reserved for Score rows, run together in one llama_decode call.
 SCORE_ROWS = 8
 _BATCH_TOKENS = 4096
+_UBATCH_TOKENS = 512
 #: Cache cells reserved for Score rows (at least max_seq_len, so any one row fits).
 _SCORE_CELLS = 1024
 
@@ -137,7 +138,7 @@ class LlamaCppBackend:
         self._kv_bytes = 4 if weight_type == "f32" else 2
         self._lay_out_cache(ctx, kv_layout, kv_pool_bytes)
         ctx.n_batch = _BATCH_TOKENS
-        ctx.n_ubatch = 512
+        ctx.n_ubatch = _UBATCH_TOKENS
         ctx.n_threads = ctx.n_threads_batch = threads
         ctx.no_perf = True
         ctx.type_k = ctx.type_v = lc.GGML_TYPE_F32 if self._kv_bytes == 4 else lc.GGML_TYPE_F16
@@ -314,6 +315,16 @@ class LlamaCppBackend:
         self.lc.llama_memory_seq_rm(self._mem, slot, -1, -1)
         self._lengths[slot] = 0
 
+    def passes(self, counts: list[int]) -> list[int]:
+        """Tokens of each pass llama.cpp runs for a step feeding `counts` tokens to
+        consecutive slots (in slot order): the pool cuts the batch in ubatches; a split
+        cache takes equal counts from a run of consecutive slots per pass
+        (`split_passes`), so unequal counts cost several passes."""
+        if self.kv_layout == "split":
+            return split_passes(counts, _UBATCH_TOKENS)
+        total = sum(counts)
+        return [min(_UBATCH_TOKENS, total - at) for at in range(0, total, _UBATCH_TOKENS)]
+
     @property
     def packed_slots(self) -> bool:
         """Split: a step over consecutive slots is one pass, each break in the run another."""
@@ -460,6 +471,27 @@ def pool_cells(max_slots: int, max_seq_len: int, per_token: int, pool_bytes: int
             f"sequence of {max_seq_len}; raise --kv-cache-mb or lower --max-seq-len"
         )
     return cells
+
+
+def split_passes(counts: list[int], ubatch: int) -> list[int]:
+    """Tokens in each pass of llama.cpp's split cache (`llama_batch_allocr::split_equal`,
+    sequential) over per-slot token counts of consecutive slots: each pass takes the same
+    number of tokens from every slot of the first unbroken run of slots that have some
+    left, at most `ubatch` tokens in all. Hand-written: llama.cpp exposes no dry run."""
+    left = list(counts)
+    out: list[int] = []
+    while True:
+        i = next((j for j, n in enumerate(left) if n > 0), None)
+        if i is None:
+            return out
+        j = i
+        while j + 1 < len(left) and left[j + 1] > 0:
+            j += 1
+        width = j - i + 1
+        take = max(1, min(*left[i : j + 1], ubatch // width))
+        for s in range(i, j + 1):
+            left[s] -= take
+        out.append(width * take)
 
 
 def fill_batch(batch: Any, entries: list[tuple[int, int, int, bool]], capacity: int) -> None:
