@@ -159,12 +159,8 @@ class Engine(SpeculativeSteps):
         #: request is admitted only while the pool can hold all it may grow to.
         self._pool: int | None = getattr(backend, "kv_pool_tokens", None)
         #: Keep the running slots consecutive from 0 (`_compact`), where the backend asks.
-        self._packing = wants_packing(backend) and (
-            drafter is None or bool(getattr(drafter, "can_move", False))
-        )
+        self._packing = wants_packing(backend) and (drafter is None or drafter.can_move)
         self._reserved = 0
-        #: Sequences moved to a lower slot (`_compact`).
-        self._moves = 0
         self._stats = EngineStats(free_slots=backend.max_slots)
         #: Seconds per decode-step phase (worker thread only; `stats` copies it).
         self._phase = dict.fromkeys(PHASES, 0.0)
@@ -305,7 +301,7 @@ class Engine(SpeculativeSteps):
                 finished=dict(s.finished),
                 draft_proposed=s.draft_proposed,
                 draft_accepted=s.draft_accepted,
-                slot_moves=self._moves,
+                slot_moves=s.slot_moves,
                 phase_s=dict(self._phase),
             )
 
@@ -420,7 +416,7 @@ class Engine(SpeculativeSteps):
                 return
             with self._cond:
                 heapq.heapreplace(self._free, src)  # `low` taken, `src` free
-                self._moves += 1
+                self._stats.slot_moves += 1
             top.slot = low
 
     def _reservation(self, seq: Sequence) -> int:

@@ -29,6 +29,7 @@ Pure Python; no engine imports (the scheduler owns the calls).
 
 from __future__ import annotations
 
+import bisect
 import math
 import time
 from collections.abc import Callable
@@ -62,9 +63,13 @@ class PassCosts:
 
     def __init__(self) -> None:
         self._s: dict[int, float] = {}
+        #: The sizes measured, in order (`cost` runs several times a step: no sort there).
+        self._sizes: list[int] = []
 
     def observe(self, n: int, seconds: float) -> None:
         old = self._s.get(n)
+        if old is None:
+            bisect.insort(self._sizes, n)
         self._s[n] = seconds if old is None else old + _EWMA * (seconds - old)
 
     def cost(self, n: int) -> float:
@@ -73,23 +78,22 @@ class PassCosts:
         s = self._s
         if n in s:
             return s[n]
-        known = sorted(s)
+        known = self._sizes
         if not known:
             return float(n)
-        lower = [m for m in known if m < n]
-        upper = [m for m in known if m > n]
-        if lower and upper:
-            a, b = lower[-1], upper[0]
+        at = bisect.bisect_left(known, n)  # known[at - 1] < n < known[at]
+        if 0 < at < len(known):
+            a, b = known[at - 1], known[at]
             return s[a] + (s[b] - s[a]) * (n - a) / (b - a)
-        if upper:  # below the smallest size measured
-            return s[upper[0]] * n / upper[0]
+        if at == 0:  # below the smallest size measured
+            return s[known[0]] * n / known[0]
         if len(known) == 1:
             return s[known[0]] * n / known[0]
         a, b = known[-2], known[-1]
         return s[b] + max(0.0, (s[b] - s[a]) / (b - a)) * (n - b)
 
     def table(self) -> dict[int, float]:
-        return dict(sorted(self._s.items()))
+        return {n: self._s[n] for n in self._sizes}
 
     def describe(self) -> str:
         """E.g. "1:5.7 2:14.1 5:21.8 ms" (the sizes measured, in milliseconds)."""

@@ -122,7 +122,7 @@ class SpeculativeSteps:
         sizes = probe_sizes(k, backend.max_slots, backend.max_seq_len)
         costs = probe(extend, lambda: backend.release(slot), sizes)
         assert self.drafter is not None
-        free = bool(getattr(self.drafter, "free_proposals", False))
+        free = self.drafter.free_proposals
         log.info("forward pass by tokens in it (%s): %s", backend.name, costs.describe())
         passes = getattr(backend, "passes", None) or one_pass
         return DraftPolicy(costs, k, free_proposals=free, passes=passes)
