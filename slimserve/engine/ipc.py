@@ -41,6 +41,8 @@ class Tag(enum.IntEnum):
     STATS = 4
     STOP = 5
     PROMPT_LOGPROBS = 6
+    #: The caller of a SCORE / PROMPT_LOGPROBS gave up: the job leaves the engine's queue.
+    CANCEL_CALL = 7
     # engine -> server
     READY = 10
     FAILED = 11

@@ -32,6 +32,7 @@ from slimserve.engine import ipc
 from slimserve.engine.backends.select import Plan
 from slimserve.engine.config import ModelConfig
 from slimserve.engine.errors import LoadFailed, NotReady, Overloaded
+from slimserve.engine.futures import settle
 from slimserve.engine.ipc import Tag
 from slimserve.engine.types import (
     EngineInfo,
@@ -150,6 +151,8 @@ def _serve(conn: Connection, engine: Any, send: Callable[..., None]) -> None:
             bridge.score(frame)
         elif tag == Tag.PROMPT_LOGPROBS:
             bridge.prompt_logprobs(frame)
+        elif tag == Tag.CANCEL_CALL:
+            bridge.cancel_call(frame[1])
         elif tag == Tag.STATS:
             send(Tag.STATS_REPLY, frame[1], ipc.stats_to_wire(engine.stats()))
         elif tag == Tag.STOP:
@@ -168,6 +171,8 @@ class _Bridge:
         self.engine = engine
         self.send = send
         self.handles: dict[int, Any] = {}
+        #: Score / prompt-logprob jobs in the engine, by the server's call id.
+        self.calls: dict[int, concurrent.futures.Future[Any]] = {}
         self.pending: list[list[Any]] = []
 
     def flush(self) -> None:
@@ -203,6 +208,12 @@ class _Bridge:
             ipc.logprobs_to_wire,
         )
 
+    def cancel_call(self, sid: int) -> None:
+        """The server's caller gave up: the job leaves the queue before its next chunk."""
+        fut = self.calls.pop(sid, None)
+        if fut is not None:
+            fut.cancel()
+
     def _answer(
         self,
         sid: int,
@@ -210,6 +221,9 @@ class _Bridge:
         wire: Callable[[Any], Any],
     ) -> None:
         def done(fut: concurrent.futures.Future[Any]) -> None:
+            self.calls.pop(sid, None)
+            if fut.cancelled():
+                return  # cancelled at the server's word: it expects no answer
             exc = fut.exception()
             if exc is not None:
                 self.send(Tag.SCORE_FAILED, sid, ipc.error_to_wire(exc))
@@ -217,9 +231,12 @@ class _Bridge:
                 self.send(Tag.SCORED, sid, wire(fut.result()))
 
         try:
-            call().add_done_callback(done)
+            fut = call()
         except Exception as exc:
             self.send(Tag.SCORE_FAILED, sid, ipc.error_to_wire(exc))
+            return
+        self.calls[sid] = fut
+        fut.add_done_callback(done)
 
 
 # ---- the server's side --------------------------------------------------------------------
@@ -268,7 +285,12 @@ class RemoteEngine:
 
     @property
     def alive(self) -> bool:
-        return not self._dead and self._process is not None
+        """Serving: the process runs and the reader that carries its answers is alive (a
+        reader that stopped would leave every call waiting for an answer never read)."""
+        reader = self._reader
+        return (
+            not self._dead and self._process is not None and (reader is None or reader.is_alive())
+        )
 
     def start(self) -> EngineInfo:
         """Start the process and wait until it serves (loaded and warm).
@@ -382,16 +404,20 @@ class RemoteEngine:
         out: concurrent.futures.Future[list[TokenLogprob]] = concurrent.futures.Future()
 
         def convert(fut: concurrent.futures.Future[Any]) -> None:
-            exc = fut.exception()
-            if exc is not None:
-                out.set_exception(exc)
+            if fut.cancelled():
+                out.cancel()
+            elif (exc := fut.exception()) is not None:
+                settle(out, exc=exc)
             else:
-                out.set_result(ipc.logprobs_from_wire(fut.result()))
+                settle(out, ipc.logprobs_from_wire(fut.result()))
 
         raw.add_done_callback(convert)
+        out.add_done_callback(lambda f: raw.cancel() if f.cancelled() else None)
         return out
 
     def _call(self, tag: Tag, *args: Any) -> concurrent.futures.Future[Any]:
+        """Send a call answered by one frame; its future, which the caller may cancel (the
+        job then leaves the engine's queue: `Tag.CANCEL_CALL`)."""
         fut: concurrent.futures.Future[Any] = concurrent.futures.Future()
         qid = next(self._ids)
         self._futures[qid] = fut
@@ -400,7 +426,13 @@ class RemoteEngine:
         except NotReady:
             self._futures.pop(qid, None)
             raise
+        fut.add_done_callback(lambda f: self._abandoned(qid) if f.cancelled() else None)
         return fut
+
+    def _abandoned(self, qid: int) -> None:
+        if self._futures.pop(qid, None) is not None and not self._dead:
+            with contextlib.suppress(NotReady):
+                self._send(Tag.CANCEL_CALL, qid)
 
     def stats(self) -> EngineStats:
         """The child's scheduler counters (a round trip; raises NotReady when it is down)."""
@@ -432,20 +464,31 @@ class RemoteEngine:
 
     # ---- the reader thread --------------------------------------------------------------
     def _read(self) -> None:
+        """Answers from the process until its pipe closes. One frame that cannot be handled
+        is logged and dropped; whatever ends this loop, the engine then counts as dead
+        (`_died`), so the supervisor restarts it rather than leaving calls unanswered."""
         assert self._conn is not None
-        while True:
-            try:
-                frame = ipc.unpack(self._conn.recv_bytes())
-            except (EOFError, OSError):
-                break
-            self._dispatch(frame)
-        self._died()
+        try:
+            while True:
+                try:
+                    data = self._conn.recv_bytes()
+                except (EOFError, OSError):
+                    break
+                try:
+                    self._dispatch(ipc.unpack(data))
+                except Exception:
+                    log.exception("engine %s: a frame could not be handled; dropped", self.spec.ref)
+        finally:
+            self._died()
 
     def _dispatch(self, frame: list[Any]) -> None:
         tag = frame[0]
         if tag == Tag.EVENTS:
             for rid, kind, payload in frame[1]:
-                self._dispatch([kind, rid, payload])
+                try:
+                    self._dispatch([kind, rid, payload])
+                except Exception:  # one stream's event must not cost the others theirs
+                    log.exception("engine %s: an event could not be handled", self.spec.ref)
         elif tag == Tag.EVENT:
             event = ipc.event_from_wire(frame[2])
             sink = self._sinks.pop(frame[1], None) if event.finish else self._sinks.get(frame[1])
@@ -458,14 +501,17 @@ class RemoteEngine:
         elif tag in (Tag.SCORED, Tag.STATS_REPLY):
             fut = self._futures.pop(frame[1], None)
             if fut is not None:
-                fut.set_result(frame[2])
+                settle(fut, frame[2])  # its caller may have cancelled it meanwhile
         elif tag == Tag.SCORE_FAILED:
             fut = self._futures.pop(frame[1], None)
             if fut is not None:
-                fut.set_exception(ipc.error_from_wire(frame[2]))
+                settle(fut, exc=ipc.error_from_wire(frame[2]))
 
     def _died(self) -> None:
         self._dead = True
+        if self._process.is_alive():  # the reader stopped, not the process: end it
+            log.error("engine %s: its reader stopped; ending the process", self.spec.ref)
+            self._process.kill()
         self._process.join(5)
         self.exit_code = self._process.exitcode
         if self._stopping:
@@ -479,9 +525,11 @@ class RemoteEngine:
         sinks, self._sinks = self._sinks, {}
         futures, self._futures = self._futures, {}
         for sink in sinks.values():
-            sink(Event(error=error))
+            try:
+                sink(Event(error=error))
+            except Exception:
+                log.exception("engine %s: a request could not be told", self.spec.ref)
         for fut in futures.values():
-            if not fut.done():
-                fut.set_exception(error)
+            settle(fut, exc=error)
         if not self._stopping and self.on_exit is not None:
             self.on_exit(self, self.exit_code)
