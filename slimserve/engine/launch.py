@@ -23,7 +23,7 @@ from slimserve.engine.loader import LoadedModel
 from slimserve.engine.process import ChildSpec, model_config_to_dict
 from slimserve.engine.qualify import Qualifier, Selection
 from slimserve.engine.supervisor import RestartPolicy, SupervisedEngine
-from slimserve.engine.tokenizer import load_tokenizer
+from slimserve.engine.tokenizer import load_tokenizer, token_bytes_bound
 from slimserve.registry.store import Artifact
 
 log = logging.getLogger(__name__)
@@ -111,4 +111,10 @@ def launch(
     engine.start()
     tokenizer = load_tokenizer(artifact.path)
     log.info("serving %s in engine process %s: %s", artifact.ref, engine.pid, engine.info.kernels)
-    return LoadedModel(artifact=artifact, tokenizer=tokenizer, engine=engine, loaded_at=time.time())
+    return LoadedModel(
+        artifact=artifact,
+        tokenizer=tokenizer,
+        engine=engine,
+        loaded_at=time.time(),
+        max_token_bytes=token_bytes_bound(tokenizer),
+    )

@@ -28,6 +28,7 @@ from slimserve.engine.backends.select import (
 )
 from slimserve.engine.config import NGRAM, ModelConfig, kv_budget_bytes
 from slimserve.engine.errors import IntegrityFailure, LoadFailed
+from slimserve.engine.tokenizer import token_bytes_bound
 from slimserve.engine.types import (
     BackendInfo,
     EngineInfo,
@@ -118,6 +119,9 @@ class LoadedModel:
     tokenizer: Any
     engine: EngineLike
     loaded_at: float
+    #: Input bytes one token stands for at most (`tokenizer.token_bytes_bound`): a prompt
+    #: of more than this times the token limit is refused before it is tokenized.
+    max_token_bytes: int
 
     @property
     def name(self) -> str:
@@ -272,7 +276,11 @@ def load(
     engine.on_failure = on_failure
     engine.start()
     loaded = LoadedModel(
-        artifact=artifact, tokenizer=tokenizer, engine=engine, loaded_at=time.time()
+        artifact=artifact,
+        tokenizer=tokenizer,
+        engine=engine,
+        loaded_at=time.time(),
+        max_token_bytes=token_bytes_bound(tokenizer),
     )
     if config.warmup:
         warm_up(loaded)

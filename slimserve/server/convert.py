@@ -45,20 +45,43 @@ def prompt_ids(msg: Any, model: LoadedModel, limits: Limits) -> tuple[int, ...]:
     if which == "text":
         if not msg.text.strip():
             raise InvalidRequest("text", "the prompt must not be empty")
+        check_prompt_bytes(len(msg.text.encode()), "text", model, limits)
         ids = tok(msg.text, add_special_tokens=True)["input_ids"]
     elif which == "chat":
+        size = sum(len(m.content.encode()) for m in msg.chat.messages)
+        check_prompt_bytes(size, "chat.messages", model, limits)
         ids = _chat_ids(msg.chat, tok)
     else:
         raise InvalidRequest("input", "set either text or chat")
     return checked_prompt(ids, which, model, limits)
 
 
+def prompt_token_limit(model: LoadedModel, limits: Limits) -> int:
+    """The most tokens a prompt may have: `max_prompt_tokens`, and one token short of the
+    model's context."""
+    return min(limits.max_prompt_tokens, model.max_context - 1)
+
+
+def check_prompt_bytes(size: int, field: str, model: LoadedModel, limits: Limits) -> None:
+    """Refuse, before tokenizing, a text of `size` UTF-8 bytes that cannot fit the prompt
+    limit: no token of this vocabulary stands for more than `model.max_token_bytes`."""
+    limit = prompt_token_limit(model, limits)
+    most = limit * model.max_token_bytes
+    if size > most:
+        raise InvalidRequest(
+            field,
+            f"the prompt is {size} bytes; {limit} tokens (the prompt limit: "
+            f"max_prompt_tokens={limits.max_prompt_tokens}, context={model.max_context}) "
+            f"hold at most {most} bytes of text for this model",
+        )
+
+
 def checked_prompt(
     ids: Sequence[int], field: str, model: LoadedModel, limits: Limits
 ) -> tuple[int, ...]:
     """`ids` as a prompt; InvalidRequest naming `field` when empty or over the prompt limit
-    (`max_prompt_tokens`, and one token short of the model's context)."""
-    limit = min(limits.max_prompt_tokens, model.max_context - 1)
+    (`prompt_token_limit`)."""
+    limit = prompt_token_limit(model, limits)
     if not ids:
         raise InvalidRequest(field, "the prompt encodes to no tokens")
     if len(ids) > limit:
@@ -237,6 +260,7 @@ def score_labels(pb: Any, model: LoadedModel, limits: Limits) -> list[list[int]]
         )
     out = []
     for i, label in enumerate(pb.labels):
+        check_prompt_bytes(len(label.encode()), f"labels[{i}]", model, limits)
         ids = model.tokenizer(label, add_special_tokens=False)["input_ids"]
         if not label or not ids:
             raise InvalidRequest(f"labels[{i}]", "must be a non-empty string")

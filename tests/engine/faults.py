@@ -135,3 +135,28 @@ def slow_scores(model: Any, config: Any, max_seq_len: int, tokenizer_json: Path 
     inner = _llama(model, config, max_seq_len, tokenizer_json)
     log = score_log(tokenizer_json.parents[2])
     return _SlowScores(inner, "fault-slow-scores", log, delay_s=0.25)
+
+
+class _SlowDecode(_Wrapped):
+    """Every decode step takes `delay_s` more: a stream long enough to watch its gaps."""
+
+    def __init__(self, inner: Any, name: str, delay_s: float) -> None:
+        super().__init__(inner, name)
+        self.delay_s = delay_s
+
+    def decode(self, slots: list[int], token_ids: list[int]) -> Any:
+        import time
+
+        time.sleep(self.delay_s)
+        return self.inner.decode(slots, token_ids)
+
+    def decode_view(self, slots: list[int], token_ids: list[int]) -> Any:
+        import time
+
+        time.sleep(self.delay_s)
+        return getattr(self.inner, "decode_view", self.inner.decode)(slots, token_ids)
+
+
+def slow_decode(model: Any, config: Any, max_seq_len: int, tokenizer_json: Path | None) -> Any:
+    inner = _llama(model, config, max_seq_len, tokenizer_json)
+    return _SlowDecode(inner, "fault-slow-decode", delay_s=0.02)
