@@ -131,34 +131,35 @@ class InProcessEngine:
         kv_layout: str = "auto",
     ) -> None:
         from slimserve.engine.config import ModelConfig
+        from slimserve.engine.frontend import Frontend
         from slimserve.engine.loader import load
         from slimserve.engine.manager import ModelManager
         from slimserve.registry.store import Registry, parse_model_ref
 
         name, ref = parse_model_ref(model)
-        cfg = ModelConfig(
+        cfg = ModelConfig.of(
             device="cpu",
             max_batch=max_batch,
             max_seq_len=max_seq_len,
             kv_layout=kv_layout,
-            backend=backend,  # type: ignore[arg-type]
-            gguf_type=gguf_type,  # type: ignore[arg-type]
+            backend=backend,
+            gguf_type=gguf_type,
             # The static plan in both, so the two differ by the process boundary alone.
             qualify=False,
             engine_process=process,
         )
         if process:
-            self.loaded = ModelManager(Registry(registry), cfg).load(name, ref)
+            self.engine: Any = ModelManager(Registry(registry), cfg).load(name, ref).engine
         else:
-            self.loaded = load(Registry(registry).get(name, ref), cfg)
+            self.engine = Frontend.of(load(Registry(registry).get(name, ref), cfg))
 
     @property
     def served(self) -> str:
         """The serving plan in words (the engine's choice: qualification is off here)."""
-        return f"{self.loaded.info.plan} ({self.loaded.info.kernels})"
+        return f"{self.engine.info.plan} ({self.engine.info.kernels})"
 
     def run(self, prompts: list[str], new_tokens: int) -> dict[str, Any]:
-        from slimserve.engine.types import GenerationRequest, SamplingParams, StopParams
+        from slimserve.engine.types import GenerationRequest, Prompt, SamplingParams, StopParams
 
         # Sinks run on the engine thread: they must never block it.
         done = threading.Event()
@@ -187,14 +188,13 @@ class InProcessEngine:
 
         t0 = time.perf_counter()
         for i, p in enumerate(prompts):
-            ids = tuple(self.loaded.tokenizer(p)["input_ids"])
             req = GenerationRequest(
                 request_id=str(i),
-                prompt_ids=ids,
+                prompt=Prompt(text=p),
                 sampling=SamplingParams(),
                 stopping=StopParams(max_new_tokens=new_tokens, ignore_eos=True),
             )
-            self.loaded.engine.submit(req, sink(i))
+            self.engine.submit(req, sink(i))
         done.wait()
         wall = time.perf_counter() - t0
         if errors:

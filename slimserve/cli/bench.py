@@ -194,6 +194,10 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--plot", type=Path)
     registry_arg(p)
     p.set_defaults(func=cmd_bench_serve)
+    p = bsub.add_parser("ipc", help="the engine process's wire: encode + decode per step")
+    p.add_argument("--streams", type=positive_int_list, default=[1, 16])
+    p.add_argument("--repeats", type=positive_int, default=2000)
+    p.set_defaults(func=cmd_bench_ipc)
     p = bsub.add_parser("step", help="where a decode step's milliseconds go (in-process)")
     p.add_argument("--model", default="smollm2-135m-instruct@production", help="NAME[@REF]")
     p.add_argument("--threads", type=positive_int, default=os.cpu_count() or 1)
@@ -209,6 +213,16 @@ def add_parser(sub: Any) -> None:
     )
     registry_arg(p)
     p.set_defaults(func=cmd_bench_step)
+
+
+def cmd_bench_ipc(args: argparse.Namespace) -> int:
+    from slimserve.bench import ipc
+
+    rows = ipc.measure(tuple(args.streams), args.repeats)
+    print(f"command: {' '.join(sys.argv)}")
+    print(f"load average: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+    print(ipc.markdown(rows))
+    return 0
 
 
 def cmd_bench_step(args: argparse.Namespace) -> int:

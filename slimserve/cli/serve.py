@@ -83,7 +83,7 @@ def serve_config(args: argparse.Namespace) -> Any:
             port=args.port,
             threads=args.threads,
             grace_s=args.grace,
-            model=ModelConfig(
+            model=ModelConfig.of(
                 device=args.device,
                 dtype=args.dtype,
                 backend=args.backend,

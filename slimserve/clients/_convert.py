@@ -97,9 +97,11 @@ def model_info_request(model: str) -> models_pb.GetModelInfoRequest:
     return models_pb.GetModelInfoRequest(name=name, ref=ref)
 
 
-def load_model_request(model: str, make_default: bool) -> models_pb.LoadModelRequest:
+def load_model_request(
+    model: str, make_default: bool, beside: bool = False
+) -> models_pb.LoadModelRequest:
     name, _, ref = model.partition("@")
-    return models_pb.LoadModelRequest(name=name, ref=ref, make_default=make_default)
+    return models_pb.LoadModelRequest(name=name, ref=ref, make_default=make_default, beside=beside)
 
 
 def _timings(t: Any) -> Timings:

@@ -34,7 +34,7 @@ from typing import Any
 from slimserve.engine.backends.select import Plan, quiet_torch_beside
 from slimserve.engine.config import ModelConfig
 from slimserve.engine.machine import fingerprint_digest
-from slimserve.engine.process import ChildSpec, describe_exit, model_config_from_dict, mp_context
+from slimserve.engine.process import ChildSpec, describe_exit, mp_context
 
 log = logging.getLogger(__name__)
 
@@ -162,9 +162,10 @@ TIMED_OUT = "timed-out"
 
 
 def _prefix(digest: str, config: ModelConfig, threads: int) -> str:
-    shape = f"b{config.max_batch}-s{config.max_seq_len}-kv{config.kv_cache_mb}-t{threads}"
-    if config.kv_layout != "unified":  # verdicts made before the choice existed stay valid
-        shape += f"-{config.kv_layout}"
+    cache = config.cache
+    shape = f"b{cache.max_batch}-s{cache.max_seq_len}-kv{cache.kv_cache_mb}-t{threads}"
+    if cache.kv_layout != "unified":  # verdicts made before the choice existed stay valid
+        shape += f"-{cache.kv_layout}"
     return f"{fingerprint_digest()}/{digest[:16]}/{shape}"
 
 
@@ -177,11 +178,11 @@ class Qualifier:
         self.timeout_s = timeout_s
 
     def select(self, spec: ChildSpec, digest: str) -> Selection:
-        config = model_config_from_dict(spec.config)
+        config = spec.config
         prefix = _prefix(digest, config, spec.threads)
         survey_key = (
-            f"{prefix}/survey/{config.backend}/{config.gguf_type}/{config.dtype}/"
-            + ",".join(config.backend_plugins)
+            f"{prefix}/survey/{config.load.backend}/{config.load.gguf_type}/{config.load.dtype}/"
+            + ",".join(config.load.backend_plugins)
         )
         known = self.cache.read()
         survey = known.get(survey_key)
@@ -214,7 +215,7 @@ class Qualifier:
         return choose(plans, verdicts, refused, config)
 
     def mark_bad(self, spec: ChildSpec, digest: str, plan: Plan, reason: str) -> None:
-        config = model_config_from_dict(spec.config)
+        config = spec.config
         verdict = Verdict(plan=plan.to_dict(), status="crash-loop", reason=reason)
         self.cache.put(f"{_prefix(digest, config, spec.threads)}/{plan.key}", asdict(verdict))
 
@@ -230,7 +231,7 @@ def choose(
             refused[v.key] = v.summary()
     if not ok:
         raise ValueError(f"no plan qualified on this machine: {refused}")
-    plugins = [v for v in ok if Plan.from_dict(v.plan).backend in config.backend_plugins]
+    plugins = [v for v in ok if Plan.from_dict(v.plan).backend in config.load.backend_plugins]
     equal = [v for v in ok if v.ppl_ratio <= EQUAL_QUALITY] or [min(ok, key=lambda v: v.ppl_ratio)]
     measured = [v for v in equal if v.speed > 0]
     best = max(measured, key=lambda v: v.speed) if measured else equal[0]
@@ -308,15 +309,15 @@ def _load(spec: ChildSpec) -> tuple[Any, Any, ModelConfig, int, Path]:
     from slimserve.registry.errors import IntegrityError
     from slimserve.registry.store import Registry
 
-    config = model_config_from_dict(spec.config)
+    config = spec.config
     artifact = Registry(Path(spec.registry)).get(spec.name, str(spec.version))
-    device = resolve_device(config.device)
-    dtype = resolve_dtype(config.dtype, device)
+    device = resolve_device(config.load.device)
+    dtype = resolve_dtype(config.load.dtype, device)
     try:
         model, tokenizer = load_model(artifact, device=device, dtype=dtype)
     except IntegrityError as exc:
         raise IntegrityFailure(str(exc)) from exc
-    return model, tokenizer, config, context_length(model, config, dtype), artifact.path
+    return model, tokenizer, config, context_length(model, config.cache, dtype), artifact.path
 
 
 def _survey(spec: ChildSpec) -> dict[str, Any]:

@@ -25,14 +25,12 @@ from typing import Protocol
 import torch
 
 from slimserve.engine.backends.base import Backend, can_speculate, wants_packing
+from slimserve.engine.config import DraftConfig, EngineConfig
 from slimserve.engine.errors import InvalidRequest, NotReady, Overloaded
 from slimserve.engine.sampling import greedy_rows, select, token_logprob
 from slimserve.engine.scoring import ScoreQueue
 from slimserve.engine.sequence import Handle, ScoreJob, SeqState, Sequence
-from slimserve.engine.spec_policy import (
-    DRAFT_POLICIES,
-    DraftPolicy,
-)
+from slimserve.engine.spec_policy import DraftPolicy
 from slimserve.engine.speculative import Drafter
 from slimserve.engine.speculative_step import SpeculativeSteps
 from slimserve.engine.text import Decoder
@@ -59,32 +57,14 @@ class Tokenizer(Decoder, Protocol):
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class EngineConfig:
-    #: Requests waiting for a slot beyond this are refused with `Overloaded`.
-    max_queue: int = 64
-    #: Token ids that end a sequence (besides the tokenizer's own EOS).
-    eos_token_ids: frozenset[int] = frozenset()
-    #: Tokens of Score work between two decode steps (streams wait at most this long).
-    score_step_tokens: int = 2048
-    #: Tokens one Score call may put through the model (prompt + label - 1, summed).
-    max_score_tokens: int = 65536
-    #: Draft tokens proposed per sequence and step, when the engine has a drafter: at most
-    #: (`draft_policy` "adaptive", `spec_policy`: as many as pay on this machine, none when
-    #: none do), or always.
-    draft_tokens: int = 4
-    draft_policy: str = "adaptive"
+class EngineHooks:
+    """What an engine's owner hears, on the worker thread: `on_flush` after each phase of a
+    step (admission, prefill, decode; the engine process sends that phase's events in one
+    frame), `on_failure` once, when the loop itself dies (the engine process exits on it;
+    a server holding the engine in process turns the model NOT_SERVING)."""
 
-    def __post_init__(self) -> None:
-        if self.max_queue < 0:
-            raise ValueError(f"max_queue must be >= 0, got {self.max_queue}")
-        if self.draft_tokens < 1:
-            raise ValueError(f"draft_tokens must be >= 1, got {self.draft_tokens}")
-        if self.draft_policy not in DRAFT_POLICIES:
-            raise ValueError(
-                f"draft_policy must be one of {DRAFT_POLICIES}, got {self.draft_policy!r}"
-            )
-        if self.score_step_tokens < 1 or self.max_score_tokens < 1:
-            raise ValueError("score_step_tokens and max_score_tokens must be >= 1")
+    on_flush: Callable[[], None] | None = None
+    on_failure: Callable[[BaseException], None] | None = None
 
 
 def _slot_of(seq: Sequence) -> int:
@@ -118,16 +98,20 @@ class Engine(SpeculativeSteps):
         self,
         backend: Backend,
         tokenizer: Tokenizer,
-        config: EngineConfig,
+        config: EngineConfig | None = None,
+        *,
         info: EngineInfo | None = None,
         drafter: Drafter | None = None,
-        *,
+        draft: DraftConfig | None = None,
+        eos_token_ids: frozenset[int] = frozenset(),
         policy: DraftPolicy | None = None,
+        hooks: EngineHooks | None = None,
     ) -> None:
-        """`drafter` turns on speculative decoding (`slimserve.engine.speculative`); the
-        backend must then implement `SpeculativeBackend`. `policy` decides how many draft
-        tokens to verify each step (None: measured at `start` for `draft_policy`
-        "adaptive").
+        """`drafter` turns on speculative decoding (`slimserve.engine.speculative`), as
+        `draft` says (tokens per step, policy); the backend must then implement
+        `SpeculativeBackend`. `policy` decides how many draft tokens to verify each step
+        (None: measured at `start` for the "adaptive" policy). `eos_token_ids` end a
+        sequence besides the tokenizer's own EOS.
 
         Raises:
             ValueError: a drafter for a backend that cannot verify drafts.
@@ -143,8 +127,10 @@ class Engine(SpeculativeSteps):
         #: How this engine serves (set by the loader; tests that build an engine may omit it).
         self.info: EngineInfo = info or _bare_info(backend)
         self.tokenizer = tokenizer
-        self.config = config
-        eos = set(config.eos_token_ids)
+        self.config = config or EngineConfig()
+        self.draft = draft or DraftConfig()
+        self.hooks = hooks or EngineHooks()
+        eos = set(eos_token_ids)
         if tokenizer.eos_token_id is not None:
             eos.add(int(tokenizer.eos_token_id))
         self._eos = frozenset(eos)
@@ -169,18 +155,13 @@ class Engine(SpeculativeSteps):
         self.restarts = 0
         #: Why the worker loop died, if it did.
         self.failure: BaseException | None = None
-        #: Told (on the worker thread) when the loop dies; the engine process exits on it.
-        self.on_failure: Callable[[BaseException], None] | None = None
-        #: Called on the worker thread after each phase of a step (admission, prefill,
-        #: decode): the engine process sends the events of that phase in one frame.
-        self.on_flush: Callable[[], None] | None = None
         self._thread: threading.Thread | None = None
         #: How many draft tokens to verify each step (`spec_policy`); None: always all.
         self._policy = policy
 
     # ---- submitter side (any thread) ---------------------------------------------------
     def start(self) -> None:
-        adaptive = self.config.draft_policy == "adaptive"
+        adaptive = self.draft.policy == "adaptive"
         if self.drafter is not None and adaptive and self._policy is None:
             self._policy = self._measure_passes()
         self._thread = threading.Thread(target=self._loop, name="slimserve-engine", daemon=True)
@@ -358,8 +339,8 @@ class Engine(SpeculativeSteps):
                 self._phase["flush"] += time.perf_counter() - t
 
     def _flush(self) -> None:
-        if self.on_flush is not None:
-            self.on_flush()
+        if self.hooks.on_flush is not None:
+            self.hooks.on_flush()
 
     def _fail_everything(self, exc: BaseException) -> None:
         with self._cond:
@@ -371,8 +352,8 @@ class Engine(SpeculativeSteps):
             seq.state = SeqState.FINISHED
             seq.sink(Event(error=NotReady(f"the engine loop failed: {exc!r}")))
         self._running.clear()
-        if self.on_failure is not None:
-            self.on_failure(exc)
+        if self.hooks.on_failure is not None:
+            self.hooks.on_failure(exc)
 
     def _admit_locked(self) -> list[Sequence]:
         now = time.monotonic()
@@ -422,7 +403,7 @@ class Engine(SpeculativeSteps):
     def _reservation(self, seq: Sequence) -> int:
         """Cache cells `seq` may come to hold: its prompt, every token it may generate, and
         a step of draft tokens in flight."""
-        drafts = self.config.draft_tokens if self.drafter is not None else 0
+        drafts = self.draft.tokens if self.drafter is not None else 0
         grow = len(seq.req.prompt_ids) + seq.req.stopping.max_new_tokens + drafts
         return min(self.backend.max_seq_len, grow)
 
@@ -544,7 +525,7 @@ class Engine(SpeculativeSteps):
         seq.last_token = token
         lp: tuple[TokenLogprob, ...] = ()
         if seq.req.logprobs:
-            lp = (token_logprob(logits, token, seq.req.top_n),)
+            lp = (self.with_text(token_logprob(logits, token, seq.req.top_n)),)
         stop = seq.req.stopping
         if token in self._eos and not stop.ignore_eos:
             self._finish(seq, StopReason.EOS_TOKEN, seq.detok.flush(), (token,), lp)
@@ -561,6 +542,13 @@ class Engine(SpeculativeSteps):
             self._finish(seq, reason, text, (token,), lp)
             return
         seq.sink(Event(text=text, token_ids=(token,), logprobs=lp))
+
+    def with_text(self, lp: TokenLogprob) -> TokenLogprob:
+        """`lp` with the text of its token and of each alternative (decoded here, where the
+        tokens are, and only when a request asks for log-probabilities)."""
+        decode = self.tokenizer.decode
+        top_text = tuple(decode([t]) for t, _ in lp.top)
+        return TokenLogprob(lp.token_id, lp.logprob, lp.top, decode([lp.token_id]), top_text)
 
     def _reap(self) -> None:
         now = time.monotonic()

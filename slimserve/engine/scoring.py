@@ -116,7 +116,7 @@ def _prompt_logprobs(backend: Backend, job: ScoreJob) -> None:
         log.exception("prompt log-probabilities failed")
         _fail(job, exc)
         return
-    if not all(math.isfinite(lp.logprob) for lp in result):
+    if not all(lp.logprob is not None and math.isfinite(lp.logprob) for lp in result):
         _fail(job, EngineFailure("the backend returned a non-finite log-probability"))
         return
     settle(job.future, result)

@@ -24,7 +24,7 @@ from slimserve.engine.speculative import NO_PROPOSAL, Drafter, DraftRequest, Pro
 from slimserve.engine.types import EngineStats
 
 if TYPE_CHECKING:
-    from slimserve.engine.scheduler import EngineConfig
+    from slimserve.engine.config import DraftConfig
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +34,7 @@ class SpeculativeSteps:
 
     backend: Backend
     drafter: Drafter | None
-    config: EngineConfig
+    draft: DraftConfig
     _policy: DraftPolicy | None
     _cond: threading.Condition
     _stats: EngineStats
@@ -57,7 +57,7 @@ class SpeculativeSteps:
         return max(
             0,
             min(
-                self.config.draft_tokens,
+                self.draft.tokens,
                 seq.req.stopping.max_new_tokens - done - 1,
                 self.backend.max_seq_len - len(seq.req.prompt_ids) - done - 1,
             ),
@@ -69,7 +69,7 @@ class SpeculativeSteps:
         assert self.drafter is not None
         policy = self._policy
         rooms = [self._draft_room(seq) if seq.slot is not None else 0 for seq in batch]
-        cap = self.config.draft_tokens
+        cap = self.draft.tokens
         if policy is not None and not policy.free_proposals:  # choose, then pay for it
             cap = policy.choose(rooms, [policy.alpha(s.spec) for s in batch])
         asks, where = [], []
@@ -112,7 +112,7 @@ class SpeculativeSteps:
         on the last slot (free: the engine has not started)."""
         backend = self.backend
         slot = backend.max_slots - 1
-        k = self.config.draft_tokens
+        k = self.draft.tokens
         ids = [1 + j % (backend.vocab_size - 1) for j in range(backend.max_slots * (k + 1))]
 
         def extend(n: int) -> None:

@@ -15,7 +15,7 @@ from slimserve.engine.backends.select import Plan
 from slimserve.engine.config import ModelConfig
 from slimserve.engine.manager import ModelManager
 from slimserve.engine.qualify import Verdict, choose
-from slimserve.engine.types import GenerationRequest, SamplingParams, StopParams
+from slimserve.engine.types import GenerationRequest, Prompt, SamplingParams, StopParams
 from slimserve.registry.store import Registry
 
 FAULTS = "tests.engine.faults"
@@ -32,7 +32,7 @@ def test_crashing_and_wrong_backends_are_refused_and_auto_serves_a_qualified_pla
     registry: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     plugins = tuple(f"{FAULTS}:{f}" for f in ("segfault_on_batch", "wrong_logits", "abort_at_load"))
-    config = ModelConfig(device="cpu", max_batch=2, max_seq_len=128, backend_plugins=plugins)
+    config = ModelConfig.of(device="cpu", max_batch=2, max_seq_len=128, backend_plugins=plugins)
     children: list[Any] = []
     real = qualify._run_child
 
@@ -55,7 +55,7 @@ def test_crashing_and_wrong_backends_are_refused_and_auto_serves_a_qualified_pla
         done: list[Any] = []
         req = GenerationRequest(
             request_id="q",
-            prompt_ids=(5, 6, 7),
+            prompt=Prompt(ids=(5, 6, 7)),
             sampling=SamplingParams(),
             stopping=StopParams(max_new_tokens=4, ignore_eos=True),
         )
@@ -97,18 +97,18 @@ def test_auto_picks_the_fastest_plan_of_equal_quality() -> None:
         _verdict(fast, 1.004, 30.0),
         _verdict(broken, 1.0, 0.0, status="crashed"),
     ]
-    sel = choose([ref, bf16, fast, broken], verdicts, {}, ModelConfig())
+    sel = choose([ref, bf16, fast, broken], verdicts, {}, ModelConfig.of())
     assert sel.plan == fast
     assert sel.refused[bf16.key].startswith("worse")
     assert sel.refused[ref.key].startswith("slower")
     assert sel.refused[broken.key].startswith("crashed")
     with pytest.raises(ValueError, match="no plan qualified"):
-        choose([broken], [verdicts[3]], {}, ModelConfig())
+        choose([broken], [verdicts[3]], {}, ModelConfig.of())
 
 
 def test_a_plan_that_times_out_is_refused_now_and_qualified_again_later(registry: Path) -> None:
     """A timeout says the machine was busy, not that the plan is bad: no verdict is kept."""
-    config = ModelConfig(
+    config = ModelConfig.of(
         device="cpu", max_batch=2, max_seq_len=128, backend_plugins=(f"{FAULTS}:hang_at_load",)
     )
     manager = ModelManager(Registry(registry), config)

@@ -11,6 +11,7 @@ import torch
 
 from slimserve.engine.backends import llamacpp
 from slimserve.engine.backends.hf import HFBackend
+from slimserve.engine.config import DraftConfig, EngineConfig
 from slimserve.engine.errors import (
     DeadlineExpired,
     EngineFailure,
@@ -18,9 +19,9 @@ from slimserve.engine.errors import (
     NotReady,
     Overloaded,
 )
-from slimserve.engine.scheduler import Engine, EngineConfig
+from slimserve.engine.scheduler import Engine, EngineHooks
 from slimserve.engine.sequence import Handle, Sequence
-from slimserve.engine.types import GenerationRequest, SamplingParams, StopParams, StopReason
+from slimserve.engine.types import GenerationRequest, Prompt, SamplingParams, StopParams, StopReason
 from tests.helpers import Collector, tiny_model
 
 
@@ -31,7 +32,11 @@ def model(tokenizer: Any) -> Any:
 
 def make_engine(model: Any, tokenizer: Any, slots: int = 4, queue: int = 8, **kw: Any) -> Engine:
     backend = kw.pop("backend", None) or HFBackend(model, max_slots=slots, max_seq_len=128)
-    engine = Engine(backend, tokenizer, EngineConfig(max_queue=queue, **kw))
+    eos = kw.pop("eos_token_ids", frozenset())
+    hooks = kw.pop("hooks", None)
+    engine = Engine(
+        backend, tokenizer, EngineConfig(max_queue=queue, **kw), eos_token_ids=eos, hooks=hooks
+    )
     engine.start()
     return engine
 
@@ -48,7 +53,7 @@ def request(
 ) -> GenerationRequest:
     return GenerationRequest(
         request_id=rid,
-        prompt_ids=tuple(tokenizer(prompt)["input_ids"]),
+        prompt=Prompt(ids=tuple(tokenizer(prompt)["input_ids"])),
         sampling=SamplingParams(),
         stopping=StopParams(max_new_tokens=n, ignore_eos=stop.pop("ignore_eos", True), **stop),
     )
@@ -170,7 +175,7 @@ def test_deadline_and_time_limit(engine: Engine, tokenizer: Any) -> None:
     req = request(tokenizer, "the quick", n=100)
     past = GenerationRequest(
         request_id="late",
-        prompt_ids=req.prompt_ids,
+        prompt=Prompt(ids=req.prompt_ids),
         sampling=req.sampling,
         stopping=req.stopping,
         deadline=time.monotonic() - 1,
@@ -231,7 +236,7 @@ def test_a_failing_request_does_not_stop_the_engine(model: Any, tokenizer: Any) 
     try:
         bad = GenerationRequest(
             request_id="bad",
-            prompt_ids=tuple(tokenizer("the")["input_ids"]),
+            prompt=Prompt(ids=tuple(tokenizer("the")["input_ids"])),
             # Such a temperature overflows the logits: torch.multinomial raises on NaN.
             sampling=SamplingParams(do_sample=True, temperature=1e-40, seed=1),
             stopping=StopParams(max_new_tokens=4),
@@ -288,9 +293,8 @@ def test_a_non_finite_score_is_an_error_never_a_value(model: Any, tokenizer: Any
 
 
 def test_a_failed_loop_fails_pending_requests_and_stops_serving(model: Any, tokenizer: Any) -> None:
-    eng = make_engine(model, tokenizer)
     failures: list[BaseException] = []
-    eng.on_failure = failures.append
+    eng = make_engine(model, tokenizer, hooks=EngineHooks(on_failure=failures.append))
     try:
 
         def broken() -> None:
@@ -337,7 +341,7 @@ def test_a_burst_is_prefilled_together_and_a_bad_prompt_fails_alone(
     reqs = [request(tokenizer, t, n=8, rid=f"r{i}") for i, t in enumerate(texts)]
     bad = GenerationRequest(
         request_id="bad",
-        prompt_ids=(1, backend.vocab_size + 5),
+        prompt=Prompt(ids=(1, backend.vocab_size + 5)),
         sampling=SamplingParams(),
         stopping=StopParams(max_new_tokens=4),
     )
@@ -413,8 +417,13 @@ def test_a_split_cache_keeps_running_slots_packed_and_output_unchanged(
         packed.extend = recorded  # type: ignore[method-assign]
     else:
         packed.decode_view = recorded  # type: ignore[method-assign]
-    config = EngineConfig(max_queue=8, draft_policy="always")
-    eng = Engine(packed, tokenizer, config, drafter=NgramDrafter() if drafted else None)
+    eng = Engine(
+        packed,
+        tokenizer,
+        EngineConfig(max_queue=8),
+        drafter=NgramDrafter() if drafted else None,
+        draft=DraftConfig(source="ngram", policy="always"),
+    )
     collectors = [Collector() for _ in reqs]
     for r, c in zip(reqs, collectors, strict=True):
         eng.submit(r, c)  # queued before the worker starts: admitted together

@@ -60,13 +60,17 @@ def test_a_model_llamacpp_cannot_run_is_refused_by_name(tmp_path: Path) -> None:
     publish_tiny(tmp_path, "odd", hidden_size=48, num_attention_heads=4, num_key_value_heads=2)
     artifact = Registry(tmp_path).get("odd", "")
     # Odd widths serve in f32 but do not split into q8_0's blocks of 32.
-    q8 = ModelConfig(
+    q8 = ModelConfig.of(
         device="cpu", max_batch=1, max_seq_len=64, backend="llamacpp", gguf_type="q8_0"
     )
     with pytest.raises(LoadFailed, match="multiples of 32"):
         load(artifact, q8)
-    auto = load(artifact, ModelConfig(device="cpu", max_batch=1, max_seq_len=64, gguf_type="q8_0"))
+    auto = load(
+        artifact, ModelConfig.of(device="cpu", max_batch=1, max_seq_len=64, gguf_type="q8_0")
+    )
     try:
-        assert auto.backend.name == "llama-static-cache"  # auto falls back, and says why in the log
+        assert (
+            auto.engine.backend.name == "llama-static-cache"
+        )  # auto falls back, and says why in the log
     finally:
         auto.engine.shutdown()
