@@ -78,6 +78,15 @@ class DrainingHealth(health.aio.HealthServicer):  # type: ignore[misc]
             self._statuses = dict.fromkeys(self._statuses, not_serving)
             self._changed.notify_all()
 
+    async def List(
+        self, request: health_pb2.HealthListRequest, context: grpc.aio.ServicerContext
+    ) -> health_pb2.HealthListResponse:
+        """Every service's status (health v1's List; the library leaves it unimplemented)."""
+        response = health_pb2.HealthListResponse()
+        for service, status in self._statuses.items():
+            response.statuses[service].status = status  # type: ignore[assignment]
+        return response
+
     async def Watch(
         self, request: health_pb2.HealthCheckRequest, context: grpc.aio.ServicerContext
     ) -> None:

@@ -122,6 +122,15 @@ def prompt_limit(model: LoadedModel, limits: Limits) -> int:
     return min(limits.max_prompt_tokens, model.max_context - 1)
 
 
+def utf8_size(field: str, text: str) -> int:
+    """`text`'s size in UTF-8 bytes; a lone surrogate (JSON's "\\ud800") is refused by name
+    rather than failing later, where the text is encoded."""
+    try:
+        return len(text.encode())
+    except UnicodeEncodeError as exc:
+        raise InvalidRequest(field, f"is not valid Unicode: {exc.reason} at {exc.start}") from None
+
+
 def check_prompt(prompt: Prompt, model: LoadedModel, limits: Limits) -> None:
     """Refuse an input that is absent, empty or malformed, or text longer than the prompt
     limit can hold: no token of the model's vocabulary stands for more than
@@ -132,7 +141,7 @@ def check_prompt(prompt: Prompt, model: LoadedModel, limits: Limits) -> None:
     if prompt.text is not None:
         if not prompt.text.strip():
             raise InvalidRequest("prompt.text", "the prompt must not be empty")
-        _check_bytes(len(prompt.text.encode()), "prompt.text", model, limits)
+        _check_bytes(utf8_size("prompt.text", prompt.text), "prompt.text", model, limits)
     elif prompt.messages is not None:
         if not prompt.messages:
             raise InvalidRequest("prompt.messages", "at least one message is required")
@@ -144,7 +153,10 @@ def check_prompt(prompt: Prompt, model: LoadedModel, limits: Limits) -> None:
                 )
         if not any(m.content.strip() for m in prompt.messages):
             raise InvalidRequest("prompt.messages", "every message is empty")
-        size = sum(len(m.content.encode()) for m in prompt.messages)
+        size = sum(
+            utf8_size(f"prompt.messages[{i}].content", m.content)
+            for i, m in enumerate(prompt.messages)
+        )
         _check_bytes(size, "prompt.messages", model, limits)
         if not model.info.has_chat_template:
             raise InvalidRequest(
@@ -224,6 +236,7 @@ def stop_params(spec: GenerateSpec, limits: Limits) -> StopParams:
     for i, s in enumerate(spec.stop):
         if not s:
             raise InvalidRequest(f"stop[{i}]", "must not be empty")
+        utf8_size(f"stop[{i}]", s)
         if len(s) > limits.max_stop_sequence_chars:
             raise InvalidRequest(
                 f"stop[{i}]",
@@ -243,6 +256,9 @@ def check_guided(guided: Guided | None) -> None:
     engine's answer, which is an INVALID_ARGUMENT too: never free text instead)."""
     if guided is None:
         return
+    utf8_size("guided", guided.spec)
+    for choice in guided.choices:
+        utf8_size("guided", choice)
     if guided.kind not in GUIDED_KINDS:
         raise InvalidRequest("guided", f"must be one of {', '.join(GUIDED_KINDS)}")
     if guided.kind == "choice":
@@ -299,7 +315,7 @@ def check_labels(labels: tuple[str, ...], model: LoadedModel, limits: Limits) ->
     for i, label in enumerate(labels):
         if not label:
             raise InvalidRequest(f"labels[{i}]", "must be a non-empty string")
-        _check_bytes(len(label.encode()), f"labels[{i}]", model, limits)
+        _check_bytes(utf8_size(f"labels[{i}]", label), f"labels[{i}]", model, limits)
 
 
 # ---- runs ---------------------------------------------------------------------------------

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from starlette.applications import Starlette
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
@@ -149,10 +149,13 @@ class OpenAIApp:
         if size is not None and size.isdigit() and int(size) > limit:
             raise PayloadTooLarge(f"body: {size} bytes is over the limit max_message_bytes={limit}")
         data = bytearray()
-        async for chunk in request.stream():
-            data += chunk
-            if len(data) > limit:
-                raise PayloadTooLarge(f"body: over the limit max_message_bytes={limit}")
+        try:
+            async for chunk in request.stream():
+                data += chunk
+                if len(data) > limit:
+                    raise PayloadTooLarge(f"body: over the limit max_message_bytes={limit}")
+        except ClientDisconnect:
+            raise ClientGone("the client closed the connection mid-body") from None
         try:
             return json.loads(data)
         except (ValueError, UnicodeDecodeError) as exc:
