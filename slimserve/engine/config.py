@@ -120,12 +120,18 @@ class EngineConfig:
     #: Tokens one Score call may put through the model (prompt + label - 1, summed); more
     #: is INVALID_ARGUMENT.
     max_score_tokens: int = 65536
+    #: How long a step should take while streams decode (`planner.StepBudget`): prompt
+    #: chunks and Score work are sized from measured speed to fit beside the decode tokens,
+    #: which bounds the gap between two tokens of a stream.
+    max_step_ms: float = 100.0
 
     def __post_init__(self) -> None:
         if self.max_queue < 0:
             raise ValueError(f"max_queue must be >= 0, got {self.max_queue}")
         if self.score_step_tokens < 1 or self.max_score_tokens < 1:
             raise ValueError("score_step_tokens and max_score_tokens must be >= 1")
+        if not self.max_step_ms > 0:
+            raise ValueError(f"max_step_ms must be > 0, got {self.max_step_ms}")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

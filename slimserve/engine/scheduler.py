@@ -24,12 +24,14 @@ from typing import Protocol
 
 import torch
 
-from slimserve.engine.backends.base import Backend, can_speculate, wants_packing
+from slimserve.engine import planner
+from slimserve.engine.backends.base import Backend, Capabilities, Feed, can_speculate
 from slimserve.engine.config import DraftConfig, EngineConfig
-from slimserve.engine.errors import InvalidRequest, NotReady, Overloaded
+from slimserve.engine.errors import EngineFailure, InvalidRequest, NotReady, Overloaded
+from slimserve.engine.planner import StepBudget, StepPlan
 from slimserve.engine.sampling import greedy_rows, select, token_logprob
 from slimserve.engine.scoring import ScoreQueue
-from slimserve.engine.sequence import Handle, ScoreJob, SeqState, Sequence
+from slimserve.engine.sequence import Constraint, Handle, ScoreJob, SeqState, Sequence
 from slimserve.engine.spec_policy import DraftPolicy
 from slimserve.engine.speculative import Drafter
 from slimserve.engine.speculative_step import SpeculativeSteps
@@ -65,6 +67,14 @@ class EngineHooks:
 
     on_flush: Callable[[], None] | None = None
     on_failure: Callable[[BaseException], None] | None = None
+
+
+def _alone(step: StepPlan, seq: Sequence) -> StepPlan:
+    """The part of `step` that is `seq`'s."""
+    return StepPlan(
+        decode=tuple(s for s in step.decode if s is seq),
+        chunks=tuple(c for c in step.chunks if c.seq is seq),
+    )
 
 
 def _slot_of(seq: Sequence) -> int:
@@ -120,10 +130,10 @@ class Engine(SpeculativeSteps):
             raise ValueError(f"backend {backend.name} cannot verify drafts (no extend/truncate)")
         self.backend = backend
         self.drafter = drafter
-        # The backend's fast paths where it has them (`BatchingBackend`): logits read where
-        # they lie for one step, and the prompts admitted together prefilled in one pass.
-        self._decode = getattr(backend, "decode_view", backend.decode)
-        self._prefill_batch = getattr(backend, "prefill_batch", None)
+        #: What the backend can do beyond the `Backend` protocol, resolved once.
+        self.caps = Capabilities.of(backend)
+        self._decode = self.caps.decode
+        self._prefill_batch = self.caps.prefill_batch
         #: How this engine serves (set by the loader; tests that build an engine may omit it).
         self.info: EngineInfo = info or _bare_info(backend)
         self.tokenizer = tokenizer
@@ -133,7 +143,9 @@ class Engine(SpeculativeSteps):
         eos = set(eos_token_ids)
         if tokenizer.eos_token_id is not None:
             eos.add(int(tokenizer.eos_token_id))
-        self._eos = frozenset(eos)
+        #: Token ids that end a sequence.
+        self.eos_token_ids = frozenset(eos)
+        self._eos = self.eos_token_ids
         self._cond = threading.Condition()
         self._waiting: collections.deque[Sequence] = collections.deque()
         self._scores = ScoreQueue()
@@ -143,9 +155,12 @@ class Engine(SpeculativeSteps):
         self._free = list(range(backend.max_slots))
         #: A backend whose slots share one pool of cache cells (llama.cpp) names its size; a
         #: request is admitted only while the pool can hold all it may grow to.
-        self._pool: int | None = getattr(backend, "kv_pool_tokens", None)
+        self._pool = self.caps.pool_tokens
         #: Keep the running slots consecutive from 0 (`_compact`), where the backend asks.
-        self._packing = wants_packing(backend) and (drafter is None or drafter.can_move)
+        self._packing = self.caps.packing is not None and (drafter is None or drafter.can_move)
+        #: Sequences holding a slot whose prompt is still being fed, a chunk a step.
+        self._prefilling: list[Sequence] = []
+        self._budget = StepBudget(self.config.max_step_ms, capacity=self.caps.step_tokens)
         self._reserved = 0
         self._stats = EngineStats(free_slots=backend.max_slots)
         #: Seconds per decode-step phase (worker thread only; `stats` copies it).
@@ -167,15 +182,19 @@ class Engine(SpeculativeSteps):
         self._thread = threading.Thread(target=self._loop, name="slimserve-engine", daemon=True)
         self._thread.start()
 
-    def submit(self, req: GenerationRequest, sink: Sink) -> Handle:
-        """Queue a request; events go to `sink` on the worker thread.
+    def submit(
+        self, req: GenerationRequest, sink: Sink, *, matcher: Constraint | None = None
+    ) -> Handle:
+        """Queue a request; events go to `sink` on the worker thread. `matcher` holds the
+        output to a grammar (structured output): every token is picked from what it allows,
+        and the sequence ends where the grammar does.
 
         Raises:
             Overloaded: the admission queue is full.
             NotReady: the engine is stopping.
         """
         handle = Handle(self, req.request_id)
-        seq = Sequence(req, sink, handle, self.tokenizer)
+        seq = Sequence(req, sink, handle, self.tokenizer, matcher)
         with self._cond:
             self._check_open()
             if len(self._waiting) >= self.config.max_queue + len(self._free):
@@ -274,7 +293,7 @@ class Engine(SpeculativeSteps):
         with self._cond:
             s = self._stats
             return EngineStats(
-                running=len(self._running),
+                running=len(self._running) + len(self._prefilling),
                 queued=len(self._waiting),
                 free_slots=len(self._free),
                 steps=s.steps,
@@ -290,7 +309,7 @@ class Engine(SpeculativeSteps):
         """Cancel everything still queued or running and stop the worker."""
         with self._cond:
             self._stopping = True
-            for seq in list(self._waiting) + self._running:
+            for seq in [*self._waiting, *self._prefilling, *self._running]:
                 seq.handle.cancelled = True
             self._cond.notify()
         if self._thread is not None:
@@ -307,9 +326,15 @@ class Engine(SpeculativeSteps):
     def _run(self) -> None:
         while True:
             with self._cond:
-                while not (self._waiting or self._scores or self._running or self._stopping):
+                while not (
+                    self._waiting
+                    or self._scores
+                    or self._running
+                    or self._prefilling
+                    or self._stopping
+                ):
                     self._cond.wait()
-                if self._stopping and not self._running:
+                if self._stopping and not (self._running or self._prefilling):
                     self._drop_waiting(StopReason.CANCELLED)
                     self._scores.fail_all(NotReady("the engine is shutting down"))
                     stopped = True
@@ -320,23 +345,113 @@ class Engine(SpeculativeSteps):
                 self._flush()
                 return
             self._flush()  # the finishes of requests that expired while waiting
-            if self._scores:
-                self._scores.step(self.backend, self.config.score_step_tokens)
-            if admitted:
+            if self.caps.forward is not None:
+                self._prefilling += admitted
+                self._step()
+            else:
+                self._whole_prompt_step(admitted)
+
+    def _step(self) -> None:
+        """One planned step (`planner`): Score work, then every decoding sequence's token
+        and chunks of the prompts being fed, in one backend pass (with a drafter, the
+        chunks and the speculative step run apart)."""
+        self._reap()
+        t0 = time.perf_counter()
+        decoding = len(self._running)
+        step = planner.plan(
+            self._prefilling,
+            sorted(self._running, key=_slot_of) if self.drafter is None else (),
+            budget=self._budget.tokens(decoding),
+            scores_waiting=bool(self._scores),
+            score_step_tokens=self.config.score_step_tokens,
+        )
+        scored = self._scores.step(self.backend, step.score_tokens) if step.score_tokens else 0
+        if self._running and self._packing:
+            t = time.perf_counter()
+            self._compact()
+            self._phase["compact"] += time.perf_counter() - t
+        if step.decode or step.chunks:
+            self._mixed_step(step)
+        if self.drafter is not None and self._running:
+            self._flush()  # first tokens out before the speculative step
+            self._decode_step()
+        self._budget.observe(decoding, step.prompt_tokens + scored, time.perf_counter() - t0)
+        t = time.perf_counter()
+        self._flush()
+        self._phase["flush"] += time.perf_counter() - t
+
+    def _whole_prompt_step(self, admitted: list[Sequence]) -> None:
+        """A step for a backend without chunked prefill: Score work, the admitted prompts
+        prefilled whole, then a decode step."""
+        if self._scores:
+            self._scores.step(self.backend, self.config.score_step_tokens)
+        if admitted:
+            t = time.perf_counter()
+            self._prefill_all(admitted)
+            self._phase["prefill"] += time.perf_counter() - t
+        self._reap()
+        self._flush()  # first tokens out before the next decode step
+        if self._running:
+            if self._packing:
                 t = time.perf_counter()
-                self._prefill_all(admitted)
-                self._phase["prefill"] += time.perf_counter() - t
-            self._reap()
-            self._flush()  # first tokens out before the next decode step
-            if self._running:
-                if self._packing:
-                    t = time.perf_counter()
-                    self._compact()
-                    self._phase["compact"] += time.perf_counter() - t
-                self._decode_step()
-                t = time.perf_counter()
-                self._flush()
-                self._phase["flush"] += time.perf_counter() - t
+                self._compact()
+                self._phase["compact"] += time.perf_counter() - t
+            self._decode_step()
+            t = time.perf_counter()
+            self._flush()
+            self._phase["flush"] += time.perf_counter() - t
+
+    def _mixed_step(self, step: StepPlan) -> None:
+        """Run `step`'s decode tokens and prompt chunks in one `forward`, in slot order (a
+        split cache takes runs of consecutive slots per pass), then update each sequence:
+        a finished prompt gives its first token, a decoding sequence its next."""
+        assert self.caps.forward is not None
+        feeds: list[tuple[Sequence, Feed]] = [
+            (seq, Feed(seq.slot, [seq.last_token], True))
+            for seq in step.decode
+            if seq.slot is not None
+        ]
+        for c in step.chunks:
+            if c.seq.slot is not None:
+                ids = list(c.seq.req.prompt_ids[c.start : c.end])
+                feeds.append((c.seq, Feed(c.seq.slot, ids, c.last)))
+        feeds.sort(key=lambda sf: sf[1].slot)
+        t1 = time.perf_counter()
+        try:
+            block = self.caps.forward([f for _, f in feeds])
+        except Exception as exc:
+            if len(feeds) == 1:
+                self._fail(feeds[0][0], exc)
+                return
+            # Each feed alone, so that one the backend refuses (checked before anything
+            # runs) fails only its own request.
+            log.debug("a mixed step failed (%r); feeding each sequence alone", exc)
+            for seq, _ in feeds:
+                self._mixed_step(_alone(step, seq))
+            return
+        t2 = time.perf_counter()
+        rows = {}
+        at = 0
+        for seq, feed in feeds:
+            if feed.logits:
+                rows[id(seq)] = at
+                at += 1
+        for c in step.chunks:
+            c.seq.fed = c.end
+        for c in step.chunks:
+            if c.last and c.seq.state is SeqState.RUNNING:
+                self._prefilling.remove(c.seq)
+                self._started(c.seq, block[rows[id(c.seq)]])
+        self._phase["prefill"] += t2 - t1 if step.chunks and not step.decode else 0.0
+        if step.decode:
+            with self._cond:
+                self._stats.steps += 1
+            batch = [s for s in step.decode if id(s) in rows]
+            at_rows = [rows[id(s)] for s in batch]
+            logits = block  # the rows in batch order: as they are, or gathered
+            if at_rows != list(range(len(block))):
+                logits = block.index_select(0, torch.tensor(at_rows, dtype=torch.long))
+            self._pick_and_emit(batch, logits, t1, t2)
 
     def _flush(self) -> None:
         if self.hooks.on_flush is not None:
@@ -345,8 +460,9 @@ class Engine(SpeculativeSteps):
     def _fail_everything(self, exc: BaseException) -> None:
         with self._cond:
             self.failure = exc
-            pending = list(self._waiting) + list(self._running)
+            pending = [*self._waiting, *self._prefilling, *self._running]
             self._waiting.clear()
+            self._prefilling.clear()
             self._scores.fail_all(NotReady(f"the engine loop failed: {exc!r}"))
         for seq in pending:
             seq.state = SeqState.FINISHED
@@ -372,6 +488,7 @@ class Engine(SpeculativeSteps):
             self._reserved += need
             seq.slot = heapq.heappop(self._free)
             seq.state = SeqState.RUNNING
+            seq.t_admit = now
             admitted.append(seq)
         return admitted
 
@@ -387,7 +504,8 @@ class Engine(SpeculativeSteps):
                 return
             src = top.slot
             try:
-                self.backend.move(src, low)  # type: ignore[attr-defined]
+                assert self.caps.packing is not None  # `_packing` says so
+                self.caps.packing.move(src, low)
                 if self.drafter is not None:
                     self.drafter.move(src, low)
             except Exception as exc:  # its cache may be half moved: end it, stop packing
@@ -432,9 +550,8 @@ class Engine(SpeculativeSteps):
             for seq, slot in zip(seqs, slots, strict=True):
                 seq.slot = slot
         try:
-            rows = self._prefill_batch(
-                [s.slot for s in seqs], [list(s.req.prompt_ids) for s in seqs]
-            )
+            slots = [s.slot for s in seqs if s.slot is not None]  # all: admitted
+            rows = self._prefill_batch(slots, [list(s.req.prompt_ids) for s in seqs])
         except Exception as exc:
             log.debug("batched prefill failed (%r); prefilling one by one", exc)
             for seq in seqs:
@@ -464,6 +581,8 @@ class Engine(SpeculativeSteps):
             return
         seq.prefill_ms = (time.monotonic() - seq.t_admit) * 1e3
         self._running.append(seq)
+        if seq.matcher is not None:
+            seq.matcher.mask_logits_(logits)
         self._advance(seq, None, logits)
 
     def _decode_step(self) -> None:
@@ -489,6 +608,16 @@ class Engine(SpeculativeSteps):
             self._policy.observe_step([1] * len(batch), t2 - t1)
         with self._cond:
             self._stats.steps += 1
+        self._pick_and_emit(batch, logits, t1, t2)
+
+    def _pick_and_emit(
+        self, batch: list[Sequence], logits: torch.Tensor, t1: float, t2: float
+    ) -> None:
+        """Each sequence's next token from its logits row (masked by its grammar, if any;
+        greedy rows in one call), emitted; `t1`..`t2` was the forward pass."""
+        for i, seq in enumerate(batch):  # structured output: only what the grammar allows
+            if seq.matcher is not None:
+                seq.matcher.mask_logits_(logits[i])
         picks: list[int] | list[None] = [None] * len(batch)
         if all(s.req.sampling.is_greedy for s in batch):
             picks = greedy_rows(logits)  # one call for the common case
@@ -520,6 +649,10 @@ class Engine(SpeculativeSteps):
         seq.t_last = now
         if seq.spec.guess is not None and self._policy is not None:
             self._policy.check(seq.spec, token)
+        if seq.matcher is not None and not seq.matcher.accept(token):
+            why = seq.matcher.error or f"token {token} is not allowed here"
+            self._fail(seq, EngineFailure(f"structured output broke: {why}"))
+            return
         seq.generated.append(token)
         seq.tokens.append(token)
         seq.last_token = token
@@ -527,7 +660,8 @@ class Engine(SpeculativeSteps):
         if seq.req.logprobs:
             lp = (self.with_text(token_logprob(logits, token, seq.req.top_n)),)
         stop = seq.req.stopping
-        if token in self._eos and not stop.ignore_eos:
+        # A grammar's EOS ends it whatever ignore_eos says: nothing can follow its end.
+        if token in self._eos and (not stop.ignore_eos or seq.matcher is not None):
             self._finish(seq, StopReason.EOS_TOKEN, seq.detok.flush(), (token,), lp)
             return
         text = seq.stops.feed(seq.detok.push(token))
@@ -552,7 +686,7 @@ class Engine(SpeculativeSteps):
 
     def _reap(self) -> None:
         now = time.monotonic()
-        for seq in list(self._running):
+        for seq in [*self._prefilling, *self._running]:
             reason = seq.expired_reason(now)
             if reason is not None:
                 self._finish(seq, reason, "")
@@ -607,6 +741,8 @@ class Engine(SpeculativeSteps):
     def _release(self, seq: Sequence) -> None:
         if seq.state is SeqState.RUNNING and seq in self._running:
             self._running.remove(seq)
+        if seq in self._prefilling:
+            self._prefilling.remove(seq)
         seq.state = SeqState.FINISHED
         if seq.slot is not None:
             self.backend.release(seq.slot)

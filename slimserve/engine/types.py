@@ -82,6 +82,10 @@ class Guided(msgspec.Struct, frozen=True, array_like=True):
     spec: str = ""
     #: choice: the output is exactly one of these strings.
     choices: tuple[str, ...] = ()
+    #: json_schema: an object schema that lists `properties` and says nothing of
+    #: `additionalProperties` takes no others (OpenAI's strict mode). False: JSON Schema's
+    #: own default (others allowed). The output validates against the schema either way.
+    strict: bool = True
 
 
 class GenerationRequest(msgspec.Struct, frozen=True, array_like=True):

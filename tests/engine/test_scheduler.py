@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -10,6 +11,7 @@ import pytest
 import torch
 
 from slimserve.engine.backends import llamacpp
+from slimserve.engine.backends.base import Feed
 from slimserve.engine.backends.hf import HFBackend
 from slimserve.engine.config import DraftConfig, EngineConfig
 from slimserve.engine.errors import (
@@ -355,22 +357,24 @@ def test_a_burst_is_prefilled_together_and_a_bad_prompt_fails_alone(
         for req in reqs:
             alone.append(generated_ids(run_one(eng, req)))
         assert [generated_ids(got[i]) for i in (0, 1, 3)] == alone
-        # A burst of good prompts: one batched prefill, the same tokens.
+        # A burst of good prompts: fed together in one step (chunked prefill's forward),
+        # the same tokens.
         batches = []
-        real = backend.prefill_batch
+        real = eng.caps.forward
+        assert real is not None
 
-        def counted(slots: list[int], prompts: list[list[int]]) -> list[torch.Tensor]:
-            batches.append(len(slots))
-            return real(slots, prompts)
+        def counted(feeds: list[Feed]) -> torch.Tensor:
+            batches.append(sum(len(f.tokens) > 1 for f in feeds))
+            return real(feeds)
 
-        eng._prefill_batch = counted
+        eng.caps = dataclasses.replace(eng.caps, forward=counted)
         with eng._cond:  # queue all three before the worker can admit the first
             collectors = [Collector() for _ in reqs]
             for req, c in zip(reqs, collectors, strict=True):
                 eng._waiting.append(Sequence(req, c, Handle(eng, req.request_id), tokenizer))
             eng._cond.notify()
         assert [generated_ids(c.wait()) for c in collectors] == alone
-        assert batches == [3]
+        assert batches[0] == 2  # every prompt of more than one token in the first step
         assert eng.stats().free_slots == 4
         assert eng.stats().phase_s["prefill"] > 0
     finally:
@@ -407,16 +411,22 @@ def test_a_split_cache_keeps_running_slots_packed_and_output_unchanged(
         alone.shutdown()
     packed = backend(4)
     steps: list[list[int]] = []
-    real = packed.decode_view if not drafted else packed.extend
+    real_extend, real_forward = packed.extend, packed.forward
 
     def recorded(slots: list[int], tokens: list[Any]) -> Any:
         steps.append(list(slots))
-        return real(slots, tokens)
+        return real_extend(slots, tokens)
+
+    def recorded_forward(feeds: list[Feed]) -> Any:
+        decoding = [f.slot for f in feeds if len(f.tokens) == 1 and packed._lengths[f.slot]]
+        if decoding:
+            steps.append(decoding)
+        return real_forward(feeds)
 
     if drafted:
         packed.extend = recorded  # type: ignore[method-assign]
     else:
-        packed.decode_view = recorded  # type: ignore[method-assign]
+        packed.forward = recorded_forward  # type: ignore[method-assign]
     eng = Engine(
         packed,
         tokenizer,

@@ -32,9 +32,11 @@ import torch
 from slimserve.engine import spec
 from slimserve.engine.backends.base import (
     LOGPROB_ROWS,
+    Feed,
     ScorePlan,
     check_decode,
     check_extend,
+    check_feeds,
     check_ids,
     check_slot,
     check_truncate,
@@ -269,6 +271,29 @@ class LlamaCppBackend:
         for row, i in enumerate(group):
             self._lengths[slots[i]] = len(prompts[i])
             out[i] = rows[row]
+
+    #: `BatchingBackend.max_step_tokens`: one llama_batch.
+    max_step_tokens = _BATCH_TOKENS
+
+    def forward(self, feeds: list[Feed]) -> torch.Tensor:
+        """`BatchingBackend.forward`: decode tokens and prompt chunks in one llama_decode
+        (llama.cpp mixes sequences at different positions in one batch); logits are views."""
+        check_feeds(feeds, self._lengths, self.max_seq_len, self.vocab_size)
+        if sum(len(f.tokens) for f in feeds) > _BATCH_TOKENS:
+            raise ValueError(f"a step takes at most {_BATCH_TOKENS} tokens")
+        entries = []
+        for f in feeds:
+            start = self._lengths[f.slot]
+            if start == 0:  # a new sequence: nothing of an earlier one may remain
+                self.lc.llama_memory_seq_rm(self._mem, f.slot, -1, -1)
+            last = len(f.tokens) - 1
+            entries += [
+                (t, start + j, f.slot, f.logits and j == last) for j, t in enumerate(f.tokens)
+            ]
+        n = self._run(entries)
+        for f in feeds:
+            self._lengths[f.slot] += len(f.tokens)
+        return self._logits_view(n)
 
     def decode(self, slots: list[int], token_ids: list[int]) -> torch.Tensor:
         return self.decode_view(slots, token_ids).clone()

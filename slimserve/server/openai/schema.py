@@ -314,8 +314,9 @@ def _response_format(key: str, fmt: object) -> tuple[Guided | None, str]:
     strict = spec.get("strict")
     if strict is not None and not isinstance(strict, bool):
         raise InvalidRequest(f"{where}.strict", "must be true or false")
-    # Output is always held to the schema: `strict` false asks for less than is given.
-    return Guided("json_schema", json.dumps(schema)), name
+    # The output is held to the schema either way; `strict: false` leaves objects open to
+    # properties the schema does not list, as JSON Schema does.
+    return Guided("json_schema", json.dumps(schema), strict=strict is not False), name
 
 
 def _messages(body: Mapping[str, Any]) -> Prompt:
