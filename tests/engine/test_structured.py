@@ -344,3 +344,29 @@ def test_real_tokenizer_walks_a_typical_schema(default_registry: Path) -> None:
     out, done = generate(m, 49152, seed=0, limit=400, eos=eos)
     if done:
         jsonschema.validate(json.loads(tok.decode(out)), schema)
+
+
+def test_strict_walks_subschemas_not_data() -> None:
+    from slimserve.engine.guided import llguidance_grammar
+
+    schema = {
+        "type": "object",
+        "properties": {
+            # A property named like a keyword is a property, not a keyword.
+            "properties": {"type": "object", "properties": {"x": {"type": "integer"}}},
+            "pick": {"enum": [{"properties": {"a": 1}}]},  # data: left as written
+            "both": {"allOf": [{"properties": {"a": {"type": "integer"}}},
+                               {"properties": {"b": {"type": "integer"}}}]},
+            "ref": {"$ref": "#/$defs/D"},
+        },
+        "$defs": {"D": {"type": "object", "properties": {"d": {"type": "boolean"}}}},
+    }  # fmt: skip
+    text = llguidance_grammar(GuidedSpec("json_schema", json.dumps(schema)))
+    written = json.loads(text)["grammars"][0]["json_schema"]
+    props = written["properties"]
+    assert written["additionalProperties"] is False
+    assert props["properties"]["additionalProperties"] is False
+    assert "additionalProperties" not in props["properties"]["properties"]
+    assert props["pick"] == schema["properties"]["pick"]  # type: ignore[index]
+    assert all("additionalProperties" not in part for part in props["both"]["allOf"])
+    assert written["$defs"]["D"]["additionalProperties"] is False
