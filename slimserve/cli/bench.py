@@ -1,5 +1,5 @@
-"""`slimserve bench compare` (versions side by side) and `slimserve bench serve`
-(streaming latency and throughput against baselines).
+"""`slimserve bench compare` (versions side by side), `slimserve bench serve` (streaming
+latency and throughput against baselines), `bench step` and `bench grammar`.
 
 torch and `slimserve.bench` are imported inside the handlers.
 """
@@ -213,6 +213,30 @@ def add_parser(sub: Any) -> None:
     )
     registry_arg(p)
     p.set_defaults(func=cmd_bench_step)
+
+    p = bsub.add_parser(
+        "grammar", help="structured output's cost per token and per step (no weights loaded)"
+    )
+    p.add_argument("--model", default="smollm2-135m-instruct@production", help="NAME[@REF]")
+    p.add_argument("--batch", type=positive_int, default=16, help="sequences in the batch step")
+    p.add_argument("--repeats", type=positive_int, default=5)
+    p.add_argument("--threads", type=positive_int, default=1, help="torch threads (default 1)")
+    p.add_argument("--json", type=Path)
+    registry_arg(p)
+    p.set_defaults(func=cmd_bench_grammar)
+
+
+def cmd_bench_grammar(args: argparse.Namespace) -> int:
+    from slimserve.bench.grammar import run
+
+    return run(
+        args.registry or default_registry(),
+        args.model,
+        batch=args.batch,
+        repeats=args.repeats,
+        threads=args.threads,
+        json_out=args.json,
+    )
 
 
 def cmd_bench_ipc(args: argparse.Namespace) -> int:
