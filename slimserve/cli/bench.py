@@ -194,6 +194,11 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--plot", type=Path)
     registry_arg(p)
     p.set_defaults(func=cmd_bench_serve)
+    _add_small_benches(bsub)
+
+
+def _add_small_benches(bsub: Any) -> None:
+    """`bench ipc`, `bench step` and `bench grammar`."""
     p = bsub.add_parser("ipc", help="the engine process's wire: encode + decode per step")
     p.add_argument("--streams", type=positive_int_list, default=[1, 16])
     p.add_argument("--repeats", type=positive_int, default=2000)

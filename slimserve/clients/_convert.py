@@ -6,6 +6,7 @@ health protos and the client's own types.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from typing import Any
 
@@ -19,6 +20,7 @@ from slimserve.clients.types import (
     Sampling,
     ScoreResult,
     StreamChunk,
+    Structured,
     Timings,
     TokenLogprob,
 )
@@ -55,6 +57,7 @@ def generate_request(
     token_ids: bool = False,
     logprobs: bool = False,
     top_n: int = 0,
+    structured: Structured | None = None,
 ) -> gen_pb.GenerateRequest:
     s = sampling or Sampling()
     req = gen_pb.GenerateRequest(
@@ -76,8 +79,24 @@ def generate_request(
     )
     if s.seed is not None:
         req.sampling.seed = s.seed
+    if structured is not None:
+        _fill_guided(req.guided, structured)
     _fill_input(req, prompt)
     return req
+
+
+def _fill_guided(msg: Any, st: Structured) -> None:
+    if st.json_schema is not None:
+        schema = st.json_schema
+        msg.json_schema = schema if isinstance(schema, str) else json.dumps(schema)
+    elif st.json_object:
+        msg.json_object = True
+    elif st.regex is not None:
+        msg.regex = st.regex
+    elif st.choice is not None:
+        msg.choice.choices.extend(st.choice)
+    elif st.grammar is not None:
+        msg.grammar = st.grammar
 
 
 def score_request(prompt: Prompt, labels: Sequence[str], model: str) -> gen_pb.ScoreRequest:

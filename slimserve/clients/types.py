@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -15,6 +17,20 @@ class Sampling:
     top_p: float = 0.0
     seed: int | None = None
     repetition_penalty: float = 0.0
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Structured:
+    """Structured output: set one. The text then is JSON valid against `json_schema` (a
+    dict or its JSON text), any JSON object (`json_object`), a full match of `regex`, one
+    of `choice`, or a sentence of `grammar` (GBNF or Lark). A spec the server cannot
+    compile is InvalidArgument, never free text."""
+
+    json_schema: dict[str, Any] | str | None = None
+    json_object: bool = False
+    regex: str | None = None
+    choice: Sequence[str] | None = None
+    grammar: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -16,7 +16,6 @@ Imports engine modules only.
 from __future__ import annotations
 
 import concurrent.futures
-import json
 import logging
 import queue
 import threading
@@ -268,12 +267,11 @@ class Grammars:
         self._lock = threading.Lock()
 
     def matcher(self, guided: Guided) -> Any:
-        from slimserve.engine.structured import GrammarCompiler, GuidedSpec
+        from slimserve.engine.structured import GrammarCompiler
 
         with self._lock:
             if self._compiler is None:
                 self._compiler = GrammarCompiler.from_tokenizer(
                     self._tokenizer, self._vocab_size, self._eos
                 )
-        spec = guided.spec if guided.kind != "choice" else json.dumps(list(guided.choices))
-        return self._compiler.compile(GuidedSpec(guided.kind, spec, guided.strict)).matcher()
+        return self._compiler.compile(guided).matcher()

@@ -8,10 +8,10 @@ boundary as is, and the engine's `structured.GrammarCompiler` turns it into a gr
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from typing import Any, Final
 
 from slimserve.engine.errors import InvalidRequest
+from slimserve.engine.types import Guided
 
 #: What a request may constrain its output to, as `GuidedSpec.kind`.
 KINDS: Final = ("json_schema", "json_object", "regex", "choice", "grammar")
@@ -31,29 +31,12 @@ _OPEN_KEYS: Final = frozenset({"additionalProperties", "unevaluatedProperties",
     "patternProperties"})  # fmt: skip
 
 
-@dataclass(frozen=True, slots=True)
-class GuidedSpec:
-    """The shape a request's output must take; plain values, so it crosses processes as is.
-
-    kind: one of `KINDS`.
-    spec: the JSON schema text (json_schema), unused and "" (json_object: any JSON object),
-        the regular expression the whole output must match (regex, Rust `regex` syntax),
-        a JSON list of strings the output must equal one of (choice), or a grammar in
-        Lark or GBNF syntax (grammar; GBNF is recognised by its `::=`).
-    strict: for json_schema, objects that list `properties` and say nothing of
-        `additionalProperties` take no other properties (OpenAI's strict mode); the output
-        validates against the schema as written either way. False keeps JSON Schema's
-        default (other properties allowed, of any value).
-    """
-
-    kind: str
-    spec: str = ""
-    strict: bool = True
-
-    @property
-    def field(self) -> str:
-        """The request field an error about this spec names (vLLM's spelling)."""
-        return f"guided_{self.kind}"
+#: The request's structured-output spec (`types.Guided`: kind, spec text, choices, strict),
+#: a msgspec struct that crosses the process boundary as is.
+GuidedSpec = Guided
+#: The field every refusal of a spec names (each door renders it: `response_format`,
+#: `guided_json`, `sampling_parameters.guided_*`, gRPC's `guided`).
+FIELD = "guided"
 
 
 def llguidance_grammar(spec: GuidedSpec) -> str:
@@ -78,26 +61,26 @@ def llguidance_grammar(spec: GuidedSpec) -> str:
             return str(llguidance.LLMatcher.grammar_from_json_schema(schema, overrides=options))
         if spec.kind == "regex":
             if not spec.spec:
-                raise InvalidRequest(spec.field, "the regular expression is empty")
+                raise InvalidRequest(FIELD, "the regular expression is empty")
             return str(llguidance.LLMatcher.grammar_from_regex(spec.spec))
         if spec.kind == "choice":
             return str(llguidance.grammar_from("choice", json.dumps(_choices(spec))))
         if not spec.spec.strip():
-            raise InvalidRequest(spec.field, "the grammar is empty")
+            raise InvalidRequest(FIELD, "the grammar is empty")
         return str(llguidance.grammar_from("grammar", spec.spec))
     except InvalidRequest:
         raise
     except (ValueError, TypeError) as e:  # llguidance's word for a spec it cannot read
-        raise InvalidRequest(spec.field, first_line(str(e))) from e
+        raise InvalidRequest(FIELD, first_line(str(e))) from e
 
 
 def _schema(spec: GuidedSpec) -> dict[str, Any]:
     try:
         schema = json.loads(spec.spec)
     except json.JSONDecodeError as e:
-        raise InvalidRequest(spec.field, f"not JSON: {e}") from e
+        raise InvalidRequest(FIELD, f"not JSON: {e}") from e
     if not isinstance(schema, dict):
-        raise InvalidRequest(spec.field, f"a schema is a JSON object, not {type(schema).__name__}")
+        raise InvalidRequest(FIELD, f"a schema is a JSON object, not {type(schema).__name__}")
     return _closed(schema) if spec.strict else schema
 
 
@@ -124,14 +107,11 @@ def _closed(schema: Any, in_all_of: bool = False) -> Any:
 
 
 def _choices(spec: GuidedSpec) -> list[str]:
-    try:
-        choices = json.loads(spec.spec)
-    except json.JSONDecodeError as e:
-        raise InvalidRequest(spec.field, f"not a JSON list of strings: {e}") from e
-    if not isinstance(choices, list) or not choices:
-        raise InvalidRequest(spec.field, "choices are a non-empty list of strings")
+    choices = list(spec.choices)
+    if not choices:
+        raise InvalidRequest(FIELD, "choices are a non-empty list of strings")
     if not all(isinstance(c, str) and c for c in choices):
-        raise InvalidRequest(spec.field, "each choice is a non-empty string")
+        raise InvalidRequest(FIELD, "each choice is a non-empty string")
     return choices
 
 

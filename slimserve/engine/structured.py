@@ -42,7 +42,7 @@ import numpy as np
 import torch
 
 from slimserve.engine.errors import InvalidRequest
-from slimserve.engine.guided import KINDS, GuidedSpec, first_line, llguidance_grammar
+from slimserve.engine.guided import FIELD, KINDS, GuidedSpec, first_line, llguidance_grammar
 
 __all__ = [
     "KINDS",
@@ -326,7 +326,7 @@ class GrammarCompiler:
 
         Raises:
             InvalidRequest: the spec is malformed, unsatisfiable, or uses a feature the
-                grammar cannot enforce (field `spec.field`, message naming the problem).
+                grammar cannot enforce (field "guided", message naming the problem).
         """
         with self._lock:
             hit = self._cache.get(spec)
@@ -347,7 +347,7 @@ class GrammarCompiler:
         text = llguidance_grammar(spec)
         matcher = llguidance.LLMatcher(self._tokenizer, text, log_level=0)
         if matcher.is_error():
-            raise InvalidRequest(spec.field, first_line(matcher.get_error()))
+            raise InvalidRequest(FIELD, first_line(matcher.get_error()))
         return matcher
 
     # ---- a batch ----------------------------------------------------------------------------
