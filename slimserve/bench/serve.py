@@ -407,7 +407,9 @@ class _Server(_Process):
                     if time.monotonic() > deadline:
                         raise
             info = c.model_info()
-        return f"{info.name}@{info.version} on {info.backend} [{info.plan}] ({info.kernels})"
+        threads = info.measured.get("decode_threads")
+        decode = f", single-sequence decode on {threads:.0f} threads" if threads else ""
+        return f"{info.ref} on {info.backend} [{info.plan}] ({info.kernels}{decode})"
 
     @property
     def target(self) -> str:

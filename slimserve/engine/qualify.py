@@ -473,7 +473,7 @@ def _race_decode_threads(backend: Any, ids: list[int]) -> tuple[int, dict[int, f
     and the count to serve with (`fewest_fast_threads`)."""
     rates: dict[int, float] = {}
     for _ in range(TIMING_RUNS):
-        for n in thread_counts(backend.threads.threads):
+        for n in thread_counts(backend.phase_threads.threads):
             backend.set_decode_threads(n)
             rates[n] = max(rates.get(n, 0.0), _single_decode(backend, ids))
     return fewest_fast_threads(rates), rates

@@ -43,7 +43,7 @@ def test_pools_are_attached_and_freed_without_leaking_threads(tiny: tuple[Any, P
     before = _threads()
     for _ in range(3):
         b = _backend(tiny, decode_threads=1)
-        assert b.threads.describe() == "decode 1 of 2 threads, persistent pools (poll 0)"
+        assert b.phase_threads.describe() == "decode 1 of 2 threads, persistent pools (poll 0)"
         assert _threads() == before + 1  # the 2-thread pool's worker; a 1-thread pool has none
         b.prefill(0, [5, 6, 7])
         b.decode([0], [8])
@@ -58,7 +58,7 @@ def test_pools_are_attached_and_freed_without_leaking_threads(tiny: tuple[Any, P
     per_call = _backend(tiny, threadpool=False)
     per_call.prefill(0, [5, 6, 7])
     assert _threads() == before  # llama.cpp's own pool lives only during a call
-    assert per_call.threads.describe() == "decode 2 of 2 threads, a pool per call"
+    assert per_call.phase_threads.describe() == "decode 2 of 2 threads, a pool per call"
     per_call.close()
 
 

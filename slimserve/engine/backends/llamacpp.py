@@ -168,7 +168,7 @@ class LlamaCppBackend:
         if why is not None:
             log.warning("no persistent ggml threadpool (%s): llama.cpp makes one per call", why)
         #: Threads by phase and their pools.
-        self.threads = ContextThreads(
+        self.phase_threads = ContextThreads(
             lc, self._ctx, threads=threads, decode_threads=decode_threads or threads,
             pooled=threadpool and why is None,
         )  # fmt: skip
@@ -176,7 +176,7 @@ class LlamaCppBackend:
     def set_decode_threads(self, n: int) -> None:
         """Run one-token passes on `n` threads (1..threads) from the next call on
         (qualification races the counts on one backend)."""
-        self.threads.set_decode_threads(n)
+        self.phase_threads.set_decode_threads(n)
 
     def _lay_out_cache(self, ctx: Any, layout: str, pool_bytes: int | None) -> None:
         """Set `ctx`'s KV cells and layout, and `kv_layout`, `kv_pool_tokens`, `_score_cells`."""
@@ -212,7 +212,7 @@ class LlamaCppBackend:
             self.lc.llama_free(self._ctx)
             self.lc.llama_model_free(self._model)
             self._ctx = None
-            self.threads.close()  # after the context: it points at its last pool
+            self.phase_threads.close()  # after the context: it points at its last pool
 
     def __del__(self) -> None:
         with contextlib.suppress(Exception):  # interpreter shutdown: ctypes may be gone
