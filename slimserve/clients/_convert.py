@@ -134,6 +134,12 @@ def _timings(t: Any) -> Timings:
         draft_proposed=t.draft_proposed,
         draft_accepted=t.draft_accepted,
         draft_acceptance_rate=t.draft_acceptance_rate,
+        parse_ms=t.parse_ms,
+        template_ms=t.template_ms,
+        tokenize_ms=t.tokenize_ms,
+        admit_ms=t.admit_ms,
+        first_token_out_ms=t.first_token_out_ms,
+        render_ms=t.render_ms,
     )
 
 

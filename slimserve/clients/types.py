@@ -51,6 +51,15 @@ class Timings:
     draft_proposed: int = 0
     draft_accepted: int = 0
     draft_acceptance_rate: float = 0.0
+    #: Where the milliseconds went (the server's phases; 0: not on this path): the door's
+    #: parse, the engine's chat template and tokenize, admission, the first token's hops
+    #: between door and engine, the door's rendering.
+    parse_ms: float = 0.0
+    template_ms: float = 0.0
+    tokenize_ms: float = 0.0
+    admit_ms: float = 0.0
+    first_token_out_ms: float = 0.0
+    render_ms: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)

@@ -58,10 +58,21 @@ class LoadConfig:
     #: Run each model's engine in its own supervised process (the server then holds no
     #: weights and survives a native crash). False runs it in the server process.
     engine_process: bool = True
+    #: llama.cpp: threads of a one-token pass (a single sequence decoding); every larger
+    #: pass runs on all threads. 0 = the count qualification measured fastest on this
+    #: machine (all threads when nothing was qualified).
+    decode_threads: int = 0
+    #: llama.cpp: run passes on persistent ggml threadpools whose workers sleep between
+    #: passes; False: llama.cpp's own pool per call (its workers spin before they sleep).
+    ggml_threadpool: bool = True
 
     def __post_init__(self) -> None:
         if not (self.device in _DEVICES or self.device.startswith("cuda:")):
             raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
+        if self.decode_threads < 0:
+            raise ValueError(
+                f"decode_threads must be >= 0 (0 = measured), got {self.decode_threads}"
+            )
         for plugin in self.backend_plugins:
             if plugin.count(":") != 1 or not all(plugin.split(":")):
                 raise ValueError(f"backend plugin {plugin!r} must be 'module:factory'")

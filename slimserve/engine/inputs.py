@@ -14,6 +14,7 @@ its own words. Imports engine modules only (the tokenizer object is passed in).
 from __future__ import annotations
 
 import re
+import time
 import uuid
 from collections.abc import Sequence
 from typing import Any
@@ -45,15 +46,24 @@ class InputProcessor:
             InvalidRequest: no input, an input that encodes to nothing, a chat without a
                 template, or more tokens than the limit.
         """
+        return self._timed_ids(prompt, limit)[0]
+
+    def _timed_ids(self, prompt: Prompt, limit: int) -> tuple[tuple[int, ...], float, float]:
+        """`prompt_ids`, and the milliseconds of its template and of its tokenizing."""
+        t0 = time.perf_counter()
+        template_s = 0.0
         if prompt.ids is not None:
             ids = prompt.ids  # in the vocabulary: the server's `validate` checked each
         elif prompt.messages is not None:
-            ids = tuple(self.chat_ids(prompt.messages))
+            pieces = self._render_chat(prompt.messages)
+            template_s = time.perf_counter() - t0
+            ids = tuple(self._encode_chat(prompt.messages, pieces))
         elif prompt.text is not None:
             ids = tuple(self.tokenizer(prompt.text, add_special_tokens=True)["input_ids"])
         else:
             raise InvalidRequest("prompt", "set text, messages or token ids")
-        return self._checked(ids, limit)
+        tokenize_s = 0.0 if prompt.ids is not None else time.perf_counter() - t0 - template_s
+        return self._checked(ids, limit), template_s * 1e3, tokenize_s * 1e3
 
     def _checked(self, ids: Sequence[int], limit: int) -> tuple[int, ...]:
         most = min(limit or self.max_context, self.max_context - 1)
@@ -69,12 +79,18 @@ class InputProcessor:
 
     def generation(self, req: GenerationRequest) -> tuple[GenerationRequest, Accepted]:
         """`req` with its prompt as token ids, and the event that says it was accepted."""
-        ids = self.prompt_ids(req.prompt, req.prompt_limit)
+        ids, template_ms, tokenize_ms = self._timed_ids(req.prompt, req.prompt_limit)
         text = ""
         if req.echo:
             text = req.prompt.text if req.prompt.text is not None else self.decode(ids)
         tokenized = req.replace(prompt=Prompt(ids=ids))
-        return tokenized, Accepted(input_tokens=len(ids), prompt_text=text)
+        accepted = Accepted(
+            input_tokens=len(ids),
+            prompt_text=text,
+            template_ms=template_ms,
+            tokenize_ms=tokenize_ms,
+        )
+        return tokenized, accepted
 
     def score(self, req: ScoreRequest) -> tuple[list[int], list[list[int]]]:
         """The prompt's ids and each label's; the longest label must fit the context."""
@@ -108,6 +124,10 @@ class InputProcessor:
         contents and split at them; template text is tokenized with special tokens
         parsed, each content without.
         """
+        return self._encode_chat(messages, self._render_chat(messages))
+
+    def _render_chat(self, messages: Sequence[Message]) -> list[str]:
+        """The template rendered around placeholder contents, and split at them."""
         tok = self.tokenizer
         if not getattr(tok, "chat_template", None):
             raise InvalidRequest(
@@ -120,7 +140,9 @@ class InputProcessor:
         except Exception as exc:  # the template's own refusal (jinja2's raise_exception)
             raise InvalidRequest("prompt.messages", f"the chat template refused: {exc}") from None
         # Odd pieces are placeholders (in whatever order and number the template used them).
-        pieces = re.split(f"{mark}(\\d+)x", text)
+        return re.split(f"{mark}(\\d+)x", text)
+
+    def _encode_chat(self, messages: Sequence[Message], pieces: list[str]) -> list[int]:
         ids: list[int] = []
         for n, piece in enumerate(pieces):
             if n % 2:

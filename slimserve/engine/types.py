@@ -169,6 +169,21 @@ class Timings(msgspec.Struct, frozen=True, array_like=True, kw_only=True):
     #: Draft tokens proposed, and how many of them the target accepted.
     draft_proposed: int = 0
     draft_accepted: int = 0
+    #: The phases before and around the engine's (0: not measured on this path). The door
+    #: parsing its wire into a request (the call's start to its submission) ...
+    parse_ms: float = 0.0
+    #: ... the engine process rendering the chat template (0 for text or ids) and encoding
+    #: the prompt into token ids ...
+    template_ms: float = 0.0
+    tokenize_ms: float = 0.0
+    #: ... the scheduler admitting it (a slot and KV cells taken) until its prompt's first
+    #: pass (0 while the scheduler does not report it) ...
+    admit_ms: float = 0.0
+    #: ... the hops between door and engine for the first token, both ways (the door's time
+    #: to its first token less the engine's phases above and `ttft_ms`) ...
+    first_token_out_ms: float = 0.0
+    #: ... and the door rendering and writing the events before the last.
+    render_ms: float = 0.0
 
     @property
     def acceptance_rate(self) -> float:
@@ -189,6 +204,9 @@ class Accepted(msgspec.Struct, frozen=True, array_like=True):
     input_tokens: int
     #: The prompt's text, when the request asked for an echo.
     prompt_text: str = ""
+    #: Milliseconds the engine process took to render the chat template and to tokenize.
+    template_ms: float = 0.0
+    tokenize_ms: float = 0.0
 
 
 class Event(msgspec.Struct, frozen=True, array_like=True, kw_only=True):

@@ -146,6 +146,12 @@ def fill_finish(msg: Any, finish: Finish) -> None:
     msg.timings.draft_proposed = t.draft_proposed
     msg.timings.draft_accepted = t.draft_accepted
     msg.timings.draft_acceptance_rate = t.acceptance_rate
+    msg.timings.parse_ms = t.parse_ms
+    msg.timings.template_ms = t.template_ms
+    msg.timings.tokenize_ms = t.tokenize_ms
+    msg.timings.admit_ms = t.admit_ms
+    msg.timings.first_token_out_ms = t.first_token_out_ms
+    msg.timings.render_ms = t.render_ms
 
 
 def stream_message(

@@ -30,6 +30,8 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
+import msgspec
+
 from slimserve.engine.errors import DeadlineExpired, EngineFailure, InvalidRequest, NotReady
 from slimserve.engine.loader import HandleLike, LoadedModel
 from slimserve.engine.manager import ModelManager
@@ -37,6 +39,7 @@ from slimserve.engine.types import (
     GUIDED_KINDS,
     Accepted,
     Event,
+    Finish,
     GenerationRequest,
     Guided,
     Prompt,
@@ -345,6 +348,10 @@ class Run:
     #: Which of the request's `n` completions this is.
     index: int = 0
     started: float = dataclasses.field(default_factory=time.monotonic)
+    #: The door's parse phase, ms (the call's start to its submission; 0: unknown) ...
+    parse_ms: float = 0.0
+    #: ... and time.monotonic() at the submission.
+    submitted: float = 0.0
 
     def cancel(self) -> None:
         self.handle.cancel()  # no-op once finished; frees the slot otherwise
@@ -413,6 +420,9 @@ class Generation:
 
     async def _submit(self, model: LoadedModel, req: GenerationRequest, index: int) -> Run:
         queue = EventQueue()
+        submitted = time.monotonic()
+        t0 = logs.REQUEST_T0.get()
+        parse_ms = (submitted - t0) * 1e3 if t0 is not None else 0.0
         handle = model.engine.submit(req, queue.put)
         try:
             first = await queue.get()
@@ -423,7 +433,9 @@ class Generation:
             raise first.error
         if first.accepted is None:  # an engine always says it accepted first
             raise EngineFailure(f"{model.ref}: the engine answered before accepting")
-        return Run(model, req, handle, queue, first.accepted, index)
+        return Run(
+            model, req, handle, queue, first.accepted, index, parse_ms=parse_ms, submitted=submitted
+        )
 
     async def events(self, run: Run, method: str) -> AsyncIterator[Event]:
         """A run's events until its finish; records token gaps and the finished request.
@@ -432,7 +444,7 @@ class Generation:
         stopped it because its deadline passed: the caller must not get an OK answer for a
         truncated generation.
         """
-        last_token = 0.0
+        last_token = first_token = render_s = 0.0
         while True:
             event = await run.queue.get()
             if event.error is not None:
@@ -447,14 +459,19 @@ class Generation:
                 if last_token:
                     self.metrics.token_gap(run.model, now - last_token)
                 last_token = now
+                first_token = first_token or now
             if f is not None:
+                f = _with_phases(f, run, first_token, render_s)
+                event = msgspec.structs.replace(event, finish=f)
                 self.metrics.finished(run.model, f, method, time.monotonic() - run.started)
                 logs.annotate(
                     stop_reason=f.reason.value,
                     input_tokens=f.input_tokens,
                     generated_tokens=f.generated_tokens,
                 )
+            handed = time.perf_counter()
             yield event
+            render_s += time.perf_counter() - handed  # the door renders and writes it
             if f is not None:
                 return
 
@@ -524,6 +541,25 @@ class Generation:
                 "(max_score_tokens and the context): send a shorter prompt, or echo without "
                 f"logprobs ({exc.reason})",
             ) from None
+
+
+def _with_phases(f: Finish, run: Run, first_token: float, render_s: float) -> Finish:
+    """`f` with the phases the door saw: its parse, the engine process's template and
+    tokenize (from the accepted event), the first token's hops and the rendering."""
+    t = f.timings
+    hops = 0.0
+    if first_token and run.submitted:
+        engine = run.accepted.template_ms + run.accepted.tokenize_ms + t.ttft_ms
+        hops = max(0.0, (first_token - run.submitted) * 1e3 - engine)
+    timings = msgspec.structs.replace(
+        t,
+        parse_ms=run.parse_ms,
+        template_ms=run.accepted.template_ms,
+        tokenize_ms=run.accepted.tokenize_ms,
+        first_token_out_ms=hops,
+        render_ms=render_s * 1e3,
+    )
+    return msgspec.structs.replace(f, timings=timings)
 
 
 def _nth(req: GenerationRequest, i: int) -> GenerationRequest:

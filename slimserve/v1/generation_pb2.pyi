@@ -421,6 +421,12 @@ class Timings(_message.Message):
     DRAFT_PROPOSED_FIELD_NUMBER: _builtins.int
     DRAFT_ACCEPTED_FIELD_NUMBER: _builtins.int
     DRAFT_ACCEPTANCE_RATE_FIELD_NUMBER: _builtins.int
+    PARSE_MS_FIELD_NUMBER: _builtins.int
+    TEMPLATE_MS_FIELD_NUMBER: _builtins.int
+    TOKENIZE_MS_FIELD_NUMBER: _builtins.int
+    ADMIT_MS_FIELD_NUMBER: _builtins.int
+    FIRST_TOKEN_OUT_MS_FIELD_NUMBER: _builtins.int
+    RENDER_MS_FIELD_NUMBER: _builtins.int
     queue_ms: _builtins.float
     """Waiting for a batch slot."""
     prefill_ms: _builtins.float
@@ -440,6 +446,22 @@ class Timings(_message.Message):
     draft_accepted: _builtins.int
     draft_acceptance_rate: _builtins.float
     """draft_accepted / draft_proposed (0 when nothing was proposed)."""
+    parse_ms: _builtins.float
+    """The phases the request crossed, ms (0: not on this request's path). The door parsing
+    the call into a request (the call's start to its submission to the engine).
+    """
+    template_ms: _builtins.float
+    """The engine process rendering the chat template (0 for a text or id prompt)."""
+    tokenize_ms: _builtins.float
+    """The engine process encoding the prompt into token ids (0 for an id prompt)."""
+    admit_ms: _builtins.float
+    """The scheduler admitting it (slot and KV cells) until its prompt's first pass."""
+    first_token_out_ms: _builtins.float
+    """The first token's hops between door and engine, both ways: the door's time to its
+    first token less the engine's (template, tokenize, queue, prefill).
+    """
+    render_ms: _builtins.float
+    """The door rendering and writing the events before the last."""
     def __init__(
         self,
         *,
@@ -452,10 +474,16 @@ class Timings(_message.Message):
         draft_proposed: _builtins.int = ...,
         draft_accepted: _builtins.int = ...,
         draft_acceptance_rate: _builtins.float = ...,
+        parse_ms: _builtins.float = ...,
+        template_ms: _builtins.float = ...,
+        tokenize_ms: _builtins.float = ...,
+        admit_ms: _builtins.float = ...,
+        first_token_out_ms: _builtins.float = ...,
+        render_ms: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["decode_ms", b"decode_ms", "draft", b"draft", "draft_acceptance_rate", b"draft_acceptance_rate", "draft_accepted", b"draft_accepted", "draft_proposed", b"draft_proposed", "prefill_ms", b"prefill_ms", "queue_ms", b"queue_ms", "total_ms", b"total_ms", "ttft_ms", b"ttft_ms"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["admit_ms", b"admit_ms", "decode_ms", b"decode_ms", "draft", b"draft", "draft_acceptance_rate", b"draft_acceptance_rate", "draft_accepted", b"draft_accepted", "draft_proposed", b"draft_proposed", "first_token_out_ms", b"first_token_out_ms", "parse_ms", b"parse_ms", "prefill_ms", b"prefill_ms", "queue_ms", b"queue_ms", "render_ms", b"render_ms", "template_ms", b"template_ms", "tokenize_ms", b"tokenize_ms", "total_ms", b"total_ms", "ttft_ms", b"ttft_ms"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -122,3 +123,26 @@ def test_a_plan_that_times_out_is_refused_now_and_qualified_again_later(registry
     assert info.refused[key].startswith("timed-out")
     assert not info.plan.startswith(FAULTS)
     assert not any(k.endswith(key) for k in cache.read())
+
+
+def test_a_single_sequence_decodes_on_the_fewest_threads_that_measure_fastest() -> None:
+    assert qualify.thread_counts(1) == [1]
+    assert qualify.thread_counts(2) == [1, 2]
+    assert qualify.thread_counts(12) == [1, 2, 4, 8, 12]
+    # Within DECODE_THREADS_SLACK of the best: the fewest win (the rest serve the server).
+    assert qualify.fewest_fast_threads({1: 150.0, 2: 152.0}) == 1
+    assert qualify.fewest_fast_threads({1: 100.0, 2: 150.0, 4: 152.0}) == 2
+    cpp = Plan(backend="llamacpp", weights="q8_0", extra_buffers=True)
+    verdict = dataclasses.replace(
+        _verdict(cpp, 1.0, 30.0), decode_threads=2, decode_by_threads={"1": 100.0, "2": 150.0}
+    )
+    sel = choose([cpp], [verdict], {}, ModelConfig.of())
+    assert sel.plan.decode_threads == 2 and sel.plan.key == cpp.key
+    assert sel.measured["decode_threads"] == 2
+    assert sel.measured["decode_tokens_per_s_1_threads"] == 100.0
+    # An operator's --decode-threads is what serves, and what is shown.
+    pinned = choose([cpp], [verdict], {}, ModelConfig.of(decode_threads=1))
+    assert pinned.measured["decode_threads"] == 1
+    # A llama.cpp verdict cached before threads were raced is qualified again.
+    assert _verdict(cpp, 1.0, 30.0).stale and not verdict.stale
+    assert not _verdict(Plan(backend="llama"), 1.0, 10.0).stale

@@ -13,6 +13,11 @@ load or comes from outside the registry.
 
 Slots are llama.cpp sequence ids. Scoring uses extra sequence ids after the slots, so a
 Score never disturbs a running generation's cache.
+
+Threads by phase (`ggml_threads.ContextThreads`): a one-token pass (one sequence decoding)
+runs on `decode_threads`, what qualification measured fastest for it on this machine, and
+every larger pass (prefill, batched decode, Score rows) on all `threads`, each on a
+persistent ggml threadpool whose workers sleep between passes.
 """
 
 from __future__ import annotations
@@ -42,6 +47,7 @@ from slimserve.engine.backends.base import (
     check_truncate,
     prompt_logprobs_from,
 )
+from slimserve.engine.backends.ggml_threads import ContextThreads, unavailable_reason
 from slimserve.engine.backends.gguf_export import GgufType, export_gguf
 from slimserve.engine.config import KV_LAYOUTS
 from slimserve.engine.types import TokenLogprob
@@ -82,6 +88,8 @@ class LlamaCppBackend:
         extra_buffers: bool = True,
         kv_pool_bytes: int | None = None,
         kv_layout: str = "auto",
+        decode_threads: int = 0,
+        threadpool: bool = True,
     ) -> None:
         """Convert the weights, load them into llama.cpp and allocate the KV cache.
 
@@ -101,6 +109,10 @@ class LlamaCppBackend:
         pool, but each break in the run costs another pass (16 streams: 25.1 ms a step
         split, 27.4 unified; 15 with slot 5 free: 49.9 split, 36.1 unified; SmolLM2 q8_0,
         AMD EPYC, 2 threads), so the engine keeps the run unbroken (`move`).
+
+        `decode_threads` (1..threads; 0: threads) run a pass of one token, `threads` every
+        larger one; `threadpool` runs them on persistent ggml pools (poll 0), else on
+        llama.cpp's pool per call (see module docstring).
         """
         import llama_cpp as lc
 
@@ -109,6 +121,8 @@ class LlamaCppBackend:
                 f"max_slots ({max_slots}), max_seq_len ({max_seq_len}) and threads ({threads}) "
                 "must be >= 1"
             )
+        if not 0 <= decode_threads <= threads:
+            raise ValueError(f"decode_threads must be 0..threads ({threads}), not {decode_threads}")
         self.lc = lc
         self.name = f"llama.cpp-{weight_type}"
         #: Repacked / AMX weight buffers: faster kernels, qualified per CPU before serving.
@@ -152,6 +166,19 @@ class LlamaCppBackend:
         self._mem = lc.llama_get_memory(self._ctx)
         self._batch = lc.llama_batch_init(_BATCH_TOKENS, 0, 1)
         self._lengths = [0] * max_slots
+        why = unavailable_reason() if threadpool else None
+        if why is not None:
+            log.warning("no persistent ggml threadpool (%s): llama.cpp makes one per call", why)
+        #: Threads by phase and their pools.
+        self.phase_threads = ContextThreads(
+            lc, self._ctx, threads=threads, decode_threads=decode_threads or threads,
+            pooled=threadpool and why is None,
+        )  # fmt: skip
+
+    def set_decode_threads(self, n: int) -> None:
+        """Run one-token passes on `n` threads (1..threads) from the next call on
+        (qualification races the counts on one backend)."""
+        self.phase_threads.set_decode_threads(n)
 
     def _lay_out_cache(self, ctx: Any, layout: str, pool_bytes: int | None) -> None:
         """Set `ctx`'s KV cells and layout, and `kv_layout`, `kv_pool_tokens`, `_score_cells`."""
@@ -187,6 +214,7 @@ class LlamaCppBackend:
             self.lc.llama_free(self._ctx)
             self.lc.llama_model_free(self._model)
             self._ctx = None
+            self.phase_threads.close()  # after the context: it points at its last pool
 
     def __del__(self) -> None:
         with contextlib.suppress(Exception):  # interpreter shutdown: ctypes may be gone

@@ -92,6 +92,9 @@ class Plan:
     dtype: str = "float32"
     #: llama.cpp: repacked / AMX weight buffers (the fast kernels this CPU qualifies for).
     extra_buffers: bool = False
+    #: llama.cpp: threads of a one-token pass, measured fastest at qualification (0: not
+    #: measured, all threads). Not part of `key`: a measurement of the plan, not another plan.
+    decode_threads: int = 0
 
     @property
     def key(self) -> str:
@@ -116,6 +119,7 @@ class Plan:
             weights=str(d.get("weights", "none")),
             dtype=str(d.get("dtype", "float32")),
             extra_buffers=bool(d.get("extra_buffers", False)),
+            decode_threads=int(str(d.get("decode_threads", 0))),
         )
 
 
@@ -188,13 +192,18 @@ def plans_for(
 
 
 def quiet_torch_beside(plan: Plan) -> None:
-    """Drop torch's intra-op pool to one thread when `plan` runs the forward in llama.cpp:
-    torch only picks tokens then, and its spinning workers would slow llama.cpp's on the
-    same cores (the engine, qualification and the speculate stage all run plans so)."""
+    """Drop torch's intra-op pool and numpy's BLAS (OpenBLAS) to one thread when `plan`
+    runs the forward in llama.cpp: torch and numpy only pick tokens then, and their
+    spinning workers would slow llama.cpp's on the same cores (the engine, qualification
+    and the speculate stage all run plans so). OpenBLAS reads OPENBLAS_NUM_THREADS only
+    when it loads, before this process forked from its forkserver: threadpoolctl sets the
+    count at run time instead."""
     if plan.backend == "llamacpp":
         import torch
+        from threadpoolctl import ThreadpoolController  # type: ignore[import-untyped]
 
         torch.set_num_threads(1)
+        ThreadpoolController().limit(limits=1, user_api="blas")
 
 
 def build_backend(
@@ -235,6 +244,10 @@ def _build(
             max_slots=config.cache.max_batch,
             max_seq_len=max_seq_len,
             threads=torch.get_num_threads(),  # what `serve --threads` set
+            decode_threads=min(
+                config.load.decode_threads or plan.decode_threads, torch.get_num_threads()
+            ),
+            threadpool=config.load.ggml_threadpool,
             weight_type=plan.weights,  # type: ignore[arg-type]
             extra_buffers=plan.extra_buffers,
             kv_pool_bytes=config.cache.kv_pool_bytes(),

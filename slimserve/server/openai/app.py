@@ -115,6 +115,7 @@ class OpenAIApp:
     def _door(self, route: str, handler: Handler) -> Handler:
         async def door(request: Request) -> Response:
             t0 = time.monotonic()
+            logs.REQUEST_T0.set(t0)
             sent = request.headers.get("x-request-id")
             rid = logs.request_id_from([("x-request-id", sent)] if sent is not None else [])
             principal, refusal = self.gate.check(request.headers.get("authorization"), route)
