@@ -190,7 +190,8 @@ class Controls:
 
     - `pause_at_token(n)`: the next sequence about to make its n-th token (1: its prefill)
       stops there, the engine with it, until `release()`; `wait_paused()` returns once it
-      has stopped (every earlier token is then on the wire). One pause per arming.
+      has stopped (every earlier token is then on the wire). One pause per arming;
+      `killed()` forgets it when the test kills the paused process.
     - `pause_at_score()`: the same, before the next Score chunk.
     - `hold_loads()` / `let_loads()`: engine processes that load meanwhile (a restart)
       wait, so the test sees the model RESTARTING for as long as it needs.
@@ -226,6 +227,11 @@ class Controls:
             return
         self._write("release", "")
         _wait_for(lambda: not (self.dir / "paused").exists(), timeout, "never resumed")
+
+    def killed(self) -> None:
+        """The paused engine process was killed: forget its pause (none will resume)."""
+        (self.dir / "paused").unlink(missing_ok=True)
+        (self.dir / "release").unlink(missing_ok=True)
 
     def hold_loads(self) -> None:
         self._write("hold-load", "")

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import queue
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -97,13 +98,25 @@ def _served_in_full(calls: Background, controls: Controls) -> None:
     assert results["running"] == 40 and results["queued"] == 5, results
 
 
+def _bytes_input(name: str, value: str) -> triton.InferInput:
+    tensor = triton.InferInput(name, [1], "BYTES")
+    tensor.set_data_from_numpy(np.array([value.encode()], dtype=np.object_))
+    return tensor
+
+
+def _bool_input(name: str, value: bool) -> triton.InferInput:
+    tensor = triton.InferInput(name, [1], "BOOL")
+    tensor.set_data_from_numpy(np.array([value], dtype=bool))
+    return tensor
+
+
 def _kserve_generate(target: str) -> Any:
-    text = triton.InferInput("text_input", [1], "BYTES")
-    text.set_data_from_numpy(np.array([b"hi"], dtype=np.object_))
-    params = triton.InferInput("sampling_parameters", [1], "BYTES")
-    params.set_data_from_numpy(np.array([json.dumps({"max_tokens": 2}).encode()], np.object_))
+    inputs = [
+        _bytes_input("text_input", "hi"),
+        _bytes_input("sampling_parameters", json.dumps({"max_tokens": 2})),
+    ]
     with triton.InferenceServerClient(target) as kserve:
-        return kserve.infer("tiny", [text, params])
+        return kserve.infer("tiny", inputs)
 
 
 def test_a_full_queue_is_resource_exhausted_over_grpc(full: tuple[ServerThread, Controls]) -> None:
@@ -183,30 +196,77 @@ def test_a_full_queue_is_429_with_retry_after(full: tuple[ServerThread, Controls
         _served_in_full(calls, controls)
 
 
-def test_a_client_that_leaves_frees_its_slot(full: tuple[ServerThread, Controls]) -> None:
-    server, controls = full
+def _leaves_at_its_third_token(
+    server: ServerThread, controls: Controls, begin: Callable[[], Callable[[], None]]
+) -> None:
+    """`begin` opens a 100-token stream, reads its first chunk and returns how to leave it;
+    the client leaves while the engine is stopped at the stream's third token. The engine
+    drops the request at its next step: CANCELLED, its slot free, a handful of tokens made."""
     engine = server.server.models.get("tiny").engine
     before = engine.stats()
     controls.pause_at_token(3)
     try:
-        with _oai(server) as client:
-            stream: Any = client.completions.create(
-                model="tiny", prompt="hello", max_tokens=100, stream=True,
-                extra_body={"ignore_eos": True},
-            )  # fmt: skip
-            next(iter(stream))
-            controls.wait_paused()
-            assert engine.stats().running == 1
-            stream.close()
-            # The door cancels the request while the engine is stopped; at its next step
-            # the engine drops it.
-            wait_until(lambda: server.server.in_flight.count == 0, "the door kept the request")
+        leave = begin()
+        controls.wait_paused()
+        assert engine.stats().running == 1
+        leave()
+        # The door has cancelled the request while the engine is stopped.
+        wait_until(lambda: server.server.in_flight.count == 0, "the door kept the request")
     finally:
         controls.release()
     wait_until(lambda: engine.stats().running == 0, "the slot was never freed")
     after = engine.stats()
     assert after.finished.get("CANCELLED", 0) == before.finished.get("CANCELLED", 0) + 1
+    assert after.free_slots == 1 and after.queued == 0
     assert after.generated_tokens - before.generated_tokens <= 4  # 100 were asked for
+
+
+def test_a_client_that_leaves_frees_its_slot(full: tuple[ServerThread, Controls]) -> None:
+    server, controls = full
+    with _oai(server) as client:
+
+        def begin() -> Callable[[], None]:
+            stream: Any = client.completions.create(
+                model="tiny", prompt="hello", max_tokens=100, stream=True,
+                extra_body={"ignore_eos": True},
+            )  # fmt: skip
+            next(iter(stream))
+            return stream.close  # type: ignore[no-any-return]
+
+        _leaves_at_its_third_token(server, controls, begin)
+
+
+def test_a_cancelled_grpc_stream_frees_its_slot(full: tuple[ServerThread, Controls]) -> None:
+    server, controls = full
+    with Client(server.target, retries=0, timeout=60) as c:
+
+        def begin() -> Callable[[], None]:
+            stream = c.stream("hello", max_new_tokens=100, ignore_eos=True)
+            next(stream)
+            return stream.close  # cancels the RPC
+
+        _leaves_at_its_third_token(server, controls, begin)
+
+
+def test_a_cancelled_kserve_stream_frees_its_slot(full: tuple[ServerThread, Controls]) -> None:
+    server, controls = full
+    params = {"max_tokens": 100, "ignore_eos": True}
+    inputs = [
+        _bytes_input("text_input", "hello"),
+        _bytes_input("sampling_parameters", json.dumps(params)),
+        _bool_input("stream", True),
+    ]
+    with triton.InferenceServerClient(server.target) as kserve:
+        answers: queue.SimpleQueue[Any] = queue.SimpleQueue()
+
+        def begin() -> Callable[[], None]:
+            kserve.start_stream(callback=lambda result, error: answers.put((result, error)))
+            kserve.async_stream_infer("tiny", inputs)
+            _, error = answers.get(timeout=30)
+            assert error is None, error
+            return lambda: kserve.stop_stream(cancel_requests=True)
+
+        _leaves_at_its_third_token(server, controls, begin)
 
 
 def test_a_drain_is_503_while_streams_in_flight_finish(tiny_registry: Path, tmp_path: Path) -> None:
