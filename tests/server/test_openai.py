@@ -62,9 +62,16 @@ def grpc_client(door: ServerThread) -> Iterator[Client]:
         yield c
 
 
-def raw(server: ServerThread, path: str, body: Any = None, token: str | None = TOKEN) -> Any:
-    """(status, headers, body text) of one request, without the SDK."""
-    data = json.dumps(body).encode() if body is not None else None
+def raw(
+    server: ServerThread,
+    path: str,
+    body: Any = None,
+    token: str | None = TOKEN,
+    data: bytes | None = None,
+) -> Any:
+    """(status, headers, body text) of one request, without the SDK; `data` is sent as it is."""
+    if data is None and body is not None:
+        data = json.dumps(body).encode()
     req = urllib.request.Request(
         base_url(server) + path, data=data, method="POST" if data else "GET"
     )
@@ -321,6 +328,19 @@ def test_bad_fields_are_400_naming_the_field(oai: openai.OpenAI) -> None:
         openai.BadRequestError,
     )
     assert body["param"] == "messages[0].role"
+
+
+def test_a_body_that_is_not_json_is_400_and_one_too_large_is_413(door: ServerThread) -> None:
+    for data in (b"{not json", b"[1, 2]", b'{"model": "tiny", "prompt": "hi"'):
+        status, _, text = raw(door, "/v1/completions", data=data)
+        error = json.loads(text)["error"]
+        assert status == 400 and error["type"] == "invalid_request_error", (data, text)
+    limit = door.config.limits.max_message_bytes
+    big = {"model": "tiny", "prompt": "a" * (limit + 1), "max_tokens": 1}
+    status, _, text = raw(door, "/v1/completions", big)
+    error = json.loads(text)["error"]
+    assert status == 413 and error["code"] == "payload_too_large", text
+    assert raw(door, "/v1/models")[0] == 200  # the door serves on
 
 
 def test_an_echo_over_the_score_budget_is_400_naming_echo(oai: openai.OpenAI) -> None:

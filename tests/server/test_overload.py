@@ -269,6 +269,27 @@ def test_a_cancelled_kserve_stream_frees_its_slot(full: tuple[ServerThread, Cont
         _leaves_at_its_third_token(server, controls, begin)
 
 
+def test_an_error_mid_stream_is_an_error_event(full: tuple[ServerThread, Controls]) -> None:
+    """The engine runs out of memory at the stream's first decode step, after the 200 and
+    its first token: the stream ends with an `{"error": ...}` event, which the SDK raises."""
+    server, controls = full
+    controls.oom_once("decode")
+    with _oai(server) as client:
+        stream: Any = client.completions.create(
+            model="tiny", prompt="hello", max_tokens=8, stream=True,
+            extra_body={"ignore_eos": True},
+        )  # fmt: skip
+        assert stream.response.status_code == 200
+        texts: list[str] = []
+        with pytest.raises(openai.APIError, match="out of memory"):
+            for chunk in stream:
+                texts.extend(c.text for c in chunk.choices)
+        assert controls.oom_fired("decode") and len(texts) <= 1
+        # The engine serves on.
+        done = client.completions.create(model="tiny", prompt="hi", max_tokens=2)
+        assert done.usage is not None and done.usage.completion_tokens == 2
+
+
 def test_a_drain_is_503_while_streams_in_flight_finish(tiny_registry: Path, tmp_path: Path) -> None:
     with steered_server(tiny_registry, tmp_path / "reg", **ONE_SLOT) as (server, controls):
         calls = Background()
