@@ -148,6 +148,19 @@ def test_unary_text_equals_slimserve_generate(
     assert _text(with_prompt) == PROMPT + expected
 
 
+def test_without_the_sampling_tensor_the_request_parameters_are_read(
+    kserve: triton.InferenceServerClient, tiny_server: ServerThread
+) -> None:
+    """As vLLM's Triton backend: no `sampling_parameters` input, the request's parameters of
+    those names instead (others are left alone)."""
+    with Client(tiny_server.target, timeout=30) as client:
+        expected = client.generate(PROMPT, max_new_tokens=5, ignore_eos=True)
+    inputs = [_bytes("text_input", PROMPT), _bool("exclude_input_in_output", True)]
+    params = {"max_tokens": 5, "ignore_eos": True, "temperature": 0.0, "tag": "x"}
+    result = kserve.infer("tiny", inputs, parameters=params)
+    assert _text(result) == expected.text and expected.generated_tokens == 5
+
+
 def test_typed_contents_read_as_raw(
     kserve: triton.InferenceServerClient, tiny_server: ServerThread
 ) -> None:
