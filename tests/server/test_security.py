@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Any
 
 import grpc
-import httpx
 import openai
 import pytest
 
@@ -410,7 +409,7 @@ def _https_completion(base_url: str, ca: Path) -> int:
     """Tokens of a 2-token completion through the openai SDK trusting `ca` only."""
     verify = ssl.create_default_context(cafile=str(ca))
     with (
-        httpx.Client(verify=verify, timeout=30) as http,
+        openai.DefaultHttpxClient(verify=verify, timeout=30) as http,
         openai.OpenAI(base_url=base_url, api_key="none", max_retries=0, http_client=http) as oai,
     ):
         done = oai.completions.create(model="tiny", prompt="hello", max_tokens=2)
