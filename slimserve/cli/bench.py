@@ -304,6 +304,14 @@ def _add_small_benches(bsub: Any) -> None:
     p.add_argument("--streams", type=positive_int_list, default=[1, 16])
     p.add_argument("--repeats", type=positive_int, default=2000)
     p.set_defaults(func=cmd_bench_ipc)
+    p = bsub.add_parser("structured", help="structured output's cost to a stream's ITL")
+    p.add_argument("--model", default="smollm2-135m-instruct@production", help="NAME[@REF]")
+    p.add_argument("--threads", type=positive_int, default=os.cpu_count() or 1)
+    p.add_argument("--concurrency", type=positive_int_list, default=[1, 16], help="comma-separated")
+    p.add_argument("--new-tokens", type=positive_int, default=96)
+    p.add_argument("--rounds", type=positive_int, default=3)
+    registry_arg(p)
+    p.set_defaults(func=cmd_bench_structured)
     p = bsub.add_parser("step", help="where a decode step's milliseconds go (in-process)")
     p.add_argument("--model", default="smollm2-135m-instruct@production", help="NAME[@REF]")
     p.add_argument("--threads", type=positive_int, default=os.cpu_count() or 1)
@@ -352,6 +360,30 @@ def cmd_bench_ipc(args: argparse.Namespace) -> int:
     print(f"command: {' '.join(sys.argv)}")
     print(f"load average: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     print(ipc.markdown(rows))
+    return 0
+
+
+def cmd_bench_structured(args: argparse.Namespace) -> int:
+    import torch
+
+    from slimserve.bench.structured import markdown, measure
+    from slimserve.engine.config import ModelConfig
+    from slimserve.engine.frontend import Frontend
+    from slimserve.engine.loader import load
+    from slimserve.registry.store import parse_model_ref
+
+    torch.set_num_threads(args.threads)
+    name, ref = parse_model_ref(args.model)
+    artifact = open_registry(args).get(name, ref)
+    config = ModelConfig.of(device="cpu", max_batch=max(args.concurrency), qualify=False)
+    front = Frontend.of(load(artifact, config))
+    try:
+        rows = measure(front, args.concurrency, args.new_tokens, args.rounds)
+    finally:
+        front.shutdown()
+    print(f"command: {' '.join(sys.argv)}")
+    print(f"{artifact.ref} on {front.info.kernels}; load average {os.getloadavg()[0]:.2f}")
+    print(markdown(rows))
     return 0
 
 
