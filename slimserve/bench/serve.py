@@ -36,6 +36,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, Protocol
@@ -72,10 +73,12 @@ LLAMACPP_SYSTEMS = ("llama_cpp", "llama_cpp_q8")
 LLAMA_SERVER = "llama_server"
 #: The mixed-load scenario (streams, long prompts, a Score), run after the race.
 MIXED = "mixed"
+#: The prefix-cache scenario (a shared document against new ones), run after the race.
+PREFIX = "prefix"
 BEST_LLAMACPP = "best llama.cpp"
-SYSTEMS = (*SERVER_SYSTEMS, *WORKER_SYSTEMS, *LLAMACPP_SYSTEMS, LLAMA_SERVER, MIXED)
-#: Systems raced at each concurrency (every one but the mixed scenario).
-RACED = tuple(s for s in SYSTEMS if s != MIXED)
+SYSTEMS = (*SERVER_SYSTEMS, *WORKER_SYSTEMS, *LLAMACPP_SYSTEMS, LLAMA_SERVER, MIXED, PREFIX)
+#: Systems raced at each concurrency (every one but the scenarios).
+RACED = tuple(s for s in SYSTEMS if s not in (MIXED, PREFIX))
 #: Systems with the persistent ggml threadpool and threads by phase off (the "before").
 NO_POOL = ("slimserve_nopool", "engine_nopool")
 #: One-token chat requests timed per OpenAI or gRPC server (the first-token probe).
@@ -144,6 +147,8 @@ class Bench:
     #: The mixed scenario's running streams, and its long prompts' tokens.
     mixed_streams: int = 2
     mixed_long_tokens: int = 1300
+    #: The prefix scenario's shared document, in tokens.
+    prefix_tokens: int = 1000
     samples: list[Sample] = field(default_factory=list)
 
     @property
@@ -913,6 +918,7 @@ def run(b: Bench, *, score: bool = True) -> dict[str, Any]:
         for proc in procs.values():
             proc.close()
     mixed = _mixed(b) if MIXED in b.systems else None
+    prefix = _prefix(b) if PREFIX in b.systems else None
     env = environment(b)
     env["served"] = {system: proc.served for system, proc in procs.items()}
     rows = summarise(b)
@@ -922,6 +928,7 @@ def run(b: Bench, *, score: bool = True) -> dict[str, Any]:
         "score": scores,
         "chat_probe": chat,
         "mixed": mixed,
+        "prefix": prefix,
         "targets": [t.to_dict() for t in targets(rows)],
         "outputs": outputs(b.samples),
         "outputs_identical": same_outputs(b.samples, "slimserve_draft", "slimserve"),
@@ -950,17 +957,36 @@ def _mixed(b: Bench) -> dict[str, Any]:
     """The mixed scenario on a server of its own (contexts long enough for its prompts)."""
     from slimserve.bench import mixed
 
+    def runs(server: _Server) -> dict[str, Any]:
+        return {"runs": [server.call(mixed.run(server, b)) for _ in range(b.repeats)]}
+
+    return _scenario(b, MIXED, mixed.max_seq_len(b.mixed_long_tokens), runs)
+
+
+def _prefix(b: Bench) -> dict[str, Any]:
+    """The prefix-cache scenario on a server of its own (contexts long enough for it)."""
+    from slimserve.bench import prefix
+
+    def runs(server: _Server) -> dict[str, Any]:
+        return {"run": server.call(prefix.run(server, b))}
+
+    return _scenario(b, PREFIX, prefix.max_seq_len(b.prefix_tokens), runs)
+
+
+def _scenario(
+    b: Bench, system: str, max_seq_len: int, runs: Callable[[_Server], dict[str, Any]]
+) -> dict[str, Any]:
+    """`runs` against a server of its own; what it found, or the error that stopped it."""
     try:
-        server = _Server(b, MIXED, max_seq_len=mixed.max_seq_len(b.mixed_long_tokens))
+        server = _Server(b, system, max_seq_len=max_seq_len)
     except Exception as exc:
         return {"error": f"did not start: {describe(exc)}"}
     try:
-        runs = [server.call(mixed.run(server, b)) for _ in range(b.repeats)]
+        return {"served": server.served, **runs(server)}
     except Exception as exc:
         return {"error": describe(exc), "served": server.served}
     finally:
         server.close()
-    return {"served": server.served, "runs": runs}
 
 
 def chat_lines(chat: dict[str, dict[str, Any]]) -> list[str]:
@@ -1005,6 +1031,10 @@ def report_lines(report: dict[str, Any]) -> list[str]:
         from slimserve.bench.mixed import report_lines as mixed_lines
 
         lines += mixed_lines(report["mixed"])
+    if report.get("prefix"):
+        from slimserve.bench.prefix import report_lines as prefix_lines
+
+        lines += prefix_lines(report["prefix"])
     return lines
 
 

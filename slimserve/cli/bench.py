@@ -243,7 +243,8 @@ def add_parser(sub: Any) -> None:
         "without), engine_ipc (its own process, no gRPC), hf_generate, llama_cpp (the "
         "shipped GGUF), llama_cpp_q8 (it re-encoded to Q8_0), llama_server (llama.cpp's "
         "own server on the weights slimserve serves, through the openai SDK), mixed "
-        "(streams while long prompts and a Score arrive: their gaps) "
+        "(streams while long prompts and a Score arrive: their gaps), prefix (TTFT of a "
+        "~1,000-token shared document + a new question against a new document each time) "
         f"(default: {DEFAULT_SYSTEMS})",
     )
     p.add_argument(
