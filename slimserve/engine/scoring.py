@@ -4,7 +4,12 @@ The scheduler hands `ScoreQueue.step` a token budget per engine step; the jobs a
 of the queue give up to that many tokens of continuations (at least one), which run in one
 batched `score_batch` call, and the decode step for the running streams follows. So a
 Score of 32 long labels interleaves with generation instead of starving it, and its
-deadline is honoured between chunks. Imports engine modules and torch only.
+deadline is honoured between chunks.
+
+A job's future stays pending until its answer is set, so a caller that gives up (a
+deadline, a disconnect) can `cancel()` it at any time; the job then leaves the queue
+before its next chunk runs. The answer of a job cancelled mid-chunk is dropped
+(`settle`), never raised into the worker loop. Imports engine modules and torch only.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import torch
 
 from slimserve.engine.backends.base import Backend
 from slimserve.engine.errors import DeadlineExpired, EngineFailure, Overloaded
+from slimserve.engine.futures import settle
 from slimserve.engine.sequence import ScoreJob
 
 log = logging.getLogger(__name__)
@@ -37,9 +43,7 @@ class ScoreQueue:
 
     def fail_all(self, exc: BaseException) -> None:
         while self.jobs:
-            job = self.jobs.popleft()
-            if not job.future.done():
-                job.future.set_exception(exc)
+            settle(self.jobs.popleft().future, exc=exc)
 
     def take(self, budget: int) -> list[tuple[ScoreJob, int, int]]:
         """Chunks of the head jobs worth up to `budget` tokens; expired jobs fail here."""
@@ -47,13 +51,13 @@ class ScoreQueue:
         now = time.monotonic()
         while self.jobs and budget > 0:
             job = self.jobs[0]
-            if job.next == 0 and not job.future.set_running_or_notify_cancel():
-                self.jobs.popleft()  # the caller gave up before it started
+            if job.future.done():  # the caller gave up (cancelled): nothing more of it runs
+                self.jobs.popleft()
                 continue
             if job.deadline is not None and now >= job.deadline:
                 self.jobs.popleft()
                 done = f"{job.next} of {len(job.continuations)}"
-                job.future.set_exception(DeadlineExpired(f"deadline exceeded after {done} labels"))
+                settle(job.future, exc=DeadlineExpired(f"deadline exceeded after {done} labels"))
                 continue
             start, end = job.take(budget if chunks else max(budget, 1))
             chunks.append((job, start, end))
@@ -64,23 +68,24 @@ class ScoreQueue:
                 break  # the rest of this job waits for the next step
         return chunks
 
-    def step(self, backend: Backend, budget: int) -> None:
-        """Run one budget's worth of score work."""
+    def step(self, backend: Backend, budget: int) -> int:
+        """Run one budget's worth of score work; returns the tokens it put through."""
         chunks = self.take(budget)
         if not chunks:
-            return
+            return 0
+        spent = sum(job.cost(i) for job, a, b in chunks for i in range(a, b))
         for job, _, _ in [c for c in chunks if c[0].top_n is not None]:
             _prompt_logprobs(backend, job)
         chunks = [c for c in chunks if c[0].top_n is None]
         if not chunks:
-            return
+            return spent
         work = [(job.prompt, job.continuations[a:b]) for job, a, b in chunks]
         try:
             results = backend.score_batch(work)
         except torch.OutOfMemoryError as exc:
             for job, _, _ in chunks:
                 _fail(job, Overloaded(f"out of memory while scoring: {exc}"))
-            return
+            return spent
         except Exception:
             # One bad job fails only itself: run each chunk alone.
             results = []
@@ -100,6 +105,7 @@ class ScoreQueue:
             job.sums.extend(sums)
             if job.done:
                 _finish(job)
+        return spent
 
 
 def _prompt_logprobs(backend: Backend, job: ScoreJob) -> None:
@@ -112,23 +118,21 @@ def _prompt_logprobs(backend: Backend, job: ScoreJob) -> None:
         log.exception("prompt log-probabilities failed")
         _fail(job, exc)
         return
-    if not all(math.isfinite(lp.logprob) for lp in result):
+    if not all(lp.logprob is not None and math.isfinite(lp.logprob) for lp in result):
         _fail(job, EngineFailure("the backend returned a non-finite log-probability"))
         return
-    job.future.set_result(result)
+    settle(job.future, result)
 
 
 def _fail(job: ScoreJob, exc: BaseException) -> None:
     job.next = len(job.continuations)  # nothing more of it runs
-    if not job.future.done():
-        job.future.set_exception(exc)
+    settle(job.future, exc=exc)
 
 
 def _finish(job: ScoreJob) -> None:
     if not all(map(math.isfinite, job.sums)):
         # A NaN would read as "not fraud" to a client comparing with a threshold.
-        job.future.set_exception(
-            EngineFailure(f"the backend returned a non-finite log-probability: {job.sums}")
-        )
+        exc = EngineFailure(f"the backend returned a non-finite log-probability: {job.sums}")
+        settle(job.future, exc=exc)
         return
-    job.future.set_result(job.sums)
+    settle(job.future, job.sums)

@@ -171,12 +171,19 @@ class Tokenizer:
         # thread while it is flipped would split special tokens it should keep.
         with self._split_lock:
             if not split_special_tokens:
-                return list(self._tok.encode(text, add_special_tokens=add_special_tokens).ids)
+                return self._encode(text, add_special_tokens)
             self._tok.encode_special_tokens = True
             try:
-                return list(self._tok.encode(text, add_special_tokens=add_special_tokens).ids)
+                return self._encode(text, add_special_tokens)
             finally:
                 self._tok.encode_special_tokens = False
+
+    def _encode(self, text: str, add_special_tokens: bool) -> list[int]:
+        # `encode_batch` releases the GIL while it works and `encode` does not: a 1 MB
+        # prompt held every other thread of the process (a server's event loop, its
+        # engine reader) for ~1 s through `encode`, and for no time through this.
+        (encoding,) = self._tok.encode_batch([text], add_special_tokens=add_special_tokens)
+        return list(encoding.ids)
 
     def __call__(
         self, text: str, add_special_tokens: bool = True, split_special_tokens: bool = False
@@ -218,6 +225,34 @@ class Tokenizer:
             **{**self.special_tokens_map, **kwargs},
         )
         return self.encode(text, add_special_tokens=False) if tokenize else str(text)
+
+
+def token_bytes_bound(tok: Any) -> int:
+    """Input bytes one token can stand for at most, so that a text of more than
+    `limit * token_bytes_bound(tok)` UTF-8 bytes is known to need more than `limit` tokens
+    without tokenizing it (a 4 MB prompt is refused at once, not after seconds of work).
+
+    Two upper bounds per entry, the smaller kept: the entry's own spelling in UTF-8 bytes
+    (a byte-level entry spells each byte as a character of one byte or more, a
+    SentencePiece "▁" of 3 bytes stands for one space, a byte-fallback "<0x0A>" for one
+    byte), and its decoded text plus one byte (a byte-level decode is exact but for stray
+    bytes of a split character, each becoming a 3-byte U+FFFD; a SentencePiece decode drops
+    at most one leading space). A normalizer can shrink the text first (NFKC makes a
+    3-byte "Ａ" an "A"), so with one the bound counts characters: times 4, the most bytes of
+    one character.
+    """
+    size = len(tok)
+    backend = getattr(tok, "_tok", None) or getattr(tok, "backend_tokenizer", None)
+    if backend is None:  # a tokenizer of transformers' own, with rules we cannot see
+        spelled = tok.convert_ids_to_tokens(list(range(size)))
+        return 4 * max((len(t.encode()) for t in spelled if t), default=1)
+    ids = [[i] for i in range(size)]
+    spelled = [backend.id_to_token(i) or "" for i in range(size)]
+    decoded = backend.decode_batch(ids, skip_special_tokens=False)
+    longest = max(
+        min(len(a.encode()), len(b.encode()) + 1) for a, b in zip(spelled, decoded, strict=True)
+    )
+    return max(longest, 1) * (4 if backend.normalizer is not None else 1)
 
 
 def load_tokenizer(directory: Path) -> Any:

@@ -63,7 +63,7 @@ def start_server(served: Served, device: str, dtype: str, **model: object) -> Se
         registry=served.registry,
         models=(served.ref,),
         port=0,
-        model=ModelConfig(
+        model=ModelConfig.of(
             device=device,
             dtype=dtype,
             max_batch=4,

@@ -16,8 +16,9 @@ TOO_MUCH = 1 << 50
 
 
 def trigger_file(registry_root: Path) -> Path:
-    """While this file exists, `oom_on_trigger` backends run out of memory in prefill and
-    Score (the calls that hold activations for a whole prompt); decode steps go on."""
+    """While this file exists, `oom_on_trigger` backends run out of memory in prefill, in a
+    step that feeds a prompt chunk (two tokens or more), and in Score: the calls that hold
+    activations for a whole prompt. Decode steps go on."""
     return registry_root / "oom-trigger"
 
 
@@ -33,6 +34,13 @@ class _OomOnTrigger:
     def _workspace(self) -> None:
         if self.trigger.exists():
             torch.empty(TOO_MUCH, dtype=torch.uint8, device=self.inner.device)
+
+    def forward(self, feeds: list[Any]) -> torch.Tensor:
+        # The engine feeds decode tokens and prompt chunks in one step; a step that fails is
+        # fed again one sequence at a time, so only the prompt's request meets the error.
+        if any(len(f.tokens) > 1 for f in feeds):
+            self._workspace()
+        return self.inner.forward(feeds)  # type: ignore[no-any-return]
 
     def prefill(self, slot: int, token_ids: list[int]) -> torch.Tensor:
         self._workspace()

@@ -41,6 +41,7 @@ PROMPTS = [
     "Once upon a time, in a small village,",
 ]
 NEW_TOKENS = 32
+OOM_PROMPT = "Tell me about the history of the city of Paris"
 SCORED = ("The capital of France is", [" Paris", " London", " a city in Europe"])
 
 Record = Callable[[str, object], None]
@@ -166,10 +167,11 @@ def test_cuda_out_of_memory_is_resource_exhausted_and_the_engine_keeps_serving(
             reader.start()
             trigger.touch()
             try:
+                # A prompt of several tokens: its prefill holds a whole prompt's activations.
                 with pytest.raises(Overloaded, match="out of memory") as gen_err:
-                    c.generate("hello", max_new_tokens=4)
+                    c.generate(OOM_PROMPT, max_new_tokens=4)
                 with pytest.raises(Overloaded, match="out of memory"):
-                    c.score("hello", [" a", " b"])
+                    c.score(OOM_PROMPT, [" a", " b"])
             finally:
                 trigger.unlink()
             reader.join(120)

@@ -103,3 +103,60 @@ def hang_at_load(model: Any, config: Any, max_seq_len: int, tokenizer_json: Path
 
     time.sleep(3600)
     return _llama(model, config, max_seq_len, tokenizer_json)
+
+
+def score_log(registry_root: Path) -> Path:
+    """Each slow Score chunk a `slow_scores` backend runs appends a line here."""
+    return registry_root / "score-chunks"
+
+
+class _SlowScores(_Wrapped):
+    """Score chunks after a prompt of more than eight tokens take `delay_s` each and are
+    logged (`score_log`), so a test can see how much of a job the engine still ran after
+    its caller left. The short warm-up Score runs at full speed."""
+
+    def __init__(self, inner: Any, name: str, log: Path, delay_s: float) -> None:
+        super().__init__(inner, name)
+        self.log = log
+        self.delay_s = delay_s
+
+    def score_batch(self, jobs: list[tuple[list[int], list[list[int]]]]) -> list[list[float]]:
+        import time
+
+        if any(len(prompt) > 8 for prompt, _ in jobs):
+            with self.log.open("a") as f:
+                f.write(f"{sum(len(conts) for _, conts in jobs)}\n")
+            time.sleep(self.delay_s)
+        return self.inner.score_batch(jobs)  # type: ignore[no-any-return]
+
+
+def slow_scores(model: Any, config: Any, max_seq_len: int, tokenizer_json: Path | None) -> Any:
+    assert tokenizer_json is not None  # <root>/<name>/<version>/tokenizer.json
+    inner = _llama(model, config, max_seq_len, tokenizer_json)
+    log = score_log(tokenizer_json.parents[2])
+    return _SlowScores(inner, "fault-slow-scores", log, delay_s=0.25)
+
+
+class _SlowDecode(_Wrapped):
+    """Every decode step takes `delay_s` more: a stream long enough to watch its gaps."""
+
+    def __init__(self, inner: Any, name: str, delay_s: float) -> None:
+        super().__init__(inner, name)
+        self.delay_s = delay_s
+
+    def decode(self, slots: list[int], token_ids: list[int]) -> Any:
+        import time
+
+        time.sleep(self.delay_s)
+        return self.inner.decode(slots, token_ids)
+
+    def decode_view(self, slots: list[int], token_ids: list[int]) -> Any:
+        import time
+
+        time.sleep(self.delay_s)
+        return getattr(self.inner, "decode_view", self.inner.decode)(slots, token_ids)
+
+
+def slow_decode(model: Any, config: Any, max_seq_len: int, tokenizer_json: Path | None) -> Any:
+    inner = _llama(model, config, max_seq_len, tokenizer_json)
+    return _SlowDecode(inner, "fault-slow-decode", delay_s=0.02)

@@ -8,8 +8,9 @@ from typing import Any
 
 import pytest
 
+from slimserve.engine.inputs import InputProcessor
 from slimserve.engine.tokenizer import Tokenizer, compile_template, load_tokenizer
-from slimserve.server.convert import chat_template_ids
+from slimserve.engine.types import Message
 
 TEXTS = [
     "Hello, world!",
@@ -83,8 +84,13 @@ def _assert_same(directory: Path) -> None:
             assert ours.apply_chat_template(chat, add_generation_prompt=gen) == list(
                 theirs.apply_chat_template(chat, add_generation_prompt=gen, return_dict=False)
             )
-        # The server's own chat encoding (contents as plain text) is the same either way.
-        assert chat_template_ids(ours, chat) == chat_template_ids(theirs, chat)
+        # The engine's own chat encoding (contents as plain text) is the same either way.
+        messages = [Message(m["role"], m["content"]) for m in chat]
+        assert _inputs(ours).chat_ids(messages) == _inputs(theirs).chat_ids(messages)
+
+
+def _inputs(tok: Any) -> InputProcessor:
+    return InputProcessor(tok, vocab_size=len(tok), max_context=4096)
 
 
 def test_tiny_tokenizer_matches_transformers(tiny_dir: Path) -> None:
@@ -150,3 +156,89 @@ def test_concurrent_encodes_keep_their_own_special_token_rule(tiny_dir: Path) ->
 
     with ThreadPoolExecutor(4) as pool:
         assert all(pool.map(one, range(400)))
+
+
+def test_a_long_encode_lets_other_threads_run(tiny_dir: Path) -> None:
+    """A server tokenizes prompts in worker threads; an encode that held the GIL froze its
+    event loop and engine reader for as long as the prompt took (~1 s a MB)."""
+    import threading
+    import time
+
+    tok = Tokenizer.from_dir(tiny_dir)
+    text = "the quick brown fox jumps over the lazy dog 0123456789. " * 20_000  # ~1.1 MB
+    ticks = 0
+    done = threading.Event()
+
+    def tick() -> None:
+        nonlocal ticks
+        while not done.is_set():
+            time.sleep(0.001)
+            ticks += 1
+
+    ticker = threading.Thread(target=tick)
+    ticker.start()
+    try:
+        for _ in range(3):
+            before = ticks
+            t0 = time.perf_counter()
+            ids = tok.encode(text)
+            seconds = time.perf_counter() - t0
+            if seconds > 0.2:
+                break
+        during = ticks - before
+    finally:
+        done.set()
+        ticker.join()
+    assert len(ids) > 100_000
+    # Holding the GIL: one or two ticks in the whole encode. Releasing it: a tick about
+    # every millisecond, however loaded the machine (counted loosely).
+    assert during >= 20 or seconds < 0.2, (during, seconds)
+
+
+#: 3 bytes a character, 1 once NFKC has made it ASCII: one token of 24 letters stands for 72.
+WIDE = "ｆｕｌｌｗｉｄｔｈｌｅｔｔｅｒｓｅｖｅｒｙｗｈｅｒｅ"
+
+
+def _metaspace_nfkc_tokenizer(tmp_path: Path) -> Tokenizer:
+    """A SentencePiece-style tokenizer (Metaspace, byte fallback off) with an NFKC
+    normalizer, which shrinks some characters before the model sees them."""
+    from tokenizers import Tokenizer as Backend
+    from tokenizers import decoders, models, normalizers, pre_tokenizers, trainers
+
+    backend = Backend(models.BPE(unk_token="<unk>"))
+    backend.normalizer = normalizers.NFKC()
+    backend.pre_tokenizer = pre_tokenizers.Metaspace()
+    backend.decoder = decoders.Metaspace()
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>", "</s>"])
+    backend.train_from_iterator(TEXTS * 20 + [WIDE] * 50 + ["ﬁne ﬂow"], trainer)
+    return Tokenizer(backend, special_tokens={"eos_token": "</s>", "unk_token": "<unk>"})
+
+
+@pytest.mark.parametrize("kind", ["byte-level", "metaspace-nfkc"])
+def test_no_text_needs_fewer_tokens_than_its_bytes_over_the_bound(
+    kind: str, tiny_dir: Path, tmp_path: Path
+) -> None:
+    """The rule that refuses a long prompt unread: bytes <= tokens * bound, for any text."""
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    from slimserve.engine.tokenizer import token_bytes_bound
+
+    tok = (
+        Tokenizer.from_dir(tiny_dir)
+        if kind == "byte-level"
+        else _metaspace_nfkc_tokenizer(tmp_path)
+    )
+    bound = token_bytes_bound(tok)
+    assert bound >= 1
+
+    @settings(max_examples=300, deadline=None, suppress_health_check=list(HealthCheck))
+    @given(
+        st.text(max_size=400)
+        | st.sampled_from(["  " * 200, "\n" + " " * 300, WIDE, f"{WIDE} {WIDE}"])
+    )
+    def holds(text: str) -> None:
+        ids = tok.encode(text, add_special_tokens=False)
+        assert len(text.encode()) <= len(ids) * bound, text
+
+    holds()
