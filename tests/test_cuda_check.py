@@ -5,6 +5,7 @@ when the first part never arrived. The GPU run itself needs a lent GPU (README).
 
 from __future__ import annotations
 
+import gzip
 import importlib.machinery
 import importlib.util
 import json
@@ -93,7 +94,7 @@ def carried(tmp_path_factory: pytest.TempPathFactory, tiny_registry: Path) -> di
         "--limit-bytes", str(limit), "--tree-bytes", "1000",
     )  # fmt: skip
     assert r.returncode == 0, r.stdout + r.stderr
-    return {"tmp": tmp, "gguf": gguf, "limit": limit, "stdout": r.stdout}
+    return {"tmp": tmp, "gguf": gguf, "limit": limit, "stdout": r.stdout, "wheels": loaded.WHEELS}
 
 
 def test_prepare_splits_the_model_so_each_call_fits(carried: dict[str, Any]) -> None:
@@ -101,11 +102,16 @@ def test_prepare_splits_the_model_so_each_call_fits(carried: dict[str, Any]) -> 
     a, b = carry / "a", carry / "b"
     manifest = json.loads((b / "MANIFEST.json").read_text())
     assert manifest == json.loads((a / "MANIFEST.json").read_text())
-    assert [p["bytes"] for p in manifest["parts"]] == [200_000, 100_000]
-    assert (a / "model.part1").read_bytes() + (b / "model.part2").read_bytes() == (
-        carried["gguf"].read_bytes()
-    )
-    assert len(manifest["wheels"]) == len(list((b / "wheels").glob("*.whl"))) == 10
+    # The GGUF travels gzipped, split where call A is full.
+    packed = manifest["packed"]["bytes"]
+    assert [p["bytes"] for p in manifest["parts"]] == [200_000, packed - 200_000]
+    joined = (a / "model.part1").read_bytes() + (b / "model.part2").read_bytes()
+    assert gzip.decompress(joined) == carried["gguf"].read_bytes()
+    assert not (carry / "model.gguf.gz").exists()  # only the parts stay
+    wheels = carried["wheels"]
+    assert len(manifest["wheels"]) == len(list((b / "wheels").glob("*.whl"))) == len(wheels)
+    # What the device image lacks for the engine wire and structured output travels too.
+    assert {w["package"] for w in manifest["wheels"]} == set(wheels) >= {"msgspec", "llguidance"}
     for part in (a, b):
         size = sum(f.stat().st_size for f in part.rglob("*") if f.is_file())
         assert size + 1000 <= carried["limit"]  # with the tree, under the limit
