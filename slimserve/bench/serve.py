@@ -136,6 +136,9 @@ class Bench:
     draft_tokens: int = 4
     #: `serve --kv-layout` of slimserve, slimserve_draft and the engine.
     kv_layout: str = "auto"
+    #: Where slimserve, the engine and hf_generate run (`serve --device`); llama.cpp's own
+    #: loop runs on the CPU whatever it says.
+    device: str = "cpu"
     #: llama_server: the binary, and the GGUF (+ chat template) slimserve's backend serves.
     llama_server: Path | None = None
     served_gguf: Path | None = None
@@ -329,6 +332,7 @@ class _Worker(_Process):
             "--threads", str(b.threads), "--max-batch", str(b.max_batch),
             "--backend", b.backend, "--gguf-type", b.gguf_type,
             "--stream-tokens", str(b.stream_tokens), "--kv-layout", b.kv_layout,
+            "--device", b.device,
         ]  # fmt: skip
         if system in NO_POOL:
             cmd += ["--no-ggml-threadpool"]
@@ -368,7 +372,7 @@ class _Server(_Process):
             sys.executable, "-m", "slimserve.cli", "serve", "--model", b.model,
             "--registry", str(b.registry), "--port", str(self.port),
             "--threads", str(b.threads), "--max-batch", str(b.max_batch),
-            "--max-seq-len", str(max_seq_len or b.stream_tokens), "--device", "cpu",
+            "--max-seq-len", str(max_seq_len or b.stream_tokens), "--device", b.device,
             "--backend", b.backend, "--gguf-type", b.gguf_type, "--kv-layout", b.kv_layout,
         ]  # fmt: skip
         if system == "slimserve_draft":
@@ -723,6 +727,11 @@ SPEED_TARGETS = (
      "llama_cpp_q8", 16, 1.0),
     ("slimserve over gRPC with a draft vs best llama.cpp plain decode", "slimserve_draft",
      BEST_LLAMACPP, 1, 1.3),
+    # On a GPU (`--device cuda`), against what a user of transformers would write.
+    ("slimserve over gRPC vs Hugging Face generate() on the same device", "slimserve",
+     "hf_generate", 1, 1.0),
+    ("slimserve over gRPC vs Hugging Face generate() batched on the same device", "slimserve",
+     "hf_generate", 16, 3.0),
 )  # fmt: skip
 
 
@@ -865,9 +874,24 @@ def environment(b: Bench) -> dict[str, Any]:
         "new_tokens": b.new_tokens,
         "stream_tokens": b.stream_tokens,
         "kv_layout": b.kv_layout,
+        "device": b.device,
+        "gpu": gpu_name(b.device),
         "repeats": b.repeats,
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
     }
+
+
+def gpu_name(device: str) -> str:
+    """The accelerator's name for a CUDA `device` ("" on the CPU)."""
+    if not device.startswith("cuda"):
+        return ""
+    import torch
+
+    if not torch.cuda.is_available():
+        return "CUDA not available"
+    index = torch.device(device).index or 0
+    props = torch.cuda.get_device_properties(index)
+    return f"{props.name}, {props.total_memory / 2**30:.0f} GiB, CUDA {torch.version.cuda}"
 
 
 def _start_all(b: Bench) -> tuple[dict[str, _System], dict[str, str]]:
@@ -1013,6 +1037,8 @@ def report_lines(report: dict[str, Any]) -> list[str]:
     IPC cost, each target as PASS/MISS, and whether the draft changed the output."""
     env = report["environment"]
     lines = [f"CPU: {env['cpu']}; {env['cpu_flags']}"]
+    if env.get("gpu"):
+        lines.append(f"GPU: {env['gpu']} (slimserve, engine and hf_generate on {env['device']})")
     if "stream_tokens" in env:
         lines.append(
             f"Every system holds {env['stream_tokens']} tokens of KV cache per stream "

@@ -37,9 +37,10 @@ def cmd_bench_compare(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     cfg = EvaluateConfig(speed_tokens=args.speed_tokens, max_chunks=args.max_chunks)
-    rows = measure(open_registry(args), args.models, cfg, text=args.text)  # parents load once
+    # Parents load once, on the same device.
+    rows = measure(open_registry(args), args.models, cfg, text=args.text, device=args.device)
     print(f"command: {' '.join(sys.argv)}")
-    print(f"threads: {torch.get_num_threads()}  torch: {torch.__version__}")
+    print(f"threads: {torch.get_num_threads()}  torch: {torch.__version__}  device: {args.device}")
     print(markdown(rows))
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2))
@@ -179,6 +180,7 @@ def cmd_bench_serve(args: argparse.Namespace) -> int:
         draft=args.draft,
         draft_tokens=args.draft_tokens,
         kv_layout=args.kv_layout,
+        device=args.device,
         chat_probe=args.chat_probe,
         mixed_streams=args.mixed_streams,
         **extra,
@@ -267,6 +269,12 @@ def add_parser(sub: Any) -> None:
         p,
         "slimserve's and the engine's llama.cpp KV cache (serve --kv-layout); llama.cpp's "
         "own loop is always split per sequence",
+    )
+    p.add_argument(
+        "--device",
+        default="cpu",
+        help="where slimserve, the engine and hf_generate run: cpu, cuda or cuda:N (serve "
+        "--device; bfloat16 on CUDA, as serve's --dtype auto); llama.cpp runs on the CPU",
     )
     p.add_argument("--no-score", action="store_true", help="skip the Score measurement")
     p.add_argument(
