@@ -30,7 +30,7 @@ from slimserve.engine.backends.base import Backend, Capabilities, Feed, can_spec
 from slimserve.engine.config import DraftConfig, EngineConfig
 from slimserve.engine.errors import EngineFailure, InvalidRequest, NotReady, Overloaded
 from slimserve.engine.planner import StepBudget, StepPlan
-from slimserve.engine.prefix import PrefixCache, as_tokens
+from slimserve.engine.prefix import PrefixCache, as_tokens, common_prefix
 from slimserve.engine.sampling import greedy_rows, select, token_logprob
 from slimserve.engine.scoring import ScoreQueue
 from slimserve.engine.sequence import Constraint, Handle, ScoreJob, SeqState, Sequence
@@ -81,6 +81,11 @@ def _alone(step: StepPlan, seq: Sequence) -> StepPlan:
 
 def _slot_of(seq: Sequence) -> int:
     return -1 if seq.slot is None else seq.slot
+
+
+#: Prompt tokens a sequence being fed must still share with a waiting one for the waiting
+#: one to wait for it (`Engine._awaits_donor`): fewer are cheaper to feed than to wait for.
+_WAIT_FOR_DONOR = 32
 
 
 def _prompt_array(seq: Sequence) -> np.ndarray:
@@ -509,8 +514,12 @@ class Engine(SpeculativeSteps):
             if reason is not None:
                 self._waiting.remove(seq)
                 self._finish(seq, reason, "")
-        while self._waiting and self._free:
-            seq = self._waiting[0]
+        at = 0  # the first waiting sequence not left to wait for a donor
+        while at < len(self._waiting) and self._free:
+            seq = self._waiting[at]
+            if self._prefix is not None and self._awaits_donor(seq, admitted):
+                at += 1
+                continue
             need = self._reservation(seq)
             if self._prefix is not None:
                 if not self._admit_placed(seq, need, admitted):
@@ -519,7 +528,7 @@ class Engine(SpeculativeSteps):
                 if self._pool is not None and self._reserved and self._reserved + need > self._pool:
                     break  # first come, first served: it waits until the pool has room
                 seq.slot = heapq.heappop(self._free)
-            self._waiting.popleft()
+            del self._waiting[at]
             seq.reserved = need
             self._reserved += need
             seq.state = SeqState.RUNNING
@@ -528,6 +537,21 @@ class Engine(SpeculativeSteps):
             self._stats.admitted += 1
             self._stats.prompt_tokens += len(seq.req.prompt_ids)
         return admitted
+
+    def _awaits_donor(self, seq: Sequence, admitted: list[Sequence]) -> bool:
+        """Whether `seq` should wait (a few steps) for a sequence that is feeding the same
+        prompt beginning, then copy it, rather than feed it again beside it: `n` > 1
+        choices of one prompt, or a burst of requests with one system prompt, pay for one
+        prefill. Later arrivals are admitted meanwhile. Lock held."""
+        assert self._prefix is not None
+        prompt = _prompt_array(seq)
+        for s in [*self._prefilling, *admitted]:
+            if s.fed >= len(s.req.prompt_ids):
+                continue  # fed: a donor already
+            shared = min(common_prefix(_prompt_array(s), prompt), len(prompt) - 1)
+            if shared >= max(_WAIT_FOR_DONOR, 2 * self._prefix.min_tokens) + s.fed:
+                return True
+        return False
 
     def _admit_placed(self, seq: Sequence, need: int, admitted: list[Sequence]) -> bool:
         """Place `seq` where its prompt's longest cached prefix is (`PrefixCache.place`),

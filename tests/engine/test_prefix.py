@@ -248,3 +248,39 @@ def test_a_pooled_cache_evicts_residues_to_admit(tokenizer: Any, tmp_path: Any) 
     finally:
         eng.shutdown()
         backend.close()
+
+
+def test_choices_of_one_prompt_share_one_prefill(backend_factory: Factory, tokenizer: Any) -> None:
+    """Three requests with one prompt arriving together (`n` = 3): the first feeds it, the
+    others wait for it and copy its KV, so the prompt is prefilled once; every output is
+    the one a run without reuse gives."""
+    prompt = ids(6, 90)
+    plain = engine(backend_factory(1), tokenizer, prefix=False)
+    try:
+        expected = generate(plain, req(prompt, n=8))[0]
+    finally:
+        plain.shutdown()
+    eng = Engine(backend_factory(3), tokenizer, EngineConfig(max_queue=8))
+    fed: list[int] = []
+    real = eng.caps.forward
+    assert real is not None
+
+    def counted(feeds: list[Any]) -> Any:
+        fed.append(sum(len(f.tokens) for f in feeds if len(f.tokens) > 1))
+        return real(feeds)
+
+    eng.caps = dataclasses.replace(eng.caps, forward=counted)
+    collectors = [Collector() for _ in range(3)]
+    for i, c in enumerate(collectors):
+        eng.submit(req(prompt, n=8, rid=f"c{i}"), c)  # queued before the worker starts
+    eng.start()
+    try:
+        finishes = []
+        for c in collectors:
+            events = c.wait()
+            assert [t for e in events for t in e.token_ids] == expected
+            finishes.append(events[-1].finish)
+    finally:
+        eng.shutdown()
+    assert sorted(f.cached_tokens for f in finishes) == [0, 89, 89]
+    assert sum(fed) == len(prompt)  # prompt tokens fed in chunks: once
