@@ -371,6 +371,16 @@ class _Controlled(_Wrapped):
         self.made.pop(slot, None)
         self.inner.release(slot)
 
+    # A new sequence may start from the KV a finished one left in its slot (prefix reuse):
+    # it has made no token yet.
+    def truncate(self, slot: int, length: int) -> None:
+        self.made[slot] = 0
+        self.inner.truncate(slot, length)
+
+    def copy_prefix(self, src: int, dst: int, length: int) -> None:
+        self.made[dst] = 0
+        self.inner.copy_prefix(src, dst, length)
+
     def score(self, prompt_ids: list[int], continuations: list[list[int]]) -> list[float]:
         self._before_score([(prompt_ids, continuations)])
         return self.inner.score(prompt_ids, continuations)  # type: ignore[no-any-return]
