@@ -1,6 +1,9 @@
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import os
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -58,6 +61,10 @@ def tiny_registry(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
+#: The tiny model's engine unless a test asks otherwise: four slots of 128 tokens.
+SMALL = {"device": "cpu", "max_batch": 4, "max_seq_len": 128}
+
+
 def tiny_server_config(registry: Path, **model_overrides: Any) -> Any:
     from slimserve.engine.config import ModelConfig
     from slimserve.server.config import Limits, ServerConfig
@@ -67,17 +74,54 @@ def tiny_server_config(registry: Path, **model_overrides: Any) -> Any:
     control = model_overrides.pop("allow_model_control", False)
     # The torch Llama backend unless a test asks otherwise: its scores and tokens do not depend
     # on how requests are batched, which many service tests assert exactly. The llama.cpp
-    # backend has its own tests (tests/service/test_llamacpp_backend.py and _server.py).
+    # backend has its own tests (tests/engine/test_llamacpp_backend.py and
+    # tests/server/test_llamacpp_server.py).
     model_overrides.setdefault("backend", "llama")
     return ServerConfig(
         registry=registry,
         models=models,
         port=0,
-        model=ModelConfig.of(device="cpu", max_batch=4, max_seq_len=128, **model_overrides),
+        model=ModelConfig.of(
+            **{"device": "cpu", "max_batch": 4, "max_seq_len": 128, **model_overrides}
+        ),
         limits=limits,
         grace_s=2.0,
         allow_model_control=control,
     )
+
+
+def controlled_server_config(registry: Path, **model_overrides: Any) -> Any:
+    """`tiny_server_config` served by the backend a test steers (`tests.engine.faults.Controls`:
+    pause at a token, hold a restart, run out of memory once), in the engine process as
+    deployed. Qualification is off: it would only race the plugin against the reference it
+    wraps, and the plugin is then the first plan."""
+    from tests.engine.faults import CONTROLLED
+
+    return tiny_server_config(
+        registry, backend_plugins=(CONTROLLED,), qualify=False, **model_overrides
+    )
+
+
+@contextlib.contextmanager
+def steered_server(
+    source: Path, root: Path, *, http: bool = False, **model_overrides: Any
+) -> Iterator[tuple[ServerThread, Any]]:
+    """A server of the steered backend on a copy of the registry `source` at `root` (its
+    controls are files there), with the `Controls` that steer it; `http` opens the HTTP
+    door too. Every pause is released and every switch cleared when it stops."""
+    from tests.engine.faults import Controls
+
+    shutil.copytree(source, root, symlinks=True)
+    config = controlled_server_config(root, **model_overrides)
+    if http:
+        config = dataclasses.replace(config, http_port=0)
+    controls = Controls(root)
+    server = ServerThread(config).start()
+    try:
+        yield server, controls
+    finally:
+        controls.reset()
+        server.stop()
 
 
 @pytest.fixture(scope="session")

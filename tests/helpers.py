@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import queue
 import threading
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -131,8 +133,18 @@ class ServerThread:
         return f"127.0.0.1:{self.port}"
 
     def stop(self) -> None:
-        if self.server is not None:
+        # A test that drained the server itself (`server.stop(grace)`) has stopped it.
+        if self.server is not None and not self.server.in_flight.closing:
             self.run(self.server.stop(0), 60)
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(10)
         self.loop.close()
+
+
+def wait_until(cond: Callable[[], bool], what: str, timeout: float = 30.0) -> None:
+    """Poll `cond` until it holds; fail naming `what` after `timeout` seconds (an upper
+    bound for a hung server, never a window a test relies on)."""
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.01)

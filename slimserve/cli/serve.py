@@ -111,6 +111,7 @@ def serve_config(args: argparse.Namespace) -> Any:
                 max_stop_sequence_chars=args.max_stop_sequence_chars,
                 max_top_n=args.max_top_n,
                 max_labels=args.max_labels,
+                max_n=args.max_n,
                 max_message_bytes=args.max_message_bytes,
             ),
             connections=Connections(
@@ -270,6 +271,9 @@ def _add_limits(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-stop-sequence-chars", type=positive_int, default=256)
     g.add_argument("--max-top-n", type=non_negative_int, default=20)
     g.add_argument("--max-labels", type=positive_int, default=32)
+    g.add_argument(
+        "--max-n", type=positive_int, default=16, help="completions one request may ask for"
+    )
     g.add_argument("--max-message-bytes", type=positive_int, default=4 * 1024 * 1024)
 
 

@@ -6,11 +6,11 @@ hands the request to the scheduler, in arrival order. The caller (an event loop)
 waits for a tokenizer. The engine process serves every request through one `Frontend`
 (`process.child_main`); a server that runs its engine in process uses one directly.
 
-A generation's events: `Event(accepted=...)` once its prompt is tokenized and queued, then
-the scheduler's text deltas and its finish, or an `Event(error=...)` at any point (a prompt
-that does not fit, a full queue). Score, prompt log-probabilities and Tokenize answer
-through futures the caller may cancel: a cancelled job leaves the scheduler's queue.
-Imports engine modules only.
+A generation's events: `Event(accepted=...)` once its prompt is tokenized and admitted to
+the scheduler's queue, then the scheduler's text deltas and its finish; or an
+`Event(error=...)` first (a prompt that does not fit, a full queue) or later (a failure).
+Score, prompt log-probabilities and Tokenize answer through futures the caller may cancel:
+a cancelled job leaves the scheduler's queue. Imports engine modules only.
 """
 
 from __future__ import annotations
@@ -68,6 +68,33 @@ class FrontHandle:
         self._inner = inner
         if self._cancelled:
             inner.cancel()
+
+
+class _AfterAccepted:
+    """A request's sink that holds the scheduler's events until its `Accepted` is sent:
+    `Engine.submit` decides admission (its refusal comes before any event), and once it
+    has queued the request the scheduler may emit before `accept` runs."""
+
+    __slots__ = ("_held", "_lock", "_sink")
+
+    def __init__(self, sink: Sink) -> None:
+        self._sink = sink
+        self._lock = threading.Lock()
+        self._held: list[Event] | None = []
+
+    def __call__(self, event: Event) -> None:
+        with self._lock:
+            if self._held is not None:
+                self._held.append(event)
+                return
+        self._sink(event)
+
+    def accept(self, accepted: Event) -> None:
+        with self._lock:
+            self._sink(accepted)
+            for event in self._held or ():
+                self._sink(event)
+            self._held = None
 
 
 class Frontend:
@@ -130,8 +157,10 @@ class Frontend:
             try:
                 tokenized, accepted = self.inputs.generation(req)
                 matcher = self._matcher(req.guided) if req.guided is not None else None
-                sink(Event(accepted=accepted))
-                handle._started(self.engine.submit(tokenized, sink, matcher=matcher))
+                held = _AfterAccepted(sink)
+                # Admission first: a full queue is the call's error, never a stream's.
+                handle._started(self.engine.submit(tokenized, held, matcher=matcher))
+                held.accept(Event(accepted=accepted))
             except Exception as exc:
                 sink(Event(error=exc))
 

@@ -3,6 +3,7 @@ exit code 2 and no traceback; token files and variables that hold no token refus
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import logging
 import os
@@ -159,3 +160,80 @@ def test_validators_accept_the_edges() -> None:
     assert serve.port == 0 and serve.threads == 0
     bench = build_parser().parse_args(["bench", "serve", "--concurrency", "1,4"])
     assert bench.concurrency == [1, 4]
+
+
+#: Each `serve` flag, a value unlike its default, and where in the `ServerConfig` it lands.
+SERVE_FLAGS: tuple[tuple[str, str | None, str, object], ...] = (
+    ("--device", "cpu", "model.load.device", "cpu"),
+    ("--dtype", "bfloat16", "model.load.dtype", "bfloat16"),
+    ("--backend", "llamacpp", "model.load.backend", "llamacpp"),
+    ("--gguf-type", "q4_1", "model.load.gguf_type", "q4_1"),
+    ("--decode-threads", "3", "model.load.decode_threads", 3),
+    ("--no-ggml-threadpool", None, "model.load.ggml_threadpool", False),
+    ("--max-batch", "3", "model.cache.max_batch", 3),
+    ("--max-seq-len", "96", "model.cache.max_seq_len", 96),
+    ("--kv-cache-mb", "48", "model.cache.kv_cache_mb", 48),
+    ("--kv-layout", "unified", "model.cache.kv_layout", "unified"),
+    ("--max-queue", "5", "model.engine.max_queue", 5),
+    ("--score-step-tokens", "300", "model.engine.score_step_tokens", 300),
+    ("--max-score-tokens", "900", "model.engine.max_score_tokens", 900),
+    ("--draft", "ngram", "model.draft.source", "ngram"),
+    ("--draft-tokens", "2", "model.draft.tokens", 2),
+    ("--draft-policy", "always", "model.draft.policy", "always"),
+    ("--host", "127.0.0.2", "host", "127.0.0.2"),
+    ("--port", "50999", "port", 50999),
+    ("--threads", "2", "threads", 2),
+    ("--grace", "3.5", "grace_s", 3.5),
+    ("--metrics-port", "9101", "metrics_port", 9101),
+    ("--http-port", "8123", "http_port", 8123),
+    ("--max-new-tokens-limit", "512", "limits.max_new_tokens", 512),
+    ("--default-max-new-tokens", "7", "limits.default_max_new_tokens", 7),
+    ("--max-prompt-tokens", "333", "limits.max_prompt_tokens", 333),
+    ("--max-stop-sequences", "2", "limits.max_stop_sequences", 2),
+    ("--max-stop-sequence-chars", "9", "limits.max_stop_sequence_chars", 9),
+    ("--max-top-n", "4", "limits.max_top_n", 4),
+    ("--max-labels", "6", "limits.max_labels", 6),
+    ("--max-n", "3", "limits.max_n", 3),
+    ("--max-message-bytes", "65536", "limits.max_message_bytes", 65536),
+    ("--max-concurrent-streams", "8", "connections.max_concurrent_streams", 8),
+    ("--max-connection-age", "120", "connections.max_connection_age_s", 120.0),
+    ("--max-connection-age-grace", "5", "connections.max_connection_age_grace_s", 5.0),
+    ("--keepalive-time", "30", "connections.keepalive_time_s", 30.0),
+    ("--keepalive-timeout", "7", "connections.keepalive_timeout_s", 7.0),
+    ("--min-client-ping-interval", "4", "connections.min_client_ping_interval_s", 4.0),
+    ("--allow-model-control", None, "allow_model_control", True),
+)
+
+
+def _at(config: object, path: str) -> object:
+    for part in path.split("."):
+        config = getattr(config, part)
+    return config
+
+
+@pytest.mark.parametrize(("flag", "value", "path", "expected"), SERVE_FLAGS)
+def test_each_serve_flag_reaches_the_config(
+    tmp_path: Path, flag: str, value: str | None, path: str, expected: object
+) -> None:
+    base = ["serve", "--model", "tiny", "--registry", str(tmp_path)]
+    default = serve_config(build_parser().parse_args(base))
+    given = serve_config(build_parser().parse_args([*base, flag, *([value] if value else [])]))
+    assert _at(default, path) != expected  # the value given is not the default
+    assert _at(given, path) == expected
+
+
+def test_every_serve_flag_is_checked_above() -> None:
+    """A new `serve` flag needs a row in `SERVE_FLAGS` (or a test of its own below)."""
+    (serve,) = (
+        a.choices["serve"]  # type: ignore[index]
+        for a in build_parser()._actions
+        if isinstance(a, argparse._SubParsersAction)
+    )
+    flags = {s for a in serve._actions for s in a.option_strings if s.startswith("--")}
+    own_tests = {
+        "--help", "--model", "--registry",  # every call names them
+        # auth and TLS: test_security.py::test_serve_flags_and_environment_build_auth_and_tls
+        "--auth-token-file", "--admin-token-file", "--allow-insecure-tokens",
+        "--tls-cert", "--tls-key", "--tls-client-ca",
+    }  # fmt: skip
+    assert flags - own_tests == {row[0] for row in SERVE_FLAGS}

@@ -11,8 +11,9 @@ import socket
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -53,6 +54,47 @@ def test_tokenize_and_model_info_match_the_blocking_client(tiny_server: ServerTh
         assert info == c.model_info("tiny@1")
         assert models == c.models()
     assert info.ref == "tiny@1"
+
+
+def _same_generation(a: Any, b: Any) -> None:
+    """Two completions of one greedy request agree in everything but ids and timings."""
+    skip = {"request_id", "timings"}
+    assert {k: v for k, v in asdict(a).items() if k not in skip} == {
+        k: v for k, v in asdict(b).items() if k not in skip
+    }
+
+
+def test_generate_stream_and_score_match_the_blocking_client(tiny_server: ServerThread) -> None:
+    # Greedy (the default sampling), so both clients' answers are the same tokens.
+    options: dict[str, Any] = dict(
+        max_new_tokens=6, ignore_eos=True, token_ids=True, logprobs=True, top_n=2, stop=["zzz"]
+    )
+    chat = [ChatMessage("user", "hi there")]
+    labels = (" fox", " dog")
+
+    async def ask() -> tuple[Any, Any, list[StreamChunk], Any]:
+        async with AsyncClient(tiny_server.target, retries=0, timeout=30) as c:
+            return (
+                await c.generate("the quick brown", model="tiny", **options),
+                await c.generate(chat, **options),
+                [chunk async for chunk in c.stream("the quick brown", **options)],
+                await c.score("the quick brown", labels, model="tiny@1"),
+            )
+
+    text, chatted, chunks, scored = asyncio.run(ask())
+
+    with Client(tiny_server.target, retries=0, timeout=30) as c:
+        _same_generation(text, c.generate("the quick brown", model="tiny", **options))
+        _same_generation(chatted, c.generate(chat, **options))
+        blocking = list(c.stream("the quick brown", **options))
+        expected = c.score("the quick brown", labels, model="tiny@1")
+    assert text.generated_tokens == 6 and len(text.token_ids) == 6
+    assert len(text.logprobs) == 6 and all(len(t.top) == 2 for t in text.logprobs)
+    assert [k.text for k in chunks] == [k.text for k in blocking]
+    assert "".join(k.text for k in chunks) == text.text
+    assert chunks[-1].stop_reason == blocking[-1].stop_reason == "MAX_TOKENS"
+    assert scored.model == expected.model == "tiny@1"
+    assert scored.scores == expected.scores and len(scored.scores) == 2
 
 
 def test_model_info_of_an_unknown_model_is_not_found(tiny_server: ServerThread) -> None:
@@ -133,6 +175,41 @@ def test_a_stream_is_retried_while_the_server_is_not_up_yet(tiny_registry: Path,
 
     assert chunks[-1].is_last and chunks[-1].generated_tokens == 3
     assert chunks[0].model == "tiny@1"
+
+
+def test_a_unary_call_is_retried_while_the_server_is_not_up_yet(tiny_registry: Path) -> None:
+    """As the stream above, for Generate and Score through both clients at once (one server
+    start): their first attempts find nothing listening, their retries reach the server."""
+    port = _free_port()
+    target = f"127.0.0.1:{port}"
+    server = ServerThread(replace(tiny_server_config(tiny_registry), port=port))
+    starter = threading.Timer(0.3, server.start)
+    answers: dict[str, Any] = {}
+
+    def blocking() -> None:
+        with Client(target, retries=9, timeout=60) as c:
+            answers["sync"] = c.generate("hello", max_new_tokens=3, ignore_eos=True)
+
+    async def calls() -> tuple[Any, Any]:
+        async with AsyncClient(target, retries=9, timeout=60) as c:
+            return (
+                await c.generate("hello", max_new_tokens=3, ignore_eos=True),
+                await c.score("hello", [" a", " b"]),
+            )
+
+    sync = threading.Thread(target=blocking)
+    starter.start()
+    sync.start()
+    try:
+        generated, scored = asyncio.run(calls())
+        sync.join(90)
+    finally:
+        starter.join()
+        if server.server is not None:
+            server.stop()
+    assert generated.generated_tokens == 3 and generated.model == "tiny@1"
+    assert answers["sync"].text == generated.text
+    assert len(scored.scores) == 2
 
 
 @pytest.mark.parametrize("kind", ["async", "sync"])

@@ -7,14 +7,25 @@ remote addresses below (documentation ranges and names) are never contacted.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+import dataclasses
+from collections.abc import Iterator, Sequence
+from pathlib import Path
 
 import grpc
 import pytest
 
-from slimserve.clients import AsyncClient, BaseClient, Client, ClientError, InsecureToken
+from slimserve.clients import (
+    AsyncClient,
+    BaseClient,
+    Client,
+    ClientError,
+    InsecureToken,
+    Unauthenticated,
+)
 from slimserve.clients._base import check_token_channel
 from slimserve.clients._target import is_loopback
+from slimserve.server.config import AuthConfig
+from tests.conftest import tiny_server_config
 from tests.helpers import ServerThread
 
 REMOTE: tuple[str | Sequence[str], ...] = (
@@ -77,12 +88,28 @@ def test_remote_or_unreadable_targets_are_not(target: str | Sequence[str]) -> No
     assert not is_loopback(target)
 
 
-def test_a_token_to_a_loopback_server_is_sent(tiny_server: ServerThread) -> None:
-    with Client(tiny_server.target, token="t", retries=0, timeout=30) as c:
-        assert c.health() == "SERVING"
+TOKEN = "loopback-token-0123456789abcdef"
+
+
+@pytest.fixture(scope="module")
+def auth_server(tiny_registry: Path) -> Iterator[ServerThread]:
+    """A loopback server that serves only callers with the token `TOKEN`."""
+    auth = AuthConfig(tokens=frozenset({TOKEN}))
+    config = dataclasses.replace(tiny_server_config(tiny_registry), auth=auth)
+    server = ServerThread(config).start()
+    yield server
+    server.stop()
+
+
+def test_a_token_to_a_loopback_server_is_sent(auth_server: ServerThread) -> None:
+    # The server refuses a caller without the token: a client that dropped it would fail.
+    with Client(auth_server.target, retries=0, timeout=30) as c, pytest.raises(Unauthenticated):
+        c.model_info()
+    with Client(auth_server.target, token=TOKEN, retries=0, timeout=30) as c:
+        assert c.model_info().name == "tiny"
 
     async def check() -> str:
-        async with AsyncClient(tiny_server.target, token="t", retries=0, timeout=30) as c:
-            return await c.health()
+        async with AsyncClient(auth_server.target, token=TOKEN, retries=0, timeout=30) as c:
+            return (await c.model_info()).name
 
-    assert asyncio.run(check()) == "SERVING"
+    assert asyncio.run(check()) == "tiny"

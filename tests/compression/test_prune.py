@@ -227,9 +227,11 @@ def test_calibrated_importance_needs_calibration(model: LlamaForCausalLM) -> Non
 
 
 def test_random_importance_is_seeded(calibration: torch.Tensor) -> None:
-    kept = []
-    for _ in range(2):
-        torch.manual_seed(0)
+    """The same seed keeps the same channels; another seed, or another importance, keeps
+    others (so neither the seed nor `importance="random"` is ignored)."""
+
+    def kept(importance: str, seed: int) -> torch.Tensor:
+        torch.manual_seed(0)  # the same weights every time
         tiny = LlamaForCausalLM(
             LlamaConfig(
                 vocab_size=VOCAB,
@@ -240,9 +242,14 @@ def test_random_importance_is_seeded(calibration: torch.Tensor) -> None:
                 num_key_value_heads=KV_HEADS,
             )
         )
-        prune_(tiny, _config(importance="random", seed=7), None)
-        kept.append(tiny.model.layers[0].mlp.down_proj.weight.clone())
-    torch.testing.assert_close(kept[0], kept[1])
+        prune_(tiny, _config(importance=importance, seed=seed), None)
+        return tiny.model.layers[0].mlp.down_proj.weight.clone()
+
+    first = kept("random", 7)
+    torch.testing.assert_close(kept("random", 7), first)
+    assert first.shape[1] < INTERMEDIATE  # it did prune
+    assert not torch.equal(kept("random", 8), first)
+    assert not torch.equal(kept("magnitude", 7), first)
 
 
 @pytest.mark.parametrize(

@@ -156,7 +156,259 @@ class _SlowDecode(_Wrapped):
         time.sleep(self.delay_s)
         return getattr(self.inner, "decode_view", self.inner.decode)(slots, token_ids)
 
+    def forward(self, feeds: list[Any]) -> Any:
+        """The chunked-prefill step, which carries the decode tokens when the backend has it."""
+        import time
+
+        time.sleep(self.delay_s)
+        return self.inner.forward(feeds)
+
 
 def slow_decode(model: Any, config: Any, max_seq_len: int, tokenizer_json: Path | None) -> Any:
     inner = _llama(model, config, max_seq_len, tokenizer_json)
     return _SlowDecode(inner, "fault-slow-decode", delay_s=0.02)
+
+
+# ---- a backend a test steers: pause, hold a load, run out of memory, log its calls ------
+#
+# A `controlled` backend serves as the reference does and reads what to do from files
+# under <registry>/.faults, which the test writes through `Controls`: so a test drives
+# the engine process as deployed (its own process, the supervisor, the wire) to a known
+# point, instead of hoping a 45 ms stream is still running when it acts.
+
+#: How long a paused or held backend waits for the test before going on by itself (a
+#: failed test must not leave an engine stuck forever).
+GIVE_UP_S = 120.0
+
+
+def controls_dir(registry_root: Path) -> Path:
+    return registry_root / ".faults"
+
+
+class Controls:
+    """The test's side of a `controlled` backend served from `registry_root`.
+
+    - `pause_at_token(n)`: the next sequence about to make its n-th token (1: its prefill)
+      stops there, the engine with it, until `release()`; `wait_paused()` returns once it
+      has stopped (every earlier token is then on the wire). One pause per arming;
+      `killed()` forgets it when the test kills the paused process.
+    - `pause_at_score()`: the same, before the next Score chunk.
+    - `hold_loads()` / `let_loads()`: engine processes that load meanwhile (a restart)
+      wait, so the test sees the model RESTARTING for as long as it needs.
+    - `oom_once(stage)`: the next "prefill", "decode" or "score" call raises
+      `torch.OutOfMemoryError`; `oom_fired(stage)` says whether it has.
+    - `log_calls()`, `calls()`: every backend call from then on, one line each
+      ("prefill SLOT TOKENS", "decode SLOT,SLOT", "score TOKENS").
+    """
+
+    def __init__(self, registry_root: Path) -> None:
+        self.dir = controls_dir(registry_root)
+        self.dir.mkdir(exist_ok=True)
+
+    def _write(self, name: str, text: str) -> None:
+        tmp = self.dir / f".{name}.tmp"
+        tmp.write_text(text)
+        tmp.rename(self.dir / name)  # atomic: the backend never reads half a file
+
+    def pause_at_token(self, n: int) -> None:
+        assert n >= 1
+        self._write("pause", f"token {n}")
+
+    def pause_at_score(self) -> None:
+        self._write("pause", "score")
+
+    def wait_paused(self, timeout: float = 60.0) -> None:
+        _wait_for((self.dir / "paused").exists, timeout, "the backend never paused")
+
+    def release(self, timeout: float = 60.0) -> None:
+        """Let a paused backend go on (a no-op when none is paused); returns once it has."""
+        (self.dir / "pause").unlink(missing_ok=True)
+        if not (self.dir / "paused").exists():
+            return
+        self._write("release", "")
+        _wait_for(lambda: not (self.dir / "paused").exists(), timeout, "never resumed")
+
+    def killed(self) -> None:
+        """The paused engine process was killed: forget its pause (none will resume)."""
+        (self.dir / "paused").unlink(missing_ok=True)
+        (self.dir / "release").unlink(missing_ok=True)
+
+    def hold_loads(self) -> None:
+        self._write("hold-load", "")
+
+    def let_loads(self) -> None:
+        (self.dir / "hold-load").unlink(missing_ok=True)
+
+    def oom_once(self, stage: str) -> None:
+        assert stage in ("prefill", "decode", "score")
+        self._write(f"oom-{stage}", "")
+
+    def oom_fired(self, stage: str) -> bool:
+        return not (self.dir / f"oom-{stage}").exists()
+
+    def log_calls(self) -> None:
+        self._write("calls", "")
+
+    def calls(self) -> list[str]:
+        return (self.dir / "calls").read_text().splitlines()
+
+    def reset(self) -> None:
+        """Release any pause and clear every switch (between tests sharing a server)."""
+        self.release()
+        self.let_loads()
+        for path in self.dir.iterdir():
+            if path.name != "paused":
+                path.unlink(missing_ok=True)
+
+
+def _wait_for(cond: Any, timeout: float, what: str) -> None:
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            raise AssertionError(what)
+        time.sleep(0.005)
+
+
+class _Controlled(_Wrapped):
+    """The reference backend, steered by the files `Controls` writes (in the engine process)."""
+
+    def __init__(self, inner: Any, name: str, control: Path) -> None:
+        super().__init__(inner, name)
+        self.control = control
+        #: Tokens each slot's sequence has made (its prefill makes the first).
+        self.made: dict[int, int] = {}
+
+    # -- the switches --
+    def _pause_if(self, point: str, next_token: int = 0) -> None:
+        import time
+
+        armed = self.control / "pause"
+        try:
+            what = armed.read_text().split()
+        except FileNotFoundError:
+            return
+        if what[0] == "token" and (point != "token" or next_token < int(what[1])):
+            return
+        if what[0] == "score" and point != "score":
+            return
+        armed.rename(self.control / "paused")  # one pause per arming; the test waits on it
+        release = self.control / "release"
+        deadline = time.monotonic() + GIVE_UP_S
+        while not release.exists() and time.monotonic() < deadline:
+            time.sleep(0.002)
+        release.unlink(missing_ok=True)
+        (self.control / "paused").unlink(missing_ok=True)
+
+    def _oom_if(self, stage: str) -> None:
+        try:
+            (self.control / f"oom-{stage}").unlink()
+        except FileNotFoundError:
+            return
+        raise torch.OutOfMemoryError(f"injected: out of memory in {stage}")
+
+    def _log(self, line: str) -> None:
+        log = self.control / "calls"
+        if log.exists():
+            with log.open("a") as f:
+                f.write(line + "\n")
+
+    # -- the backend --
+    def prefill(self, slot: int, token_ids: list[int]) -> torch.Tensor:
+        self._before_prefill([slot], [token_ids])
+        return self.inner.prefill(slot, token_ids)  # type: ignore[no-any-return]
+
+    def prefill_batch(self, slots: list[int], prompts: list[list[int]]) -> list[torch.Tensor]:
+        self._before_prefill(slots, prompts)
+        return self.inner.prefill_batch(slots, prompts)  # type: ignore[no-any-return]
+
+    def _before_prefill(self, slots: list[int], prompts: list[list[int]]) -> None:
+        for slot, ids in zip(slots, prompts, strict=True):
+            self._log(f"prefill {slot} {len(ids)}")
+            self.made[slot] = 1
+        self._pause_if("token", 1)
+        self._oom_if("prefill")
+
+    def decode(self, slots: list[int], token_ids: list[int]) -> torch.Tensor:
+        self._before_decode(slots)
+        return self.inner.decode(slots, token_ids)  # type: ignore[no-any-return]
+
+    def decode_view(self, slots: list[int], token_ids: list[int]) -> torch.Tensor:
+        self._before_decode(slots)
+        view = getattr(self.inner, "decode_view", self.inner.decode)
+        return view(slots, token_ids)  # type: ignore[no-any-return]
+
+    def _before_decode(self, slots: list[int]) -> None:
+        self._log("decode " + ",".join(map(str, slots)))
+        self._pause_if("token", max(self.made.get(s, 0) for s in slots) + 1)
+        self._oom_if("decode")
+        for s in slots:
+            self.made[s] = self.made.get(s, 0) + 1
+
+    def forward(self, feeds: list[Any]) -> torch.Tensor:
+        """The chunked-prefill step (`Backend.forward`): decode tokens of the sequences
+        that have begun and chunks of prompts being fed, in one call."""
+        decode = [f.slot for f in feeds if self.made.get(f.slot, 0) >= 1]
+        chunks = [f for f in feeds if self.made.get(f.slot, 0) == 0]
+        for f in chunks:
+            self._log(f"prefill {f.slot} {len(f.tokens)}")
+        if decode:
+            self._log("decode " + ",".join(map(str, decode)))
+        making = [f.slot for f in feeds if f.logits]
+        if making:
+            self._pause_if("token", max(self.made.get(s, 0) for s in making) + 1)
+        if chunks:
+            self._oom_if("prefill")
+        if decode:
+            self._oom_if("decode")
+        out = self.inner.forward(feeds)
+        for s in making:
+            self.made[s] = self.made.get(s, 0) + 1
+        return out  # type: ignore[no-any-return]
+
+    def release(self, slot: int) -> None:
+        self.made.pop(slot, None)
+        self.inner.release(slot)
+
+    # A new sequence may start from the KV a finished one left in its slot (prefix reuse):
+    # it has made no token yet.
+    def truncate(self, slot: int, length: int) -> None:
+        self.made[slot] = 0
+        self.inner.truncate(slot, length)
+
+    def copy_prefix(self, src: int, dst: int, length: int) -> None:
+        self.made[dst] = 0
+        self.inner.copy_prefix(src, dst, length)
+
+    def score(self, prompt_ids: list[int], continuations: list[list[int]]) -> list[float]:
+        self._before_score([(prompt_ids, continuations)])
+        return self.inner.score(prompt_ids, continuations)  # type: ignore[no-any-return]
+
+    def score_batch(self, jobs: list[tuple[list[int], list[list[int]]]]) -> list[list[float]]:
+        self._before_score(jobs)
+        return self.inner.score_batch(jobs)  # type: ignore[no-any-return]
+
+    def _before_score(self, jobs: list[tuple[list[int], list[list[int]]]]) -> None:
+        cost = sum(len(prompt) + len(c) - 1 for prompt, conts in jobs for c in conts)
+        self._log(f"score {cost}")
+        self._pause_if("score")
+        self._oom_if("score")
+
+
+def controlled(model: Any, config: Any, max_seq_len: int, tokenizer_json: Path | None) -> Any:
+    """The reference backend steered by `Controls` (see above)."""
+    import time
+
+    assert tokenizer_json is not None  # <root>/<name>/<version>/tokenizer.json
+    control = controls_dir(tokenizer_json.parents[2])
+    control.mkdir(exist_ok=True)
+    deadline = time.monotonic() + GIVE_UP_S
+    while (control / "hold-load").exists() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    inner = _llama(model, config, max_seq_len, tokenizer_json)
+    return _Controlled(inner, "fault-controlled", control)
+
+
+#: The import path a config names the controlled backend by.
+CONTROLLED = "tests.engine.faults:controlled"

@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import shutil
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -60,7 +61,18 @@ def test_crashing_and_wrong_backends_are_refused_and_auto_serves_a_qualified_pla
             sampling=SamplingParams(),
             stopping=StopParams(max_new_tokens=4, ignore_eos=True),
         )
-        manager.get("tiny").engine.submit(req, done.append)
+        finished = threading.Event()
+
+        def sink(event: Any) -> None:
+            done.append(event)
+            if event.finish is not None or event.error is not None:
+                finished.set()
+
+        manager.get("tiny").engine.submit(req, sink)
+        assert finished.wait(60), "the request never finished"
+        assert done[0].accepted is not None and done[-1].error is None
+        assert done[-1].finish is not None and done[-1].finish.generated_tokens == 4
+        assert len([t for e in done for t in e.token_ids]) == 4
         first = len(children)
         assert first >= 4  # the survey and every plugin, at least
     finally:

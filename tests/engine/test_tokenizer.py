@@ -98,6 +98,7 @@ def test_tiny_tokenizer_matches_transformers(tiny_dir: Path) -> None:
     _assert_same(tiny_dir)
 
 
+@pytest.mark.integration
 def test_real_tokenizer_matches_transformers(real_dir: Path) -> None:
     assert Tokenizer.unsupported_reason(real_dir) is None
     _assert_same(real_dir)

@@ -7,77 +7,90 @@ import os
 import shutil
 import signal
 import threading
-import time
-from collections.abc import Callable
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from slimserve.clients import Client, Unavailable
-from tests.conftest import tiny_server_config
-from tests.helpers import ServerThread, publish_tiny
-
-
-def _wait(cond: Callable[[], bool], what: str, timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        assert time.monotonic() < deadline, what
-        time.sleep(0.02)
+from tests.conftest import steered_server, tiny_server_config
+from tests.engine.faults import Controls
+from tests.helpers import ServerThread, publish_tiny, wait_until
 
 
 @pytest.fixture
-def two_models(tiny_registry: Path, tmp_path: Path) -> Any:
-    root = tmp_path / "reg"
-    shutil.copytree(tiny_registry, root, symlinks=True)
-    publish_tiny(root, "other", seed=4)
-    config = tiny_server_config(root, models=("tiny", "other"), restart_backoff_s=1.5)
-    server = ServerThread(config).start()
-    yield server
-    server.stop()
+def two_models(tiny_registry: Path, tmp_path: Path) -> Iterator[tuple[ServerThread, Controls]]:
+    """Two models served by the steered backend (`tests.engine.faults.Controls`), each in its
+    own engine process."""
+    source = tmp_path / "source"
+    shutil.copytree(tiny_registry, source, symlinks=True)
+    publish_tiny(source, "other", seed=4)
+    with steered_server(
+        source, tmp_path / "reg", models=("tiny", "other"), restart_backoff_s=0.2
+    ) as s:
+        yield s
 
 
-def test_a_segfault_mid_stream_is_unavailable_and_the_model_comes_back(two_models: Any) -> None:
-    with Client(two_models.target, retries=0, timeout=60) as c:
+def test_a_segfault_mid_stream_is_unavailable_and_the_model_comes_back(
+    two_models: tuple[ServerThread, Controls],
+) -> None:
+    server, controls = two_models
+    with Client(server.target, retries=0, timeout=60) as c:
         info = c.model_info("tiny")
         assert info.engine_pid not in (0, os.getpid())  # the server holds no weights
         assert c.health("tiny") == "SERVING" and c.health("other") == "SERVING"
         errors: list[BaseException] = []
-        started = threading.Event()
+        chunks: list[Any] = []
 
         def stream() -> None:
-            try:
-                for _ in c.stream("hello", model="tiny", max_new_tokens=60, ignore_eos=True):
-                    started.set()
-                    time.sleep(0.01)
-            except Unavailable as exc:
-                errors.append(exc)
+            # Retries on: a stream is never retried after its first message (the retry
+            # would find tiny RESTARTING, or start the answer over).
+            with Client(server.target, retries=3, timeout=60) as retrying:
+                try:
+                    for chunk in retrying.stream(
+                        "hello", model="tiny", max_new_tokens=60, ignore_eos=True
+                    ):
+                        chunks.append(chunk)
+                except Unavailable as exc:
+                    errors.append(exc)
 
+        controls.pause_at_token(3)
         reader = threading.Thread(target=stream)
         reader.start()
-        assert started.wait(30)
+        controls.wait_paused()  # two tokens out, 58 to come: the engine dies mid-stream
+        controls.hold_loads()  # the restarted engine waits until the test has looked
         os.kill(info.engine_pid, signal.SIGSEGV)
+        controls.killed()
         reader.join(30)
         assert errors, "the stream did not fail"
         assert "tiny@1" in str(errors[0]) and "SIGSEGV" in str(errors[0])
+        assert len(errors) == 1 and 1 <= len(chunks) < 60
+        assert chunks[-1].generated_tokens < 60
         # While tiny restarts, it says so, and the other model serves as before.
-        _wait(lambda: c.health("tiny") == "NOT_SERVING", "health still SERVING", 1.0)
+        wait_until(lambda: c.health("tiny") == "NOT_SERVING", "health still SERVING")
         assert c.model_info("tiny").state == "RESTARTING"
         assert c.health("other") == "SERVING" and c.health() == "SERVING"
         assert c.generate("hi", model="other", max_new_tokens=4).generated_tokens >= 1
-        _wait(lambda: c.health("tiny") == "SERVING", "tiny never served again")
+        controls.let_loads()
+        wait_until(lambda: c.health("tiny") == "SERVING", "tiny never served again", 60)
         again = c.model_info("tiny")
         assert again.engine_restarts == 1 and again.engine_pid != info.engine_pid
         g = c.generate("hello", model="tiny", max_new_tokens=4, ignore_eos=True)
         assert g.generated_tokens == 4
 
 
-def test_the_server_is_not_serving_while_every_engine_is_down(two_models: Any) -> None:
-    with Client(two_models.target, retries=0, timeout=60) as c:
+def test_the_server_is_not_serving_while_every_engine_is_down(
+    two_models: tuple[ServerThread, Controls],
+) -> None:
+    server, controls = two_models
+    with Client(server.target, retries=0, timeout=60) as c:
+        controls.hold_loads()  # neither comes back until the test has looked
         for name in ("tiny", "other"):
             os.kill(c.model_info(name).engine_pid, signal.SIGKILL)
-        _wait(lambda: c.health() == "NOT_SERVING", "still SERVING with no engine up", 5)
-        _wait(lambda: c.health() == "SERVING", "never came back")
+        wait_until(lambda: c.health() == "NOT_SERVING", "still SERVING with no engine up")
+        controls.let_loads()
+        wait_until(lambda: c.health() == "SERVING", "never came back", 60)
 
 
 def test_a_non_finite_score_is_internal_naming_the_model(tiny_registry: Path) -> None:
@@ -103,7 +116,7 @@ def test_unloading_the_last_model_turns_health_not_serving(tiny_registry: Path) 
         with Client(server.target, retries=0, timeout=60) as c:
             assert c.health() == "SERVING"
             c.unload_model("tiny")
-            _wait(lambda: c.health() == "NOT_SERVING", "a server with no model says SERVING", 5)
+            wait_until(lambda: c.health() == "NOT_SERVING", "a server with no model says SERVING")
             assert c.health("tiny") == "NOT_SERVING"
     finally:
         server.stop()

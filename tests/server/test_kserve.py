@@ -148,6 +148,19 @@ def test_unary_text_equals_slimserve_generate(
     assert _text(with_prompt) == PROMPT + expected
 
 
+def test_without_the_sampling_tensor_the_request_parameters_are_read(
+    kserve: triton.InferenceServerClient, tiny_server: ServerThread
+) -> None:
+    """As vLLM's Triton backend: no `sampling_parameters` input, the request's parameters of
+    those names instead (others are left alone)."""
+    with Client(tiny_server.target, timeout=30) as client:
+        expected = client.generate(PROMPT, max_new_tokens=5, ignore_eos=True)
+    inputs = [_bytes("text_input", PROMPT), _bool("exclude_input_in_output", True)]
+    params = {"max_tokens": 5, "ignore_eos": True, "temperature": 0.0, "tag": "x"}
+    result = kserve.infer("tiny", inputs, parameters=params)
+    assert _text(result) == expected.text and expected.generated_tokens == 5
+
+
 def test_typed_contents_read_as_raw(
     kserve: triton.InferenceServerClient, tiny_server: ServerThread
 ) -> None:
@@ -235,25 +248,6 @@ def test_closing_the_stream_lets_requests_in_flight_finish(
         if _final(result):
             finals.add(result.get_response().id)
     assert finals == {"r0", "r1", "r2"}
-
-
-def test_a_cancelled_stream_frees_its_slot(
-    kserve: triton.InferenceServerClient, tiny_server: ServerThread
-) -> None:
-    engine = tiny_server.server.models.get("tiny").engine
-    before = engine.stats().finished.get("CANCELLED", 0)
-    stream = _Stream()
-    kserve.start_stream(callback=stream)
-    long = {**GREEDY, "max_tokens": 64}
-    kserve.async_stream_infer("tiny", _inputs(stream=True, **long))
-    stream.items.get(timeout=30)  # generating
-    kserve.stop_stream(cancel_requests=True)
-    deadline = time.monotonic() + 20
-    while engine.stats().finished.get("CANCELLED", 0) == before:
-        assert time.monotonic() < deadline, "cancelled stream still running"
-        time.sleep(0.01)
-    stats = engine.stats()
-    assert stats.running == 0 and stats.free_slots == 4
 
 
 def test_labels_make_a_score(

@@ -1,8 +1,10 @@
 """Model swaps, failed loads, alias moves, deadlines and out-of-memory, through gRPC.
 
-The model, engine and server are real. Where a test needs generation to last longer than
-the tiny model takes, or a device to run out of memory, it wraps the real backend through
-`build_server(backend_hook=...)`: each step still runs the real forward pass.
+The model, the engine process and the server are real, as deployed. Where a test needs a
+request in flight while it acts, or a device that runs out of memory, the engine process
+serves the backend the test steers (`tests.engine.faults.Controls`): it stops at a known
+token until the test lets it go, or raises `torch.OutOfMemoryError` once; every step
+still runs the real forward pass.
 """
 
 from __future__ import annotations
@@ -10,13 +12,12 @@ from __future__ import annotations
 import json
 import shutil
 import threading
-import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import psutil
 import pytest
-import torch
 
 from slimserve.clients import (
     Client,
@@ -28,68 +29,9 @@ from slimserve.clients import (
 )
 from slimserve.registry.store import Registry
 from slimserve.server.config import Limits
-from tests.conftest import tiny_server_config
-from tests.helpers import ServerThread, publish_tiny
-
-
-class Faulty:
-    """The real backend, plus an optional delay per decode step and one-shot OOMs."""
-
-    def __init__(self, inner: Any) -> None:
-        self.inner = inner
-        self.step_delay_s = 0.0
-        self.oom: set[str] = set()  # "prefill", "decode", "score": raise once each
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.inner, name)
-
-    def _maybe_oom(self, stage: str) -> None:
-        if stage in self.oom:
-            self.oom.discard(stage)
-            raise torch.OutOfMemoryError(f"injected: out of memory in {stage}")
-
-    def prefill(self, slot: int, token_ids: list[int]) -> torch.Tensor:
-        self._maybe_oom("prefill")
-        return self.inner.prefill(slot, token_ids)  # type: ignore[no-any-return]
-
-    def decode(self, slots: list[int], token_ids: list[int]) -> torch.Tensor:
-        if self.step_delay_s:
-            time.sleep(self.step_delay_s)
-        self._maybe_oom("decode")
-        return self.inner.decode(slots, token_ids)  # type: ignore[no-any-return]
-
-    def score(self, prompt_ids: list[int], continuations: list[list[int]]) -> list[float]:
-        self._maybe_oom("score")
-        return self.inner.score(prompt_ids, continuations)  # type: ignore[no-any-return]
-
-    def score_batch(self, jobs: list[tuple[list[int], list[list[int]]]]) -> list[list[float]]:
-        self._maybe_oom("score")
-        return self.inner.score_batch(jobs)  # type: ignore[no-any-return]
-
-
-class HookedServer(ServerThread):
-    """ServerThread whose backends are wrapped in `Faulty` (kept in `backends`, in order)."""
-
-    def __init__(self, config: Any, step_delay_s: float = 0.0) -> None:
-        super().__init__(config)
-        self.backends: list[Faulty] = []
-        self.step_delay_s = step_delay_s
-
-    def _hook(self, backend: Any) -> Any:
-        wrapped = Faulty(backend)
-        wrapped.step_delay_s = self.step_delay_s
-        self.backends.append(wrapped)
-        return wrapped
-
-    def start(self, wait_ready: bool = True) -> HookedServer:
-        from slimserve.server.app import build_server
-
-        self.thread.start()
-        self.server, self.port = self.run(build_server(self.config, backend_hook=self._hook))
-        if wait_ready:
-            self.wait_ready()
-        return self
-
+from tests.conftest import steered_server, tiny_server_config
+from tests.engine.faults import Controls
+from tests.helpers import ServerThread, publish_tiny, wait_until
 
 LONG = Limits(max_new_tokens=120, default_max_new_tokens=16)
 
@@ -101,51 +43,47 @@ def _registry_with_two_versions(tiny_registry: Path, tmp_path: Path) -> Path:
     return root
 
 
-def _wait(cond: Callable[[], bool], what: str, timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        assert time.monotonic() < deadline, what
-        time.sleep(0.02)
+def _gone(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
 
 
 def test_swap_lets_in_flight_stream_finish_on_the_old_version(
     tiny_registry: Path, tmp_path: Path
 ) -> None:
-    root = _registry_with_two_versions(tiny_registry, tmp_path)
-    config = tiny_server_config(root, models=("tiny@1",), limits=LONG, allow_model_control=True)
-    server = HookedServer(config, step_delay_s=0.02).start()  # 100 tokens ≈ 2 s
-    try:
+    source = _registry_with_two_versions(tiny_registry, tmp_path)
+    with steered_server(
+        source, tmp_path / "steered", models=("tiny@1",), limits=LONG, allow_model_control=True
+    ) as (server, controls):
         old_engine = server.server.models.get("tiny").engine
+        old_pid = old_engine.pid
         chunks: list[Any] = []
-        first = threading.Event()
-        stream_done = threading.Event()
 
         def consume() -> None:
             with Client(server.target, retries=0, timeout=60) as c:
-                for chunk in c.stream("hello", max_new_tokens=100, ignore_eos=True):
-                    chunks.append(chunk)
-                    first.set()
-            stream_done.set()
+                chunks.extend(c.stream("hello", max_new_tokens=100, ignore_eos=True))
 
+        controls.pause_at_token(5)
         reader = threading.Thread(target=consume)
         reader.start()
-        assert first.wait(20)
+        controls.wait_paused()  # tiny@1's stream is in flight: 4 tokens out, 96 to come
         with Client(server.target, retries=0, timeout=60) as c:
             assert c.load_model("tiny@2").ref == "tiny@2"
-            swapped_while_streaming = not stream_done.is_set()
             new = c.generate("hello", max_new_tokens=3, ignore_eos=True)
             assert new.model == "tiny@2"
             assert c.score("the quick", [" fox"]).model == "tiny@2"
             assert c.model_info().ref == "tiny@2"
-        reader.join(30)
-        assert swapped_while_streaming, "the stream ended before the swap: test proves nothing"
+            assert c.model_info().engine_pid != old_pid
+        assert reader.is_alive() and not _gone(old_pid)  # the old version waits for it
+        controls.release()
+        reader.join(60)
         assert chunks[0].model == "tiny@1"
         assert chunks[-1].stop_reason == "MAX_TOKENS" and chunks[-1].generated_tokens == 100
-        # The old engine is retired once its last stream is done.
-        _wait(lambda: not old_engine.engine._thread.is_alive(), "old version never retired")
-        assert old_engine.stats().free_slots == 4
-    finally:
-        server.stop()
+        # The old version's engine process is retired once its last stream is done.
+        wait_until(lambda: _gone(old_pid), "old version never retired")
+        assert not old_engine.serving
 
 
 def _publish_broken(root: Path) -> int:
@@ -215,48 +153,75 @@ def test_alias_move_then_load_by_alias(tiny_registry: Path, tmp_path: Path) -> N
         server.stop()
 
 
-def test_deadline_frees_the_engine_slot_at_the_next_step(tiny_registry: Path) -> None:
-    config = tiny_server_config(tiny_registry, limits=LONG)
-    server = HookedServer(config, step_delay_s=0.02).start()
-    try:
-        engine = server.server.models.get("tiny").engine
-        before = engine.stats()
-        with Client(server.target, retries=0, timeout=60) as c:
-            with pytest.raises(DeadlineExceeded):
-                c.generate("hello", max_new_tokens=100, ignore_eos=True, timeout=0.3)
-            with pytest.raises(DeadlineExceeded):
-                for _ in c.stream("hello", max_new_tokens=100, ignore_eos=True, timeout=0.3):
-                    pass
-        # The engine stops them for their deadline, and says so (not CANCELLED).
-        expired = before.finished.get("DEADLINE", 0) + 2
-        _wait(lambda: engine.stats().finished.get("DEADLINE", 0) == expired, "still running")
-        after = engine.stats()
-        assert after.running == 0 and after.queued == 0 and after.free_slots == 4
-        # ~0.3 s at 20 ms a step is ~15 tokens each; far from the 2 x 100 asked for.
-        assert after.generated_tokens - before.generated_tokens < 2 * 40
-    finally:
-        server.stop()
+@pytest.fixture(scope="module")
+def steered(
+    tiny_registry: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[tuple[ServerThread, Controls]]:
+    with steered_server(
+        tiny_registry, tmp_path_factory.mktemp("steered") / "reg", limits=LONG
+    ) as s:
+        yield s
 
 
-def test_out_of_memory_fails_only_that_request(tiny_registry: Path) -> None:
-    server = HookedServer(tiny_server_config(tiny_registry)).start()
+def test_deadline_frees_the_engine_slot_at_the_next_step(
+    steered: tuple[ServerThread, Controls],
+) -> None:
+    server, controls = steered
+    engine = server.server.models.get("tiny").engine
+    before = engine.stats()
+
+    def in_flight_past_its_deadline(call: Callable[[Client], Any]) -> None:
+        """`call` stops at its third token; its deadline passes while it waits there."""
+        controls.pause_at_token(3)
+        with Client(server.target, retries=0, timeout=60) as c, pytest.raises(DeadlineExceeded):
+            call(c)
+        controls.wait_paused()
+        # The server has given up on the call (so its deadline has passed) before the
+        # engine takes its next step.
+        wait_until(lambda: server.server.in_flight.count == 0, "the call never ended")
+        controls.release()
+
     try:
-        (backend,) = server.backends
-        engine = server.server.models.get("tiny").engine
-        with Client(server.target, retries=0, timeout=60) as c:
-            for stage, call in (
-                ("prefill", lambda: c.generate("hello", max_new_tokens=4)),
-                ("decode", lambda: list(c.stream("hello", max_new_tokens=8, ignore_eos=True))),
-                ("score", lambda: c.score("hello", [" a", " b"])),
-            ):
-                backend.oom.add(stage)
-                with pytest.raises(Overloaded, match="out of memory"):
-                    call()
-                assert not backend.oom  # the fault did fire
-                # The server is alive, the slot came back, the next request is served.
-                assert c.generate("hello", max_new_tokens=3, ignore_eos=True).generated_tokens == 3
-                stats = engine.stats()
-                assert stats.running == 0 and stats.free_slots == 4
-            assert c.health() == "SERVING"
+        in_flight_past_its_deadline(
+            lambda c: c.generate("hello", max_new_tokens=100, ignore_eos=True, timeout=0.5)
+        )
+        in_flight_past_its_deadline(
+            lambda c: list(c.stream("hello", max_new_tokens=100, ignore_eos=True, timeout=0.5))
+        )
     finally:
-        server.stop()
+        controls.release()
+    # The engine stops them for their deadline, and says so (not CANCELLED).
+    expired = before.finished.get("DEADLINE", 0) + 2
+    wait_until(lambda: engine.stats().finished.get("DEADLINE", 0) == expired, "still running")
+    after = engine.stats()
+    assert after.running == 0 and after.queued == 0 and after.free_slots == 4
+    assert after.finished.get("CANCELLED", 0) == before.finished.get("CANCELLED", 0)
+    # Each stopped at the step after its pause: 3 tokens (4 at most), never the 100 asked.
+    assert after.generated_tokens - before.generated_tokens <= 2 * 4
+
+
+@pytest.mark.parametrize("stage", ["prefill", "decode", "score"])
+def test_out_of_memory_fails_only_that_request(
+    steered: tuple[ServerThread, Controls], stage: str
+) -> None:
+    server, controls = steered
+    engine = server.server.models.get("tiny").engine
+    with Client(server.target, retries=0, timeout=60) as c:
+        call = {
+            "prefill": lambda: c.generate("hello", max_new_tokens=4),
+            "decode": lambda: list(c.stream("hello", max_new_tokens=8, ignore_eos=True)),
+            "score": lambda: c.score("hello", [" a", " b"]),
+        }[stage]
+        controls.oom_once(stage)
+        with pytest.raises(Overloaded, match="out of memory") as err:
+            call()
+        assert err.value.code == "RESOURCE_EXHAUSTED"
+        assert controls.oom_fired(stage)
+        # The engine process lives on (no restart), the slot came back, the next request
+        # and the next Score are served.
+        assert c.model_info().engine_restarts == 0
+        assert c.generate("hello", max_new_tokens=3, ignore_eos=True).generated_tokens == 3
+        assert len(c.score("hello", [" a", " b"]).scores) == 2
+        stats = engine.stats()
+        assert stats.running == 0 and stats.free_slots == 4
+        assert c.health() == "SERVING"

@@ -62,9 +62,16 @@ def grpc_client(door: ServerThread) -> Iterator[Client]:
         yield c
 
 
-def raw(server: ServerThread, path: str, body: Any = None, token: str | None = TOKEN) -> Any:
-    """(status, headers, body text) of one request, without the SDK."""
-    data = json.dumps(body).encode() if body is not None else None
+def raw(
+    server: ServerThread,
+    path: str,
+    body: Any = None,
+    token: str | None = TOKEN,
+    data: bytes | None = None,
+) -> Any:
+    """(status, headers, body text) of one request, without the SDK; `data` is sent as it is."""
+    if data is None and body is not None:
+        data = json.dumps(body).encode()
     req = urllib.request.Request(
         base_url(server) + path, data=data, method="POST" if data else "GET"
     )
@@ -321,6 +328,15 @@ def test_bad_fields_are_400_naming_the_field(oai: openai.OpenAI) -> None:
         openai.BadRequestError,
     )
     assert body["param"] == "messages[0].role"
+
+
+def test_a_body_that_is_not_json_is_400(door: ServerThread) -> None:
+    """(A body over the size limit is 413: `test_overload.py`, on a server with a small one.)"""
+    for data in (b"{not json", b"[1, 2]", b'{"model": "tiny", "prompt": "hi"'):
+        status, _, text = raw(door, "/v1/completions", data=data)
+        error = json.loads(text)["error"]
+        assert status == 400 and error["type"] == "invalid_request_error", (data, text)
+    assert raw(door, "/v1/models")[0] == 200  # the door serves on
 
 
 def test_an_echo_over_the_score_budget_is_400_naming_echo(oai: openai.OpenAI) -> None:

@@ -8,12 +8,14 @@ import datetime
 import hashlib
 import ipaddress
 import logging
+import ssl
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import grpc
+import openai
 import pytest
 
 from slimserve.cli import build_parser, serve_config
@@ -384,7 +386,7 @@ def test_tls_server_accepts_trusting_clients_only(
     tiny_registry: Path, pki: dict[str, Path]
 ) -> None:
     tls = TlsConfig(cert=pki["server.pem"], key=pki["server.key"])
-    server = _server(tiny_registry, tls=tls)
+    server = _server(tiny_registry, tls=tls, http_port=0)
     try:
         creds = tls_credentials(ca=pki["ca.pem"])
         with _client(server, credentials=creds) as c:
@@ -392,8 +394,27 @@ def test_tls_server_accepts_trusting_clients_only(
             assert c.health() == "SERVING"
         _refused(server, None)  # plaintext
         _refused(server, tls_credentials(ca=pki["rogue-ca.pem"]))  # does not trust the server
+        # The HTTP door serves HTTPS with the same certificate, to trusting clients only.
+        port = server.server.http.port
+        assert _https_completion(f"https://127.0.0.1:{port}/v1", pki["ca.pem"]) == 2
+        with pytest.raises(openai.APIConnectionError):
+            _https_completion(f"https://127.0.0.1:{port}/v1", pki["rogue-ca.pem"])
+        with pytest.raises(openai.APIConnectionError):
+            _https_completion(f"http://127.0.0.1:{port}/v1", pki["ca.pem"])  # plaintext
     finally:
         server.stop()
+
+
+def _https_completion(base_url: str, ca: Path) -> int:
+    """Tokens of a 2-token completion through the openai SDK trusting `ca` only."""
+    verify = ssl.create_default_context(cafile=str(ca))
+    with (
+        openai.DefaultHttpxClient(verify=verify, timeout=30) as http,
+        openai.OpenAI(base_url=base_url, api_key="none", max_retries=0, http_client=http) as oai,
+    ):
+        done = oai.completions.create(model="tiny", prompt="hello", max_tokens=2)
+    assert done.usage is not None
+    return done.usage.completion_tokens
 
 
 def test_mutual_tls_requires_a_client_certificate_from_the_client_ca(

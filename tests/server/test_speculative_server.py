@@ -14,6 +14,7 @@ from slimserve.engine.config import ModelConfig
 from slimserve.engine.errors import LoadFailed
 from slimserve.engine.loader import load, resolve_draft
 from slimserve.registry.artifact import publish_model
+from slimserve.registry.errors import ModelNotFound
 from slimserve.registry.store import Registry
 from tests.conftest import tiny_server_config
 from tests.helpers import ServerThread, publish_tiny, tiny_model, tiny_tokenizer
@@ -67,14 +68,16 @@ def test_a_draft_model_serves_the_same_tokens_and_reports_its_acceptance(
 
 def test_a_draft_with_another_tokenizer_or_none_at_all_is_refused(registry: Path) -> None:
     reg = Registry(registry)
-    for draft, why in (("alien@1", "tokenizer"), ("nosuch@1", "no model")):
+    cases: tuple[tuple[str, type[Exception], str], ...] = (
+        ("alien@1", LoadFailed, "tokenizer"),
+        ("nosuch@1", ModelNotFound, "no model named 'nosuch'"),
+    )
+    for draft, error, why in cases:
         config = ModelConfig.of(
             device="cpu", backend="llama", max_batch=2, max_seq_len=64, draft=draft, warmup=False
         )
-        with pytest.raises(Exception, match=why) as err:
+        with pytest.raises(error, match=why):
             load(reg.get("tiny", "1"), config, draft=resolve_draft(registry, config))
-        if why == "tokenizer":
-            assert isinstance(err.value, LoadFailed)
 
 
 def test_ngram_in_process_and_the_hf_backend_refuses_drafts(registry: Path) -> None:
