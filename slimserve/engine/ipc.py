@@ -25,6 +25,7 @@ from slimserve.engine.types import (
     Event,
     Finish,
     GenerationRequest,
+    Occupancy,
     SamplingParams,
     StopParams,
     StopReason,
@@ -53,6 +54,8 @@ class Tag(enum.IntEnum):
     STATS_REPLY = 16
     #: Several requests' EVENT / ERROR entries of one engine step: [[rid, tag, payload]].
     EVENTS = 17
+    #: The engine's `Occupancy` after a step, as the last entry of its EVENTS (rid 0).
+    OCCUPANCY = 18
 
 
 def pack(*frame: Any) -> bytes:
@@ -181,6 +184,17 @@ def stats_to_wire(s: EngineStats) -> dict[str, Any]:
 
 def stats_from_wire(d: dict[str, Any]) -> EngineStats:
     return EngineStats(**d)
+
+
+def occupancy_to_wire(o: Occupancy) -> list[int]:
+    return [o.running, o.waiting, o.free_slots, o.kv_cells_used, o.kv_cells]
+
+
+def occupancy_from_wire(w: list[int]) -> Occupancy:
+    running, waiting, free, used, cells = w
+    return Occupancy(
+        running=running, waiting=waiting, free_slots=free, kv_cells_used=used, kv_cells=cells
+    )
 
 
 # ---- errors -------------------------------------------------------------------------------

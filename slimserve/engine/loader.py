@@ -34,6 +34,7 @@ from slimserve.engine.types import (
     EngineInfo,
     EngineStats,
     GenerationRequest,
+    Occupancy,
     SamplingParams,
     StopParams,
     TokenLogprob,
@@ -101,6 +102,11 @@ class EngineLike(Protocol):
     ) -> concurrent.futures.Future[list[TokenLogprob]]: ...
 
     def stats(self) -> EngineStats: ...
+
+    def occupancy(self) -> Occupancy:
+        """Slots and KV cells held after the latest step, without asking the engine process
+        (raises NotReady while it is down)."""
+        ...
 
     def shutdown(self, timeout: float = 10.0) -> None: ...
 

@@ -39,6 +39,7 @@ from slimserve.engine.types import (
     EngineStats,
     Event,
     GenerationRequest,
+    Occupancy,
     TokenLogprob,
 )
 
@@ -129,6 +130,7 @@ def child_main(conn: Connection, spec: ChildSpec) -> None:
     loaded.engine.on_failure = lambda _exc: os._exit(70)  # type: ignore[attr-defined]
     info = dataclasses.replace(loaded.info, in_process=False, measured=dict(spec.measured))
     send(Tag.READY, info.to_dict())
+    send(Tag.OCCUPANCY, 0, ipc.occupancy_to_wire(loaded.engine.occupancy()))
     _serve(conn, loaded.engine, send)
 
 
@@ -164,7 +166,9 @@ class _Bridge:
     """The engine process's side of the pipe: requests in, events out.
 
     Events wait in `pending` (on the worker thread) until the end of the step's phase, then
-    cross in one frame: one wake-up of the server per step, not one per stream.
+    cross in one frame: one wake-up of the server per step, not one per stream. The frame
+    ends with the engine's `Occupancy`, so the server's gauges are never a step behind and
+    never cost a round trip.
     """
 
     def __init__(self, engine: Any, send: Callable[..., None]) -> None:
@@ -179,6 +183,7 @@ class _Bridge:
         if self.pending:
             batch = self.pending[:]
             self.pending.clear()
+            batch.append([0, Tag.OCCUPANCY, ipc.occupancy_to_wire(self.engine.occupancy())])
             self.send(Tag.EVENTS, batch)
 
     def submit(self, rid: int, wire: dict[str, Any]) -> None:
@@ -278,6 +283,7 @@ class RemoteEngine:
         self._dead = False
         self._reader: threading.Thread | None = None
         self._max_queue = int(spec.config.get("max_queue", 64))
+        self._occupancy = Occupancy()
 
     @property
     def pid(self) -> int | None:
@@ -439,6 +445,12 @@ class RemoteEngine:
         result: dict[str, Any] = self._call(Tag.STATS).result(10)
         return ipc.stats_from_wire(result)
 
+    def occupancy(self) -> Occupancy:
+        """What the process said with its latest step (no round trip; NotReady when down)."""
+        if self._dead:
+            raise NotReady(f"the engine process for {self.spec.ref} is not running")
+        return self._occupancy
+
     def shutdown(self, timeout: float = 10.0) -> None:
         """Stop the process: in-flight requests end CANCELLED, then it exits."""
         self._stopping = True
@@ -502,6 +514,8 @@ class RemoteEngine:
             fut = self._futures.pop(frame[1], None)
             if fut is not None:
                 settle(fut, frame[2])  # its caller may have cancelled it meanwhile
+        elif tag == Tag.OCCUPANCY:
+            self._occupancy = ipc.occupancy_from_wire(frame[2])
         elif tag == Tag.SCORE_FAILED:
             fut = self._futures.pop(frame[1], None)
             if fut is not None:

@@ -44,6 +44,7 @@ from slimserve.engine.types import (
     Event,
     Finish,
     GenerationRequest,
+    Occupancy,
     StopReason,
     Timings,
     TokenLogprob,
@@ -304,6 +305,22 @@ class Engine(SpeculativeSteps):
                 slot_moves=s.slot_moves,
                 phase_s=dict(self._phase),
             )
+
+    def occupancy(self) -> Occupancy:
+        """Slots and cache cells held now (any thread; exact between steps, which is when
+        the engine process sends it, and a moment's snapshot otherwise)."""
+        running = list(self._running)
+        max_slots = self.backend.max_slots
+        cells = self._pool if self._pool is not None else max_slots * self.backend.max_seq_len
+        with self._cond:
+            waiting, free = len(self._waiting), len(self._free)
+        return Occupancy(
+            running=len(running),
+            waiting=waiting,
+            free_slots=free,
+            kv_cells_used=sum(len(seq.tokens) for seq in running),
+            kv_cells=cells,
+        )
 
     def shutdown(self, timeout: float = 10.0) -> None:
         """Cancel everything still queued or running and stop the worker."""

@@ -24,6 +24,7 @@ from slimserve.engine.types import (
     EngineStats,
     Event,
     GenerationRequest,
+    Occupancy,
     TokenLogprob,
 )
 
@@ -132,6 +133,9 @@ class SupervisedEngine:
 
     def stats(self) -> EngineStats:
         return self._engine().stats()
+
+    def occupancy(self) -> Occupancy:
+        return self._engine().occupancy()
 
     # ---- crashes ------------------------------------------------------------------------
     def _exited(self, engine: RemoteEngine, code: int | None) -> None:
