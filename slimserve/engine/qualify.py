@@ -8,7 +8,10 @@ held against the reference's: top-1 agreement (a pick the reference ranks within
 flip a verdict) and the perplexity ratio. Per-logit tolerances would be wrong: AMX and
 plain-CPU kernels differ by up to ~1.5 on single logits and agree on the distribution.
 The same process measures speed (decode at batch 1 and at `max_batch`, prefill), so `auto`
-picks the fastest plan whose perplexity is within `EQUAL_QUALITY` of the reference.
+picks the fastest plan whose perplexity is within `EQUAL_QUALITY` of the reference. For a
+llama.cpp plan it also races the threads of a single-sequence decode step (1, 2, 4, ... up
+to all): the plan serves with the fewest that come within `DECODE_THREADS_SLACK` of the
+fastest, which leaves the other cores to the server and its clients.
 
 Verdicts are cached per machine (`machine.fingerprint()`: CPU, library versions, native
 build), artifact and shape, in one JSON file beside the registry, so a restart repeats
@@ -19,6 +22,7 @@ Imports torch and engine modules only.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import fcntl
 import json
 import logging
@@ -34,7 +38,7 @@ from typing import Any
 from slimserve.engine.backends.select import Plan, quiet_torch_beside
 from slimserve.engine.config import ModelConfig
 from slimserve.engine.machine import fingerprint_digest
-from slimserve.engine.process import ChildSpec, describe_exit, model_config_from_dict, mp_context
+from slimserve.engine.process import ChildSpec, describe_exit, mp_context
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +64,9 @@ SCORE_GROUP = 9
 #: Each rate is the best of this many timed runs: a machine shared with other work slows
 #: some runs, never speeds one up, so the best run is the least disturbed measurement.
 TIMING_RUNS = 3
+#: A single-sequence decode runs on the fewest threads within this fraction of the fastest
+#: count: a core it barely uses is worth more to the server beside it.
+DECODE_THREADS_SLACK = 0.03
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -75,6 +82,10 @@ class Verdict:
     batch_tok_s: float = 0.0
     prefill_tok_s: float = 0.0
     measured_at: float = field(default_factory=time.time)
+    #: llama.cpp: the threads a single-sequence decode serves on (0: not measured) ...
+    decode_threads: int = 0
+    #: ... chosen from these rates, tokens/s by thread count (str: a JSON key).
+    decode_by_threads: dict[str, float] = field(default_factory=dict)
 
     @property
     def key(self) -> str:
@@ -93,11 +104,17 @@ class Verdict:
     def summary(self) -> str:
         if not self.ok:
             return f"{self.status}: {self.reason}"
+        threads = f" on {self.decode_threads} threads" if self.decode_threads else ""
         return (
             f"ok: ppl x{self.ppl_ratio:.4f}, agreement {self.agreement:.3f}, decode "
-            f"{self.decode_tok_s:.1f} tok/s, batch {self.batch_tok_s:.1f} tok/s, prefill "
-            f"{self.prefill_tok_s:.0f} tok/s"
+            f"{self.decode_tok_s:.1f} tok/s{threads}, batch {self.batch_tok_s:.1f} tok/s, "
+            f"prefill {self.prefill_tok_s:.0f} tok/s"
         )
+
+    @property
+    def stale(self) -> bool:
+        """A llama.cpp verdict cached before decode threads were measured: qualify again."""
+        return self.ok and self.plan.get("backend") == "llamacpp" and not self.decode_threads
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -162,9 +179,10 @@ TIMED_OUT = "timed-out"
 
 
 def _prefix(digest: str, config: ModelConfig, threads: int) -> str:
-    shape = f"b{config.max_batch}-s{config.max_seq_len}-kv{config.kv_cache_mb}-t{threads}"
-    if config.kv_layout != "unified":  # verdicts made before the choice existed stay valid
-        shape += f"-{config.kv_layout}"
+    cache = config.cache
+    shape = f"b{cache.max_batch}-s{cache.max_seq_len}-kv{cache.kv_cache_mb}-t{threads}"
+    if cache.kv_layout != "unified":  # verdicts made before the choice existed stay valid
+        shape += f"-{cache.kv_layout}"
     return f"{fingerprint_digest()}/{digest[:16]}/{shape}"
 
 
@@ -177,11 +195,11 @@ class Qualifier:
         self.timeout_s = timeout_s
 
     def select(self, spec: ChildSpec, digest: str) -> Selection:
-        config = model_config_from_dict(spec.config)
+        config = spec.config
         prefix = _prefix(digest, config, spec.threads)
         survey_key = (
-            f"{prefix}/survey/{config.backend}/{config.gguf_type}/{config.dtype}/"
-            + ",".join(config.backend_plugins)
+            f"{prefix}/survey/{config.load.backend}/{config.load.gguf_type}/{config.load.dtype}/"
+            + ",".join(config.load.backend_plugins)
         )
         known = self.cache.read()
         survey = known.get(survey_key)
@@ -198,6 +216,8 @@ class Qualifier:
         for plan in plans:
             key = f"{prefix}/{plan.key}"
             cached = known.get(key)
+            if cached is not None and Verdict(**cached).stale:
+                cached = None
             if cached is None:
                 if plan.trusted:
                     cached = survey["trusted"].get(plan.key) or asdict(
@@ -214,7 +234,7 @@ class Qualifier:
         return choose(plans, verdicts, refused, config)
 
     def mark_bad(self, spec: ChildSpec, digest: str, plan: Plan, reason: str) -> None:
-        config = model_config_from_dict(spec.config)
+        config = spec.config
         verdict = Verdict(plan=plan.to_dict(), status="crash-loop", reason=reason)
         self.cache.put(f"{_prefix(digest, config, spec.threads)}/{plan.key}", asdict(verdict))
 
@@ -230,7 +250,7 @@ def choose(
             refused[v.key] = v.summary()
     if not ok:
         raise ValueError(f"no plan qualified on this machine: {refused}")
-    plugins = [v for v in ok if Plan.from_dict(v.plan).backend in config.backend_plugins]
+    plugins = [v for v in ok if Plan.from_dict(v.plan).backend in config.load.backend_plugins]
     equal = [v for v in ok if v.ppl_ratio <= EQUAL_QUALITY] or [min(ok, key=lambda v: v.ppl_ratio)]
     measured = [v for v in equal if v.speed > 0]
     best = max(measured, key=lambda v: v.speed) if measured else equal[0]
@@ -240,7 +260,7 @@ def choose(
         if v is not best:
             worse = v.ppl_ratio > EQUAL_QUALITY
             refused[v.key] = ("worse: " if worse else "slower: ") + v.summary()
-    chosen = Plan.from_dict(best.plan)
+    chosen = dataclasses.replace(Plan.from_dict(best.plan), decode_threads=best.decode_threads)
     figures = {
         "decode_tokens_per_s": best.decode_tok_s,
         "batch_tokens_per_s": best.batch_tok_s,
@@ -248,6 +268,11 @@ def choose(
         "probe_perplexity_ratio": best.ppl_ratio,
         "probe_top1_agreement": best.agreement,
     }
+    if best.decode_threads:
+        # What serves: an operator's --decode-threads over the measured count.
+        figures["decode_threads"] = float(config.load.decode_threads or best.decode_threads)
+        for n, rate in best.decode_by_threads.items():
+            figures[f"decode_tokens_per_s_{n}_threads"] = rate
     return Selection(plan=chosen, refused=refused, measured=figures, verdicts=tuple(verdicts))
 
 
@@ -308,15 +333,15 @@ def _load(spec: ChildSpec) -> tuple[Any, Any, ModelConfig, int, Path]:
     from slimserve.registry.errors import IntegrityError
     from slimserve.registry.store import Registry
 
-    config = model_config_from_dict(spec.config)
+    config = spec.config
     artifact = Registry(Path(spec.registry)).get(spec.name, str(spec.version))
-    device = resolve_device(config.device)
-    dtype = resolve_dtype(config.dtype, device)
+    device = resolve_device(config.load.device)
+    dtype = resolve_dtype(config.load.dtype, device)
     try:
         model, tokenizer = load_model(artifact, device=device, dtype=dtype)
     except IntegrityError as exc:
         raise IntegrityFailure(str(exc)) from exc
-    return model, tokenizer, config, context_length(model, config, dtype), artifact.path
+    return model, tokenizer, config, context_length(model, config.cache, dtype), artifact.path
 
 
 def _survey(spec: ChildSpec) -> dict[str, Any]:
@@ -396,6 +421,10 @@ def _probe(plan: Plan, backend: Any, ids: list[int], ref: Any) -> Verdict:
         backend.prefill(0, long)
         prefill = max(prefill, n / (time.perf_counter() - t0))
         backend.release(0)
+    decode_threads, by_threads = 0, dict[int, float]()
+    if plan.backend == "llamacpp":
+        decode_threads, by_threads = _race_decode_threads(backend, ids)
+        backend.set_decode_threads(decode_threads)
     runs = [_speed(backend, ids) for _ in range(TIMING_RUNS)]
     decode, batch = max(r[0] for r in runs), max(r[1] for r in runs)
     status, reason = "ok", ""
@@ -417,18 +446,57 @@ def _probe(plan: Plan, backend: Any, ids: list[int], ref: Any) -> Verdict:
         decode_tok_s=decode,
         batch_tok_s=batch,
         prefill_tok_s=prefill,
+        decode_threads=decode_threads,
+        decode_by_threads={str(n): rate for n, rate in by_threads.items()},
     )
 
 
-def _speed(backend: Any, ids: list[int]) -> tuple[float, float]:
-    """Greedy-shaped decode rates: one slot, then every slot; tokens/s."""
+def thread_counts(threads: int) -> list[int]:
+    """The decode thread counts raced on `threads`: 1, 2, 4, ... below it, and it."""
+    counts = {threads}
+    n = 1
+    while n < threads:
+        counts.add(n)
+        n *= 2
+    return sorted(counts)
+
+
+def fewest_fast_threads(rates: dict[int, float]) -> int:
+    """The fewest threads whose rate is within `DECODE_THREADS_SLACK` of the best."""
+    best = max(rates.values())
+    return min(n for n, rate in rates.items() if rate >= (1 - DECODE_THREADS_SLACK) * best)
+
+
+def _race_decode_threads(backend: Any, ids: list[int]) -> tuple[int, dict[int, float]]:
+    """Single-sequence decode tokens/s at each of `thread_counts`, the best of
+    `TIMING_RUNS` each, the counts interleaved so a neighbour's burst slows each alike;
+    and the count to serve with (`fewest_fast_threads`)."""
+    rates: dict[int, float] = {}
+    for _ in range(TIMING_RUNS):
+        for n in thread_counts(backend.phase_threads.threads):
+            backend.set_decode_threads(n)
+            rates[n] = max(rates.get(n, 0.0), _single_decode(backend, ids))
+    return fewest_fast_threads(rates), rates
+
+
+def _single_decode(backend: Any, ids: list[int]) -> float:
+    """Tokens/s of one slot decoding alone, greedy-shaped (slot 0 is left empty)."""
     start, steps = ids[:16], 32
     steps = max(1, min(steps, backend.max_seq_len - len(start) - 1))
     backend.prefill(0, start)
     t0 = time.perf_counter()
     for i in range(steps):
         backend.decode([0], [ids[i % len(ids)]])
-    decode = steps / (time.perf_counter() - t0)
+    rate = steps / (time.perf_counter() - t0)
+    backend.release(0)
+    return float(rate)
+
+
+def _speed(backend: Any, ids: list[int]) -> tuple[float, float]:
+    """Greedy-shaped decode rates: one slot, then every slot; tokens/s."""
+    start, steps = ids[:16], 32
+    steps = max(1, min(steps, backend.max_seq_len - len(start) - 1))
+    decode = _single_decode(backend, ids)
     slots = list(range(backend.max_slots))
     for s in slots:
         backend.prefill(s, start)

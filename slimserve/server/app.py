@@ -28,6 +28,7 @@ from slimserve.engine.loader import BackendHook
 from slimserve.engine.manager import ModelManager
 from slimserve.registry.store import Registry, parse_model_ref
 from slimserve.server.config import ServerConfig, TlsConfig
+from slimserve.server.generation import Generation
 from slimserve.server.interceptors import InFlight, server_interceptors
 from slimserve.server.kserve import SERVICE_NAME as KSERVE_SERVICE
 from slimserve.server.kserve import InferenceServicer
@@ -78,6 +79,15 @@ class DrainingHealth(health.aio.HealthServicer):  # type: ignore[misc]
             self._statuses = dict.fromkeys(self._statuses, not_serving)
             self._changed.notify_all()
 
+    async def List(
+        self, request: health_pb2.HealthListRequest, context: grpc.aio.ServicerContext
+    ) -> health_pb2.HealthListResponse:
+        """Every service's status (health v1's List; the library leaves it unimplemented)."""
+        response = health_pb2.HealthListResponse()
+        for service, status in self._statuses.items():
+            response.statuses[service].status = status  # type: ignore[assignment]
+        return response
+
     async def Watch(
         self, request: health_pb2.HealthCheckRequest, context: grpc.aio.ServicerContext
     ) -> None:
@@ -118,6 +128,8 @@ class Server:
     metrics: Metrics
     in_flight: InFlight
     loop: asyncio.AbstractEventLoop
+    #: The door-neutral layer every door submits through.
+    generation: Generation
     ready: asyncio.Future[None] = field(default_factory=asyncio.Future)
     load_task: asyncio.Task[None] | None = None
     #: Model names that have had a health status (they stay listed, NOT_SERVING, once gone).
@@ -145,9 +157,14 @@ class Server:
     async def load_configured(self) -> None:
         """Load the configured models off the event loop, then report SERVING."""
         try:
+            seen: set[str] = set()
             for i, text in enumerate(self.config.models):
                 name, ref = parse_model_ref(text)
-                await asyncio.to_thread(self.models.load, name, ref, make_default=i == 0)
+                # A name listed again serves that version beside the first one's.
+                await asyncio.to_thread(
+                    self.models.load, name, ref, make_default=i == 0, beside=name in seen
+                )
+                seen.add(name)
         except BaseException as exc:
             self.models.loading = False
             log.error("loading models failed: %s", exc)
@@ -227,8 +244,8 @@ async def build_server(
             *config.connections.grpc_options(),
         ],
     )
-    generation = GenerationServicer(models, limits, metrics)
-    gen_grpc.add_GenerationServiceServicer_to_server(generation, grpc_server)
+    generation = Generation(models, limits, metrics)
+    gen_grpc.add_GenerationServiceServicer_to_server(GenerationServicer(generation), grpc_server)
     models_grpc.add_ModelServiceServicer_to_server(ModelServicer(models), grpc_server)
     health_servicer = DrainingHealth()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, grpc_server)
@@ -249,7 +266,9 @@ async def build_server(
         metrics.serve(config.host, config.metrics_port)
         log.info("metrics on http://%s:%d/metrics", config.host, metrics.port)
     loop = asyncio.get_running_loop()
-    server = Server(config, grpc_server, port, health_servicer, models, metrics, in_flight, loop)
+    server = Server(
+        config, grpc_server, port, health_servicer, models, metrics, in_flight, loop, generation
+    )
     holder.append(server)
     for name in ("", *SERVICES):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
@@ -272,7 +291,7 @@ async def _start_http(server: Server) -> Any:
         return bool(answer.status == health_pb2.HealthCheckResponse.SERVING)
 
     config = server.config
-    routes = OpenAIApp(server.models, config, server.metrics, server.in_flight, ready)
+    routes = OpenAIApp(server.generation, config, server.in_flight, ready)
     door = HttpDoor(routes.app(), config.host, config.http_port or 0, config.tls)
     await door.start()
     return door

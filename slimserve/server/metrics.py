@@ -1,6 +1,8 @@
 """Prometheus metrics, per model and version, on their own registry (no global state).
 
-Histograms: time to first token, inter-token latency, queue time, end-to-end latency.
+Histograms: time to first token, inter-token latency, queue time, end-to-end latency, and
+the phases each request crossed (door parse, chat template, tokenize, queue, admit,
+prefill, the first token's hops, render), so a user sees where the milliseconds went.
 Gauges (each engine's `Occupancy` after its latest step, which an engine process sends with
 that step's events: a scrape never waits on an engine): running and queued requests, free
 KV-cache slots, and the llm-d / Gateway API Inference Extension model-server gauges under
@@ -23,7 +25,7 @@ from slimserve.engine.errors import NotReady
 if TYPE_CHECKING:
     from slimserve.engine.loader import LoadedModel
     from slimserve.engine.manager import ModelManager
-    from slimserve.engine.types import Finish
+    from slimserve.engine.types import Finish, Occupancy
 
 _LABELS = ("model", "version")
 #: The model-server protocol's gauges, named as vLLM names them (what an endpoint picker
@@ -38,6 +40,20 @@ VLLM_GAUGES = (VLLM_WAITING, VLLM_RUNNING, VLLM_KV_USAGE, VLLM_KV_USAGE_OLD)
 _VLLM = ("model_name",)
 _LATENCY = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 _TOKEN_GAP = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56)
+# Seconds; a phase takes from tens of microseconds (parse) to seconds (a long prefill).
+_PHASE = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
+          1, 2.5, 5, 10, 30)  # fmt: skip
+#: `Timings` field -> the phase label of `slimserve_request_phase_seconds`.
+PHASES = {
+    "parse_ms": "parse",
+    "template_ms": "template",
+    "tokenize_ms": "tokenize",
+    "queue_ms": "queue",
+    "admit_ms": "admit",
+    "prefill_ms": "prefill",
+    "first_token_out_ms": "first_token_out",
+    "render_ms": "render",
+}
 
 
 class _EngineCollector(Collector):
@@ -64,6 +80,7 @@ class _EngineCollector(Collector):
                 VLLM_KV_USAGE_OLD, f"The older name of {VLLM_KV_USAGE} (CPU here).", labels=_VLLM
             ),
         )
+        by_name: dict[str, list[Occupancy]] = {}
         for model in self._models.all():
             try:
                 now = model.engine.occupancy()
@@ -73,9 +90,14 @@ class _EngineCollector(Collector):
             running.add_metric(labels, now.running)
             queued.add_metric(labels, now.waiting)
             free.add_metric(labels, now.free_slots)
-            values = (now.waiting, now.running, now.kv_usage, now.kv_usage)
-            for family, value in zip(vllm, values, strict=True):
-                family.add_metric([model.name], value)
+            by_name.setdefault(model.name, []).append(now)
+        for name, versions in by_name.items():
+            # vLLM's series are per model name: versions served side by side add up.
+            used, cells = sum(o.kv_cells_used for o in versions), sum(o.kv_cells for o in versions)
+            usage = min(1.0, used / cells) if cells else 0.0
+            waiting, busy = sum(o.waiting for o in versions), sum(o.running for o in versions)
+            for family, value in zip(vllm, (waiting, busy, usage, usage), strict=True):
+                family.add_metric([name], value)
         yield from (running, queued, free, *vllm)
 
 
@@ -111,6 +133,15 @@ class Metrics:
             "Handler start to the last response, for completed requests.",
             (*_LABELS, "method"),
             buckets=_LATENCY,
+            registry=r,
+        )
+        self.phase = Histogram(
+            "slimserve_request_phase_seconds",
+            "Time a generation spent in each phase: parse (the door), template and tokenize "
+            "(the engine process), queue, admit and prefill (the scheduler), first_token_out "
+            "(the first token's hops between door and engine), render (the door).",
+            (*_LABELS, "phase"),
+            buckets=_PHASE,
             registry=r,
         )
         self.prompt_tokens = Counter(
@@ -150,6 +181,10 @@ class Metrics:
         self.e2e.labels(*labels, method).observe(seconds)
         self.prompt_tokens.labels(*labels).inc(finish.input_tokens)
         self.generated_tokens.labels(*labels).inc(finish.generated_tokens)
+        for name, phase in PHASES.items():
+            ms = getattr(t, name)
+            if ms > 0 or name in ("queue_ms", "prefill_ms"):  # 0 elsewhere: not on this path
+                self.phase.labels(*labels, phase).observe(ms / 1e3)
 
     def scored(self, model: LoadedModel, prompt_tokens: int, seconds: float) -> None:
         labels = self._labels(model)

@@ -19,7 +19,7 @@ import pytest
 from slimserve.clients import AsyncClient
 from slimserve.engine.backends import llamacpp
 from slimserve.engine.backends.llama import LlamaBackend
-from slimserve.engine.scheduler import Engine, EngineConfig
+from slimserve.engine.scheduler import Engine, EngineConfig, EngineHooks
 from slimserve.engine.types import Occupancy
 from slimserve.server.config import Limits
 from slimserve.server.metrics import VLLM_KV_USAGE, VLLM_KV_USAGE_OLD, VLLM_RUNNING, VLLM_WAITING
@@ -56,10 +56,10 @@ def test_occupancy_counts_the_cells_every_running_sequence_holds(
 ) -> None:
     tokenizer.save_pretrained(tmp_path)
     backend = _backend(kind, tiny_model(len(tokenizer), seed=2), tmp_path)
-    engine = Engine(backend, tokenizer, EngineConfig(max_queue=8))
     seen: list[Occupancy] = []
     # What the engine process sends with each step's events.
-    engine.on_flush = lambda: seen.append(engine.occupancy())
+    hooks = EngineHooks(on_flush=lambda: seen.append(engine.occupancy()))
+    engine = Engine(backend, tokenizer, EngineConfig(max_queue=8), hooks=hooks)
     engine.start()
     try:
         cells = getattr(backend, "kv_pool_tokens", None) or 4 * 64
@@ -111,7 +111,7 @@ def test_gauges_track_load_return_to_idle_and_never_wait_on_the_engine(
     base = tiny_server_config(
         tiny_registry, backend="hf", limits=Limits(max_new_tokens=TOKENS, default_max_new_tokens=16)
     )
-    model = dataclasses.replace(base.model, max_batch=SLOTS)
+    model = base.model.replace(max_batch=SLOTS)
     server = ServerThread(dataclasses.replace(base, model=model, metrics_port=0)).start()
     try:
         port = server.server.metrics.port
