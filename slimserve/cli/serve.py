@@ -172,6 +172,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import asyncio
 
     config = serve_config(args)
+    if args.ray:  # the same models and flags, as a Ray Serve application
+        from slimserve.cli.scale import serve_on_ray
+
+        return serve_on_ray(args, config)
     if config.threads:
         import torch
 
@@ -283,6 +287,9 @@ def add_parser(sub: Any) -> None:
     _add_connections(p)
     _add_security(p)
     registry_arg(p)
+    from slimserve.cli.scale import add_serve_flags
+
+    add_serve_flags(p)
     p.set_defaults(func=cmd_serve)
 
 
