@@ -26,6 +26,7 @@ from tests.helpers import ServerThread, publish_tiny
 ray = pytest.importorskip("ray", reason="the ray extra is not installed (scripts/setup)")
 serve = pytest.importorskip("ray.serve")
 pytestmark = [
+    pytest.mark.slow,  # a Ray cluster and five engine processes: ~90 s on 2 vCPUs
     # Ray's own modules warn about their deprecations on import and shutdown; ours do not.
     pytest.mark.filterwarnings("ignore::DeprecationWarning"),
     pytest.mark.filterwarnings("ignore::ResourceWarning"),
