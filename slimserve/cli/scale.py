@@ -72,10 +72,12 @@ def serve_on_ray(args: argparse.Namespace, config: Any) -> int:
 
     from slimserve.scale.serve_app import Scaling, run
 
+    max_ongoing = args.max_ongoing_requests or config.model.engine.max_batch * 3 // 2
     scaling = Scaling(
         replicas=args.replicas,
         autoscale=args.autoscale,
-        max_ongoing=args.max_ongoing_requests or config.model.engine.max_batch * 3 // 2,
+        max_ongoing=max_ongoing,
+        target_ongoing=max(1.0, max_ongoing / 2),  # docs/scale-out.md: half of it
         max_queued=args.max_queued_requests,
         cpus=args.replica_cpus,
     )
