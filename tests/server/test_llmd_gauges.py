@@ -134,6 +134,11 @@ def test_gauges_track_load_return_to_idle_and_never_wait_on_the_engine(
         waiting = [value(s, VLLM_WAITING, **tiny) for s in samples]
         running = [value(s, VLLM_RUNNING, **tiny) for s in samples]
         usage = [value(s, VLLM_KV_USAGE, **tiny) for s in samples]
+        print(  # the figures behind the targets (pytest -s shows them)
+            f"{len(samples)} scrapes under load: waiting max {max(waiting):.0f}, running max "
+            f"{max(running):.0f}, kv_cache_usage_perc {min(u for u in usage if u):.4f}.."
+            f"{max(usage):.4f}"
+        )
         assert max(waiting) >= 1, f"no waiting request seen in {len(samples)} scrapes"
         assert max(running) == SLOTS, list(zip(running, waiting, strict=True))
         assert all(0.0 <= u <= 1.0 for u in usage)
@@ -147,6 +152,7 @@ def test_gauges_track_load_return_to_idle_and_never_wait_on_the_engine(
             assert queued_now == value(s, VLLM_WAITING, **tiny)
 
         after = scrape(port)  # the last step's frame carried the engine's idle occupancy
+        print(f"idle after: kv_cache_usage_perc {value(after, VLLM_KV_USAGE, **tiny)}")
         for gauge in (VLLM_WAITING, VLLM_RUNNING, VLLM_KV_USAGE):
             assert value(after, gauge, **tiny) == 0
         assert value(after, "slimserve_slots_free", **labels) == SLOTS
