@@ -14,20 +14,38 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent / "slimserve"
 
 #: Top-level parts of the package; a module outside them (slimserve/__init__.py) is "root".
-PARTS = ("v1", "registry", "compression", "engine", "server", "clients", "fraud", "bench", "cli")
+PARTS = (
+    "v1", "registry", "compression", "engine", "server", "clients", "fraud", "bench", "scale",
+    "cli",
+)  # fmt: skip
 
 #: part -> imports it must never make (slimserve parts, or third-party top-level modules).
 FORBIDDEN: dict[str, set[str]] = {
     # A client install stays small: grpc + protobuf and the generated API, nothing else here.
     "clients": {p for p in PARTS if p not in ("clients", "v1")} | {"torch", "transformers"},
     # Protobuf and gRPC stop at the server and client edges; the engine runs without a door.
-    "engine": {"v1", "server", "clients", "fraud", "cli", "bench", "grpc", "google.protobuf"},
-    "compression": {"server", "clients", "fraud", "cli", "bench"},
+    "engine": {
+        "v1",
+        "server",
+        "clients",
+        "fraud",
+        "cli",
+        "bench",
+        "scale",
+        "grpc",
+        "google.protobuf",
+        "ray",
+    },
+    "compression": {"server", "clients", "fraud", "cli", "bench", "scale", "ray"},
     # The registry is a leaf.
-    "registry": {"engine", "compression", "server", "clients", "fraud", "cli", "bench"},
+    "registry": {"engine", "compression", "server", "clients", "fraud", "cli", "bench", "scale"},
     # The example app scores through the public client.
-    "fraud": {"engine", "server", "cli", "bench"},
-    "server": {"clients", "fraud", "cli", "bench", "compression"},
+    "fraud": {"engine", "server", "cli", "bench", "scale", "ray"},
+    "server": {"clients", "fraud", "cli", "bench", "compression", "scale", "ray"},
+    # Scale-out on Ray joins the server, engine, clients and fraud parts (which may not import
+    # one another); only the CLI imports it, and only ray-less parts are below it.
+    "scale": {"cli", "bench", "compression"},
+    "bench": {"scale"},
 }
 
 

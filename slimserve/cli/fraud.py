@@ -8,6 +8,7 @@ the parser imports neither torch nor scikit-learn.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -111,6 +112,9 @@ def _add_score(sub: Any, target_arg: AddArgs) -> None:
     )
     p.add_argument("--concurrency", type=int, default=4, help="Score calls in flight")
     target_arg(p)
+    from slimserve.cli.scale import add_score_flags
+
+    add_score_flags(p)
     p.set_defaults(func=cmd_score)
 
 
@@ -224,21 +228,30 @@ def cmd_score(args: argparse.Namespace) -> int:
         explain_tokens=args.explain_tokens,
         explain_max=args.explain_max,
     )
-    with _client(args, args.target) as client:
+    if args.ray:  # engines in Ray workers instead of the server at --target
+        from slimserve.cli.scale import ray_scorer
+
+        client: Any = contextlib.nullcontext(None)
+        scorer: Any = ray_scorer(args)
+    else:
+        client, scorer = _client(args, args.target), contextlib.nullcontext(None)
+    with client as c, scorer as s:
         if args.out is None:
             summary = score_file(
-                args.file, client, options, out=sys.stdout, log=sys.stderr, explain_to=sys.stderr
-            )
+                args.file, c, options, out=sys.stdout, log=sys.stderr, explain_to=sys.stderr,
+                scorer=s,
+            )  # fmt: skip
         else:
             with args.out.open("w", encoding="utf-8", newline="") as out:
                 summary = score_file(
                     args.file,
-                    client,
+                    c,
                     options,
                     out=out,
                     log=sys.stderr,
                     explain_to=sys.stdout,
                     fmt=output_format(args.out),
+                    scorer=s,
                 )
     _err(summary.describe())
     return 1 if summary.rejected or summary.failed else 0

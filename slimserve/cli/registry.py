@@ -1,4 +1,4 @@
-"""`slimserve import` and `slimserve registry list|show|verify|alias`.
+"""`slimserve import` and `slimserve registry list|show|verify|alias|export`.
 
 Imports `slimserve.compression` and `slimserve.registry` only inside the handlers.
 """
@@ -56,6 +56,8 @@ def cmd_registry(args: argparse.Namespace) -> int:
     if args.action == "show":
         art = registry.get(name, ref)
         print(json.dumps({"digest": art.digest, **art.manifest.to_dict()}, indent=2))
+    elif args.action == "export":
+        return _export(registry, name, ref, args.version)
     elif args.action == "verify":
         art = registry.get(name, ref)
         art.verify()
@@ -66,6 +68,25 @@ def cmd_registry(args: argparse.Namespace) -> int:
         version = _version(args.version)
         registry.set_alias(name, args.alias, version)
         print(f"{name}@{args.alias} -> {name}@{version}")
+    return 0
+
+
+def _export(registry: Registry, name: str, ref: str, target: str | None) -> int:
+    from pathlib import Path
+
+    from slimserve.registry.store import export_version
+
+    if not target:
+        raise UsageError("usage: slimserve registry export NAME[@REF] DIR")
+    try:
+        copy = export_version(registry.get(name, ref), Path(target))
+    except FileExistsError as exc:
+        raise UsageError(str(exc)) from None
+    size = sum(int(f["size"]) for f in copy.files.values())
+    print(
+        f"exported {name}@{copy.version} to {copy.path} ({len(copy.files)} files, "
+        f"{size / 1e6:.1f} MB, digest {copy.digest[:12]}; verified)"
+    )
     return 0
 
 
@@ -104,10 +125,14 @@ def add_parser(sub: Any) -> None:
     registry_arg(p)
     p.set_defaults(func=cmd_import)
 
-    p = sub.add_parser("registry", help="list, show, verify and alias registry versions")
-    p.add_argument("action", choices=["list", "show", "verify", "alias"])
+    p = sub.add_parser("registry", help="list, show, verify, alias and export registry versions")
+    p.add_argument("action", choices=["list", "show", "verify", "alias", "export"])
     p.add_argument("model", nargs="?", default="", help="NAME[@VERSION|@ALIAS]")
-    p.add_argument("version", nargs="?", help="(alias) version number")
+    p.add_argument(
+        "version",
+        nargs="?",
+        help="(alias) version number; (export) the directory to write, new or empty",
+    )
     p.add_argument("alias", nargs="?", help="(alias) alias name")
     p.add_argument("--json", action="store_true")
     registry_arg(p)

@@ -21,6 +21,7 @@ from slimserve.cli.common import (
     backend_args,
     check_pair,
     default_registry,
+    home,
     kv_layout_arg,
     non_negative_float,
     non_negative_int,
@@ -75,10 +76,12 @@ def serve_config(args: argparse.Namespace) -> Any:
 
     users = tokens_from(args.auth_token_file, "--auth-token-file", ENV_AUTH_TOKEN, "user")
     admins = tokens_from(args.admin_token_file, "--admin-token-file", ENV_ADMIN_TOKEN, "admin")
+    registry, models, qualify_cache = _models(args)
     try:
         return ServerConfig(
-            registry=args.registry or default_registry(),
-            models=tuple(args.model),
+            registry=registry,
+            models=models,
+            qualify_cache=qualify_cache,
             host=args.host,
             port=args.port,
             threads=args.threads,
@@ -137,10 +140,45 @@ def serve_config(args: argparse.Namespace) -> Any:
         raise UsageError(str(exc)) from None
 
 
+def _models(args: argparse.Namespace) -> tuple[Path, tuple[str, ...], Path | None]:
+    """The registry, the model refs and the qualification cache that `--model` (a registry)
+    or `--model-dir` (one exported version, read-only) describe."""
+    if args.model_dir is None:
+        if not args.model:
+            raise UsageError("serve needs --model NAME[@REF] (or --model-dir DIR)")
+        if args.name is not None:
+            raise UsageError("--name names the model of --model-dir; with --model use NAME@REF")
+        return args.registry or default_registry(), tuple(args.model), None
+    from slimserve.registry.errors import RegistryError
+    from slimserve.registry.store import MANIFEST, Registry, validate_name
+
+    if args.model or args.registry:
+        raise UsageError("--model-dir serves one version directory: leave out --model/--registry")
+    if args.draft not in (None, "none", "ngram"):
+        raise UsageError("--model-dir holds one model: a draft model needs --model and a registry")
+    directory = args.model_dir.resolve()
+    if not (directory / MANIFEST).is_file():
+        raise UsageError(
+            f"--model-dir {args.model_dir}: no {MANIFEST} there, so it is not a version "
+            "directory (`slimserve registry export NAME@REF DIR` writes one)"
+        )
+    try:
+        own = Registry(directory).names()[0]
+        name = validate_name(args.name) if args.name else own
+    except RegistryError as exc:
+        raise UsageError(f"--model-dir {args.model_dir}: {exc}") from None
+    # Verdicts are kept beside the home's registry: the directory itself is never written.
+    return directory, (name,), home() / "qualify" / "verdicts.json"
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     import asyncio
 
     config = serve_config(args)
+    if args.ray:  # the same models and flags, as a Ray Serve application
+        from slimserve.cli.scale import serve_on_ray
+
+        return serve_on_ray(args, config)
     if config.threads:
         import torch
 
@@ -155,7 +193,14 @@ def add_parser(sub: Any) -> None:
     from slimserve.engine.spec_policy import DRAFT_POLICIES
 
     p = sub.add_parser("serve", help="serve registry models over gRPC")
-    p.add_argument("--model", action="append", required=True, help="NAME[@VERSION|@ALIAS]")
+    p.add_argument("--model", action="append", help="NAME[@VERSION|@ALIAS] from the registry")
+    p.add_argument(
+        "--model-dir",
+        type=Path,
+        help="serve one version directory (manifest and files, as `registry export` writes it; "
+        "a storage initializer's /mnt/models), read-only, every checksum verified",
+    )
+    p.add_argument("--name", help="with --model-dir: the name it serves as (default: its own)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     backend_args(
@@ -259,6 +304,9 @@ def add_parser(sub: Any) -> None:
     _add_connections(p)
     _add_security(p)
     registry_arg(p)
+    from slimserve.cli.scale import add_serve_flags
+
+    add_serve_flags(p)
     p.set_defaults(func=cmd_serve)
 
 

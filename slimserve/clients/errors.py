@@ -32,6 +32,11 @@ class ClientError(Exception):
         self.code = code
         self.details = details
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Pickled by its fields, not its constructor's arguments (which subclasses change):
+        # errors cross process lines (multiprocessing, Ray workers) as themselves.
+        return _rebuild, (type(self), self.__dict__)
+
 
 class InvalidArgument(ClientError):
     @property
@@ -100,6 +105,13 @@ _BY_CODE: dict[grpc.StatusCode, type[ClientError]] = {
     grpc.StatusCode.DATA_LOSS: DataLoss,
     grpc.StatusCode.FAILED_PRECONDITION: FailedPrecondition,
 }
+
+
+def _rebuild(cls: type[ClientError], fields: dict[str, Any]) -> ClientError:
+    error = cls.__new__(cls)
+    error.__dict__.update(fields)
+    Exception.__init__(error, f"{error.code}: {error.details}")
+    return error
 
 
 def from_rpc_error(err: Any) -> ClientError:

@@ -31,6 +31,7 @@ from slimserve.engine.types import (
     Event,
     GenerationRequest,
     Guided,
+    Occupancy,
     Prompt,
     ScoreRequest,
     ScoreResult,
@@ -244,6 +245,9 @@ class Frontend:
 
     def stats(self) -> EngineStats:
         return self.engine.stats()
+
+    def occupancy(self) -> Occupancy:
+        return self.engine.occupancy()
 
     def shutdown(self, timeout: float = 10.0) -> None:
         self._work.put(None)

@@ -30,6 +30,7 @@ from slimserve.engine.types import (
     EngineStats,
     Event,
     GenerationRequest,
+    Occupancy,
     Prompt,
     ScoreRequest,
     ScoreResult,
@@ -120,9 +121,11 @@ class StatsReply(_Frame, tag=16):
 
 
 class Events(_Frame, tag=17):
-    """The events of one engine step: (request id, event) pairs."""
+    """The events of one engine step: (request id, event) pairs, and the engine's
+    `Occupancy` after that step (what the server's load gauges read; None: unchanged)."""
 
     items: list[tuple[int, Event]]
+    occupancy: Occupancy | None = None
 
 
 class PromptScored(_Frame, tag=18):

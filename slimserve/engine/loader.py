@@ -35,6 +35,7 @@ from slimserve.engine.types import (
     EngineInfo,
     EngineStats,
     GenerationRequest,
+    Occupancy,
     Prompt,
     SamplingParams,
     ScoreRequest,
@@ -108,6 +109,11 @@ class EngineLike(Protocol):
     ) -> concurrent.futures.Future[TokenizeResult]: ...
 
     def stats(self) -> EngineStats: ...
+
+    def occupancy(self) -> Occupancy:
+        """Slots and KV cells held after the latest step, without asking the engine process
+        (raises NotReady while it is down)."""
+        ...
 
     def shutdown(self, timeout: float = 10.0) -> None: ...
 

@@ -39,6 +39,7 @@ from slimserve.engine.types import (
     EngineStats,
     Event,
     GenerationRequest,
+    Occupancy,
     Prompt,
     ScoreRequest,
     ScoreResult,
@@ -122,7 +123,9 @@ def child_main(conn: Connection, spec: ChildSpec) -> None:
         return
     info = local.info.replace(in_process=False, measured=dict(spec.measured))
     bridge.send(ipc.Ready(info=info))
-    bridge.serve(Frontend.of(local))
+    front = Frontend.of(local)
+    bridge.send(ipc.Events(items=[], occupancy=front.occupancy()))  # the gauges' first figure
+    bridge.serve(front)
 
 
 class _Bridge:
@@ -130,6 +133,8 @@ class _Bridge:
 
     Events wait in `pending` until the end of the step's phase (`flush`, the scheduler's
     hook), then cross in one frame: one wake-up of the server per step, not one per stream.
+    The frame carries the engine's `Occupancy` after that step, so the server's load gauges
+    are never a step behind and a scrape never costs a round trip.
     """
 
     def __init__(self, conn: Connection) -> None:
@@ -147,11 +152,15 @@ class _Bridge:
             self.conn.send_bytes(self.codec.encode(frame))
 
     def flush(self) -> None:
+        if not self.pending:
+            return
+        # Read before taking the pipe's lock: the engine's own lock is never taken under it.
+        now = self.front.occupancy() if self.front is not None else None
         with self._lock:
             if not self.pending:
                 return
             batch, self.pending = self.pending, []
-            self.conn.send_bytes(self.codec.encode(ipc.Events(items=batch)))
+            self.conn.send_bytes(self.codec.encode(ipc.Events(items=batch, occupancy=now)))
 
     def serve(self, front: Any) -> None:
         self.front = front
@@ -256,6 +265,7 @@ class RemoteEngine:
         self._stopping = False
         self._dead = False
         self._reader: threading.Thread | None = None
+        self._occupancy = Occupancy()
 
     @property
     def pid(self) -> int | None:
@@ -409,6 +419,12 @@ class RemoteEngine:
         stats: EngineStats = self._call(lambda cid: ipc.StatsCall(cid=cid)).result(10)
         return stats
 
+    def occupancy(self) -> Occupancy:
+        """What the process said with its latest step (no round trip; NotReady when down)."""
+        if self._dead:
+            raise NotReady(f"the engine process for {self.spec.ref} is not running")
+        return self._occupancy
+
     def shutdown(self, timeout: float = 10.0) -> None:
         """Stop the process: in-flight requests end CANCELLED, then it exits."""
         self._stopping = True
@@ -453,6 +469,8 @@ class RemoteEngine:
 
     def _dispatch(self, frame: Any) -> None:
         if isinstance(frame, ipc.Events):
+            if frame.occupancy is not None:
+                self._occupancy = frame.occupancy
             for rid, event in frame.items:
                 try:
                     self._deliver(rid, event)

@@ -46,6 +46,7 @@ from slimserve.engine.types import (
     Event,
     Finish,
     GenerationRequest,
+    Occupancy,
     StopReason,
     Timings,
     TokenLogprob,
@@ -329,6 +330,23 @@ class Engine(SpeculativeSteps):
                 prefix_hits=s.prefix_hits,
                 admitted=s.admitted,
             )
+
+    def occupancy(self) -> Occupancy:
+        """Slots and cache cells held now (any thread; exact between steps, which is when
+        the engine process sends it, and a moment's snapshot otherwise)."""
+        running, prefilling = list(self._running), list(self._prefilling)
+        max_slots = self.backend.max_slots
+        cells = self._pool if self._pool is not None else max_slots * self.backend.max_seq_len
+        with self._cond:
+            waiting, free = len(self._waiting), len(self._free)
+        return Occupancy(
+            running=len(running) + len(prefilling),
+            waiting=waiting,
+            free_slots=free,
+            # A prompt being fed a chunk a step holds the cells fed so far.
+            kv_cells_used=sum(len(s.tokens) for s in running) + sum(s.fed for s in prefilling),
+            kv_cells=cells,
+        )
 
     def shutdown(self, timeout: float = 10.0) -> None:
         """Cancel everything still queued or running and stop the worker."""

@@ -24,6 +24,7 @@ from slimserve.engine.types import (
     EngineStats,
     Event,
     GenerationRequest,
+    Occupancy,
     Prompt,
     ScoreRequest,
     ScoreResult,
@@ -122,6 +123,9 @@ class SupervisedEngine:
 
     def stats(self) -> EngineStats:
         return self._engine().stats()
+
+    def occupancy(self) -> Occupancy:
+        return self._engine().occupancy()
 
     # ---- crashes ------------------------------------------------------------------------
     def _exited(self, engine: RemoteEngine, code: int | None) -> None:

@@ -223,6 +223,27 @@ class Event(msgspec.Struct, frozen=True, array_like=True, kw_only=True):
     accepted: Accepted | None = None
 
 
+class Occupancy(msgspec.Struct, frozen=True, array_like=True, kw_only=True):
+    """How full an engine is after its latest step: what a load-aware router reads (the
+    llm-d / Gateway API Inference Extension gauges, `vllm:num_requests_waiting` and
+    `vllm:kv_cache_usage_perc`). An engine process sends it with each step's events
+    (`ipc.Events.occupancy`), so the server knows it without asking."""
+
+    running: int = 0
+    #: Generation requests queued for a slot (or, with a shared llama.cpp pool, for room).
+    waiting: int = 0
+    free_slots: int = 0
+    #: KV-cache cells (one per token of one sequence) the running sequences hold.
+    kv_cells_used: int = 0
+    #: Cells the cache has for sequences: the llama.cpp pool's, else slots x max_seq_len.
+    kv_cells: int = 0
+
+    @property
+    def kv_usage(self) -> float:
+        """Cells in use over cells available, 0..1 (0 when the size is not known yet)."""
+        return min(1.0, self.kv_cells_used / self.kv_cells) if self.kv_cells else 0.0
+
+
 class EngineStats(msgspec.Struct, array_like=True, kw_only=True):
     running: int = 0
     queued: int = 0

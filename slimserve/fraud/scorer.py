@@ -15,6 +15,10 @@ A call the server refuses for that row alone (``InvalidArgument``, e.g. a prompt
 the model's context; ``Overloaded`` after retries) is reported per row and counted; anything
 else (model not loaded, server down) ends the run, since every other row would fail too.
 
+Where the calls go is a ``PromptScorer``: one server through a ``Client``
+(``ClientScorer``, the default), or engines across a Ray cluster
+(``slimserve.scale.batch.RayScorer``); the rows, features, decisions and output are the same.
+
 Only ``slimserve.clients`` and the fraud modules are used: no torch, no server code.
 """
 
@@ -27,7 +31,7 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Final, TextIO
+from typing import Any, Final, Protocol, TextIO
 
 from slimserve.clients import (
     ChatMessage,
@@ -67,7 +71,9 @@ __all__ = [
     "DECISION_LEGIT",
     "OUTPUT_COLUMNS",
     "SCORE_LABELS",
+    "ClientScorer",
     "NotAProbability",
+    "PromptScorer",
     "ScoreFailure",
     "ScoreOptions",
     "ScoreSummary",
@@ -209,6 +215,35 @@ def stream_prompts(rows: Sequence[Transaction], config: FeatureConfig | None = N
     return [render_prompt(tx, f) for tx, f in zip(rows, features, strict=True)]
 
 
+class PromptScorer(Protocol):
+    """Where a run's Score calls go."""
+
+    def model_info(self, model: str) -> ModelInfo:
+        """The served version ``model`` names (``Client.model_info``)."""
+        ...
+
+    def score_prompts(
+        self, prompts: Sequence[str], model: str, *, concurrency: int
+    ) -> list[ScoreResult | ClientError]:
+        """One result per prompt, in order, as ``score_prompts`` returns them."""
+        ...
+
+
+@dataclass(frozen=True, slots=True)
+class ClientScorer:
+    """Every call to one server, through ``client``."""
+
+    client: Client
+
+    def model_info(self, model: str) -> ModelInfo:
+        return self.client.model_info(model)
+
+    def score_prompts(
+        self, prompts: Sequence[str], model: str, *, concurrency: int
+    ) -> list[ScoreResult | ClientError]:
+        return score_prompts(self.client, prompts, model, concurrency=concurrency)
+
+
 def check_prompt_format(info: ModelInfo) -> None:
     """Refuse a model trained on prompts another ``PROMPT_FORMAT`` wrote: its scores would be
     silently meaningless. ``info`` is the served version's (``Client.model_info``). Versions
@@ -267,24 +302,33 @@ def score_rows(
 
 
 def score_outcomes(
-    client: Client,
+    client: Client | None,
     rows: Sequence[Transaction],
     options: ScoreOptions,
     *,
     explain_to: TextIO | None = None,
+    scorer: PromptScorer | None = None,
 ) -> list[ScoredRow | ScoreFailure]:
     """Score valid rows; one outcome per row, in the order of ``rows``.
 
-    With ``options.explain`` and ``explain_to``, each flagged row's explanation is streamed
-    there as it is generated.
+    The calls go to ``scorer``, else to ``client``'s server. With ``options.explain`` and
+    ``explain_to``, each flagged row's explanation is streamed there (through ``client``)
+    as it is generated.
 
     Raises:
         ClientError: a failure that is not about one row (see ``score_prompts``).
+        ValueError: neither a client nor a scorer, or ``explain`` without a client.
     """
-    check_prompt_format(client.model_info(options.model))
+    if scorer is None:
+        if client is None:
+            raise ValueError("score_outcomes needs a client or a scorer")
+        scorer = ClientScorer(client)
+    if options.explain and explain_to is not None and client is None:
+        raise ValueError("explanations stream through a client: pass one, or drop explain")
+    check_prompt_format(scorer.model_info(options.model))
     order = sorted(range(len(rows)), key=lambda i: rows[i].timestamp)
     prompts = stream_prompts([rows[i] for i in order], options.features)
-    results = score_prompts(client, prompts, options.model, concurrency=options.concurrency)
+    results = scorer.score_prompts(prompts, options.model, concurrency=options.concurrency)
     by_row: dict[int, tuple[str, ScoreResult | ClientError]] = {
         i: (prompt, result) for i, prompt, result in zip(order, prompts, results, strict=True)
     }
@@ -300,6 +344,7 @@ def score_outcomes(
             and isinstance(outcome, ScoredRow)
             and outcome.decision == DECISION_FRAUD
             and (not options.explain_max or explained < options.explain_max)
+            and client is not None
         ):
             explain(client, prompt, outcome, options, explain_to)
             explained += 1
@@ -367,16 +412,18 @@ def explain(
 
 def score_file(
     path: str | Path,
-    client: Client,
+    client: Client | None,
     options: ScoreOptions,
     *,
     out: TextIO,
     log: TextIO,
     explain_to: TextIO | None = None,
     fmt: OutputFormat = "csv",
+    scorer: PromptScorer | None = None,
 ) -> ScoreSummary:
     """Read, validate and score ``path``; write every row with ``OUTPUT_COLUMNS`` to ``out``
-    as ``fmt`` (see ``slimserve.fraud.audit``).
+    as ``fmt`` (see ``slimserve.fraud.audit``). The Score calls go to ``scorer``, else to
+    ``client``'s server (``score_outcomes``).
 
     Every rejected field also goes to ``log`` as ``FILE:LINE: FIELD: message``, and every row
     without a decision as ``TRANSACTION_ID: message``.
@@ -391,7 +438,7 @@ def score_file(
     for error in read.errors:
         log.write(f"{path}:{error.line_number}: {error.field}: {error.message}\n")
     scoring = time.perf_counter()
-    outcomes = score_outcomes(client, read.rows, options, explain_to=explain_to)
+    outcomes = score_outcomes(client, read.rows, options, explain_to=explain_to, scorer=scorer)
     scoring_s = time.perf_counter() - scoring
     scored = [o for o in outcomes if isinstance(o, ScoredRow)]
     failed = [o for o in outcomes if isinstance(o, ScoreFailure)]

@@ -15,6 +15,11 @@ Their manifests say ``"kind": "dataset"``.
 A version becomes visible by one `rename` of a complete, fsynced staging directory, so a
 crash at any moment leaves either no new version or a whole one. Every write that moves
 state (version numbers, aliases) happens under an exclusive `flock` on `<root>/<name>/.lock`.
+
+A *version directory* (one version's `manifest.json` and files, as `export_version` writes
+it, and as a storage initializer or a shared volume provides it) opens as a registry of its
+own: one version, no aliases, read-only, answering to whatever model name it is served as
+(`slimserve serve --model-dir DIR --name NAME`).
 """
 
 from __future__ import annotations
@@ -33,7 +38,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from slimserve.registry.errors import IntegrityError, InvalidName, ModelNotFound
+from slimserve.registry.errors import IntegrityError, InvalidName, ModelNotFound, RegistryError
 from slimserve.registry.manifest import Manifest
 
 MANIFEST = "manifest.json"
@@ -166,6 +171,8 @@ class Registry:
 
     def __init__(self, root: Path) -> None:
         self.root = Path(root).expanduser()
+        #: `root` is a version directory (it holds a manifest): one version, read-only.
+        self.version_dir = (self.root / MANIFEST).is_file()
 
     @property
     def datasets(self) -> Registry:
@@ -178,6 +185,8 @@ class Registry:
 
     # ---- reading ------------------------------------------------------------------------
     def names(self) -> list[str]:
+        if self.version_dir:
+            return [str(self._own_manifest()[1]["name"])]
         if not self.root.is_dir():
             return []
         return sorted(
@@ -185,12 +194,17 @@ class Registry:
         )
 
     def versions(self, name: str) -> list[int]:
+        if self.version_dir:
+            validate_name(name)
+            return [int(self._own_manifest()[1]["version"])]
         base = self._name_dir(name)
         if not base.is_dir():
             return []
         return sorted(int(p.name) for p in base.iterdir() if p.name.isdigit() and p.is_dir())
 
     def aliases(self, name: str) -> dict[str, int]:
+        if self.version_dir:
+            return {}
         path = self._name_dir(name) / ALIASES
         if not path.is_file():
             return {}
@@ -224,13 +238,17 @@ class Registry:
     def get(self, name: str, ref: str = "") -> Artifact:
         """Open one version (without verifying checksums: call `Artifact.verify`)."""
         version = self.resolve(name, ref)
-        path = self._name_dir(name) / str(version)
-        self._check_inside(path)
-        manifest_path = path / MANIFEST
-        if not manifest_path.is_file():
-            raise IntegrityError(f"{name}@{version}: {MANIFEST} is missing")
-        raw = manifest_path.read_bytes()
-        manifest = json.loads(raw)
+        if self.version_dir:
+            path = self.root
+            raw, manifest = self._own_manifest()
+        else:
+            path = self._name_dir(name) / str(version)
+            self._check_inside(path)
+            manifest_path = path / MANIFEST
+            if not manifest_path.is_file():
+                raise IntegrityError(f"{name}@{version}: {MANIFEST} is missing")
+            raw = manifest_path.read_bytes()
+            manifest = json.loads(raw)
         return Artifact(
             name=name,
             version=version,
@@ -246,6 +264,7 @@ class Registry:
     @contextlib.contextmanager
     def staging(self) -> Iterator[Path]:
         """A scratch directory on the registry's filesystem; removed unless published."""
+        self._check_writable()
         base = self.root / ".staging"
         base.mkdir(parents=True, exist_ok=True)
         path = Path(tempfile.mkdtemp(dir=base))
@@ -261,6 +280,7 @@ class Registry:
         which this method fills in. `staged` must come from `staging()`; it is moved.
         """
         validate_name(name)
+        self._check_writable()
         staged = Path(staged)
         if staged.parent != self.root / ".staging":
             raise ValueError(f"{staged} is not a staging directory of {self.root}")
@@ -299,6 +319,7 @@ class Registry:
 
     def set_alias(self, name: str, alias: str, version: int) -> None:
         """Point `alias` at `version` (atomically replaces any previous target)."""
+        self._check_writable()
         validate_alias(alias)
         if version not in self.versions(name):
             raise ModelNotFound(f"{name} has no version {version}")
@@ -308,6 +329,7 @@ class Registry:
             _write_json_atomic(self._name_dir(name) / ALIASES, aliases)
 
     def remove_alias(self, name: str, alias: str) -> None:
+        self._check_writable()
         validate_alias(alias)
         with self._lock(name):
             aliases = self.aliases(name)
@@ -320,6 +342,26 @@ class Registry:
         return sorted(a for a, v in self.aliases(name).items() if v == version)
 
     # ---- helpers ------------------------------------------------------------------------
+    def _own_manifest(self) -> tuple[bytes, dict[str, Any]]:
+        """A version directory's manifest: its bytes (the digest) and its fields."""
+        raw = (self.root / MANIFEST).read_bytes()
+        try:
+            manifest = json.loads(raw)
+            int(manifest["version"])
+            validate_name(str(manifest["name"]))
+        except (ValueError, KeyError, TypeError) as exc:
+            raise IntegrityError(
+                f"{self.root / MANIFEST} is not a version's manifest: {exc!r}"
+            ) from None
+        return raw, manifest
+
+    def _check_writable(self) -> None:
+        if self.version_dir:
+            raise RegistryError(
+                f"{self.root} is one exported version (it holds {MANIFEST}), served read-only; "
+                "publish and alias in a registry root instead"
+            )
+
     def _name_dir(self, name: str) -> Path:
         path = self.root / validate_name(name)
         self._check_inside(path)
@@ -340,6 +382,40 @@ class Registry:
                 yield
             finally:
                 fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+
+
+def export_version(artifact: Artifact, target: Path) -> Artifact:
+    """Write `artifact` to `target` as a version directory (its files and its manifest,
+    byte for byte, so the copy keeps the digest), for a storage bucket, a volume or
+    `serve --model-dir`. The source is verified first and the copy after; the manifest is
+    written last, so an interrupted export holds no manifest and nothing serves it.
+
+    Raises:
+        IntegrityError: the source, or the copy, fails its checksums.
+        FileExistsError: `target` exists and is not an empty directory.
+    """
+    artifact.verify()
+    target = Path(target)
+    if target.exists() and (not target.is_dir() or any(target.iterdir())):
+        raise FileExistsError(f"{target} exists and is not an empty directory")
+    target.mkdir(parents=True, exist_ok=True)
+    for rel in sorted(artifact.files):
+        dst = target / rel
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(artifact.path / rel, dst)
+        with dst.open("rb") as f:
+            os.fsync(f.fileno())
+        dst.chmod(0o444)
+    staged = target / f".{MANIFEST}.tmp"
+    staged.write_bytes((artifact.path / MANIFEST).read_bytes())
+    with staged.open("rb") as f:
+        os.fsync(f.fileno())
+    staged.chmod(0o444)
+    os.replace(staged, target / MANIFEST)
+    fsync_path(target)
+    copy = Registry(target).get(artifact.name)
+    copy.verify()
+    return copy
 
 
 def describe(artifact: Artifact, aliases: list[str]) -> dict[str, Any]:

@@ -16,6 +16,7 @@ import asyncio
 import logging
 import signal
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -200,6 +201,24 @@ def _credentials(tls: TlsConfig) -> grpc.ServerCredentials:
     )
 
 
+def model_manager(
+    config: ServerConfig,
+    *,
+    backend_hook: BackendHook | None = None,
+    on_health: Callable[[str, bool], None] | None = None,
+) -> ModelManager:
+    """The models a server with `config` holds (none loaded yet): `build_server`'s, and a
+    Ray Serve replica's (`slimserve.scale`)."""
+    return ModelManager(
+        Registry(config.registry),
+        config.model,
+        retire_grace_s=max(config.grace_s, 60.0),
+        backend_hook=backend_hook,
+        verdicts=config.qualify_cache,
+        on_health=on_health,
+    )
+
+
 async def build_server(
     config: ServerConfig, *, load: bool = True, backend_hook: BackendHook | None = None
 ) -> tuple[Server, int]:
@@ -210,10 +229,8 @@ async def build_server(
     """
     limits = config.limits
     holder: list[Server] = []
-    models = ModelManager(
-        Registry(config.registry),
-        config.model,
-        retire_grace_s=max(config.grace_s, 60.0),
+    models = model_manager(
+        config,
         backend_hook=backend_hook,
         on_health=lambda _name, _serving: holder[0].health_changed() if holder else None,
     )

@@ -261,6 +261,9 @@ class ServerConfig:
     #: Accept bearer tokens on a non-loopback `host` without TLS, where they cross the
     #: network in plaintext (a warning is logged at start). False: refuse to start so.
     allow_insecure_tokens: bool = False
+    #: Where qualification verdicts are kept; None: `<registry>/.qualify/verdicts.json`. A
+    #: read-only version directory (`serve --model-dir`) keeps them elsewhere.
+    qualify_cache: Path | None = None
 
     def __post_init__(self) -> None:
         if not self.models:

@@ -3,9 +3,11 @@
 Histograms: time to first token, inter-token latency, queue time, end-to-end latency, and
 the phases each request crossed (door parse, chat template, tokenize, queue, admit,
 prefill, the first token's hops, render), so a user sees where the milliseconds went.
-Gauges (read from each engine at scrape time, so they can never drift): running and
-queued requests, free KV-cache slots. Counters: prompt and generated tokens, RPCs by
-method and status code, and HTTP-door requests by route and status (one counter per door,
+Gauges (each engine's `Occupancy` after its latest step, which an engine process sends with
+that step's events: a scrape never waits on an engine): running and queued requests, free
+KV-cache slots, and the llm-d / Gateway API Inference Extension model-server gauges under
+vLLM's names (`VLLM_GAUGES`, docs/scale-out.md). Counters: prompt and generated tokens, RPCs
+by method and status code, and HTTP-door requests by route and status (one counter per door,
 so neither door's codes change the other's labels).
 """
 
@@ -18,13 +20,24 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from slimserve.engine.errors import NotReady
+
 if TYPE_CHECKING:
     from slimserve.engine.loader import LoadedModel
     from slimserve.engine.manager import ModelManager
-    from slimserve.engine.types import Finish
+    from slimserve.engine.types import Finish, Occupancy
 
 _LABELS = ("model", "version")
+#: The model-server protocol's gauges, named as vLLM names them (what an endpoint picker
+#: scrapes by default), labelled `model_name` as vLLM labels them. `gpu_cache_usage_perc` is
+#: the older vLLM name of `kv_cache_usage_perc`, still the default of older pickers.
+VLLM_WAITING = "vllm:num_requests_waiting"
+VLLM_RUNNING = "vllm:num_requests_running"
+VLLM_KV_USAGE = "vllm:kv_cache_usage_perc"
+VLLM_KV_USAGE_OLD = "vllm:gpu_cache_usage_perc"
+VLLM_GAUGES = (VLLM_WAITING, VLLM_RUNNING, VLLM_KV_USAGE, VLLM_KV_USAGE_OLD)
 # Seconds; TTFT and end-to-end on CPU range from milliseconds to tens of seconds.
+_VLLM = ("model_name",)
 _LATENCY = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 _TOKEN_GAP = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56)
 # Seconds; a phase takes from tens of microseconds (parse) to seconds (a long prefill).
@@ -57,13 +70,35 @@ class _EngineCollector(Collector):
         free = GaugeMetricFamily(
             "slimserve_slots_free", "KV-cache slots not held by a sequence.", labels=_LABELS
         )
+        vllm = (
+            GaugeMetricFamily(VLLM_WAITING, "Requests waiting for a batch slot.", labels=_VLLM),
+            GaugeMetricFamily(VLLM_RUNNING, "Requests in the running batch.", labels=_VLLM),
+            GaugeMetricFamily(
+                VLLM_KV_USAGE, "KV-cache cells in use over cells available, 0..1.", labels=_VLLM
+            ),
+            GaugeMetricFamily(
+                VLLM_KV_USAGE_OLD, f"The older name of {VLLM_KV_USAGE} (CPU here).", labels=_VLLM
+            ),
+        )
+        by_name: dict[str, list[Occupancy]] = {}
         for model in self._models.all():
-            stats = model.engine.stats()
+            try:
+                now = model.engine.occupancy()
+            except NotReady:
+                continue  # restarting: no figure rather than a stale one
             labels = [model.name, str(model.artifact.version)]
-            running.add_metric(labels, stats.running)
-            queued.add_metric(labels, stats.queued)
-            free.add_metric(labels, stats.free_slots)
-        yield from (running, queued, free)
+            running.add_metric(labels, now.running)
+            queued.add_metric(labels, now.waiting)
+            free.add_metric(labels, now.free_slots)
+            by_name.setdefault(model.name, []).append(now)
+        for name, versions in by_name.items():
+            # vLLM's series are per model name: versions served side by side add up.
+            used, cells = sum(o.kv_cells_used for o in versions), sum(o.kv_cells for o in versions)
+            usage = min(1.0, used / cells) if cells else 0.0
+            waiting, busy = sum(o.waiting for o in versions), sum(o.running for o in versions)
+            for family, value in zip(vllm, (waiting, busy, usage, usage), strict=True):
+                family.add_metric([name], value)
+        yield from (running, queued, free, *vllm)
 
 
 class Metrics:
