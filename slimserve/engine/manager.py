@@ -21,7 +21,7 @@ from slimserve.engine.qualify import Qualifier, VerdictCache
 from slimserve.engine.supervisor import RestartPolicy
 from slimserve.registry.errors import IntegrityError, RegistryError
 from slimserve.registry.errors import ModelNotFound as RegistryNotFound
-from slimserve.registry.store import Artifact, Registry, validate_alias
+from slimserve.registry.store import Artifact, Registry, is_version_number, validate_alias
 
 log = logging.getLogger(__name__)
 
@@ -157,7 +157,7 @@ class ModelManager:
             what = f"model {name!r} is not loaded" if name else "no default model is loaded"
             raise UnknownModel(f"{what} (loaded: {', '.join(loaded_names) or 'none'})")
         if ref and ref != str(loaded.artifact.version):
-            if ref.isdigit():
+            if is_version_number(ref):
                 raise UnknownModel(
                     f"{loaded.name} version {ref} is not loaded (serving {loaded.ref})"
                 )
@@ -190,7 +190,7 @@ class ModelManager:
 
 
 def _check_ref(ref: str) -> None:
-    if ref in ("", "latest") or (ref.isascii() and ref.isdigit()):
+    if ref in ("", "latest") or is_version_number(ref):
         return
     try:
         validate_alias(ref)
