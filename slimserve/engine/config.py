@@ -78,6 +78,13 @@ class ModelConfig:
     restart_backoff_s: float = 0.5
     max_crashes: int = 3
     crash_window_s: float = 300.0
+    #: Seconds a crash-loop verdict keeps the plan from serving on this machine; after it
+    #: the plan is qualified again. Only deaths by the plan's own fault count towards it
+    #: (SIGSEGV, SIGBUS, SIGILL, SIGFPE, SIGABRT, a hung step), never SIGKILL or SIGTERM.
+    crash_verdict_ttl_s: float = 86400.0
+    #: Seconds one engine step (a decode, a prefill, a Score chunk) may run before the
+    #: server kills the engine process and restarts it; 0 = no watchdog.
+    engine_step_timeout_s: float = 300.0
     #: Speculative decoding (`slimserve.engine.speculative`): "ngram" for model-free prompt
     #: lookup, or a draft model "NAME@REF" from the registry that shares the tokenizer;
     #: None serves without drafts. Output is the same either way (greedy: token for token).
@@ -109,5 +116,7 @@ class ModelConfig:
             raise ValueError(
                 f"draft_policy must be one of {DRAFT_POLICIES}, got {self.draft_policy!r}"
             )
+        if not self.crash_verdict_ttl_s > 0 or not self.engine_step_timeout_s >= 0:
+            raise ValueError("crash_verdict_ttl_s must be > 0 and engine_step_timeout_s >= 0")
         if self.draft is not None and self.draft != NGRAM and not self.draft.strip():
             raise ValueError("draft must be 'ngram' or a model NAME@REF")

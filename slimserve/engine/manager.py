@@ -17,7 +17,7 @@ from slimserve.engine.errors import (
 )
 from slimserve.engine.launch import launch
 from slimserve.engine.loader import BackendHook, LoadedModel, load
-from slimserve.engine.qualify import Qualifier, VerdictCache
+from slimserve.engine.qualify import Qualifier, VerdictCache, verdicts_path
 from slimserve.engine.supervisor import RestartPolicy
 from slimserve.registry.errors import IntegrityError, RegistryError
 from slimserve.registry.errors import ModelNotFound as RegistryNotFound
@@ -45,8 +45,8 @@ class ModelManager:
         self.registry = registry
         self.config = config
         self.on_health = on_health
-        cache = verdicts if verdicts is not None else registry.root / ".qualify" / "verdicts.json"
-        self.qualifier = Qualifier(VerdictCache(cache))
+        cache = verdicts if verdicts is not None else verdicts_path(registry.root)
+        self.qualifier = Qualifier(VerdictCache(cache), crash_ttl_s=config.crash_verdict_ttl_s)
         self.policy = RestartPolicy(
             backoff_s=config.restart_backoff_s,
             max_backoff_s=max(30.0, config.restart_backoff_s),
