@@ -53,6 +53,9 @@ class Tag(enum.IntEnum):
     STATS_REPLY = 16
     #: Several requests' EVENT / ERROR entries of one engine step: [[rid, tag, payload]].
     EVENTS = 17
+    #: The engine's heartbeat: [seconds its current step has run (0: idle)], sent every
+    #: `process.progress_interval` seconds; the server's watchdog reads it.
+    PROGRESS = 18
 
 
 def pack(*frame: Any) -> bytes:

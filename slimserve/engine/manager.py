@@ -52,6 +52,7 @@ class ModelManager:
             max_backoff_s=max(30.0, config.restart_backoff_s),
             max_crashes=config.max_crashes,
             crash_window_s=config.crash_window_s,
+            step_timeout_s=config.engine_step_timeout_s,
         )
         #: Seconds a swapped-out version keeps running for its in-flight requests.
         self.retire_grace_s = retire_grace_s

@@ -88,6 +88,11 @@ def describe_exit(code: int | None) -> str:
     return f"exited with {code}"
 
 
+def progress_interval(step_timeout_s: float) -> float:
+    """Seconds between an engine's PROGRESS frames (and the watchdog's looks at them)."""
+    return min(1.0, step_timeout_s / 4)
+
+
 def mp_context() -> Any:
     ctx = multiprocessing.get_context("forkserver")
     ctx.set_forkserver_preload(_PRELOAD)
@@ -129,7 +134,24 @@ def child_main(conn: Connection, spec: ChildSpec) -> None:
     loaded.engine.on_failure = lambda _exc: os._exit(70)  # type: ignore[attr-defined]
     info = dataclasses.replace(loaded.info, in_process=False, measured=dict(spec.measured))
     send(Tag.READY, info.to_dict())
+    if config.engine_step_timeout_s > 0:
+        interval = progress_interval(config.engine_step_timeout_s)
+        threading.Thread(
+            target=_heartbeat, args=(loaded.engine, send, interval), daemon=True
+        ).start()
     _serve(conn, loaded.engine, send)
+
+
+def _heartbeat(engine: Any, send: Callable[..., None], interval: float) -> None:
+    """Tell the server, every `interval` s, how long the current step has run. A step stuck
+    in native code that holds the GIL stops these frames too: silence counts as stuck."""
+    while True:
+        time.sleep(interval)
+        started = engine.step_started
+        try:
+            send(Tag.PROGRESS, time.monotonic() - started if started is not None else 0.0)
+        except OSError:
+            return  # the server is gone
 
 
 def _serve(conn: Connection, engine: Any, send: Callable[..., None]) -> None:
@@ -269,7 +291,10 @@ class RemoteEngine:
         self.info: EngineInfo
         self.exit_code: int | None = None
         self._process: Any = None
+        self._pid: int | None = None
         self._conn: Connection | None = None
+        #: (when the last PROGRESS frame came, monotonic; seconds its step had then run).
+        self._progress = (time.monotonic(), 0.0)
         self._send_lock = threading.Lock()
         self._ids = itertools.count(1)
         self._sinks: dict[int, Sink] = {}
@@ -277,11 +302,14 @@ class RemoteEngine:
         self._stopping = False
         self._dead = False
         self._reader: threading.Thread | None = None
+        self._released = False
+        self._killed_why: str | None = None
+        self._release_lock = threading.Lock()
         self._max_queue = int(spec.config.get("max_queue", 64))
 
     @property
     def pid(self) -> int | None:
-        return self._process.pid if self._process is not None else None
+        return self._pid
 
     @property
     def alive(self) -> bool:
@@ -307,14 +335,18 @@ class RemoteEngine:
             daemon=True,
         )
         self._process.start()
+        self._pid = self._process.pid
         child_conn.close()
         self._conn = conn
         frame = self._wait_first_frame()
         if frame[0] == Tag.FAILED:
             self._process.join(10)
             self._dead = True
+            self.exit_code = self._process.exitcode
+            self._release()
             raise ipc.error_from_wire(frame[1])
         self.info = EngineInfo.from_dict(frame[1])
+        self._progress = (time.monotonic(), 0.0)
         self._reader = threading.Thread(
             target=self._read, name=f"slimserve-engine-reader-{self.spec.name}", daemon=True
         )
@@ -329,7 +361,9 @@ class RemoteEngine:
                 raise self._died_loading()
             if time.monotonic() > deadline:
                 self._process.kill()
+                self._process.join(5)
                 self._dead = True
+                self._release()
                 raise LoadFailed(f"{self.spec.ref} did not load within {self.start_timeout_s} s")
         try:
             return ipc.unpack(self._conn.recv_bytes())
@@ -340,6 +374,7 @@ class RemoteEngine:
         self._process.join(5)
         self._dead = True
         self.exit_code = self._process.exitcode
+        self._release()
         how = describe_exit(self.exit_code)
         return LoadFailed(f"the engine process for {self.spec.ref} died while loading ({how})")
 
@@ -441,26 +476,52 @@ class RemoteEngine:
 
     def shutdown(self, timeout: float = 10.0) -> None:
         """Stop the process: in-flight requests end CANCELLED, then it exits."""
-        self._stopping = True
+        self._stopping = True  # before `_dead` is read: see `_died`
         if self._process is None:
             return
-        if not self._dead:
+        if not self._dead:  # else the reader has seen the end and releases the process
             with contextlib.suppress(NotReady):
                 self._send(Tag.STOP)
-        self._process.join(timeout)
-        if self._process.is_alive():
-            self._process.terminate()
-            self._process.join(2)
-        if self._process.is_alive():
-            self._process.kill()
-            self._process.join(2)
+            self._process.join(timeout)
+            if self._process.is_alive():
+                self._process.terminate()
+                self._process.join(2)
+            if self._process.is_alive():
+                self._process.kill()
+                self._process.join(2)
         if self._reader is not None and self._reader is not threading.current_thread():
-            self._reader.join(2)
+            self._reader.join(max(timeout, 2))
+        if self._reader is None or not self._reader.is_alive():
+            self._release()
 
-    def kill(self, sig: int = signal.SIGKILL) -> None:
-        """Send `sig` to the process (tests and operators use it to exercise recovery)."""
-        if self._process is not None and self._process.pid:
-            os.kill(self._process.pid, sig)
+    def kill(self, sig: int = signal.SIGKILL, why: str | None = None) -> None:
+        """Send `sig` to the process (the watchdog, and tests exercising recovery); nothing
+        once it is known dead (its pid may belong to another process by then). `why` is
+        what the requests it fails are told."""
+        if self._pid is not None and not self._dead:
+            self._killed_why = why
+            os.kill(self._pid, sig)
+
+    def stalled_s(self) -> float:
+        """How long the engine's current step has run, as far as the server can tell: the
+        step time its last PROGRESS frame reported plus the time since that frame came (a
+        process too stuck to send one counts as stalled for all that time)."""
+        received, busy_s = self._progress
+        since = time.monotonic() - received
+        return busy_s + since if busy_s > 0 else since
+
+    def _release(self) -> None:
+        """Close the pipe and the process's handle (its sentinel pipe) now. A dead engine can
+        stay referenced for a long while (a request's traceback holds it in a cycle) and
+        must not hold three descriptors meanwhile: across restarts they would add up."""
+        with self._release_lock:
+            if self._released:
+                return
+            if self._conn is not None:
+                self._conn.close()
+            if self._process is not None and self._process.exitcode is not None:
+                self._process.close()
+                self._released = True
 
     # ---- the reader thread --------------------------------------------------------------
     def _read(self) -> None:
@@ -506,18 +567,25 @@ class RemoteEngine:
             fut = self._futures.pop(frame[1], None)
             if fut is not None:
                 settle(fut, exc=ipc.error_from_wire(frame[2]))
+        elif tag == Tag.PROGRESS:
+            self._progress = (time.monotonic(), float(frame[1]))
 
     def _died(self) -> None:
         self._dead = True
+        self._process.join(1)  # a killed process closes its pipe just before it is reaped
         if self._process.is_alive():  # the reader stopped, not the process: end it
             log.error("engine %s: its reader stopped; ending the process", self.spec.ref)
             self._process.kill()
         self._process.join(5)
         self.exit_code = self._process.exitcode
+        if not self._stopping:  # else `shutdown` is joining the process: it releases it
+            self._release()
         if self._stopping:
             error: Exception = NotReady("the engine is shutting down")
         else:
             how = describe_exit(self.exit_code)
+            if self._killed_why is not None:
+                how = f"was killed ({self._killed_why})"
             error = NotReady(
                 f"the engine process serving {self.spec.ref} {how}; it is being restarted"
             )

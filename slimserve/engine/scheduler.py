@@ -175,6 +175,9 @@ class Engine(SpeculativeSteps):
         #: decode): the engine process sends the events of that phase in one frame.
         self.on_flush: Callable[[], None] | None = None
         self._thread: threading.Thread | None = None
+        #: When the step now running began (`time.monotonic()`); None while idle. The engine
+        #: process reports it, so a watchdog can tell a stuck step from a quiet engine.
+        self.step_started: float | None = None
         #: How many draft tokens to verify each step (`spec_policy`); None: always all.
         self._policy = policy
 
@@ -327,7 +330,9 @@ class Engine(SpeculativeSteps):
         while True:
             with self._cond:
                 while not (self._waiting or self._scores or self._running or self._stopping):
+                    self.step_started = None
                     self._cond.wait()
+                self.step_started = time.monotonic()
                 if self._stopping and not self._running:
                     self._drop_waiting(StopReason.CANCELLED)
                     self._scores.fail_all(NotReady("the engine is shutting down"))

@@ -160,3 +160,41 @@ class _SlowDecode(_Wrapped):
 def slow_decode(model: Any, config: Any, max_seq_len: int, tokenizer_json: Path | None) -> Any:
     inner = _llama(model, config, max_seq_len, tokenizer_json)
     return _SlowDecode(inner, "fault-slow-decode", delay_s=0.02)
+
+
+def hang_trigger(registry_root: Path) -> Path:
+    """A `hang_on_trigger` backend's next decode step removes this file and never ends."""
+    return registry_root / "hang-trigger"
+
+
+class _HangOnTrigger(_Wrapped):
+    """Decodes as the reference does until the trigger file appears; then one step hangs
+    for good (a deadlock in a kernel). The step takes the trigger, so a restart serves."""
+
+    def __init__(self, inner: Any, name: str, trigger: Path) -> None:
+        super().__init__(inner, name)
+        self.trigger = trigger
+
+    def _maybe_hang(self) -> None:
+        import time
+
+        try:
+            self.trigger.unlink()
+        except FileNotFoundError:
+            return
+        while True:
+            time.sleep(3600)
+
+    def decode(self, slots: list[int], token_ids: list[int]) -> Any:
+        self._maybe_hang()
+        return self.inner.decode(slots, token_ids)
+
+    def decode_view(self, slots: list[int], token_ids: list[int]) -> Any:
+        self._maybe_hang()
+        return getattr(self.inner, "decode_view", self.inner.decode)(slots, token_ids)
+
+
+def hang_on_trigger(model: Any, config: Any, max_seq_len: int, tokenizer_json: Path | None) -> Any:
+    assert tokenizer_json is not None  # <root>/<name>/<version>/tokenizer.json
+    inner = _llama(model, config, max_seq_len, tokenizer_json)
+    return _HangOnTrigger(inner, "fault-hang-on-trigger", hang_trigger(tokenizer_json.parents[2]))
