@@ -64,11 +64,11 @@ async def _abort(context: grpc.aio.ServicerContext, exc: BaseException) -> NoRet
     if isinstance(exc, grpc.aio.AbortError):
         raise exc  # already a status
     code = status_for(exc)
-    if code is grpc.StatusCode.INTERNAL and not isinstance(exc, EngineFailure):
-        log.error("internal error", exc_info=exc)
-        await context.abort(code, f"internal error: {type(exc).__name__}")
-    if isinstance(exc, EngineFailure):  # our own words, naming the model: safe to send
-        log.error("engine failure: %s", exc)
+    if code is grpc.StatusCode.INTERNAL:  # the detail is the log's, with the request id
+        rid = logs.REQUEST_ID.get() or "-"
+        engine = isinstance(exc, EngineFailure)
+        log.error("internal error (request id %s): %s", rid, exc, exc_info=None if engine else exc)
+        await context.abort(code, f"internal error (request id {rid})")
     await context.abort(code, str(exc))
     raise AssertionError("unreachable")  # context.abort raises
 

@@ -27,6 +27,7 @@ from slimserve.engine.errors import (
     UnknownModel,
 )
 from slimserve.registry.errors import IntegrityError, RegistryError
+from slimserve.server.logs import REQUEST_ID
 
 log = logging.getLogger(__name__)
 
@@ -93,16 +94,17 @@ def status_for(exc: BaseException) -> Status:
 def error_body(exc: BaseException) -> tuple[Status, dict[str, Any]]:
     """The status and `{"error": {message, type, param, code}}` body for `exc`.
 
-    An unexpected error is logged with its traceback and named by type only: its
-    message may hold anything. An `InvalidRequest` names its field in `param`.
+    An unexpected error or an engine's failure is logged with the request id (and an
+    unexpected one's traceback); the client reads "internal error (request id X)" only.
+    An `InvalidRequest` names its field in `param`.
     """
     status = status_for(exc)
-    if status is INTERNAL:
-        log.error("internal error", exc_info=exc)
-        message = f"internal error: {type(exc).__name__}"
+    if status.http == 500 and status.code != "data_loss":  # detail in the log, with the id
+        rid = REQUEST_ID.get() or "-"
+        engine = isinstance(exc, EngineFailure | LoadFailed)
+        log.error("internal error (request id %s): %s", rid, exc, exc_info=None if engine else exc)
+        message = f"internal error (request id {rid})"
     else:
-        if isinstance(exc, EngineFailure):  # our own words, naming the model: safe to send
-            log.error("engine failure: %s", exc)
         message = str(exc)
     param = exc.field if isinstance(exc, InvalidRequest) else getattr(exc, "param", None)
     if isinstance(exc, UnknownModel):
