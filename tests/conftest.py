@@ -72,7 +72,7 @@ def tiny_server_config(registry: Path, **model_overrides: Any) -> Any:
         registry=registry,
         models=models,
         port=0,
-        model=ModelConfig(device="cpu", max_batch=4, max_seq_len=128, **model_overrides),
+        model=ModelConfig.of(device="cpu", max_batch=4, max_seq_len=128, **model_overrides),
         limits=limits,
         grace_s=2.0,
         allow_model_control=control,
@@ -112,7 +112,7 @@ def real_server(default_registry: Path) -> Iterator[ServerThread]:
         port=0,
         # The artifact's own precision (float32): auto races llama.cpp f32 and the torch
         # forward, not bfloat16, so greedy tokens can be held against transformers exactly.
-        model=ModelConfig(device="cpu", dtype="float32", max_batch=4, max_seq_len=1024),
+        model=ModelConfig.of(device="cpu", dtype="float32", max_batch=4, max_seq_len=1024),
         grace_s=2.0,
     )
     server = ServerThread(config).start()

@@ -1,11 +1,18 @@
 """`slimserve bench serve`: streaming latency and throughput, side by side in one run.
 
 Every system runs in its own process on the same thread count: slimserve as a real server
-driven over gRPC by an asyncio load generator (`slimserve_draft`: the same server with a
-speculative drafter), and the baselines through `slimserve.bench.worker`. Runs are
-interleaved (repeat → concurrency → system), so a noisy neighbour slows every system alike;
-figures are medians over repeats, percentiles over all requests. The load average before
-each run is recorded. A system that fails records its error; the others still run.
+driven over gRPC by an asyncio load generator on one channel for the whole run
+(`slimserve_draft`: the same server with a speculative drafter; `slimserve_http`: its
+OpenAI door through the openai SDK; `slimserve_nopool`: llama.cpp's per-call threadpool and
+every pass on all threads, what the server did before persistent pools and threads by
+phase), llama.cpp's own `llama-server` through the same openai SDK (`llama_server`,
+`slimserve.bench.llama_server`), and the in-process baselines through
+`slimserve.bench.worker`. slimserve's systems all serve the plan `serve` qualified on this
+machine (`slimserve.bench.served`), with the same KV layout. Runs are interleaved (repeat →
+concurrency → system), so a noisy neighbour slows every system alike; figures are medians
+over repeats, percentiles over all requests. The load average before each run is
+recorded. A system that fails records its error; the others still run. `mixed` is a
+scenario of its own, after the race (`slimserve.bench.mixed`).
 
 Memory is measured from outside, alike for every system: the summed RSS and PSS of the
 system's process and every descendant (engine processes, their forkserver), sampled during
@@ -54,12 +61,25 @@ PROMPTS = [
     "Write a product description for a reusable water bottle.",
     "How does a bill become a law?",
 ]
-#: Systems served by `slimserve serve` and driven over gRPC.
-SERVER_SYSTEMS = ("slimserve", "slimserve_draft")
+#: Systems served by `slimserve serve` (driven over gRPC; `slimserve_http` over its OpenAI
+#: door through the openai SDK).
+SERVER_SYSTEMS = ("slimserve", "slimserve_draft", "slimserve_http", "slimserve_nopool")
+#: In-process systems (`slimserve.bench.worker`).
+WORKER_SYSTEMS = ("engine", "engine_nopool", "engine_ipc", "hf_generate")
 #: llama.cpp's own loop on the shipped Q4_1 file and on its Q8_0 re-encode.
 LLAMACPP_SYSTEMS = ("llama_cpp", "llama_cpp_q8")
+#: llama.cpp's own server on the weights slimserve serves.
+LLAMA_SERVER = "llama_server"
+#: The mixed-load scenario (streams, long prompts, a Score), run after the race.
+MIXED = "mixed"
 BEST_LLAMACPP = "best llama.cpp"
-SYSTEMS = (*SERVER_SYSTEMS, "engine", "engine_ipc", "hf_generate", *LLAMACPP_SYSTEMS)
+SYSTEMS = (*SERVER_SYSTEMS, *WORKER_SYSTEMS, *LLAMACPP_SYSTEMS, LLAMA_SERVER, MIXED)
+#: Systems raced at each concurrency (every one but the mixed scenario).
+RACED = tuple(s for s in SYSTEMS if s != MIXED)
+#: Systems with the persistent ggml threadpool and threads by phase off (the "before").
+NO_POOL = ("slimserve_nopool", "engine_nopool")
+#: One-token chat requests timed per OpenAI or gRPC server (the first-token probe).
+CHAT_PROBE = 30
 #: Peak PSS of slimserve's serving processes (server, engine process, forkserver), MB.
 PSS_TARGET_MB = 1000.0
 #: CPU flags shown beside the figures: the kernels that exist for this model depend on them.
@@ -113,6 +133,17 @@ class Bench:
     draft_tokens: int = 4
     #: `serve --kv-layout` of slimserve, slimserve_draft and the engine.
     kv_layout: str = "auto"
+    #: llama_server: the binary, and the GGUF (+ chat template) slimserve's backend serves.
+    llama_server: Path | None = None
+    served_gguf: Path | None = None
+    chat_template: Path | None = None
+    #: Each prompt's token ids (the OpenAI systems send ids: both servers see the same).
+    prompt_ids: dict[str, list[int]] = field(default_factory=dict)
+    #: One-token chat requests timed on each server system (0: no probe).
+    chat_probe: int = CHAT_PROBE
+    #: The mixed scenario's running streams, and its long prompts' tokens.
+    mixed_streams: int = 2
+    mixed_long_tokens: int = 1300
     samples: list[Sample] = field(default_factory=list)
 
     @property
@@ -294,6 +325,8 @@ class _Worker(_Process):
             "--backend", b.backend, "--gguf-type", b.gguf_type,
             "--stream-tokens", str(b.stream_tokens), "--kv-layout", b.kv_layout,
         ]  # fmt: skip
+        if system in NO_POOL:
+            cmd += ["--no-ggml-threadpool"]
         gguf = b.gguf_q8 if system == "llama_cpp_q8" else b.gguf
         if gguf is not None:
             cmd += ["--gguf", str(gguf)]
@@ -319,26 +352,45 @@ class _Worker(_Process):
 
 
 class _Server(_Process):
-    def __init__(self, b: Bench, system: str = "slimserve") -> None:
+    """`slimserve serve` driven by one client for its whole life: one event loop and one
+    gRPC channel (one openai connection pool for `slimserve_http`), so no run pays for a
+    connection."""
+
+    def __init__(self, b: Bench, system: str = "slimserve", *, max_seq_len: int = 0) -> None:
         self.port = _free_port()
+        self.http_port = _free_port() if system in ("slimserve_http", MIXED) else None
         cmd = [
             sys.executable, "-m", "slimserve.cli", "serve", "--model", b.model,
             "--registry", str(b.registry), "--port", str(self.port),
             "--threads", str(b.threads), "--max-batch", str(b.max_batch),
-            "--max-seq-len", str(b.stream_tokens), "--device", "cpu", "--backend", b.backend,
-            "--gguf-type", b.gguf_type, "--kv-layout", b.kv_layout,
+            "--max-seq-len", str(max_seq_len or b.stream_tokens), "--device", "cpu",
+            "--backend", b.backend, "--gguf-type", b.gguf_type, "--kv-layout", b.kv_layout,
         ]  # fmt: skip
         if system == "slimserve_draft":
             cmd += ["--draft", b.draft, "--draft-tokens", str(b.draft_tokens)]
+        if system in NO_POOL:
+            cmd += ["--no-ggml-threadpool", "--decode-threads", str(b.threads)]
+        if self.http_port is not None:
+            cmd += ["--http-port", str(self.http_port)]
         super().__init__(cmd, pipes=False)
+        self.system = system
+        self.model = b.model
+        self._runner = asyncio.Runner()
+        self._client: Any = None
+        self.openai: Any = None
         try:
             self.served = self._wait_ready(600)
+            if self.http_port is not None:
+                from slimserve.bench.http_load import OpenAIDriver
+
+                base = f"http://127.0.0.1:{self.http_port}/v1"
+                self.openai = OpenAIDriver(base, b.model, b.prompt_ids)
         except BaseException:
             self.close()
             raise
 
     def _wait_ready(self, timeout_s: float) -> str:
-        """What serves the figures, "<name>@<version> on <backend>", once SERVING.
+        """What serves the figures, "<name>@<version> on <backend> [plan]", once SERVING.
 
         Raises RuntimeError (with the server's last line) when it exits first."""
         from slimserve.clients import Client, Unavailable
@@ -355,57 +407,100 @@ class _Server(_Process):
                     if time.monotonic() > deadline:
                         raise
             info = c.model_info()
-        return f"{info.name}@{info.version} on {info.backend}"
+        threads = info.measured.get("decode_threads")
+        decode = f", single-sequence decode on {threads:.0f} threads" if threads else ""
+        return f"{info.ref} on {info.backend} [{info.plan}] ({info.kernels}{decode})"
 
     @property
     def target(self) -> str:
         return f"127.0.0.1:{self.port}"
 
+    def client(self) -> Any:
+        """The run's one gRPC client (made on the runner's loop)."""
+        if self._client is None:
+            from slimserve.clients import AsyncClient
+
+            self._client = AsyncClient(self.target, timeout=600, retries=0)
+        return self._client
+
     def run(self, prompts: list[str], new_tokens: int) -> dict[str, Any]:
-        return asyncio.run(self._run(prompts, new_tokens))
+        if self.openai is not None and self.system == "slimserve_http":
+            out: dict[str, Any] = self.openai.run(prompts, new_tokens)
+            return out
+        return self._runner.run(self._run(prompts, new_tokens))
 
     async def _run(self, prompts: list[str], new_tokens: int) -> dict[str, Any]:
         from slimserve.bench.worker import record
-        from slimserve.clients import AsyncClient
 
-        async with AsyncClient(self.target, timeout=600, retries=0) as client:
+        client = self.client()
 
-            async def one(prompt: str, t0: float) -> dict[str, Any]:
-                times: list[float] = []
-                ids: list[int] = []
-                text: list[str] = []
-                async for chunk in client.stream(
-                    prompt, max_new_tokens=new_tokens, ignore_eos=True, token_ids=True
-                ):
-                    # A verified draft streams several tokens in one message.
-                    times.extend([time.perf_counter()] * len(chunk.token_ids))
-                    ids.extend(chunk.token_ids)
-                    text.append(chunk.text)
-                return record(t0, times, ids, "".join(text))
+        async def one(prompt: str, t0: float) -> dict[str, Any]:
+            times: list[float] = []
+            ids: list[int] = []
+            text: list[str] = []
+            async for chunk in client.stream(
+                prompt, max_new_tokens=new_tokens, ignore_eos=True, token_ids=True
+            ):
+                # A verified draft streams several tokens in one message.
+                times.extend([time.perf_counter()] * len(chunk.token_ids))
+                ids.extend(chunk.token_ids)
+                text.append(chunk.text)
+            return record(t0, times, ids, "".join(text))
 
-            t0 = time.perf_counter()
-            runs = await asyncio.gather(*(one(p, t0) for p in prompts))
-            wall = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        runs = await asyncio.gather(*(one(p, t0) for p in prompts))
+        wall = time.perf_counter() - t0
         return {"runs": list(runs), "wall_s": wall}
 
+    def chat_probe(self, n: int) -> dict[str, float]:
+        """One-token chat requests on a new user message each, one after another: over
+        the OpenAI door for `slimserve_http`, else over gRPC; latency percentiles, ms."""
+        if self.openai is not None and self.system == "slimserve_http":
+            out: dict[str, float] = self.openai.chat_probe(n)
+            return out
+        return self._runner.run(self._chat_probe(n))
+
+    async def _chat_probe(self, n: int) -> dict[str, float]:
+        from slimserve.bench.http_load import chat_question, timed_probe
+        from slimserve.clients import ChatMessage
+
+        client = self.client()
+
+        async def one(i: int) -> None:
+            await client.generate([ChatMessage("user", chat_question(i))], max_new_tokens=1)
+
+        return await timed_probe(one, n)
+
+    def call(self, coro: Any) -> Any:
+        """Run `coro` on the server's loop (where its client lives)."""
+        return self._runner.run(coro)
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            if self._client is not None:
+                self._runner.run(self._client.close())
+            self._client = None
+            if self.openai is not None:
+                self.openai.close()
+        self._runner.close()
+        super().close()
+
     def score_latency(self, n: int, concurrency: int) -> dict[str, float]:
-        return asyncio.run(self._score_latency(n, concurrency))
+        return self._runner.run(self._score_latency(n, concurrency))
 
     async def _score_latency(self, n: int, concurrency: int) -> dict[str, float]:
-        from slimserve.clients import AsyncClient
-
         prompt = "Transaction: 912.40 EUR, online, country BR, 03:12. Is this fraud? Answer:"
-        async with AsyncClient(self.target, timeout=120, retries=0) as client:
-            lat: list[float] = []
+        client = self.client()
+        lat: list[float] = []
 
-            async def one() -> None:
-                r = await client.score(prompt, [" yes", " no"])
-                lat.append(r.latency_ms)
+        async def one() -> None:
+            r = await client.score(prompt, [" yes", " no"])
+            lat.append(r.latency_ms)
 
-            t0 = time.perf_counter()
-            for _ in range(n // concurrency):
-                await asyncio.gather(*(one() for _ in range(concurrency)))
-            wall = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        for _ in range(n // concurrency):
+            await asyncio.gather(*(one() for _ in range(concurrency)))
+        wall = time.perf_counter() - t0
         return {
             "concurrency": concurrency,
             "p50_ms": _pct(lat, 50),
@@ -415,7 +510,28 @@ class _Server(_Process):
 
 
 def start(b: Bench, system: str) -> _System:
-    return _Server(b, system) if system in SERVER_SYSTEMS else _Worker(system, b)
+    if system in SERVER_SYSTEMS:
+        return _Server(b, system)
+    if system == LLAMA_SERVER:
+        return _llama_server(b)
+    return _Worker(system, b)
+
+
+def _llama_server(b: Bench) -> _System:
+    from slimserve.bench.llama_server import LlamaServer
+
+    if b.llama_server is None or b.served_gguf is None:
+        raise RuntimeError("no llama-server binary or GGUF (the CLI finds or builds them)")
+    return LlamaServer(
+        b.llama_server,
+        b.served_gguf,
+        b.chat_template,
+        threads=b.threads,
+        slots=b.max_batch,
+        cells_per_slot=b.stream_tokens,
+        kv_layout=b.kv_layout,
+        prompt_ids=b.prompt_ids,
+    )
 
 
 def measure(proc: _System, system: str, c: int, rep: int, new_tokens: int) -> Sample:
@@ -458,17 +574,15 @@ def measure(proc: _System, system: str, c: int, rep: int, new_tokens: int) -> Sa
 
 
 def _pct(values: list[float], q: float) -> float:
-    if not values:
-        return float("nan")
-    vs = sorted(values)
-    k = (len(vs) - 1) * q / 100
-    lo, hi = int(k), min(int(k) + 1, len(vs) - 1)
-    return vs[lo] + (vs[hi] - vs[lo]) * (k - lo)
+    from slimserve.bench.http_load import percentile
+
+    return percentile(values, q)
 
 
 def _row(b: Bench, system: str, c: int, ok: list[Sample], failed: int) -> dict[str, Any]:
     ttft = [x for s in ok for x in s.ttft_ms]
     itl = [x for s in ok for x in s.itl_ms]
+    e2e = [x for s in ok for x in s.e2e_ms]
     return {
         "system": system,
         "model": b.model,
@@ -479,9 +593,15 @@ def _row(b: Bench, system: str, c: int, ok: list[Sample], failed: int) -> dict[s
         "failed_runs": failed,
         "ttft_ms_p50": _pct(ttft, 50),
         "ttft_ms_p99": _pct(ttft, 99),
+        "itl_ms_mean": statistics.mean(itl) if itl else float("nan"),
         "itl_ms_p50": _pct(itl, 50),
+        "itl_ms_p90": _pct(itl, 90),
         "itl_ms_p99": _pct(itl, 99),
-        "e2e_ms_p50": _pct([x for s in ok for x in s.e2e_ms], 50),
+        "e2e_ms_p50": _pct(e2e, 50),
+        # First to last token: the decode alone, apart from the time to the first.
+        "decode_ms_p50": _pct(
+            [e - t for s in ok for e, t in zip(s.e2e_ms, s.ttft_ms, strict=True)], 50
+        ),
         "tokens_per_s": statistics.median(s.tokens / s.wall_s for s in ok),
         "decode_tokens_per_s": 1e3 / statistics.mean(itl) if itl else float("nan"),
         "peak_rss_mb": max(s.peak_rss_mb for s in ok),
@@ -525,9 +645,10 @@ def best_llamacpp(rows: list[dict[str, Any]]) -> dict[int, dict[str, Any]]:
 def markdown(rows: list[dict[str, Any]]) -> str:
     best = best_llamacpp(rows)
     lines = [
-        "| system | conc | TTFT p50 ms | TTFT p99 ms | ITL p50 ms | ITL p99 ms | tok/s | "
-        f"decode tok/s | vs {BEST_LLAMACPP} | peak RSS MB | peak PSS MB | load |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| system | conc | TTFT p50 ms | TTFT p99 ms | decode p50 ms | ITL mean ms | "
+        "ITL p50 ms | ITL p90 ms | ITL p99 ms | tok/s | decode tok/s | "
+        f"vs {BEST_LLAMACPP} | peak RSS MB | peak PSS MB | load |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         if "error" in r:
@@ -538,12 +659,15 @@ def markdown(rows: list[dict[str, Any]]) -> str:
         name = r["system"] + (f" ({BEST_LLAMACPP})" if r.get("best_llamacpp") else "")
         lines.append(
             f"| {name} | {r['concurrency']} | {r['ttft_ms_p50']:.1f} | "
-            f"{r['ttft_ms_p99']:.1f} | {r['itl_ms_p50']:.1f} | {r['itl_ms_p99']:.1f} | "
+            f"{r['ttft_ms_p99']:.1f} | {r.get('decode_ms_p50', float('nan')):.0f} | "
+            f"{r.get('itl_ms_mean', float('nan')):.2f} | {r['itl_ms_p50']:.2f} | "
+            f"{r.get('itl_ms_p90', float('nan')):.2f} | {r['itl_ms_p99']:.2f} | "
             f"{r['tokens_per_s']:.1f} | {r['decode_tokens_per_s']:.1f} | {ratio} | "
             f"{r['peak_rss_mb']:.0f} | {r['peak_pss_mb']:.0f} | {r['load_before']:.2f} |"
         )
     lines.append(
-        "tok/s: generated tokens over wall time, median of repeats; ITL: per token (tokens "
+        "tok/s: generated tokens over wall time, median of repeats; decode: first to last "
+        "token of a request (TTFT apart); ITL: per token (tokens "
         "streamed together: 0). Peak RSS/PSS: summed over the system's processes (server, "
         "engine processes, forkserver), sampled during each run, MB = 10^6 bytes; RSS counts "
         "copy-on-write pages shared with the forkserver once per process, PSS divides them: "
@@ -744,7 +868,7 @@ def environment(b: Bench) -> dict[str, Any]:
 def _start_all(b: Bench) -> tuple[dict[str, _System], dict[str, str]]:
     procs: dict[str, _System] = {}
     failed: dict[str, str] = {}
-    for system in b.systems:
+    for system in raced(b):
         try:
             procs[system] = start(b, system)
         except Exception as exc:  # recorded as its figure; the others still run
@@ -753,10 +877,15 @@ def _start_all(b: Bench) -> tuple[dict[str, _System], dict[str, str]]:
     return procs, failed
 
 
+def raced(b: Bench) -> list[str]:
+    """The systems of `b` raced at each concurrency (all but the mixed scenario)."""
+    return [s for s in b.systems if s in RACED]
+
+
 def _race(b: Bench, procs: dict[str, _System], failed: dict[str, str]) -> None:
     for rep in range(b.repeats):
         for c in b.concurrency:
-            for system in b.systems:
+            for system in raced(b):
                 if system in failed:
                     b.samples.append(Sample(system, c, rep, error=failed[system]))
                     continue
@@ -773,14 +902,17 @@ def run(b: Bench, *, score: bool = True) -> dict[str, Any]:
     and writes as JSON."""
     procs, failed = _start_all(b)
     scores = []
+    chat: dict[str, dict[str, float]] = {}
     try:
         _race(b, procs, failed)
         server = procs.get("slimserve")
         if isinstance(server, _Server) and score and "slimserve" not in failed:
             scores = [server.score_latency(32, c) for c in (1, 16)]
+        chat = _chat_probes(b, procs, failed)
     finally:
         for proc in procs.values():
             proc.close()
+    mixed = _mixed(b) if MIXED in b.systems else None
     env = environment(b)
     env["served"] = {system: proc.served for system, proc in procs.items()}
     rows = summarise(b)
@@ -788,10 +920,66 @@ def run(b: Bench, *, score: bool = True) -> dict[str, Any]:
         "environment": env,
         "results": rows,
         "score": scores,
+        "chat_probe": chat,
+        "mixed": mixed,
         "targets": [t.to_dict() for t in targets(rows)],
         "outputs": outputs(b.samples),
         "outputs_identical": same_outputs(b.samples, "slimserve_draft", "slimserve"),
     }
+
+
+def _chat_probes(
+    b: Bench, procs: dict[str, _System], failed: dict[str, str]
+) -> dict[str, dict[str, float]]:
+    """System -> the one-token chat probe's latencies, for each server that ran."""
+    out: dict[str, dict[str, float]] = {}
+    if not b.chat_probe:
+        return out
+    for system in ("slimserve", "slimserve_http", "slimserve_nopool", LLAMA_SERVER):
+        proc = procs.get(system)
+        if proc is None or system in failed:
+            continue
+        try:
+            out[system] = proc.chat_probe(b.chat_probe)  # type: ignore[attr-defined]
+        except Exception as exc:  # the probe's error is its figure
+            out[system] = {"error": describe(exc)}  # type: ignore[dict-item]
+    return out
+
+
+def _mixed(b: Bench) -> dict[str, Any]:
+    """The mixed scenario on a server of its own (contexts long enough for its prompts)."""
+    from slimserve.bench import mixed
+
+    try:
+        server = _Server(b, MIXED, max_seq_len=mixed.max_seq_len(b.mixed_long_tokens))
+    except Exception as exc:
+        return {"error": f"did not start: {describe(exc)}"}
+    try:
+        runs = [server.call(mixed.run(server, b)) for _ in range(b.repeats)]
+    except Exception as exc:
+        return {"error": describe(exc), "served": server.served}
+    finally:
+        server.close()
+    return {"served": server.served, "runs": runs}
+
+
+def chat_lines(chat: dict[str, dict[str, Any]]) -> list[str]:
+    lines = []
+    for system, r in chat.items():
+        if "error" in r:
+            lines.append(f"one-token chat, {system}: error: {r['error']}")
+            continue
+        lines.append(
+            f"one-token chat on a new user message, {system}: p50 {r['p50_ms']:.1f} ms, "
+            f"p90 {r['p90_ms']:.1f} ms ({r['n']:.0f} requests one after another)"
+        )
+    return lines
+
+
+def served_lines(env: dict[str, Any]) -> list[str]:
+    """Which plan each slimserve system served (they must match) and llama-server's file."""
+    served = env.get("served", {})
+    return [f"served by {system}: {what}" for system, what in served.items()]
 
 
 def report_lines(report: dict[str, Any]) -> list[str]:
@@ -805,9 +993,47 @@ def report_lines(report: dict[str, Any]) -> list[str]:
             "(llama.cpp: a context split per sequence; slimserve: --max-seq-len, KV layout "
             f"{env.get('kv_layout', 'auto')})."
         )
-    lines += ["", markdown(report["results"]), ""]
+    if report["results"]:
+        lines += ["", markdown(report["results"]), ""]
     lines += ipc_overhead(report["results"])
+    lines += side_by_side(report["results"])
     lines += [t.line() for t in targets(report["results"])]
     if report.get("outputs_identical"):
         lines.append(identical_line(report["outputs_identical"]))
+    lines += chat_lines(report.get("chat_probe") or {})
+    if report.get("mixed"):
+        from slimserve.bench.mixed import report_lines as mixed_lines
+
+        lines += mixed_lines(report["mixed"])
+    return lines
+
+
+#: (system, baseline): ratios `side_by_side` prints when both ran.
+PAIRS = (
+    ("slimserve", "engine"),
+    ("slimserve_http", "engine"),
+    ("slimserve_nopool", "engine_nopool"),
+    ("slimserve", "slimserve_nopool"),
+    ("engine", "engine_nopool"),
+    ("slimserve_http", LLAMA_SERVER),
+)
+
+
+def side_by_side(rows: list[dict[str, Any]]) -> list[str]:
+    """Served against in-process, with against without the threadpool, slimserve against
+    llama-server: tokens/s, TTFT and ITL ratios per concurrency."""
+    by = {(r["system"], r["concurrency"]): r for r in rows if "error" not in r}
+    lines = []
+    for system, base in PAIRS:
+        for c in sorted({c for s, c in by if s == system}):
+            a, z = by.get((system, c)), by.get((base, c))
+            if a is None or z is None:
+                continue
+            lines.append(
+                f"{system} vs {base}, c={c}: tok/s {a['tokens_per_s'] / z['tokens_per_s']:.3f}x "
+                f"({a['tokens_per_s']:.1f} vs {z['tokens_per_s']:.1f}), TTFT p50 "
+                f"{a['ttft_ms_p50']:.1f} vs {z['ttft_ms_p50']:.1f} ms, ITL p50/p90/p99 "
+                f"{a['itl_ms_p50']:.2f}/{a['itl_ms_p90']:.2f}/{a['itl_ms_p99']:.2f} vs "
+                f"{z['itl_ms_p50']:.2f}/{z['itl_ms_p90']:.2f}/{z['itl_ms_p99']:.2f} ms"
+            )
     return lines

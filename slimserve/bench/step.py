@@ -25,7 +25,7 @@ from slimserve.engine.types import PHASES
 
 def _run(loaded: Any, prompts: list[str], new_tokens: int) -> float:
     """Generate from every prompt at once; returns the wall time in seconds."""
-    from slimserve.engine.types import GenerationRequest, SamplingParams, StopParams
+    from slimserve.engine.types import GenerationRequest, Prompt, SamplingParams, StopParams
 
     left = [len(prompts)]
     lock = threading.Lock()
@@ -45,7 +45,7 @@ def _run(loaded: Any, prompts: list[str], new_tokens: int) -> float:
         ids = tuple(loaded.tokenizer(text)["input_ids"])
         req = GenerationRequest(
             request_id=f"step-{i}",
-            prompt_ids=ids,
+            prompt=Prompt(ids=ids),
             sampling=SamplingParams(),
             stopping=StopParams(max_new_tokens=new_tokens, ignore_eos=True),
         )
@@ -99,7 +99,7 @@ def run_step_profile(
     for label, spec in (("plain", None), ("draft", draft)):
         if label == "draft" and not spec:
             continue
-        config = ModelConfig(
+        config = ModelConfig.of(
             device="cpu",
             max_batch=16,
             max_seq_len=max_seq_len,

@@ -12,7 +12,10 @@ several tokens counts them all. Systems:
   `TextIteratorStreamer` at concurrency 1 (what a user would write); at higher concurrency a
   left-padded batch (the streamer only takes batch 1), timed per step.
 - `engine`: slimserve's own engine called in-process, without gRPC (the streaming overhead
-  is slimserve's figure over this one).
+  is slimserve's figure over this one), on the plan `serve` qualified on this machine
+  (`slimserve.bench.served`), so it differs from the server by the serving alone.
+- `engine_nopool`: the same without llama.cpp's persistent threadpools and threads by
+  phase (`--no-ggml-threadpool`: every pass on all threads, a pool per call).
 - `engine_ipc`: the same engine and plan in its own engine process, driven over the pipe
   as the server drives it, without gRPC: its figure over `engine` is the IPC's cost.
 - `llama_cpp`: llama.cpp through llama-cpp-python on a GGUF file (optional dependency).
@@ -129,36 +132,49 @@ class InProcessEngine:
         process: bool = False,
         max_seq_len: int = 1024,
         kv_layout: str = "auto",
+        threadpool: bool = True,
     ) -> None:
+        from slimserve.bench.served import served_selection
         from slimserve.engine.config import ModelConfig
+        from slimserve.engine.frontend import Frontend
         from slimserve.engine.loader import load
         from slimserve.engine.manager import ModelManager
         from slimserve.registry.store import Registry, parse_model_ref
 
         name, ref = parse_model_ref(model)
-        cfg = ModelConfig(
+        cfg = ModelConfig.of(
             device="cpu",
             max_batch=max_batch,
             max_seq_len=max_seq_len,
             kv_layout=kv_layout,
-            backend=backend,  # type: ignore[arg-type]
-            gguf_type=gguf_type,  # type: ignore[arg-type]
-            # The static plan in both, so the two differ by the process boundary alone.
-            qualify=False,
+            backend=backend,
+            gguf_type=gguf_type,
             engine_process=process,
         )
-        if process:
-            self.loaded = ModelManager(Registry(registry), cfg).load(name, ref)
+        if not threadpool:  # as `serve --no-ggml-threadpool --decode-threads <threads>`
+            import torch
+
+            cfg = cfg.replace(ggml_threadpool=False, decode_threads=torch.get_num_threads())
+        if process:  # the manager qualifies (or reads the verdicts) as `serve` does
+            self.engine: Any = ModelManager(Registry(registry), cfg).load(name, ref).engine
         else:
-            self.loaded = load(Registry(registry).get(name, ref), cfg)
+            artifact, sel = served_selection(registry, model, cfg)
+            plan, refused = (sel.plan, sel.refused) if sel is not None else (None, None)
+            local = load(artifact, cfg, plan=plan, refused=refused)
+            if sel is not None:  # what `serve` reports: qualification's figures
+                local.engine.info = local.engine.info.replace(measured=dict(sel.measured))
+            self.engine = Frontend.of(local)
 
     @property
     def served(self) -> str:
-        """The serving plan in words (the engine's choice: qualification is off here)."""
-        return f"{self.loaded.info.plan} ({self.loaded.info.kernels})"
+        """The serving plan in words (the one `serve` qualified on this machine)."""
+        info = self.engine.info
+        threads = info.measured.get("decode_threads")
+        decode = f", single-sequence decode on {threads:.0f} threads" if threads else ""
+        return f"{info.plan} ({info.kernels}{decode})"
 
     def run(self, prompts: list[str], new_tokens: int) -> dict[str, Any]:
-        from slimserve.engine.types import GenerationRequest, SamplingParams, StopParams
+        from slimserve.engine.types import GenerationRequest, Prompt, SamplingParams, StopParams
 
         # Sinks run on the engine thread: they must never block it.
         done = threading.Event()
@@ -187,14 +203,13 @@ class InProcessEngine:
 
         t0 = time.perf_counter()
         for i, p in enumerate(prompts):
-            ids = tuple(self.loaded.tokenizer(p)["input_ids"])
             req = GenerationRequest(
                 request_id=str(i),
-                prompt_ids=ids,
+                prompt=Prompt(text=p),
                 sampling=SamplingParams(),
                 stopping=StopParams(max_new_tokens=new_tokens, ignore_eos=True),
             )
-            self.loaded.engine.submit(req, sink(i))
+            self.engine.submit(req, sink(i))
         done.wait()
         wall = time.perf_counter() - t0
         if errors:
@@ -321,7 +336,15 @@ def requantize_q8_0(src: Path, dst: Path) -> Path:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m slimserve.bench.worker")
     p.add_argument(
-        "system", choices=["hf_generate", "engine", "engine_ipc", "llama_cpp", "llama_cpp_q8"]
+        "system",
+        choices=[
+            "hf_generate",
+            "engine",
+            "engine_nopool",
+            "engine_ipc",
+            "llama_cpp",
+            "llama_cpp_q8",
+        ],
     )
     p.add_argument("--registry", type=Path, required=True)
     p.add_argument("--model", required=True)
@@ -332,6 +355,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--gguf-type", default="auto", help="engine: llama.cpp backend weights")
     p.add_argument("--stream-tokens", type=int, default=256, help="cache cells per stream")
     p.add_argument("--kv-layout", default="auto", help="engine: serve --kv-layout")
+    p.add_argument(
+        "--no-ggml-threadpool", action="store_true", help="engine: serve --no-ggml-threadpool"
+    )
     args = p.parse_args(argv)
     import torch
 
@@ -339,7 +365,7 @@ def main(argv: list[str] | None = None) -> int:
     runner: Any
     if args.system == "hf_generate":
         runner = HFGenerate(args.registry, args.model)
-    elif args.system in ("engine", "engine_ipc"):
+    elif args.system in ("engine", "engine_nopool", "engine_ipc"):
         runner = InProcessEngine(
             args.registry,
             args.model,
@@ -349,6 +375,7 @@ def main(argv: list[str] | None = None) -> int:
             process=args.system == "engine_ipc",
             max_seq_len=args.stream_tokens,
             kv_layout=args.kv_layout,
+            threadpool=not args.no_ggml_threadpool,
         )
     else:
         # llama_cpp_q8 gets the re-encoded file.

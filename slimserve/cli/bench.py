@@ -1,5 +1,5 @@
-"""`slimserve bench compare` (versions side by side) and `slimserve bench serve`
-(streaming latency and throughput against baselines).
+"""`slimserve bench compare` (versions side by side), `slimserve bench serve` (streaming
+latency and throughput against baselines), `bench step` and `bench grammar`.
 
 torch and `slimserve.bench` are imported inside the handlers.
 """
@@ -76,13 +76,83 @@ def _systems(asked: list[str]) -> list[str]:
     return systems
 
 
+def llama_server_cache() -> Path:
+    """Where llama-server builds are cached, beside the llama-cpp-python wheels
+    (scripts/build-llamacpp): $XDG_CACHE_HOME/slimserve/llama-server."""
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "slimserve" / "llama-server"
+
+
+def _llama_server(args: argparse.Namespace, registry: Path) -> dict[str, Any] | None:
+    """The binary, GGUF and chat template `llama_server` needs (found, built and exported
+    once), or None after printing why it is skipped."""
+    from slimserve.bench import llama_server as ls
+    from slimserve.engine.config import ModelConfig
+
+    try:
+        binary = args.llama_server or ls.find_binary(llama_server_cache())
+        if binary is None and not args.no_build_llama_server:
+            binary = ls.build(llama_server_cache())
+        if binary is None:
+            raise RuntimeError(
+                f"not on PATH and not built for this CPU in {llama_server_cache()} "
+                "(--no-build-llama-server; scripts/build-llama-server builds it)"
+            )
+        config = _served_config(args, ModelConfig)
+        gguf, template, plan = ls.export_served_gguf(
+            registry, args.model, config, home() / "bench" / "gguf"
+        )
+    except Exception as exc:  # a clear line, then the race goes on without it
+        print(f"llama_server: {exc}; skipped", file=sys.stderr)
+        return None
+    print(f"llama_server: {binary} on {gguf} (slimserve's {plan} weights)", file=sys.stderr)
+    return {"llama_server": Path(binary), "served_gguf": gguf, "chat_template": template}
+
+
+def _served_config(args: argparse.Namespace, model_config: Any) -> Any:
+    """The model config the bench's `serve` gets (to find the plan it qualifies)."""
+    from slimserve.bench.worker import stream_tokens
+
+    return model_config.of(
+        device="cpu",
+        backend=args.backend,
+        gguf_type=args.gguf_type,
+        max_batch=args.max_batch,
+        max_seq_len=stream_tokens(args.new_tokens),
+        kv_layout=args.kv_layout,
+    )
+
+
+def _prompt_ids(registry: Path, ref: str) -> dict[str, list[int]]:
+    """Each benchmark prompt's token ids, by the artifact's own tokenizer."""
+    from slimserve.bench.serve import PROMPTS
+    from slimserve.engine.tokenizer import load_tokenizer
+    from slimserve.registry.store import Registry, parse_model_ref
+
+    tok = load_tokenizer(Registry(registry).get(*parse_model_ref(ref)).path)
+    return {p: list(tok(p, add_special_tokens=True)["input_ids"]) for p in PROMPTS}
+
+
 def cmd_bench_serve(args: argparse.Namespace) -> int:
+    import torch
+
     from slimserve.bench import serve as bench
 
+    torch.set_num_threads(args.threads)  # as `serve --threads`: the plan qualified for it
+    registry = args.registry or default_registry()
     systems = _systems(args.systems)
     if args.draft == "none" and "slimserve_draft" in systems:
         print("slimserve_draft: --draft none; skipped", file=sys.stderr)
         systems.remove("slimserve_draft")
+    extra: dict[str, Any] = {}
+    if bench.LLAMA_SERVER in systems:
+        found = _llama_server(args, registry)
+        if found is None:
+            systems.remove(bench.LLAMA_SERVER)
+        else:
+            extra |= found
+    if {bench.LLAMA_SERVER, "slimserve_http"} & set(systems):
+        extra["prompt_ids"] = _prompt_ids(registry, args.model)
     gguf = args.gguf
     gguf_q8 = None
     if any(s.startswith("llama_cpp") for s in systems):
@@ -93,7 +163,7 @@ def cmd_bench_serve(args: argparse.Namespace) -> int:
         if "llama_cpp_q8" in systems:
             gguf_q8 = requantize_q8_0(gguf, home() / "bench" / f"{gguf.stem}.Q8_0.gguf")
     b = bench.Bench(
-        registry=args.registry or default_registry(),
+        registry=registry,
         model=args.model,
         threads=args.threads,
         new_tokens=args.new_tokens,
@@ -109,6 +179,9 @@ def cmd_bench_serve(args: argparse.Namespace) -> int:
         draft=args.draft,
         draft_tokens=args.draft_tokens,
         kv_layout=args.kv_layout,
+        chat_probe=args.chat_probe,
+        mixed_streams=args.mixed_streams,
+        **extra,
     )
     why = "os.cpu_count(), what serve uses" if args.threads == os.cpu_count() else "--threads"
     print(f"threads: {args.threads} per system ({why})", flush=True)
@@ -164,9 +237,14 @@ def add_parser(sub: Any) -> None:
         type=_system_list,
         default=DEFAULT_SYSTEMS.split(","),
         help="comma-separated: slimserve (the server: gRPC + engine process), "
-        "slimserve_draft (the server with --draft), engine (in-process), engine_ipc (its "
-        "own process, no gRPC), hf_generate, llama_cpp (the shipped GGUF), llama_cpp_q8 (it "
-        f"re-encoded to Q8_0) (default: {DEFAULT_SYSTEMS})",
+        "slimserve_draft (the server with --draft), slimserve_http (its OpenAI door, "
+        "through the openai SDK), slimserve_nopool (the server without persistent ggml "
+        "threadpools and threads by phase), engine (in-process), engine_nopool (likewise "
+        "without), engine_ipc (its own process, no gRPC), hf_generate, llama_cpp (the "
+        "shipped GGUF), llama_cpp_q8 (it re-encoded to Q8_0), llama_server (llama.cpp's "
+        "own server on the weights slimserve serves, through the openai SDK), mixed "
+        "(streams while long prompts and a Score arrive: their gaps) "
+        f"(default: {DEFAULT_SYSTEMS})",
     )
     p.add_argument(
         "--draft",
@@ -190,10 +268,42 @@ def add_parser(sub: Any) -> None:
         "own loop is always split per sequence",
     )
     p.add_argument("--no-score", action="store_true", help="skip the Score measurement")
+    p.add_argument(
+        "--llama-server",
+        type=Path,
+        help="llama_server: this binary (default: llama-server on PATH, else one built for "
+        "this CPU from llama-cpp-python's own llama.cpp sources, once, and cached)",
+    )
+    p.add_argument(
+        "--no-build-llama-server",
+        action="store_true",
+        help="llama_server: skip it rather than build it when none is found",
+    )
+    p.add_argument(
+        "--chat-probe",
+        type=non_negative_int,
+        default=30,
+        help="one-token chat requests timed on each server system, one after another (0: none)",
+    )
+    p.add_argument(
+        "--mixed-streams",
+        type=positive_int,
+        default=2,
+        help="mixed: streams running while the long prompts and the Score arrive",
+    )
     p.add_argument("--json", type=Path)
     p.add_argument("--plot", type=Path)
     registry_arg(p)
     p.set_defaults(func=cmd_bench_serve)
+    _add_small_benches(bsub)
+
+
+def _add_small_benches(bsub: Any) -> None:
+    """`bench ipc`, `bench step` and `bench grammar`."""
+    p = bsub.add_parser("ipc", help="the engine process's wire: encode + decode per step")
+    p.add_argument("--streams", type=positive_int_list, default=[1, 16])
+    p.add_argument("--repeats", type=positive_int, default=2000)
+    p.set_defaults(func=cmd_bench_ipc)
     p = bsub.add_parser("step", help="where a decode step's milliseconds go (in-process)")
     p.add_argument("--model", default="smollm2-135m-instruct@production", help="NAME[@REF]")
     p.add_argument("--threads", type=positive_int, default=os.cpu_count() or 1)
@@ -209,6 +319,40 @@ def add_parser(sub: Any) -> None:
     )
     registry_arg(p)
     p.set_defaults(func=cmd_bench_step)
+
+    p = bsub.add_parser(
+        "grammar", help="structured output's cost per token and per step (no weights loaded)"
+    )
+    p.add_argument("--model", default="smollm2-135m-instruct@production", help="NAME[@REF]")
+    p.add_argument("--batch", type=positive_int, default=16, help="sequences in the batch step")
+    p.add_argument("--repeats", type=positive_int, default=5)
+    p.add_argument("--threads", type=positive_int, default=1, help="torch threads (default 1)")
+    p.add_argument("--json", type=Path)
+    registry_arg(p)
+    p.set_defaults(func=cmd_bench_grammar)
+
+
+def cmd_bench_grammar(args: argparse.Namespace) -> int:
+    from slimserve.bench.grammar import run
+
+    return run(
+        args.registry or default_registry(),
+        args.model,
+        batch=args.batch,
+        repeats=args.repeats,
+        threads=args.threads,
+        json_out=args.json,
+    )
+
+
+def cmd_bench_ipc(args: argparse.Namespace) -> int:
+    from slimserve.bench import ipc
+
+    rows = ipc.measure(tuple(args.streams), args.repeats)
+    print(f"command: {' '.join(sys.argv)}")
+    print(f"load average: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+    print(ipc.markdown(rows))
+    return 0
 
 
 def cmd_bench_step(args: argparse.Namespace) -> int:

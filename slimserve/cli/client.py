@@ -89,6 +89,8 @@ def cmd_models(args: argparse.Namespace) -> int:
         where = f"engine pid {m.engine_pid}" if m.engine_pid else "in the server process"
         torch_threads = f" (torch {m.torch_threads})" if m.torch_threads else ""
         threads = f"{m.threads} threads{torch_threads}"
+        if "decode_threads" in m.measured:  # llama.cpp's threads by phase, qualified here
+            threads += f", single-sequence decode on {m.measured['decode_threads']:.0f}"
         print(f"  serves: {m.kernels or m.backend} [{m.plan}], {threads}, {where}")
         if m.draft:
             print(

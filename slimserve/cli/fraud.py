@@ -100,8 +100,15 @@ def _add_score(sub: Any, target_arg: AddArgs) -> None:
         help="output file: .jsonl or .ndjson for JSON lines, else CSV (default: CSV on stdout)",
     )
     p.add_argument("--threshold", type=float, default=0.5, help="score at which to flag")
-    p.add_argument("--explain", action="store_true", help="stream why each flagged row is risky")
-    p.add_argument("--explain-tokens", type=int, default=48)
+    p.add_argument(
+        "--explain",
+        action="store_true",
+        help="a JSON verdict (risk level, reasons) per flagged row, held to a schema",
+    )
+    p.add_argument("--explain-tokens", type=int, default=64)
+    p.add_argument(
+        "--explain-max", type=int, default=0, help="explain at most this many rows (0: all)"
+    )
     p.add_argument("--concurrency", type=int, default=4, help="Score calls in flight")
     target_arg(p)
     p.set_defaults(func=cmd_score)
@@ -215,6 +222,7 @@ def cmd_score(args: argparse.Namespace) -> int:
         concurrency=args.concurrency,
         explain=args.explain,
         explain_tokens=args.explain_tokens,
+        explain_max=args.explain_max,
     )
     with _client(args, args.target) as client:
         if args.out is None:

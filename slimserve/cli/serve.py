@@ -108,7 +108,7 @@ def serve_config(args: argparse.Namespace) -> Any:
             port=args.port,
             threads=args.threads,
             grace_s=args.grace,
-            model=ModelConfig(
+            model=ModelConfig.of(
                 device=args.device,
                 dtype=args.dtype,
                 backend=args.backend,
@@ -123,7 +123,9 @@ def serve_config(args: argparse.Namespace) -> Any:
                 draft=None if args.draft in (None, "none") else args.draft,
                 draft_tokens=args.draft_tokens,
                 draft_policy=args.draft_policy,
-                engine_step_timeout_s=args.engine_step_timeout,
+                decode_threads=args.decode_threads,
+                ggml_threadpool=not args.no_ggml_threadpool,
+                step_timeout_s=args.engine_step_timeout,
                 crash_verdict_ttl_s=args.crash_verdict_ttl,
             ),
             limits=Limits(
@@ -202,6 +204,19 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--port", type=port, default=50051)
     p.add_argument(
         "--threads", type=non_negative_int, default=0, help="torch threads (0 = default)"
+    )
+    p.add_argument(
+        "--decode-threads",
+        type=non_negative_int,
+        default=0,
+        help="llama.cpp: threads of a single sequence's decode step; larger passes use all "
+        "--threads (0 = what qualification measured fastest here; `slimserve models` shows it)",
+    )
+    p.add_argument(
+        "--no-ggml-threadpool",
+        action="store_true",
+        help="llama.cpp: a threadpool per call (llama.cpp's default, whose workers spin "
+        "between calls) instead of persistent pools that sleep between passes",
     )
     p.add_argument("--max-batch", type=positive_int, default=16, help="concurrent sequences")
     p.add_argument(

@@ -36,6 +36,7 @@ from slimserve.clients.types import (
     Sampling,
     ScoreResult,
     StreamChunk,
+    Structured,
     Timings,
     TokenLogprob,
 )
@@ -63,6 +64,7 @@ __all__ = [
     "ScoreResult",
     "ServerError",
     "StreamChunk",
+    "Structured",
     "Timings",
     "TokenLogprob",
     "Unauthenticated",

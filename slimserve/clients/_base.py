@@ -230,13 +230,14 @@ class BaseClient:
         req = convert.model_info_request(model)
         return self._unary(lambda s: s.models.GetModelInfo, req, _untimed(convert.to_model_info))
 
-    def _build_load_model(self, model: str, make_default: bool) -> Unary[ModelInfo]:
-        req = convert.load_model_request(model, make_default)
+    def _build_load_model(self, model: str, make_default: bool, beside: bool) -> Unary[ModelInfo]:
+        req = convert.load_model_request(model, make_default, beside)
         read = _untimed(lambda r: convert.to_model_info(r.model))
         return self._unary(lambda s: s.models.LoadModel, req, read, timeout=_LOAD_TIMEOUT_S)
 
-    def _build_unload_model(self, name: str) -> Unary[None]:
-        req = models_pb.UnloadModelRequest(name=name)
+    def _build_unload_model(self, model: str) -> Unary[None]:
+        name, _, ref = model.partition("@")
+        req = models_pb.UnloadModelRequest(name=name, ref=ref)
         return self._unary(lambda s: s.models.UnloadModel, req, lambda _r, _ms: None)
 
     def _build_health(self, service: str) -> Unary[str]:

@@ -6,6 +6,7 @@ health protos and the client's own types.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from typing import Any
 
@@ -19,6 +20,7 @@ from slimserve.clients.types import (
     Sampling,
     ScoreResult,
     StreamChunk,
+    Structured,
     Timings,
     TokenLogprob,
 )
@@ -55,6 +57,7 @@ def generate_request(
     token_ids: bool = False,
     logprobs: bool = False,
     top_n: int = 0,
+    structured: Structured | None = None,
 ) -> gen_pb.GenerateRequest:
     s = sampling or Sampling()
     req = gen_pb.GenerateRequest(
@@ -76,8 +79,24 @@ def generate_request(
     )
     if s.seed is not None:
         req.sampling.seed = s.seed
+    if structured is not None:
+        _fill_guided(req.guided, structured)
     _fill_input(req, prompt)
     return req
+
+
+def _fill_guided(msg: Any, st: Structured) -> None:
+    if st.json_schema is not None:
+        schema = st.json_schema
+        msg.json_schema = schema if isinstance(schema, str) else json.dumps(schema)
+    elif st.json_object:
+        msg.json_object = True
+    elif st.regex is not None:
+        msg.regex = st.regex
+    elif st.choice is not None:
+        msg.choice.choices.extend(st.choice)
+    elif st.grammar is not None:
+        msg.grammar = st.grammar
 
 
 def score_request(prompt: Prompt, labels: Sequence[str], model: str) -> gen_pb.ScoreRequest:
@@ -97,9 +116,11 @@ def model_info_request(model: str) -> models_pb.GetModelInfoRequest:
     return models_pb.GetModelInfoRequest(name=name, ref=ref)
 
 
-def load_model_request(model: str, make_default: bool) -> models_pb.LoadModelRequest:
+def load_model_request(
+    model: str, make_default: bool, beside: bool = False
+) -> models_pb.LoadModelRequest:
     name, _, ref = model.partition("@")
-    return models_pb.LoadModelRequest(name=name, ref=ref, make_default=make_default)
+    return models_pb.LoadModelRequest(name=name, ref=ref, make_default=make_default, beside=beside)
 
 
 def _timings(t: Any) -> Timings:
@@ -113,6 +134,12 @@ def _timings(t: Any) -> Timings:
         draft_proposed=t.draft_proposed,
         draft_accepted=t.draft_accepted,
         draft_acceptance_rate=t.draft_acceptance_rate,
+        parse_ms=t.parse_ms,
+        template_ms=t.template_ms,
+        tokenize_ms=t.tokenize_ms,
+        admit_ms=t.admit_ms,
+        first_token_out_ms=t.first_token_out_ms,
+        render_ms=t.render_ms,
     )
 
 

@@ -131,13 +131,15 @@ class AsyncClient(BaseClient):
         """As `Client.model_info`."""
         return await self._send(self._build_model_info(model))
 
-    async def load_model(self, model: str, *, make_default: bool = False) -> ModelInfo:
+    async def load_model(
+        self, model: str, *, make_default: bool = False, beside: bool = False
+    ) -> ModelInfo:
         """As `Client.load_model`."""
-        return await self._send(self._build_load_model(model, make_default))
+        return await self._send(self._build_load_model(model, make_default, beside))
 
-    async def unload_model(self, name: str) -> None:
+    async def unload_model(self, model: str) -> None:
         """As `Client.unload_model`."""
-        await self._send(self._build_unload_model(name))
+        await self._send(self._build_unload_model(model))
 
     async def health(self, service: str = "") -> str:
         """'SERVING', 'NOT_SERVING', ... for the server or one service."""

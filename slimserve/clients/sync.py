@@ -128,13 +128,16 @@ class Client(BaseClient):
         """The served version of `model` (`NAME[@REF]`; "" = the default model)."""
         return self._send(self._build_model_info(model))
 
-    def load_model(self, model: str, *, make_default: bool = False) -> ModelInfo:
-        """Load `NAME@REF` (an admin call); waits up to 10 minutes."""
-        return self._send(self._build_load_model(model, make_default))
+    def load_model(
+        self, model: str, *, make_default: bool = False, beside: bool = False
+    ) -> ModelInfo:
+        """Load `NAME@REF` (an admin call); waits up to 10 minutes. `beside` keeps the
+        name's other loaded versions serving (each by `NAME@VERSION`)."""
+        return self._send(self._build_load_model(model, make_default, beside))
 
-    def unload_model(self, name: str) -> None:
-        """Unload `name` (an admin call)."""
-        self._send(self._build_unload_model(name))
+    def unload_model(self, model: str) -> None:
+        """Unload every version of `NAME`, or the one `NAME@REF` names (an admin call)."""
+        self._send(self._build_unload_model(model))
 
     def health(self, service: str = "") -> str:
         """'SERVING', 'NOT_SERVING', ... for the server or one service."""

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -15,6 +17,20 @@ class Sampling:
     top_p: float = 0.0
     seed: int | None = None
     repetition_penalty: float = 0.0
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Structured:
+    """Structured output: set one. The text then is JSON valid against `json_schema` (a
+    dict or its JSON text), any JSON object (`json_object`), a full match of `regex`, one
+    of `choice`, or a sentence of `grammar` (GBNF or Lark). A spec the server cannot
+    compile is InvalidArgument, never free text."""
+
+    json_schema: dict[str, Any] | str | None = None
+    json_object: bool = False
+    regex: str | None = None
+    choice: Sequence[str] | None = None
+    grammar: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,6 +51,15 @@ class Timings:
     draft_proposed: int = 0
     draft_accepted: int = 0
     draft_acceptance_rate: float = 0.0
+    #: Where the milliseconds went (the server's phases; 0: not on this path): the door's
+    #: parse, the engine's chat template and tokenize, admission, the first token's hops
+    #: between door and engine, the door's rendering.
+    parse_ms: float = 0.0
+    template_ms: float = 0.0
+    tokenize_ms: float = 0.0
+    admit_ms: float = 0.0
+    first_token_out_ms: float = 0.0
+    render_ms: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)

@@ -244,18 +244,21 @@ def served_backend(model: Any, tokenizer: Any, max_seq_len: int) -> Any:
     with tempfile.TemporaryDirectory(prefix="slimserve-eval-") as tmp:
         tokenizer.save_pretrained(tmp)  # tokenizer.json: what a GGUF export needs
         backend = build_backend(
-            model, ModelConfig(device="cpu", max_batch=1), max_seq_len, Path(tmp) / "tokenizer.json"
+            model,
+            ModelConfig.of(device="cpu", max_batch=1),
+            max_seq_len,
+            Path(tmp) / "tokenizer.json",
         )
     return backend
 
 
 def decode_speed(backend: Any, tokenizer: Any, config: EvaluateConfig) -> dict[str, Any]:
     """Greedy decode tokens/s and time to first token through the serving engine."""
-    from slimserve.engine.scheduler import Engine, EngineConfig
-    from slimserve.engine.types import GenerationRequest, SamplingParams, StopParams
+    from slimserve.engine.scheduler import Engine
+    from slimserve.engine.types import GenerationRequest, Prompt, SamplingParams, StopParams
 
     ids = tuple(tokenizer(_SPEED_PROMPT)["input_ids"])
-    engine = Engine(backend, tokenizer, EngineConfig())
+    engine = Engine(backend, tokenizer)
     engine.start()
     tps, ttft = [], []
     try:
@@ -273,7 +276,7 @@ def decode_speed(backend: Any, tokenizer: Any, config: EvaluateConfig) -> dict[s
 
             req = GenerationRequest(
                 request_id=f"eval-{i}",
-                prompt_ids=ids,
+                prompt=Prompt(ids=ids),
                 sampling=SamplingParams(),
                 stopping=StopParams(max_new_tokens=config.speed_tokens, ignore_eos=True),
             )

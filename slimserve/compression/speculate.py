@@ -75,7 +75,7 @@ def _prompts(tokenizer: Any, ctx: StageContext, n: int) -> list[tuple[int, ...]]
 
 def _generate(engine: Any, prompts: Sequence[tuple[int, ...]], new_tokens: int) -> list[Any]:
     """Greedy, one request at a time (batch 1); returns (token ids, finish) per prompt."""
-    from slimserve.engine.types import GenerationRequest, SamplingParams, StopParams
+    from slimserve.engine.types import GenerationRequest, Prompt, SamplingParams, StopParams
 
     out = []
     for i, ids in enumerate(prompts):
@@ -91,7 +91,7 @@ def _generate(engine: Any, prompts: Sequence[tuple[int, ...]], new_tokens: int) 
 
         req = GenerationRequest(
             request_id=f"speculate-{i}",
-            prompt_ids=ids,
+            prompt=Prompt(ids=ids),
             sampling=SamplingParams(),
             stopping=StopParams(max_new_tokens=new_tokens, ignore_eos=True),
         )
@@ -110,12 +110,12 @@ def measure_speculation(
     return the figures the manifest records (see module docstring)."""
     from slimserve.engine.backends.base import SpeculativeBackend, can_speculate
     from slimserve.engine.backends.select import build_backend, plans_for, quiet_torch_beside
-    from slimserve.engine.config import ModelConfig
-    from slimserve.engine.scheduler import Engine, EngineConfig
+    from slimserve.engine.config import DraftConfig, ModelConfig
+    from slimserve.engine.scheduler import Engine
     from slimserve.engine.speculative import ModelDrafter
 
     longest = max(map(len, prompts)) + config.new_tokens + config.draft_tokens + 2
-    cfg = ModelConfig(device="cpu", max_batch=1, gguf_type=config.target_weights)
+    cfg = ModelConfig.of(device="cpu", max_batch=1, gguf_type=config.target_weights)
     with tempfile.TemporaryDirectory(prefix="slimserve-speculate-") as tmp:
         tokenizer.save_pretrained(tmp)  # tokenizer.json: what a GGUF export needs
         tok_json = Path(tmp) / "tokenizer.json"
@@ -123,12 +123,12 @@ def measure_speculation(
         target_backend = build_backend(target, cfg, longest, tok_json, plan)
         draft_plans = [p for p in plans_for(draft, cfg, tok_json)[0] if p.backend == plan.backend]
         draft_backend = build_backend(
-            draft, ModelConfig(device="cpu", max_batch=1), longest, tok_json, draft_plans[0]
+            draft, ModelConfig.of(device="cpu", max_batch=1), longest, tok_json, draft_plans[0]
         )
     if not (can_speculate(target_backend) and can_speculate(draft_backend)):
         raise ValueError(f"the {plan.backend} backend cannot verify drafts")
     drafter = ModelDrafter(cast("SpeculativeBackend", draft_backend), "draft")
-    engine_config = EngineConfig(draft_tokens=config.draft_tokens)
+    draft_config = DraftConfig(source="draft", tokens=config.draft_tokens)
     runs: dict[str, list[Any]] = {"plain": [], "draft": []}
     wall = {"plain": 0.0, "draft": 0.0}
     threads = torch.get_num_threads()
@@ -138,12 +138,7 @@ def measure_speculation(
         # round (one short prompt) warms both up and is not counted.
         for i, ids in enumerate([prompts[0][:8], *prompts]):
             for name, d in (("plain", None), ("draft", drafter)):
-                engine = Engine(
-                    target_backend,
-                    tokenizer,
-                    engine_config,
-                    drafter=d,
-                )
+                engine = Engine(target_backend, tokenizer, drafter=d, draft=draft_config)
                 engine.start()
                 try:
                     t0 = time.perf_counter()

@@ -267,11 +267,11 @@ def _engine(model: Any, tokenizer: Any, config: TeacherTextConfig, longest: int,
     import tempfile
 
     from slimserve.engine.backends.select import build_backend
-    from slimserve.engine.config import ModelConfig
-    from slimserve.engine.scheduler import Engine, EngineConfig
+    from slimserve.engine.config import EngineConfig, ModelConfig
+    from slimserve.engine.scheduler import Engine
 
     on_cuda = next(model.parameters()).device.type == "cuda"
-    cfg = ModelConfig(
+    cfg = ModelConfig.of(
         device="cuda" if on_cuda else "cpu",
         backend=config.backend,
         max_batch=min(config.max_batch, n),
@@ -283,7 +283,7 @@ def _engine(model: Any, tokenizer: Any, config: TeacherTextConfig, longest: int,
 
 
 def _request(i: int, ids: list[int], seed: int, config: TeacherTextConfig) -> Any:
-    from slimserve.engine.types import GenerationRequest, SamplingParams, StopParams
+    from slimserve.engine.types import GenerationRequest, Prompt, SamplingParams, StopParams
 
     sampling = SamplingParams(
         do_sample=True,
@@ -294,7 +294,7 @@ def _request(i: int, ids: list[int], seed: int, config: TeacherTextConfig) -> An
     )
     return GenerationRequest(
         request_id=f"teacher-{i}",
-        prompt_ids=tuple(ids),
+        prompt=Prompt(ids=tuple(ids)),
         sampling=sampling,
         stopping=StopParams(max_new_tokens=config.max_new_tokens),
     )

@@ -19,11 +19,17 @@ class EngineError(Exception):
 
 
 class InvalidRequest(EngineError, ValueError):
-    """A request field is out of range or malformed."""
+    """A request field is out of range or malformed.
+
+    `field` is a path in the door-neutral vocabulary (`sampling.temperature`,
+    `prompt.messages[2].role`), which each door renders in its own words; `reason` is the
+    message without it.
+    """
 
     def __init__(self, field: str, message: str) -> None:
         super().__init__(f"{field}: {message}")
         self.field = field
+        self.reason = message
 
 
 class UnknownModel(EngineError, LookupError):

@@ -1,189 +1,150 @@
-"""The frames between the server process and an engine process, and their domain objects.
+"""The frames between the server process and an engine process.
 
-Each frame is one msgpack array sent with `Connection.send_bytes` over a pipe: a tag, then
-plain values (ints, floats, strings, lists, maps). Nothing is pickled, so a frame can never
-run code in the process that reads it. The events of one engine step travel in one EVENTS
-frame, so the server wakes once per step rather than once per stream.
+Each frame is one msgpack array sent with `Connection.send_bytes` over a pipe, encoded and
+decoded by msgspec from the frame types below: a tag, then the frame's fields in order,
+each domain object (`slimserve.engine.types`) an array of its own fields. The wire is
+derived from the types, never written out by hand, and nothing is pickled, so a frame can
+never run code in the process that reads it. The events of one engine step travel in one
+`Events` frame, so the server wakes once per step rather than once per stream.
 
-Why a pipe and msgpack: one step's events for 16 streams pack into ~280 bytes in ~3 µs and
-cross a pipe in a few µs (measured on the AMD EPYC of this project's machines), against a
-5-40 ms decode step; `slimserve bench serve` shows the engine over IPC against in-process.
-Shared memory would save microseconds for a step of milliseconds, and zmq would add a
-dependency for one peer. Imports msgpack and engine types only.
+Errors cross as [kind, message, field] and come back as the same domain error
+(`slimserve.engine.errors`), so the server maps them to a status; an unknown kind is an
+`EngineFailure` naming it.
+
+Why a pipe and msgpack: one step's events for 16 streams pack into ~300 bytes in a few µs
+and cross a pipe in a few µs (`slimserve bench ipc` measures it), against a 5-40 ms
+decode step; `slimserve bench serve` shows the engine over IPC against in-process. Shared
+memory would save microseconds for a step of milliseconds, and zmq would add a
+dependency for one peer. Imports msgspec and engine types only.
 """
 
 from __future__ import annotations
 
-import enum
 from typing import Any
 
-import msgpack
+import msgspec
 
 from slimserve.engine import errors
 from slimserve.engine.types import (
+    EngineInfo,
     EngineStats,
     Event,
-    Finish,
     GenerationRequest,
-    SamplingParams,
-    StopParams,
-    StopReason,
-    Timings,
+    Prompt,
+    ScoreRequest,
+    ScoreResult,
+    TokenizeResult,
     TokenLogprob,
 )
 
 
-class Tag(enum.IntEnum):
-    # server -> engine
-    SUBMIT = 1
-    CANCEL = 2
-    SCORE = 3
-    STATS = 4
-    STOP = 5
-    PROMPT_LOGPROBS = 6
-    #: The caller of a SCORE / PROMPT_LOGPROBS gave up: the job leaves the engine's queue.
-    CANCEL_CALL = 7
-    # engine -> server
-    READY = 10
-    FAILED = 11
-    EVENT = 12
-    ERROR = 13
-    SCORED = 14
-    SCORE_FAILED = 15
-    STATS_REPLY = 16
-    #: Several requests' EVENT / ERROR entries of one engine step: [[rid, tag, payload]].
-    EVENTS = 17
-    #: The engine's heartbeat: [seconds its current step has run (0: idle)], sent every
-    #: `process.progress_interval` seconds; the server's watchdog reads it.
-    PROGRESS = 18
+class _Frame(msgspec.Struct, array_like=True, tag_field="tag"):
+    pass
 
 
-def pack(*frame: Any) -> bytes:
-    return msgpack.packb(frame, use_bin_type=True)  # type: ignore[no-any-return]
+# ---- server -> engine ---------------------------------------------------------------------
+class Submit(_Frame, tag=1):
+    rid: int
+    request: GenerationRequest
 
 
-def unpack(data: bytes) -> list[Any]:
-    frame = msgpack.unpackb(data, raw=False, strict_map_key=False)
-    if not isinstance(frame, list) or not frame:
-        raise ValueError("malformed engine frame")
-    return frame
+class Cancel(_Frame, tag=2):
+    """Stop generation `rid` at the next step."""
+
+    rid: int
 
 
-# ---- requests -----------------------------------------------------------------------------
-def request_to_wire(req: GenerationRequest) -> dict[str, Any]:
-    s, st = req.sampling, req.stopping
-    return {
-        "id": req.request_id,
-        "prompt": list(req.prompt_ids),
-        "sampling": [s.do_sample, s.temperature, s.top_k, s.top_p, s.seed, s.repetition_penalty],
-        "stop": [st.max_new_tokens, list(st.stop_sequences), st.time_limit_s, st.ignore_eos],
-        "logprobs": req.logprobs,
-        "top_n": req.top_n,
-        "deadline": req.deadline,
-    }
+class ScoreCall(_Frame, tag=3):
+    cid: int
+    request: ScoreRequest
 
 
-def request_from_wire(d: dict[str, Any]) -> GenerationRequest:
-    do_sample, temperature, top_k, top_p, seed, rep = d["sampling"]
-    max_new, stops, time_limit, ignore_eos = d["stop"]
-    return GenerationRequest(
-        request_id=d["id"],
-        prompt_ids=tuple(d["prompt"]),
-        sampling=SamplingParams(
-            do_sample=do_sample,
-            temperature=temperature,
-            top_k=top_k,
-            top_p=top_p,
-            seed=seed,
-            repetition_penalty=rep,
-        ),
-        stopping=StopParams(
-            max_new_tokens=max_new,
-            stop_sequences=tuple(stops),
-            time_limit_s=time_limit,
-            ignore_eos=ignore_eos,
-        ),
-        logprobs=d["logprobs"],
-        top_n=d["top_n"],
-        deadline=d["deadline"],
-    )
+class StatsCall(_Frame, tag=4):
+    cid: int
 
 
-# ---- events -------------------------------------------------------------------------------
-def event_to_wire(ev: Event) -> list[Any]:
-    lps = logprobs_to_wire(list(ev.logprobs))
-    f = ev.finish
-    finish = None
-    if f is not None:
-        t = f.timings
-        finish = [
-            f.reason.value,
-            f.stop_sequence,
-            f.input_tokens,
-            f.generated_tokens,
-            [t.queue_ms, t.prefill_ms, t.ttft_ms, t.decode_ms, t.total_ms],
-            [t.draft, t.draft_proposed, t.draft_accepted],
-        ]
-    return [ev.text, list(ev.token_ids), lps, finish]
+class Stop(_Frame, tag=5):
+    """Finish what runs as CANCELLED and exit."""
 
 
-def event_from_wire(w: list[Any]) -> Event:
-    text, token_ids, lps, finish = w
-    fin = None
-    if finish is not None:
-        reason, stop_sequence, input_tokens, generated, times, (draft, proposed, accepted) = finish
-        q, p, ttft, dec, total = times
-        fin = Finish(
-            reason=StopReason(reason),
-            stop_sequence=stop_sequence,
-            input_tokens=input_tokens,
-            generated_tokens=generated,
-            timings=Timings(
-                queue_ms=q,
-                prefill_ms=p,
-                ttft_ms=ttft,
-                decode_ms=dec,
-                total_ms=total,
-                draft=draft,
-                draft_proposed=proposed,
-                draft_accepted=accepted,
-            ),
-        )
-    return Event(
-        text=text,
-        token_ids=tuple(token_ids),
-        logprobs=tuple(
-            TokenLogprob(tid, lp, tuple((int(a), float(b)) for a, b in top)) for tid, lp, top in lps
-        ),
-        finish=fin,
-    )
+class PromptLogprobsCall(_Frame, tag=6):
+    cid: int
+    prompt: Prompt
+    top_n: int = 0
+    deadline: float | None = None
+    limit: int = 0
 
 
-def logprobs_to_wire(lps: list[TokenLogprob]) -> list[Any]:
-    return [[lp.token_id, lp.logprob, [list(t) for t in lp.top]] for lp in lps]
+class CancelCall(_Frame, tag=7):
+    """The caller of call `cid` gave up: its job leaves the engine's queue."""
+
+    cid: int
 
 
-def logprobs_from_wire(w: list[Any]) -> list[TokenLogprob]:
-    return [TokenLogprob(tid, lp, tuple((int(a), float(b)) for a, b in top)) for tid, lp, top in w]
+class TokenizeCall(_Frame, tag=8):
+    cid: int
+    prompt: Prompt
+    limit: int = 0
+    tokens: bool = False
 
 
-def stats_to_wire(s: EngineStats) -> dict[str, Any]:
-    return {
-        "running": s.running,
-        "queued": s.queued,
-        "free_slots": s.free_slots,
-        "steps": s.steps,
-        "generated_tokens": s.generated_tokens,
-        "finished": dict(s.finished),
-        "draft_proposed": s.draft_proposed,
-        "draft_accepted": s.draft_accepted,
-        "slot_moves": s.slot_moves,
-        "phase_s": dict(s.phase_s),
-    }
+ToEngine = (
+    Submit | Cancel | ScoreCall | StatsCall | Stop | PromptLogprobsCall | CancelCall | TokenizeCall
+)
 
 
-def stats_from_wire(d: dict[str, Any]) -> EngineStats:
-    return EngineStats(**d)
+# ---- engine -> server ---------------------------------------------------------------------
+class Ready(_Frame, tag=10):
+    info: EngineInfo
+
+
+class Failed(_Frame, tag=11):
+    """Loading failed (the process then exits)."""
+
+    error: BaseException
+
+
+class Scored(_Frame, tag=14):
+    cid: int
+    result: ScoreResult
+
+
+class CallFailed(_Frame, tag=15):
+    cid: int
+    error: BaseException
+
+
+class StatsReply(_Frame, tag=16):
+    cid: int
+    stats: EngineStats
+
+
+class Events(_Frame, tag=17):
+    """The events of one engine step: (request id, event) pairs."""
+
+    items: list[tuple[int, Event]]
+
+
+class PromptScored(_Frame, tag=18):
+    cid: int
+    logprobs: list[TokenLogprob]
+
+
+class Tokenized(_Frame, tag=19):
+    cid: int
+    result: TokenizeResult
+
+
+class Progress(_Frame, tag=20):
+    """The engine's heartbeat, every `process.progress_interval` s: how long its current
+    step has run (0: idle). The server's watchdog reads it (`supervisor`)."""
+
+    busy_s: float = 0.0
+
+
+FromEngine = (
+    Ready | Failed | Scored | CallFailed | StatsReply | Events | PromptScored | Tokenized | Progress
+)
 
 
 # ---- errors -------------------------------------------------------------------------------
@@ -199,16 +160,54 @@ _KINDS: dict[str, type[Exception]] = {
 }
 
 
-def error_to_wire(exc: BaseException) -> list[Any]:
+def error_to_wire(exc: BaseException) -> list[str]:
     field = exc.field if isinstance(exc, errors.InvalidRequest) else ""
-    return [type(exc).__name__, str(exc), field]
+    message = exc.reason if isinstance(exc, errors.InvalidRequest) else str(exc)
+    return [type(exc).__name__, message, field]
 
 
-def error_from_wire(w: list[Any]) -> Exception:
+def error_from_wire(w: list[str]) -> Exception:
     kind, message, field = w
     if kind == "InvalidRequest":
-        return errors.InvalidRequest(field, message.removeprefix(f"{field}: "))
+        return errors.InvalidRequest(field, message)
     cls = _KINDS.get(kind)
     if cls is not None:
         return cls(message)
     return errors.EngineFailure(f"{kind}: {message}")
+
+
+def _enc_hook(obj: Any) -> Any:
+    if isinstance(obj, BaseException):
+        return error_to_wire(obj)
+    raise NotImplementedError(f"cannot send {type(obj).__name__} to another process")
+
+
+def _dec_hook(kind: type, obj: Any) -> Any:
+    if kind is BaseException and isinstance(obj, list) and len(obj) == 3:
+        return error_from_wire(obj)
+    raise NotImplementedError(f"cannot read {kind.__name__} from {obj!r}")
+
+
+class Codec:
+    """Encodes the frames one side sends and decodes those it reads (one per side and
+    thread: msgspec's encoders reuse a buffer)."""
+
+    def __init__(self, reads: Any) -> None:
+        self._encoder = msgspec.msgpack.Encoder(enc_hook=_enc_hook)
+        self._decoder = msgspec.msgpack.Decoder(reads, dec_hook=_dec_hook)
+
+    def encode(self, frame: _Frame) -> bytes:
+        return self._encoder.encode(frame)
+
+    def decode(self, data: bytes) -> Any:
+        return self._decoder.decode(data)
+
+
+def server_codec() -> Codec:
+    """The server's side: sends `ToEngine` frames, reads `FromEngine` ones."""
+    return Codec(FromEngine)
+
+
+def engine_codec() -> Codec:
+    """The engine process's side: sends `FromEngine` frames, reads `ToEngine` ones."""
+    return Codec(ToEngine)

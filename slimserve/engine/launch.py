@@ -1,10 +1,10 @@
 """Start a model's engine in its own supervised process, by the plan this machine qualified.
 
-`launch` is what the model manager calls for each load: choose the plan (`qualify`), start
-the engine process under a supervisor, then load the tokenizer in the server (after the
-engine has verified every file's checksum) with `tokenizers`, not transformers
-(`slimserve.engine.tokenizer`). A plan that keeps crashing is marked bad here and, for
-`--backend auto`, the next restart serves by the next qualified plan. Imports no grpc, and
+`launch` is what the model manager calls for each load: choose the plan (`qualify`), then
+start the engine process under a supervisor; the engine process verifies every file and
+holds the tokenizer too (the server does no text work). A plan that keeps crashing is
+marked bad here and, for `--backend auto`, the next restart serves by the next qualified
+plan. Imports no grpc, and
 no torch: the server process holds no weights.
 """
 
@@ -20,10 +20,9 @@ from pathlib import Path
 from slimserve.engine.backends.select import Plan
 from slimserve.engine.config import ModelConfig
 from slimserve.engine.loader import LoadedModel
-from slimserve.engine.process import ChildSpec, model_config_to_dict
+from slimserve.engine.process import ChildSpec
 from slimserve.engine.qualify import Qualifier, Selection
-from slimserve.engine.supervisor import RestartPolicy, SupervisedEngine
-from slimserve.engine.tokenizer import load_tokenizer, token_bytes_bound
+from slimserve.engine.supervisor import SupervisedEngine
 from slimserve.registry.store import Artifact
 
 log = logging.getLogger(__name__)
@@ -31,10 +30,11 @@ log = logging.getLogger(__name__)
 
 def needs_qualification(config: ModelConfig) -> bool:
     """False when only a float32 torch forward (the reference itself) can serve."""
-    if not config.qualify:
+    load = config.load
+    if not load.qualify:
         return False
-    pinned_reference = config.backend in ("llama", "hf") and config.dtype != "bfloat16"
-    return not pinned_reference or bool(config.backend_plugins)
+    pinned_reference = load.backend in ("llama", "hf") and load.dtype != "bfloat16"
+    return not pinned_reference or bool(load.backend_plugins)
 
 
 def _torch_threads() -> int:
@@ -59,10 +59,9 @@ def launch(
     config: ModelConfig,
     qualifier: Qualifier,
     *,
-    policy: RestartPolicy | None = None,
     on_state: Callable[[bool], None] | None = None,
 ) -> LoadedModel:
-    """Qualify (or read the cached verdicts), start the engine process, load the tokenizer.
+    """Qualify (or read the cached verdicts), then start the engine process.
 
     Raises:
         LoadFailed, IntegrityFailure: what the engine process reported while loading.
@@ -71,7 +70,7 @@ def launch(
         registry=str(registry_root),
         name=artifact.name,
         version=artifact.version,
-        config=model_config_to_dict(config),
+        config=config,
         threads=_torch_threads(),
         log_level=logging.getLogger().getEffectiveLevel(),
     )
@@ -89,7 +88,7 @@ def launch(
             return
         plan = Plan.from_dict(spec.plan)
         qualifier.mark_bad(base, artifact.digest, plan, reason)
-        if config.backend != "auto" and not config.backend_plugins:
+        if config.load.backend != "auto" and not config.load.backend_plugins:
             log.error("%s keeps crashing with the pinned %s (%s)", spec.ref, plan.key, reason)
             return
         try:
@@ -106,15 +105,8 @@ def launch(
         )
 
     engine = SupervisedEngine(
-        make_spec, policy=policy, on_state=on_state, on_crash_loop=on_crash_loop
+        make_spec, policy=config.restart, on_state=on_state, on_crash_loop=on_crash_loop
     )
     engine.start()
-    tokenizer = load_tokenizer(artifact.path)
     log.info("serving %s in engine process %s: %s", artifact.ref, engine.pid, engine.info.kernels)
-    return LoadedModel(
-        artifact=artifact,
-        tokenizer=tokenizer,
-        engine=engine,
-        loaded_at=time.time(),
-        max_token_bytes=token_bytes_bound(tokenizer),
-    )
+    return LoadedModel(artifact=artifact, engine=engine, loaded_at=time.time())

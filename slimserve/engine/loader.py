@@ -1,8 +1,10 @@
 """Loading one model in this process: artifact → weights on a device → backend → engine.
 
 The engine process (`slimserve.engine.process`) calls `load` for the model it serves; so do
-in-process callers (evaluate, benchmarks, tests that wrap a backend). `LoadedModel` is what
-the server holds either way: the artifact, the tokenizer and an engine, local or remote.
+in-process callers (evaluate, benchmarks, tests that wrap a backend): a `LocalModel`, the
+scheduler and the tokenizer in this process. `LoadedModel` is what the server holds: the
+artifact and an engine it calls without blocking (`EngineLike`: a `frontend.Frontend` in
+this process, or a supervised engine process); never a tokenizer or weights.
 """
 
 from __future__ import annotations
@@ -12,7 +14,6 @@ import functools
 import logging
 import os
 import threading
-import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -26,7 +27,7 @@ from slimserve.engine.backends.select import (
     plans_for,
     quiet_torch_beside,
 )
-from slimserve.engine.config import NGRAM, ModelConfig, kv_budget_bytes
+from slimserve.engine.config import NGRAM, CacheConfig, ModelConfig
 from slimserve.engine.errors import IntegrityFailure, LoadFailed
 from slimserve.engine.tokenizer import token_bytes_bound
 from slimserve.engine.types import (
@@ -34,8 +35,12 @@ from slimserve.engine.types import (
     EngineInfo,
     EngineStats,
     GenerationRequest,
+    Prompt,
     SamplingParams,
+    ScoreRequest,
+    ScoreResult,
     StopParams,
+    TokenizeResult,
     TokenLogprob,
 )
 from slimserve.registry.errors import IntegrityError, RegistryError
@@ -46,7 +51,7 @@ if TYPE_CHECKING:  # torch and the scheduler load in `load`: the server process 
     import torch
 
     from slimserve.engine.backends.base import Backend
-    from slimserve.engine.scheduler import Sink
+    from slimserve.engine.scheduler import Engine, EngineHooks, Sink
     from slimserve.engine.speculative import Drafter
 
 log = logging.getLogger(__name__)
@@ -76,11 +81,14 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
 
 
 class EngineLike(Protocol):
-    """What the server calls on a model's engine, in this process or in its own."""
+    """What the server calls on a model's engine, in this process or in its own. Every call
+    returns at once: text work and forward passes happen on the engine's threads."""
 
-    info: EngineInfo
     #: Times the engine was restarted after dying (0 for one in this process).
     restarts: int
+
+    @property
+    def info(self) -> EngineInfo: ...
 
     @property
     def serving(self) -> bool:
@@ -89,16 +97,15 @@ class EngineLike(Protocol):
 
     def submit(self, req: GenerationRequest, sink: Sink) -> HandleLike: ...
 
-    def score(
-        self,
-        prompt_ids: list[int],
-        continuations: list[list[int]],
-        deadline: float | None = None,
-    ) -> concurrent.futures.Future[list[float]]: ...
+    def score(self, req: ScoreRequest) -> concurrent.futures.Future[ScoreResult]: ...
 
     def prompt_logprobs(
-        self, prompt_ids: list[int], top_n: int = 0, deadline: float | None = None
+        self, prompt: Prompt, top_n: int = 0, deadline: float | None = None, limit: int = 0
     ) -> concurrent.futures.Future[list[TokenLogprob]]: ...
+
+    def tokenize(
+        self, prompt: Prompt, limit: int = 0, *, tokens: bool = False
+    ) -> concurrent.futures.Future[TokenizeResult]: ...
 
     def stats(self) -> EngineStats: ...
 
@@ -113,15 +120,11 @@ class HandleLike(Protocol):
 
 @dataclass(frozen=True, slots=True)
 class LoadedModel:
-    """One served version: its artifact, the tokenizer (in the server), and its engine."""
+    """One served version, as the server holds it: its artifact and its engine."""
 
     artifact: Artifact
-    tokenizer: Any
     engine: EngineLike
     loaded_at: float
-    #: Input bytes one token stands for at most (`tokenizer.token_bytes_bound`): a prompt
-    #: of more than this times the token limit is refused before it is tokenized.
-    max_token_bytes: int
 
     @property
     def name(self) -> str:
@@ -156,11 +159,30 @@ class LoadedModel:
     def max_context(self) -> int:
         return self.engine.info.max_context
 
+    @property
+    def max_token_bytes(self) -> int:
+        """Input bytes one token stands for at most (`tokenizer.token_bytes_bound`)."""
+        return self.engine.info.max_token_bytes
+
+
+@dataclass(frozen=True, slots=True)
+class LocalModel:
+    """A model loaded in this process: the scheduler (token ids in, events out) and the
+    tokenizer. `frontend.Frontend.of(local)` serves it to text callers."""
+
+    artifact: Artifact
+    tokenizer: Any
+    engine: Engine
+
+    @property
+    def info(self) -> EngineInfo:
+        return self.engine.info
+
 
 _MIN_CONTEXT = 256
 
 
-def context_length(model: Any, config: ModelConfig, dtype: torch.dtype) -> int:
+def context_length(model: Any, config: CacheConfig, dtype: torch.dtype) -> int:
     """Tokens per sequence: as configured, else the most the KV-cache budget allows.
 
     Raises:
@@ -170,7 +192,7 @@ def context_length(model: Any, config: ModelConfig, dtype: torch.dtype) -> int:
 
     model_limit = int(getattr(model.config, "max_position_embeddings", 0) or _CONTEXT_CAP)
     per_token = kv_bytes_per_token(model.config, dtype)
-    budget = kv_budget_bytes(config)
+    budget = config.kv_budget_bytes()
     if config.max_seq_len:
         need = per_token * config.max_seq_len * config.max_batch
         if need > budget:
@@ -196,12 +218,12 @@ def load(
     *,
     plan: Plan | None = None,
     refused: dict[str, str] | None = None,
-    on_failure: Callable[[BaseException], None] | None = None,
+    hooks: EngineHooks | None = None,
     draft: Artifact | None = None,
-) -> LoadedModel:
+) -> LocalModel:
     """Verify, load, build the backend, start the engine in this process and warm it up;
-    `on_failure` hears (on the worker thread) if the engine's loop itself dies. With
-    `config.draft` a model, `draft` is its artifact (`resolve_draft`).
+    `hooks` hear (on the worker thread) each step's end and the loop's death. With
+    `config.draft.source` a model, `draft` is its artifact (`resolve_draft`).
 
     Raises:
         IntegrityFailure: a file fails its checksum.
@@ -209,15 +231,15 @@ def load(
     """
     import torch
 
-    from slimserve.engine.scheduler import Engine, EngineConfig
+    from slimserve.engine.scheduler import Engine
 
-    device = resolve_device(config.device)
-    dtype = resolve_dtype(config.dtype, device)
+    device = resolve_device(config.load.device)
+    dtype = resolve_dtype(config.load.dtype, device)
     forward_threads = configured_threads()
     torch.set_num_threads(forward_threads)  # an earlier llama.cpp load may have lowered it
     try:
         model, tokenizer = open_model(artifact, config, plan, device=device, dtype=dtype)
-        max_seq_len = context_length(model, config, dtype)
+        max_seq_len = context_length(model, config.cache, dtype)
         if plan is None:
             plans, refused = plans_for(model, config, artifact.path / "tokenizer.json")
             plan = plans[0]
@@ -256,33 +278,25 @@ def load(
         eos_token_ids=tuple(sorted(eos_ids)),
         refused=dict(refused or {}),
         draft=drafter.name if drafter is not None else "",
-        draft_tokens=config.draft_tokens if drafter is not None else 0,
+        draft_tokens=config.draft.tokens if drafter is not None else 0,
         torch_threads=torch.get_num_threads(),
+        max_token_bytes=token_bytes_bound(tokenizer),
+        has_chat_template=bool(getattr(tokenizer, "chat_template", None)),
+        max_score_tokens=config.engine.max_score_tokens,
     )
     engine = Engine(
         backend,
         cast(Any, tokenizer),
-        EngineConfig(
-            max_queue=config.max_queue,
-            eos_token_ids=eos_ids,
-            score_step_tokens=config.score_step_tokens,
-            max_score_tokens=config.max_score_tokens,
-            draft_tokens=config.draft_tokens,
-            draft_policy=config.draft_policy,
-        ),
+        config.engine,
         info=info,
         drafter=drafter,
+        draft=config.draft,
+        eos_token_ids=eos_ids,
+        hooks=hooks,
     )
-    engine.on_failure = on_failure
     engine.start()
-    loaded = LoadedModel(
-        artifact=artifact,
-        tokenizer=tokenizer,
-        engine=engine,
-        loaded_at=time.time(),
-        max_token_bytes=token_bytes_bound(tokenizer),
-    )
-    if config.warmup:
+    loaded = LocalModel(artifact=artifact, tokenizer=tokenizer, engine=engine)
+    if config.load.warmup:
         warm_up(loaded)
     log.info("serving %s with %s on %s/%s", artifact.ref, info.kernels, device, info.dtype)
     return loaded
@@ -303,9 +317,9 @@ def resolve_draft(registry_root: Path, config: ModelConfig) -> Artifact | None:
     Raises:
         RegistryError: no such model or version.
     """
-    if config.draft is None or config.draft == NGRAM:
+    if config.draft.model is None:
         return None
-    name, ref = parse_model_ref(config.draft)
+    name, ref = parse_model_ref(config.draft.model)
     return Registry(registry_root).get(name, ref)
 
 
@@ -327,14 +341,14 @@ def _drafter(
     from slimserve.engine.backends.base import can_speculate
     from slimserve.engine.speculative import ModelDrafter, NgramDrafter
 
-    if config.draft is None:
+    if config.draft.source is None:
         return None
     if not can_speculate(backend):
         raise LoadFailed(f"{target.ref}'s backend {backend.name} cannot verify drafts")
-    if config.draft == NGRAM:
+    if config.draft.source == NGRAM:
         return NgramDrafter()
     if draft is None:
-        raise LoadFailed(f"draft model {config.draft} was not resolved in the registry")
+        raise LoadFailed(f"draft model {config.draft.source} was not resolved in the registry")
     mine, theirs = (a.files.get("tokenizer.json", {}).get("sha256") for a in (target, draft))
     if mine is None or mine != theirs:
         raise LoadFailed(
@@ -385,13 +399,13 @@ def _return_freed_memory() -> None:
         libc.malloc_trim(0)
 
 
-def warm_up(model: LoadedModel) -> None:
+def warm_up(model: LocalModel) -> None:
     """One short generation and one score, so the first real request pays no first-call cost."""
     done = threading.Event()
     ids = tuple(model.tokenizer("Hello")["input_ids"]) or (0,)
     req = GenerationRequest(
         request_id=f"warmup-{uuid.uuid4().hex[:8]}",
-        prompt_ids=ids,
+        prompt=Prompt(ids=ids),
         sampling=SamplingParams(),
         stopping=StopParams(max_new_tokens=4, ignore_eos=True),
     )

@@ -1,9 +1,11 @@
 """One served model's engine in a child process, and the server's handle on it.
 
 The child (`child_main`) verifies and loads the artifact, builds the backend, runs the
-scheduler and answers frames (`slimserve.engine.ipc`) on a pipe. The server holds a
-`RemoteEngine`: the same calls as `scheduler.Engine` (submit, score, stats, shutdown), and
-a reader thread that turns frames back into events. Native code that crashes (SIGSEGV,
+scheduler behind a `frontend.Frontend` (which tokenizes) and answers frames
+(`slimserve.engine.ipc`) on a pipe. The server holds a `RemoteEngine`: the same calls as
+a `Frontend` (submit, score, prompt_logprobs, tokenize, stats, shutdown), and a reader
+thread that turns frames back into events. The engine process alone decides admission: a
+full queue comes back as an `Overloaded` error of the request. Native code that crashes (SIGSEGV,
 abort, an OOM kill) takes only the child: the reader sees the pipe close, every request in
 flight ends at once with `NotReady` naming the model and the signal, and `on_exit` tells
 the supervisor. Children fork from a forkserver that has torch and llama_cpp imported,
@@ -14,7 +16,6 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
-import dataclasses
 import itertools
 import logging
 import multiprocessing
@@ -31,14 +32,17 @@ from typing import Any
 from slimserve.engine import ipc
 from slimserve.engine.backends.select import Plan
 from slimserve.engine.config import ModelConfig
-from slimserve.engine.errors import LoadFailed, NotReady, Overloaded
+from slimserve.engine.errors import LoadFailed, NotReady
 from slimserve.engine.futures import settle
-from slimserve.engine.ipc import Tag
 from slimserve.engine.types import (
     EngineInfo,
     EngineStats,
     Event,
     GenerationRequest,
+    Prompt,
+    ScoreRequest,
+    ScoreResult,
+    TokenizeResult,
     TokenLogprob,
 )
 
@@ -55,7 +59,7 @@ class ChildSpec:
     registry: str
     name: str
     version: int
-    config: dict[str, Any]
+    config: ModelConfig
     #: The plan to serve; None = the static choice (`select.plans_for`'s first).
     plan: dict[str, Any] | None = None
     refused: dict[str, str] = field(default_factory=dict)
@@ -66,14 +70,6 @@ class ChildSpec:
     @property
     def ref(self) -> str:
         return f"{self.name}@{self.version}"
-
-
-def model_config_to_dict(config: ModelConfig) -> dict[str, Any]:
-    return dataclasses.asdict(config)
-
-
-def model_config_from_dict(d: dict[str, Any]) -> ModelConfig:
-    return ModelConfig(**{**d, "backend_plugins": tuple(d.get("backend_plugins", ()))})
 
 
 def describe_exit(code: int | None) -> str:
@@ -104,7 +100,9 @@ def child_main(conn: Connection, spec: ChildSpec) -> None:
     """Entry point of an engine process (configures its own logging)."""
     import torch
 
+    from slimserve.engine.frontend import Frontend
     from slimserve.engine.loader import load, resolve_draft
+    from slimserve.engine.scheduler import EngineHooks
     from slimserve.registry.store import Registry
 
     logging.basicConfig(
@@ -114,150 +112,134 @@ def child_main(conn: Connection, spec: ChildSpec) -> None:
     )
     if spec.threads:
         torch.set_num_threads(spec.threads)
-    lock = threading.Lock()
-
-    def send(*frame: Any) -> None:
-        data = ipc.pack(*frame)
-        with lock:
-            conn.send_bytes(data)
-
+    bridge = _Bridge(conn)
     try:
         artifact = Registry(Path(spec.registry)).get(spec.name, str(spec.version))
         plan = Plan.from_dict(spec.plan) if spec.plan else None
-        config = model_config_from_dict(spec.config)
-        draft = resolve_draft(Path(spec.registry), config)
-        loaded = load(artifact, config, plan=plan, refused=spec.refused, draft=draft)
+        draft = resolve_draft(Path(spec.registry), spec.config)
+        # A dead scheduler loop ends the process, so the supervisor restarts it.
+        hooks = EngineHooks(on_flush=bridge.flush, on_failure=lambda _exc: os._exit(70))
+        local = load(
+            artifact, spec.config, plan=plan, refused=spec.refused, draft=draft, hooks=hooks
+        )
     except BaseException as exc:
-        send(Tag.FAILED, ipc.error_to_wire(exc))
+        bridge.send(ipc.Failed(error=exc))
         return
-    # A dead scheduler loop ends the process, so the supervisor restarts it.
-    loaded.engine.on_failure = lambda _exc: os._exit(70)  # type: ignore[attr-defined]
-    info = dataclasses.replace(loaded.info, in_process=False, measured=dict(spec.measured))
-    send(Tag.READY, info.to_dict())
-    if config.engine_step_timeout_s > 0:
-        interval = progress_interval(config.engine_step_timeout_s)
+    info = local.info.replace(in_process=False, measured=dict(spec.measured))
+    bridge.send(ipc.Ready(info=info))
+    limit = spec.config.restart.step_timeout_s
+    if limit > 0:
         threading.Thread(
-            target=_heartbeat, args=(loaded.engine, send, interval), daemon=True
+            target=_heartbeat,
+            args=(local.engine, bridge, progress_interval(limit)),
+            name="slimserve-engine-heartbeat",
+            daemon=True,
         ).start()
-    _serve(conn, loaded.engine, send)
+    bridge.serve(Frontend.of(local))
 
 
-def _heartbeat(engine: Any, send: Callable[..., None], interval: float) -> None:
+def _heartbeat(engine: Any, bridge: _Bridge, interval: float) -> None:
     """Tell the server, every `interval` s, how long the current step has run. A step stuck
     in native code that holds the GIL stops these frames too: silence counts as stuck."""
     while True:
         time.sleep(interval)
         started = engine.step_started
         try:
-            send(Tag.PROGRESS, time.monotonic() - started if started is not None else 0.0)
+            busy_s = 0.0 if started is None else time.monotonic() - started
+            bridge.send(ipc.Progress(busy_s=busy_s))
         except OSError:
             return  # the server is gone
 
 
-def _serve(conn: Connection, engine: Any, send: Callable[..., None]) -> None:
-    bridge = _Bridge(engine, send)
-    engine.on_flush = bridge.flush
-    while True:
-        try:
-            frame = ipc.unpack(conn.recv_bytes())
-        except (EOFError, OSError):
-            break  # the server is gone: stop serving
-        tag = frame[0]
-        if tag == Tag.SUBMIT:
-            bridge.submit(frame[1], frame[2])
-        elif tag == Tag.CANCEL:
-            handle = bridge.handles.get(frame[1])
-            if handle is not None:
-                handle.cancel()
-        elif tag == Tag.SCORE:
-            bridge.score(frame)
-        elif tag == Tag.PROMPT_LOGPROBS:
-            bridge.prompt_logprobs(frame)
-        elif tag == Tag.CANCEL_CALL:
-            bridge.cancel_call(frame[1])
-        elif tag == Tag.STATS:
-            send(Tag.STATS_REPLY, frame[1], ipc.stats_to_wire(engine.stats()))
-        elif tag == Tag.STOP:
-            break
-    engine.shutdown()
-
-
 class _Bridge:
-    """The engine process's side of the pipe: requests in, events out.
+    """The engine process's side of the pipe: frames in, answers and events out.
 
-    Events wait in `pending` (on the worker thread) until the end of the step's phase, then
-    cross in one frame: one wake-up of the server per step, not one per stream.
+    Events wait in `pending` until the end of the step's phase (`flush`, the scheduler's
+    hook), then cross in one frame: one wake-up of the server per step, not one per stream.
     """
 
-    def __init__(self, engine: Any, send: Callable[..., None]) -> None:
-        self.engine = engine
-        self.send = send
+    def __init__(self, conn: Connection) -> None:
+        self.conn = conn
+        self.codec = ipc.engine_codec()
+        self.front: Any = None
         self.handles: dict[int, Any] = {}
-        #: Score / prompt-logprob jobs in the engine, by the server's call id.
+        #: Score / prompt-logprob / tokenize jobs in the engine, by the server's call id.
         self.calls: dict[int, concurrent.futures.Future[Any]] = {}
-        self.pending: list[list[Any]] = []
+        self.pending: list[tuple[int, Event]] = []
+        self._lock = threading.Lock()  # one frame at a time on the pipe; `pending`
+
+    def send(self, frame: Any) -> None:
+        with self._lock:
+            self.conn.send_bytes(self.codec.encode(frame))
 
     def flush(self) -> None:
-        if self.pending:
-            batch = self.pending[:]
-            self.pending.clear()
-            self.send(Tag.EVENTS, batch)
-
-    def submit(self, rid: int, wire: dict[str, Any]) -> None:
-        def sink(ev: Event) -> None:  # on the engine's worker thread
-            if ev.error is not None:
-                self.handles.pop(rid, None)
-                self.pending.append([rid, Tag.ERROR, ipc.error_to_wire(ev.error)])
+        with self._lock:
+            if not self.pending:
                 return
-            if ev.finish is not None:
+            batch, self.pending = self.pending, []
+            self.conn.send_bytes(self.codec.encode(ipc.Events(items=batch)))
+
+    def serve(self, front: Any) -> None:
+        self.front = front
+        decode = ipc.engine_codec().decode  # this thread's own decoder
+        while True:
+            try:
+                frame = decode(self.conn.recv_bytes())
+            except (EOFError, OSError):
+                break  # the server is gone: stop serving
+            if isinstance(frame, ipc.Stop):
+                break
+            self._handle(frame)
+        front.shutdown()
+
+    def _handle(self, frame: Any) -> None:
+        front = self.front
+        if isinstance(frame, ipc.Submit):
+            self.handles[frame.rid] = front.submit(frame.request, self._sink(frame.rid))
+        elif isinstance(frame, ipc.Cancel):
+            handle = self.handles.get(frame.rid)
+            if handle is not None:
+                handle.cancel()
+        elif isinstance(frame, ipc.ScoreCall):
+            self._answer(frame.cid, front.score(frame.request), ipc.Scored, "result")
+        elif isinstance(frame, ipc.PromptLogprobsCall):
+            fut = front.prompt_logprobs(frame.prompt, frame.top_n, frame.deadline, frame.limit)
+            self._answer(frame.cid, fut, ipc.PromptScored, "logprobs")
+        elif isinstance(frame, ipc.TokenizeCall):
+            fut = front.tokenize(frame.prompt, frame.limit, tokens=frame.tokens)
+            self._answer(frame.cid, fut, ipc.Tokenized, "result")
+        elif isinstance(frame, ipc.CancelCall):
+            fut = self.calls.pop(frame.cid, None)
+            if fut is not None:
+                fut.cancel()  # the job leaves the engine's queue before its next chunk
+        elif isinstance(frame, ipc.StatsCall):
+            self.send(ipc.StatsReply(cid=frame.cid, stats=front.stats()))
+
+    def _sink(self, rid: int) -> Callable[[Event], None]:
+        def sink(ev: Event) -> None:  # on the input worker or the scheduler's thread
+            if ev.error is not None or ev.finish is not None:
                 self.handles.pop(rid, None)
-            self.pending.append([rid, Tag.EVENT, ipc.event_to_wire(ev)])
+            with self._lock:
+                self.pending.append((rid, ev))
+            if ev.error is not None or ev.accepted is not None:
+                self.flush()  # not waiting for a step: the engine may be idle
 
-        try:
-            self.handles[rid] = self.engine.submit(ipc.request_from_wire(wire), sink)
-        except Exception as exc:
-            self.send(Tag.ERROR, rid, ipc.error_to_wire(exc))
-
-    def score(self, frame: list[Any]) -> None:
-        _, sid, prompt, conts, deadline = frame
-        self._answer(sid, lambda: self.engine.score(prompt, conts, deadline), lambda r: r)
-
-    def prompt_logprobs(self, frame: list[Any]) -> None:
-        _, sid, prompt, top_n, deadline = frame
-        self._answer(
-            sid,
-            lambda: self.engine.prompt_logprobs(prompt, top_n, deadline),
-            ipc.logprobs_to_wire,
-        )
-
-    def cancel_call(self, sid: int) -> None:
-        """The server's caller gave up: the job leaves the queue before its next chunk."""
-        fut = self.calls.pop(sid, None)
-        if fut is not None:
-            fut.cancel()
+        return sink
 
     def _answer(
-        self,
-        sid: int,
-        call: Callable[[], concurrent.futures.Future[Any]],
-        wire: Callable[[Any], Any],
+        self, cid: int, fut: concurrent.futures.Future[Any], kind: type, field: str
     ) -> None:
-        def done(fut: concurrent.futures.Future[Any]) -> None:
-            self.calls.pop(sid, None)
-            if fut.cancelled():
+        def done(f: concurrent.futures.Future[Any]) -> None:
+            self.calls.pop(cid, None)
+            if f.cancelled():
                 return  # cancelled at the server's word: it expects no answer
-            exc = fut.exception()
+            exc = f.exception()
             if exc is not None:
-                self.send(Tag.SCORE_FAILED, sid, ipc.error_to_wire(exc))
+                self.send(ipc.CallFailed(cid=cid, error=exc))
             else:
-                self.send(Tag.SCORED, sid, wire(fut.result()))
+                self.send(kind(cid=cid, **{field: f.result()}))
 
-        try:
-            fut = call()
-        except Exception as exc:
-            self.send(Tag.SCORE_FAILED, sid, ipc.error_to_wire(exc))
-            return
-        self.calls[sid] = fut
+        self.calls[cid] = fut
         fut.add_done_callback(done)
 
 
@@ -276,7 +258,7 @@ class RemoteHandle:
 
 
 class RemoteEngine:
-    """An engine process, driven like an in-process `Engine`. Thread-safe."""
+    """An engine process, driven like an in-process `Frontend`. Thread-safe."""
 
     def __init__(
         self,
@@ -296,6 +278,7 @@ class RemoteEngine:
         #: (when the last PROGRESS frame came, monotonic; seconds its step had then run).
         self._progress = (time.monotonic(), 0.0)
         self._send_lock = threading.Lock()
+        self._encoder = ipc.server_codec()  # under _send_lock
         self._ids = itertools.count(1)
         self._sinks: dict[int, Sink] = {}
         self._futures: dict[int, concurrent.futures.Future[Any]] = {}
@@ -305,7 +288,6 @@ class RemoteEngine:
         self._released = False
         self._killed_why: str | None = None
         self._release_lock = threading.Lock()
-        self._max_queue = int(spec.config.get("max_queue", 64))
 
     @property
     def pid(self) -> int | None:
@@ -338,22 +320,27 @@ class RemoteEngine:
         self._pid = self._process.pid
         child_conn.close()
         self._conn = conn
-        frame = self._wait_first_frame()
-        if frame[0] == Tag.FAILED:
+        decode = ipc.server_codec().decode
+        frame = decode(self._wait_first_frame())
+        if isinstance(frame, ipc.Failed):
             self._process.join(10)
             self._dead = True
             self.exit_code = self._process.exitcode
             self._release()
-            raise ipc.error_from_wire(frame[1])
-        self.info = EngineInfo.from_dict(frame[1])
+            raise frame.error
+        assert isinstance(frame, ipc.Ready), frame
+        self.info = frame.info
         self._progress = (time.monotonic(), 0.0)
         self._reader = threading.Thread(
-            target=self._read, name=f"slimserve-engine-reader-{self.spec.name}", daemon=True
+            target=self._read,
+            args=(decode,),
+            name=f"slimserve-engine-reader-{self.spec.name}",
+            daemon=True,
         )
         self._reader.start()
         return self.info
 
-    def _wait_first_frame(self) -> list[Any]:
+    def _wait_first_frame(self) -> bytes:
         assert self._conn is not None
         deadline = time.monotonic() + self.start_timeout_s
         while not self._conn.poll(0.1):
@@ -366,7 +353,7 @@ class RemoteEngine:
                 self._release()
                 raise LoadFailed(f"{self.spec.ref} did not load within {self.start_timeout_s} s")
         try:
-            return ipc.unpack(self._conn.recv_bytes())
+            return self._conn.recv_bytes()
         except (EOFError, OSError):
             raise self._died_loading() from None
 
@@ -379,34 +366,31 @@ class RemoteEngine:
         return LoadFailed(f"the engine process for {self.spec.ref} died while loading ({how})")
 
     # ---- calls --------------------------------------------------------------------------
-    def _send(self, *frame: Any) -> None:
+    def _send(self, frame: Any) -> None:
         if self._dead or self._conn is None:
             raise NotReady(f"the engine process for {self.spec.ref} is not running")
-        data = ipc.pack(*frame)
         try:
             with self._send_lock:
-                self._conn.send_bytes(data)
+                self._conn.send_bytes(self._encoder.encode(frame))
         except OSError as exc:
             raise NotReady(f"the engine process for {self.spec.ref} is gone: {exc}") from exc
 
-    def submit(self, req: GenerationRequest, sink: Sink) -> RemoteHandle:
-        """Queue a request; events go to `sink` on the reader thread.
-
-        Raises:
-            Overloaded: the admission queue is full (checked here, before the pipe).
-            NotReady: the process is not running.
-        """
+    def _check_open(self) -> None:
         if self._stopping:
             raise NotReady("the engine is shutting down")
-        if len(self._sinks) >= self._max_queue + self.info.backend.max_slots:
-            raise Overloaded(
-                f"admission queue full ({self._max_queue} waiting, "
-                f"{self.info.backend.max_slots} running); retry later"
-            )
+
+    def submit(self, req: GenerationRequest, sink: Sink) -> RemoteHandle:
+        """Queue a request; events go to `sink` on the reader thread (the first says it was
+        accepted, or an error says why not: `Overloaded` when the engine's queue is full).
+
+        Raises:
+            NotReady: the process is not running.
+        """
+        self._check_open()
         rid = next(self._ids)
         self._sinks[rid] = sink
         try:
-            self._send(Tag.SUBMIT, rid, ipc.request_to_wire(req))
+            self._send(ipc.Submit(rid=rid, request=req))
         except NotReady:
             self._sinks.pop(rid, None)
             raise
@@ -416,63 +400,53 @@ class RemoteEngine:
         if rid in self._sinks and not self._dead:
             # A process that is gone has failed its requests already.
             with contextlib.suppress(NotReady):
-                self._send(Tag.CANCEL, rid)
+                self._send(ipc.Cancel(rid=rid))
 
-    def score(
-        self,
-        prompt_ids: list[int],
-        continuations: list[list[int]],
-        deadline: float | None = None,
-    ) -> concurrent.futures.Future[list[float]]:
-        if self._stopping:
-            raise NotReady("the engine is shutting down")
-        if sum(1 for f in self._futures.values() if not f.done()) >= self._max_queue:
-            raise Overloaded(f"score queue full ({self._max_queue}); retry later")
-        return self._call(Tag.SCORE, prompt_ids, continuations, deadline)
+    def score(self, req: ScoreRequest) -> concurrent.futures.Future[ScoreResult]:
+        self._check_open()
+        return self._call(lambda cid: ipc.ScoreCall(cid=cid, request=req))
 
     def prompt_logprobs(
-        self, prompt_ids: list[int], top_n: int = 0, deadline: float | None = None
+        self, prompt: Prompt, top_n: int = 0, deadline: float | None = None, limit: int = 0
     ) -> concurrent.futures.Future[list[TokenLogprob]]:
-        if self._stopping:
-            raise NotReady("the engine is shutting down")
-        raw = self._call(Tag.PROMPT_LOGPROBS, prompt_ids, top_n, deadline)
-        out: concurrent.futures.Future[list[TokenLogprob]] = concurrent.futures.Future()
+        self._check_open()
+        return self._call(
+            lambda cid: ipc.PromptLogprobsCall(
+                cid=cid, prompt=prompt, top_n=top_n, deadline=deadline, limit=limit
+            )
+        )
 
-        def convert(fut: concurrent.futures.Future[Any]) -> None:
-            if fut.cancelled():
-                out.cancel()
-            elif (exc := fut.exception()) is not None:
-                settle(out, exc=exc)
-            else:
-                settle(out, ipc.logprobs_from_wire(fut.result()))
+    def tokenize(
+        self, prompt: Prompt, limit: int = 0, *, tokens: bool = False
+    ) -> concurrent.futures.Future[TokenizeResult]:
+        self._check_open()
+        return self._call(
+            lambda cid: ipc.TokenizeCall(cid=cid, prompt=prompt, limit=limit, tokens=tokens)
+        )
 
-        raw.add_done_callback(convert)
-        out.add_done_callback(lambda f: raw.cancel() if f.cancelled() else None)
-        return out
-
-    def _call(self, tag: Tag, *args: Any) -> concurrent.futures.Future[Any]:
+    def _call(self, frame: Callable[[int], Any]) -> concurrent.futures.Future[Any]:
         """Send a call answered by one frame; its future, which the caller may cancel (the
-        job then leaves the engine's queue: `Tag.CANCEL_CALL`)."""
+        job then leaves the engine's queue: `ipc.CancelCall`)."""
         fut: concurrent.futures.Future[Any] = concurrent.futures.Future()
-        qid = next(self._ids)
-        self._futures[qid] = fut
+        cid = next(self._ids)
+        self._futures[cid] = fut
         try:
-            self._send(tag, qid, *args)
+            self._send(frame(cid))
         except NotReady:
-            self._futures.pop(qid, None)
+            self._futures.pop(cid, None)
             raise
-        fut.add_done_callback(lambda f: self._abandoned(qid) if f.cancelled() else None)
+        fut.add_done_callback(lambda f: self._abandoned(cid) if f.cancelled() else None)
         return fut
 
-    def _abandoned(self, qid: int) -> None:
-        if self._futures.pop(qid, None) is not None and not self._dead:
+    def _abandoned(self, cid: int) -> None:
+        if self._futures.pop(cid, None) is not None and not self._dead:
             with contextlib.suppress(NotReady):
-                self._send(Tag.CANCEL_CALL, qid)
+                self._send(ipc.CancelCall(cid=cid))
 
     def stats(self) -> EngineStats:
         """The child's scheduler counters (a round trip; raises NotReady when it is down)."""
-        result: dict[str, Any] = self._call(Tag.STATS).result(10)
-        return ipc.stats_from_wire(result)
+        stats: EngineStats = self._call(lambda cid: ipc.StatsCall(cid=cid)).result(10)
+        return stats
 
     def shutdown(self, timeout: float = 10.0) -> None:
         """Stop the process: in-flight requests end CANCELLED, then it exits."""
@@ -481,7 +455,7 @@ class RemoteEngine:
             return
         if not self._dead:  # else the reader has seen the end and releases the process
             with contextlib.suppress(NotReady):
-                self._send(Tag.STOP)
+                self._send(ipc.Stop())
             self._process.join(timeout)
             if self._process.is_alive():
                 self._process.terminate()
@@ -524,7 +498,7 @@ class RemoteEngine:
                 self._released = True
 
     # ---- the reader thread --------------------------------------------------------------
-    def _read(self) -> None:
+    def _read(self, decode: Callable[[bytes], Any]) -> None:
         """Answers from the process until its pipe closes. One frame that cannot be handled
         is logged and dropped; whatever ends this loop, the engine then counts as dead
         (`_died`), so the supervisor restarts it rather than leaving calls unanswered."""
@@ -536,47 +510,51 @@ class RemoteEngine:
                 except (EOFError, OSError):
                     break
                 try:
-                    self._dispatch(ipc.unpack(data))
+                    self._dispatch(decode(data))
                 except Exception:
                     log.exception("engine %s: a frame could not be handled; dropped", self.spec.ref)
         finally:
             self._died()
 
-    def _dispatch(self, frame: list[Any]) -> None:
-        tag = frame[0]
-        if tag == Tag.EVENTS:
-            for rid, kind, payload in frame[1]:
+    def _dispatch(self, frame: Any) -> None:
+        if isinstance(frame, ipc.Events):
+            for rid, event in frame.items:
                 try:
-                    self._dispatch([kind, rid, payload])
+                    self._deliver(rid, event)
                 except Exception:  # one stream's event must not cost the others theirs
                     log.exception("engine %s: an event could not be handled", self.spec.ref)
-        elif tag == Tag.EVENT:
-            event = ipc.event_from_wire(frame[2])
-            sink = self._sinks.pop(frame[1], None) if event.finish else self._sinks.get(frame[1])
-            if sink is not None:
-                sink(event)
-        elif tag == Tag.ERROR:
-            sink = self._sinks.pop(frame[1], None)
-            if sink is not None:
-                sink(Event(error=ipc.error_from_wire(frame[2])))
-        elif tag in (Tag.SCORED, Tag.STATS_REPLY):
-            fut = self._futures.pop(frame[1], None)
+        elif isinstance(frame, ipc.CallFailed):
+            fut = self._futures.pop(frame.cid, None)
             if fut is not None:
-                settle(fut, frame[2])  # its caller may have cancelled it meanwhile
-        elif tag == Tag.SCORE_FAILED:
-            fut = self._futures.pop(frame[1], None)
-            if fut is not None:
-                settle(fut, exc=ipc.error_from_wire(frame[2]))
-        elif tag == Tag.PROGRESS:
-            self._progress = (time.monotonic(), float(frame[1]))
+                settle(fut, exc=frame.error)
+        elif isinstance(frame, ipc.Scored | ipc.Tokenized):
+            self._answered(frame.cid, frame.result)
+        elif isinstance(frame, ipc.PromptScored):
+            self._answered(frame.cid, frame.logprobs)
+        elif isinstance(frame, ipc.StatsReply):
+            self._answered(frame.cid, frame.stats)
+        elif isinstance(frame, ipc.Progress):
+            self._progress = (time.monotonic(), frame.busy_s)
+
+    def _deliver(self, rid: int, event: Event) -> None:
+        last = event.finish is not None or event.error is not None
+        sink = self._sinks.pop(rid, None) if last else self._sinks.get(rid)
+        if sink is not None:
+            sink(event)
+
+    def _answered(self, cid: int, result: Any) -> None:
+        fut = self._futures.pop(cid, None)
+        if fut is not None:
+            settle(fut, result)  # its caller may have cancelled it meanwhile
 
     def _died(self) -> None:
         self._dead = True
-        self._process.join(1)  # a killed process closes its pipe just before it is reaped
-        if self._process.is_alive():  # the reader stopped, not the process: end it
+        self._process.join(5 if self._stopping else 1)  # a closed pipe: it is exiting
+        if self._process.is_alive() and not self._stopping:
+            # The reader stopped, not the process: end it, so it restarts.
             log.error("engine %s: its reader stopped; ending the process", self.spec.ref)
             self._process.kill()
-        self._process.join(5)
+            self._process.join(5)
         self.exit_code = self._process.exitcode
         if not self._stopping:  # else `shutdown` is joining the process: it releases it
             self._release()

@@ -8,7 +8,10 @@ held against the reference's: top-1 agreement (a pick the reference ranks within
 flip a verdict) and the perplexity ratio. Per-logit tolerances would be wrong: AMX and
 plain-CPU kernels differ by up to ~1.5 on single logits and agree on the distribution.
 The same process measures speed (decode at batch 1 and at `max_batch`, prefill), so `auto`
-picks the fastest plan whose perplexity is within `EQUAL_QUALITY` of the reference.
+picks the fastest plan whose perplexity is within `EQUAL_QUALITY` of the reference. For a
+llama.cpp plan it also races the threads of a single-sequence decode step (1, 2, 4, ... up
+to all): the plan serves with the fewest that come within `DECODE_THREADS_SLACK` of the
+fastest, which leaves the other cores to the server and its clients.
 
 Verdicts are cached per machine (`machine.fingerprint()`: CPU, library versions, native
 build), artifact and shape, in one JSON file beside the registry, so a restart repeats
@@ -19,6 +22,7 @@ Imports torch and engine modules only.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import fcntl
 import json
 import logging
@@ -40,7 +44,7 @@ from slimserve.engine.backends.select import (
 )
 from slimserve.engine.config import ModelConfig
 from slimserve.engine.machine import fingerprint_digest
-from slimserve.engine.process import ChildSpec, describe_exit, model_config_from_dict, mp_context
+from slimserve.engine.process import ChildSpec, describe_exit, mp_context
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +72,9 @@ SCORE_GROUP = 9
 TIMING_RUNS = 3
 #: The status of a plan whose engine kept crashing by its own fault while it served.
 CRASH_LOOP = "crash-loop"
+#: A single-sequence decode runs on the fewest threads within this fraction of the fastest
+#: count: a core it barely uses is worth more to the server beside it.
+DECODE_THREADS_SLACK = 0.03
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -83,6 +90,10 @@ class Verdict:
     batch_tok_s: float = 0.0
     prefill_tok_s: float = 0.0
     measured_at: float = field(default_factory=time.time)
+    #: llama.cpp: the threads a single-sequence decode serves on (0: not measured) ...
+    decode_threads: int = 0
+    #: ... chosen from these rates, tokens/s by thread count (str: a JSON key).
+    decode_by_threads: dict[str, float] = field(default_factory=dict)
     #: Wall-clock time (epoch seconds) after which the verdict no longer holds and the plan
     #: is qualified again; None: it holds for this machine fingerprint (crash-loop verdicts
     #: expire, the others change only with the machine, libraries or artifact).
@@ -103,7 +114,7 @@ class Verdict:
         """Why this cached verdict cannot be taken for `plan` as it stands (None: it can).
         An "ok" is held to the figures qualification demands, so a file edited to say
         "ok" cannot serve a plan whose probe never passed."""
-        if self.plan != plan.to_dict():
+        if Plan.from_dict(self.plan).key != plan.key or self.plan["backend"] != plan.backend:
             return "it is a verdict on another plan"
         if not self.ok or plan.trusted:
             return None
@@ -123,11 +134,17 @@ class Verdict:
     def summary(self) -> str:
         if not self.ok:
             return f"{self.status}: {self.reason}"
+        threads = f" on {self.decode_threads} threads" if self.decode_threads else ""
         return (
             f"ok: ppl x{self.ppl_ratio:.4f}, agreement {self.agreement:.3f}, decode "
-            f"{self.decode_tok_s:.1f} tok/s, batch {self.batch_tok_s:.1f} tok/s, prefill "
-            f"{self.prefill_tok_s:.0f} tok/s"
+            f"{self.decode_tok_s:.1f} tok/s{threads}, batch {self.batch_tok_s:.1f} tok/s, "
+            f"prefill {self.prefill_tok_s:.0f} tok/s"
         )
+
+    @property
+    def stale(self) -> bool:
+        """A llama.cpp verdict cached before decode threads were measured: qualify again."""
+        return self.ok and self.plan.get("backend") == "llamacpp" and not self.decode_threads
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -145,6 +162,7 @@ class Selection:
 CACHE_FORMAT = 2
 _NUMBER = {"type": "number"}
 _RATE = {"type": "number", "minimum": 0}
+_THREADS = {"type": "integer", "minimum": 0, "maximum": 4096}
 _PLAN_SCHEMA: dict[str, Any] = {
     "type": "object",
     "additionalProperties": False,
@@ -160,6 +178,7 @@ _PLAN_SCHEMA: dict[str, Any] = {
         "weights": {"enum": [*PLAN_WEIGHTS]},
         "dtype": {"enum": [*PLAN_DTYPES]},
         "extra_buffers": {"type": "boolean"},
+        "decode_threads": _THREADS,
     },
 }
 _VERDICT_SCHEMA: dict[str, Any] = {
@@ -176,6 +195,8 @@ _VERDICT_SCHEMA: dict[str, Any] = {
         "batch_tok_s": _RATE,
         "prefill_tok_s": _RATE,
         "measured_at": _NUMBER,
+        "decode_threads": _THREADS,
+        "decode_by_threads": {"type": "object", "additionalProperties": _RATE},
         "expires_at": {"type": ["number", "null"]},
     },
 }
@@ -315,9 +336,10 @@ TIMED_OUT = "timed-out"
 
 
 def _prefix(digest: str, config: ModelConfig, threads: int) -> str:
-    shape = f"b{config.max_batch}-s{config.max_seq_len}-kv{config.kv_cache_mb}-t{threads}"
-    if config.kv_layout != "unified":  # verdicts made before the choice existed stay valid
-        shape += f"-{config.kv_layout}"
+    cache = config.cache
+    shape = f"b{cache.max_batch}-s{cache.max_seq_len}-kv{cache.kv_cache_mb}-t{threads}"
+    if cache.kv_layout != "unified":  # verdicts made before the choice existed stay valid
+        shape += f"-{cache.kv_layout}"
     return f"{fingerprint_digest()}/{digest[:16]}/{shape}"
 
 
@@ -325,20 +347,16 @@ def _prefix(digest: str, config: ModelConfig, threads: int) -> str:
 class Qualifier:
     """Chooses each artifact's plan on this machine, qualifying in throwaway processes."""
 
-    def __init__(
-        self, cache: VerdictCache, *, timeout_s: float = 1200.0, crash_ttl_s: float = 86400.0
-    ) -> None:
-        """`crash_ttl_s`: how long a crash-loop verdict keeps a plan from serving."""
+    def __init__(self, cache: VerdictCache, *, timeout_s: float = 1200.0) -> None:
         self.cache = cache
         self.timeout_s = timeout_s
-        self.crash_ttl_s = crash_ttl_s
 
     def select(self, spec: ChildSpec, digest: str) -> Selection:
-        config = model_config_from_dict(spec.config)
+        config = spec.config
         prefix = _prefix(digest, config, spec.threads)
         survey_key = (
-            f"{prefix}/survey/{config.backend}/{config.gguf_type}/{config.dtype}/"
-            + ",".join(config.backend_plugins)
+            f"{prefix}/survey/{config.load.backend}/{config.load.gguf_type}/{config.load.dtype}/"
+            + ",".join(config.load.backend_plugins)
         )
         known = self.cache.read()
         survey = known["surveys"].get(survey_key)
@@ -375,6 +393,11 @@ class Qualifier:
         if verdict.expired(time.time()):
             log.info("%s: the verdict %r expired; qualifying it again", plan.key, verdict.status)
             return None
+        if verdict.stale:
+            log.info(
+                "%s: cached before decode threads were measured; qualifying it again", plan.key
+            )
+            return None
         doubt = verdict.doubt(plan)
         if doubt is not None:
             log.warning("qualification cache: %s holds %s; qualifying it again", plan.key, doubt)
@@ -392,13 +415,14 @@ class Qualifier:
         return verdict
 
     def mark_bad(self, spec: ChildSpec, digest: str, plan: Plan, reason: str) -> None:
-        """Keep `plan` from serving this artifact on this machine for `crash_ttl_s`."""
-        config = model_config_from_dict(spec.config)
+        """Keep `plan` from serving this artifact on this machine for the configuration's
+        `restart.crash_verdict_ttl_s`."""
+        config = spec.config
         verdict = Verdict(
             plan=plan.to_dict(),
             status=CRASH_LOOP,
             reason=reason,
-            expires_at=time.time() + self.crash_ttl_s,
+            expires_at=time.time() + config.restart.crash_verdict_ttl_s,
         )
         self.cache.put_verdict(
             f"{_prefix(digest, config, spec.threads)}/{plan.key}", asdict(verdict)
@@ -430,7 +454,7 @@ def choose(
             refused[v.key] = v.summary()
     if not ok:
         raise ValueError(f"no plan qualified on this machine: {refused}")
-    plugins = [v for v in ok if Plan.from_dict(v.plan).backend in config.backend_plugins]
+    plugins = [v for v in ok if Plan.from_dict(v.plan).backend in config.load.backend_plugins]
     equal = [v for v in ok if v.ppl_ratio <= EQUAL_QUALITY] or [min(ok, key=lambda v: v.ppl_ratio)]
     measured = [v for v in equal if v.speed > 0]
     best = max(measured, key=lambda v: v.speed) if measured else equal[0]
@@ -440,9 +464,10 @@ def choose(
         if v is not best:
             worse = v.ppl_ratio > EQUAL_QUALITY
             refused[v.key] = ("worse: " if worse else "slower: ") + v.summary()
-    chosen = next((p for p in plans if p.key == best.key), None)
-    if chosen is None:
+    surveyed = next((p for p in plans if p.key == best.key), None)
+    if surveyed is None:
         raise ValueError(f"the qualified plan {best.key} is not one of the plans surveyed")
+    chosen = dataclasses.replace(surveyed, decode_threads=best.decode_threads)
     figures = {
         "decode_tokens_per_s": best.decode_tok_s,
         "batch_tokens_per_s": best.batch_tok_s,
@@ -450,6 +475,11 @@ def choose(
         "probe_perplexity_ratio": best.ppl_ratio,
         "probe_top1_agreement": best.agreement,
     }
+    if best.decode_threads:
+        # What serves: an operator's --decode-threads over the measured count.
+        figures["decode_threads"] = float(config.load.decode_threads or best.decode_threads)
+        for n, rate in best.decode_by_threads.items():
+            figures[f"decode_tokens_per_s_{n}_threads"] = rate
     return Selection(plan=chosen, refused=refused, measured=figures, verdicts=tuple(verdicts))
 
 
@@ -510,15 +540,15 @@ def _load(spec: ChildSpec) -> tuple[Any, Any, ModelConfig, int, Path]:
     from slimserve.registry.errors import IntegrityError
     from slimserve.registry.store import Registry
 
-    config = model_config_from_dict(spec.config)
+    config = spec.config
     artifact = Registry(Path(spec.registry)).get(spec.name, str(spec.version))
-    device = resolve_device(config.device)
-    dtype = resolve_dtype(config.dtype, device)
+    device = resolve_device(config.load.device)
+    dtype = resolve_dtype(config.load.dtype, device)
     try:
         model, tokenizer = load_model(artifact, device=device, dtype=dtype)
     except IntegrityError as exc:
         raise IntegrityFailure(str(exc)) from exc
-    return model, tokenizer, config, context_length(model, config, dtype), artifact.path
+    return model, tokenizer, config, context_length(model, config.cache, dtype), artifact.path
 
 
 def _survey(spec: ChildSpec) -> dict[str, Any]:
@@ -598,6 +628,10 @@ def _probe(plan: Plan, backend: Any, ids: list[int], ref: Any) -> Verdict:
         backend.prefill(0, long)
         prefill = max(prefill, n / (time.perf_counter() - t0))
         backend.release(0)
+    decode_threads, by_threads = 0, dict[int, float]()
+    if plan.backend == "llamacpp":
+        decode_threads, by_threads = _race_decode_threads(backend, ids)
+        backend.set_decode_threads(decode_threads)
     runs = [_speed(backend, ids) for _ in range(TIMING_RUNS)]
     decode, batch = max(r[0] for r in runs), max(r[1] for r in runs)
     status, reason = "ok", ""
@@ -619,18 +653,57 @@ def _probe(plan: Plan, backend: Any, ids: list[int], ref: Any) -> Verdict:
         decode_tok_s=decode,
         batch_tok_s=batch,
         prefill_tok_s=prefill,
+        decode_threads=decode_threads,
+        decode_by_threads={str(n): rate for n, rate in by_threads.items()},
     )
 
 
-def _speed(backend: Any, ids: list[int]) -> tuple[float, float]:
-    """Greedy-shaped decode rates: one slot, then every slot; tokens/s."""
+def thread_counts(threads: int) -> list[int]:
+    """The decode thread counts raced on `threads`: 1, 2, 4, ... below it, and it."""
+    counts = {threads}
+    n = 1
+    while n < threads:
+        counts.add(n)
+        n *= 2
+    return sorted(counts)
+
+
+def fewest_fast_threads(rates: dict[int, float]) -> int:
+    """The fewest threads whose rate is within `DECODE_THREADS_SLACK` of the best."""
+    best = max(rates.values())
+    return min(n for n, rate in rates.items() if rate >= (1 - DECODE_THREADS_SLACK) * best)
+
+
+def _race_decode_threads(backend: Any, ids: list[int]) -> tuple[int, dict[int, float]]:
+    """Single-sequence decode tokens/s at each of `thread_counts`, the best of
+    `TIMING_RUNS` each, the counts interleaved so a neighbour's burst slows each alike;
+    and the count to serve with (`fewest_fast_threads`)."""
+    rates: dict[int, float] = {}
+    for _ in range(TIMING_RUNS):
+        for n in thread_counts(backend.phase_threads.threads):
+            backend.set_decode_threads(n)
+            rates[n] = max(rates.get(n, 0.0), _single_decode(backend, ids))
+    return fewest_fast_threads(rates), rates
+
+
+def _single_decode(backend: Any, ids: list[int]) -> float:
+    """Tokens/s of one slot decoding alone, greedy-shaped (slot 0 is left empty)."""
     start, steps = ids[:16], 32
     steps = max(1, min(steps, backend.max_seq_len - len(start) - 1))
     backend.prefill(0, start)
     t0 = time.perf_counter()
     for i in range(steps):
         backend.decode([0], [ids[i % len(ids)]])
-    decode = steps / (time.perf_counter() - t0)
+    rate = steps / (time.perf_counter() - t0)
+    backend.release(0)
+    return float(rate)
+
+
+def _speed(backend: Any, ids: list[int]) -> tuple[float, float]:
+    """Greedy-shaped decode rates: one slot, then every slot; tokens/s."""
+    start, steps = ids[:16], 32
+    steps = max(1, min(steps, backend.max_seq_len - len(start) - 1))
+    decode = _single_decode(backend, ids)
     slots = list(range(backend.max_slots))
     for s in slots:
         backend.prefill(s, start)

@@ -24,15 +24,15 @@ from typing import Protocol
 
 import torch
 
-from slimserve.engine.backends.base import Backend, can_speculate, wants_packing
-from slimserve.engine.errors import InvalidRequest, NotReady, Overloaded
+from slimserve.engine import planner
+from slimserve.engine.backends.base import Backend, Capabilities, Feed, can_speculate
+from slimserve.engine.config import DraftConfig, EngineConfig
+from slimserve.engine.errors import EngineFailure, InvalidRequest, NotReady, Overloaded
+from slimserve.engine.planner import StepBudget, StepPlan
 from slimserve.engine.sampling import greedy_rows, select, token_logprob
 from slimserve.engine.scoring import ScoreQueue
-from slimserve.engine.sequence import Handle, ScoreJob, SeqState, Sequence
-from slimserve.engine.spec_policy import (
-    DRAFT_POLICIES,
-    DraftPolicy,
-)
+from slimserve.engine.sequence import Constraint, Handle, ScoreJob, SeqState, Sequence
+from slimserve.engine.spec_policy import DraftPolicy
 from slimserve.engine.speculative import Drafter
 from slimserve.engine.speculative_step import SpeculativeSteps
 from slimserve.engine.text import Decoder
@@ -59,32 +59,22 @@ class Tokenizer(Decoder, Protocol):
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class EngineConfig:
-    #: Requests waiting for a slot beyond this are refused with `Overloaded`.
-    max_queue: int = 64
-    #: Token ids that end a sequence (besides the tokenizer's own EOS).
-    eos_token_ids: frozenset[int] = frozenset()
-    #: Tokens of Score work between two decode steps (streams wait at most this long).
-    score_step_tokens: int = 2048
-    #: Tokens one Score call may put through the model (prompt + label - 1, summed).
-    max_score_tokens: int = 65536
-    #: Draft tokens proposed per sequence and step, when the engine has a drafter: at most
-    #: (`draft_policy` "adaptive", `spec_policy`: as many as pay on this machine, none when
-    #: none do), or always.
-    draft_tokens: int = 4
-    draft_policy: str = "adaptive"
+class EngineHooks:
+    """What an engine's owner hears, on the worker thread: `on_flush` after each phase of a
+    step (admission, prefill, decode; the engine process sends that phase's events in one
+    frame), `on_failure` once, when the loop itself dies (the engine process exits on it;
+    a server holding the engine in process turns the model NOT_SERVING)."""
 
-    def __post_init__(self) -> None:
-        if self.max_queue < 0:
-            raise ValueError(f"max_queue must be >= 0, got {self.max_queue}")
-        if self.draft_tokens < 1:
-            raise ValueError(f"draft_tokens must be >= 1, got {self.draft_tokens}")
-        if self.draft_policy not in DRAFT_POLICIES:
-            raise ValueError(
-                f"draft_policy must be one of {DRAFT_POLICIES}, got {self.draft_policy!r}"
-            )
-        if self.score_step_tokens < 1 or self.max_score_tokens < 1:
-            raise ValueError("score_step_tokens and max_score_tokens must be >= 1")
+    on_flush: Callable[[], None] | None = None
+    on_failure: Callable[[BaseException], None] | None = None
+
+
+def _alone(step: StepPlan, seq: Sequence) -> StepPlan:
+    """The part of `step` that is `seq`'s."""
+    return StepPlan(
+        decode=tuple(s for s in step.decode if s is seq),
+        chunks=tuple(c for c in step.chunks if c.seq is seq),
+    )
 
 
 def _slot_of(seq: Sequence) -> int:
@@ -118,16 +108,20 @@ class Engine(SpeculativeSteps):
         self,
         backend: Backend,
         tokenizer: Tokenizer,
-        config: EngineConfig,
+        config: EngineConfig | None = None,
+        *,
         info: EngineInfo | None = None,
         drafter: Drafter | None = None,
-        *,
+        draft: DraftConfig | None = None,
+        eos_token_ids: frozenset[int] = frozenset(),
         policy: DraftPolicy | None = None,
+        hooks: EngineHooks | None = None,
     ) -> None:
-        """`drafter` turns on speculative decoding (`slimserve.engine.speculative`); the
-        backend must then implement `SpeculativeBackend`. `policy` decides how many draft
-        tokens to verify each step (None: measured at `start` for `draft_policy`
-        "adaptive").
+        """`drafter` turns on speculative decoding (`slimserve.engine.speculative`), as
+        `draft` says (tokens per step, policy); the backend must then implement
+        `SpeculativeBackend`. `policy` decides how many draft tokens to verify each step
+        (None: measured at `start` for the "adaptive" policy). `eos_token_ids` end a
+        sequence besides the tokenizer's own EOS.
 
         Raises:
             ValueError: a drafter for a backend that cannot verify drafts.
@@ -136,18 +130,22 @@ class Engine(SpeculativeSteps):
             raise ValueError(f"backend {backend.name} cannot verify drafts (no extend/truncate)")
         self.backend = backend
         self.drafter = drafter
-        # The backend's fast paths where it has them (`BatchingBackend`): logits read where
-        # they lie for one step, and the prompts admitted together prefilled in one pass.
-        self._decode = getattr(backend, "decode_view", backend.decode)
-        self._prefill_batch = getattr(backend, "prefill_batch", None)
+        #: What the backend can do beyond the `Backend` protocol, resolved once.
+        self.caps = Capabilities.of(backend)
+        self._decode = self.caps.decode
+        self._prefill_batch = self.caps.prefill_batch
         #: How this engine serves (set by the loader; tests that build an engine may omit it).
         self.info: EngineInfo = info or _bare_info(backend)
         self.tokenizer = tokenizer
-        self.config = config
-        eos = set(config.eos_token_ids)
+        self.config = config or EngineConfig()
+        self.draft = draft or DraftConfig()
+        self.hooks = hooks or EngineHooks()
+        eos = set(eos_token_ids)
         if tokenizer.eos_token_id is not None:
             eos.add(int(tokenizer.eos_token_id))
-        self._eos = frozenset(eos)
+        #: Token ids that end a sequence.
+        self.eos_token_ids = frozenset(eos)
+        self._eos = self.eos_token_ids
         self._cond = threading.Condition()
         self._waiting: collections.deque[Sequence] = collections.deque()
         self._scores = ScoreQueue()
@@ -157,9 +155,12 @@ class Engine(SpeculativeSteps):
         self._free = list(range(backend.max_slots))
         #: A backend whose slots share one pool of cache cells (llama.cpp) names its size; a
         #: request is admitted only while the pool can hold all it may grow to.
-        self._pool: int | None = getattr(backend, "kv_pool_tokens", None)
+        self._pool = self.caps.pool_tokens
         #: Keep the running slots consecutive from 0 (`_compact`), where the backend asks.
-        self._packing = wants_packing(backend) and (drafter is None or drafter.can_move)
+        self._packing = self.caps.packing is not None and (drafter is None or drafter.can_move)
+        #: Sequences holding a slot whose prompt is still being fed, a chunk a step.
+        self._prefilling: list[Sequence] = []
+        self._budget = StepBudget(self.config.max_step_ms, capacity=self.caps.step_tokens)
         self._reserved = 0
         self._stats = EngineStats(free_slots=backend.max_slots)
         #: Seconds per decode-step phase (worker thread only; `stats` copies it).
@@ -169,11 +170,6 @@ class Engine(SpeculativeSteps):
         self.restarts = 0
         #: Why the worker loop died, if it did.
         self.failure: BaseException | None = None
-        #: Told (on the worker thread) when the loop dies; the engine process exits on it.
-        self.on_failure: Callable[[BaseException], None] | None = None
-        #: Called on the worker thread after each phase of a step (admission, prefill,
-        #: decode): the engine process sends the events of that phase in one frame.
-        self.on_flush: Callable[[], None] | None = None
         self._thread: threading.Thread | None = None
         #: When the step now running began (`time.monotonic()`); None while idle. The engine
         #: process reports it, so a watchdog can tell a stuck step from a quiet engine.
@@ -183,21 +179,25 @@ class Engine(SpeculativeSteps):
 
     # ---- submitter side (any thread) ---------------------------------------------------
     def start(self) -> None:
-        adaptive = self.config.draft_policy == "adaptive"
+        adaptive = self.draft.policy == "adaptive"
         if self.drafter is not None and adaptive and self._policy is None:
             self._policy = self._measure_passes()
         self._thread = threading.Thread(target=self._loop, name="slimserve-engine", daemon=True)
         self._thread.start()
 
-    def submit(self, req: GenerationRequest, sink: Sink) -> Handle:
-        """Queue a request; events go to `sink` on the worker thread.
+    def submit(
+        self, req: GenerationRequest, sink: Sink, *, matcher: Constraint | None = None
+    ) -> Handle:
+        """Queue a request; events go to `sink` on the worker thread. `matcher` holds the
+        output to a grammar (structured output): every token is picked from what it allows,
+        and the sequence ends where the grammar does.
 
         Raises:
             Overloaded: the admission queue is full.
             NotReady: the engine is stopping.
         """
         handle = Handle(self, req.request_id)
-        seq = Sequence(req, sink, handle, self.tokenizer)
+        seq = Sequence(req, sink, handle, self.tokenizer, matcher)
         with self._cond:
             self._check_open()
             if len(self._waiting) >= self.config.max_queue + len(self._free):
@@ -296,7 +296,7 @@ class Engine(SpeculativeSteps):
         with self._cond:
             s = self._stats
             return EngineStats(
-                running=len(self._running),
+                running=len(self._running) + len(self._prefilling),
                 queued=len(self._waiting),
                 free_slots=len(self._free),
                 steps=s.steps,
@@ -312,7 +312,7 @@ class Engine(SpeculativeSteps):
         """Cancel everything still queued or running and stop the worker."""
         with self._cond:
             self._stopping = True
-            for seq in list(self._waiting) + self._running:
+            for seq in [*self._waiting, *self._prefilling, *self._running]:
                 seq.handle.cancelled = True
             self._cond.notify()
         if self._thread is not None:
@@ -329,11 +329,17 @@ class Engine(SpeculativeSteps):
     def _run(self) -> None:
         while True:
             with self._cond:
-                while not (self._waiting or self._scores or self._running or self._stopping):
+                while not (
+                    self._waiting
+                    or self._scores
+                    or self._running
+                    or self._prefilling
+                    or self._stopping
+                ):
                     self.step_started = None
                     self._cond.wait()
                 self.step_started = time.monotonic()
-                if self._stopping and not self._running:
+                if self._stopping and not (self._running or self._prefilling):
                     self._drop_waiting(StopReason.CANCELLED)
                     self._scores.fail_all(NotReady("the engine is shutting down"))
                     stopped = True
@@ -344,40 +350,131 @@ class Engine(SpeculativeSteps):
                 self._flush()
                 return
             self._flush()  # the finishes of requests that expired while waiting
-            if self._scores:
-                self._scores.step(self.backend, self.config.score_step_tokens)
-            if admitted:
+            if self.caps.forward is not None:
+                self._prefilling += admitted
+                self._step()
+            else:
+                self._whole_prompt_step(admitted)
+
+    def _step(self) -> None:
+        """One planned step (`planner`): Score work, then every decoding sequence's token
+        and chunks of the prompts being fed, in one backend pass (with a drafter, the
+        chunks and the speculative step run apart)."""
+        self._reap()
+        t0 = time.perf_counter()
+        decoding = len(self._running)
+        step = planner.plan(
+            self._prefilling,
+            sorted(self._running, key=_slot_of) if self.drafter is None else (),
+            budget=self._budget.tokens(decoding),
+            scores_waiting=bool(self._scores),
+            score_step_tokens=self.config.score_step_tokens,
+        )
+        scored = self._scores.step(self.backend, step.score_tokens) if step.score_tokens else 0
+        if self._running and self._packing:
+            t = time.perf_counter()
+            self._compact()
+            self._phase["compact"] += time.perf_counter() - t
+        if step.decode or step.chunks:
+            self._mixed_step(step)
+        if self.drafter is not None and self._running:
+            self._flush()  # first tokens out before the speculative step
+            self._decode_step()
+        self._budget.observe(decoding, step.prompt_tokens + scored, time.perf_counter() - t0)
+        t = time.perf_counter()
+        self._flush()
+        self._phase["flush"] += time.perf_counter() - t
+
+    def _whole_prompt_step(self, admitted: list[Sequence]) -> None:
+        """A step for a backend without chunked prefill: Score work, the admitted prompts
+        prefilled whole, then a decode step."""
+        if self._scores:
+            self._scores.step(self.backend, self.config.score_step_tokens)
+        if admitted:
+            t = time.perf_counter()
+            self._prefill_all(admitted)
+            self._phase["prefill"] += time.perf_counter() - t
+        self._reap()
+        self._flush()  # first tokens out before the next decode step
+        if self._running:
+            if self._packing:
                 t = time.perf_counter()
-                self._prefill_all(admitted)
-                self._phase["prefill"] += time.perf_counter() - t
-            self._reap()
-            self._flush()  # first tokens out before the next decode step
-            if self._running:
-                if self._packing:
-                    t = time.perf_counter()
-                    self._compact()
-                    self._phase["compact"] += time.perf_counter() - t
-                self._decode_step()
-                t = time.perf_counter()
-                self._flush()
-                self._phase["flush"] += time.perf_counter() - t
+                self._compact()
+                self._phase["compact"] += time.perf_counter() - t
+            self._decode_step()
+            t = time.perf_counter()
+            self._flush()
+            self._phase["flush"] += time.perf_counter() - t
+
+    def _mixed_step(self, step: StepPlan) -> None:
+        """Run `step`'s decode tokens and prompt chunks in one `forward`, in slot order (a
+        split cache takes runs of consecutive slots per pass), then update each sequence:
+        a finished prompt gives its first token, a decoding sequence its next."""
+        assert self.caps.forward is not None
+        feeds: list[tuple[Sequence, Feed]] = [
+            (seq, Feed(seq.slot, [seq.last_token], True))
+            for seq in step.decode
+            if seq.slot is not None
+        ]
+        for c in step.chunks:
+            if c.seq.slot is not None:
+                ids = list(c.seq.req.prompt_ids[c.start : c.end])
+                feeds.append((c.seq, Feed(c.seq.slot, ids, c.last)))
+        feeds.sort(key=lambda sf: sf[1].slot)
+        t1 = time.perf_counter()
+        try:
+            block = self.caps.forward([f for _, f in feeds])
+        except Exception as exc:
+            if len(feeds) == 1:
+                self._fail(feeds[0][0], exc)
+                return
+            # Each feed alone, so that one the backend refuses (checked before anything
+            # runs) fails only its own request.
+            log.debug("a mixed step failed (%r); feeding each sequence alone", exc)
+            for seq, _ in feeds:
+                self._mixed_step(_alone(step, seq))
+            return
+        t2 = time.perf_counter()
+        rows = {}
+        at = 0
+        for seq, feed in feeds:
+            if feed.logits:
+                rows[id(seq)] = at
+                at += 1
+        for c in step.chunks:
+            c.seq.fed = c.end
+        for c in step.chunks:
+            if c.last and c.seq.state is SeqState.RUNNING:
+                self._prefilling.remove(c.seq)
+                self._started(c.seq, block[rows[id(c.seq)]])
+        self._phase["prefill"] += t2 - t1 if step.chunks and not step.decode else 0.0
+        if step.decode:
+            with self._cond:
+                self._stats.steps += 1
+            batch = [s for s in step.decode if id(s) in rows]
+            at_rows = [rows[id(s)] for s in batch]
+            logits = block  # the rows in batch order: as they are, or gathered
+            if at_rows != list(range(len(block))):
+                logits = block.index_select(0, torch.tensor(at_rows, dtype=torch.long))
+            self._pick_and_emit(batch, logits, t1, t2)
 
     def _flush(self) -> None:
-        if self.on_flush is not None:
-            self.on_flush()
+        if self.hooks.on_flush is not None:
+            self.hooks.on_flush()
 
     def _fail_everything(self, exc: BaseException) -> None:
         with self._cond:
             self.failure = exc
-            pending = list(self._waiting) + list(self._running)
+            pending = [*self._waiting, *self._prefilling, *self._running]
             self._waiting.clear()
+            self._prefilling.clear()
             self._scores.fail_all(NotReady(f"the engine loop failed: {exc!r}"))
         for seq in pending:
             seq.state = SeqState.FINISHED
             seq.sink(Event(error=NotReady(f"the engine loop failed: {exc!r}")))
         self._running.clear()
-        if self.on_failure is not None:
-            self.on_failure(exc)
+        if self.hooks.on_failure is not None:
+            self.hooks.on_failure(exc)
 
     def _admit_locked(self) -> list[Sequence]:
         now = time.monotonic()
@@ -396,6 +493,7 @@ class Engine(SpeculativeSteps):
             self._reserved += need
             seq.slot = heapq.heappop(self._free)
             seq.state = SeqState.RUNNING
+            seq.t_admit = now
             admitted.append(seq)
         return admitted
 
@@ -411,7 +509,8 @@ class Engine(SpeculativeSteps):
                 return
             src = top.slot
             try:
-                self.backend.move(src, low)  # type: ignore[attr-defined]
+                assert self.caps.packing is not None  # `_packing` says so
+                self.caps.packing.move(src, low)
                 if self.drafter is not None:
                     self.drafter.move(src, low)
             except Exception as exc:  # its cache may be half moved: end it, stop packing
@@ -427,7 +526,7 @@ class Engine(SpeculativeSteps):
     def _reservation(self, seq: Sequence) -> int:
         """Cache cells `seq` may come to hold: its prompt, every token it may generate, and
         a step of draft tokens in flight."""
-        drafts = self.config.draft_tokens if self.drafter is not None else 0
+        drafts = self.draft.tokens if self.drafter is not None else 0
         grow = len(seq.req.prompt_ids) + seq.req.stopping.max_new_tokens + drafts
         return min(self.backend.max_seq_len, grow)
 
@@ -456,9 +555,8 @@ class Engine(SpeculativeSteps):
             for seq, slot in zip(seqs, slots, strict=True):
                 seq.slot = slot
         try:
-            rows = self._prefill_batch(
-                [s.slot for s in seqs], [list(s.req.prompt_ids) for s in seqs]
-            )
+            slots = [s.slot for s in seqs if s.slot is not None]  # all: admitted
+            rows = self._prefill_batch(slots, [list(s.req.prompt_ids) for s in seqs])
         except Exception as exc:
             log.debug("batched prefill failed (%r); prefilling one by one", exc)
             for seq in seqs:
@@ -488,6 +586,8 @@ class Engine(SpeculativeSteps):
             return
         seq.prefill_ms = (time.monotonic() - seq.t_admit) * 1e3
         self._running.append(seq)
+        if seq.matcher is not None:
+            seq.matcher.mask_logits_(logits)
         self._advance(seq, None, logits)
 
     def _decode_step(self) -> None:
@@ -513,6 +613,16 @@ class Engine(SpeculativeSteps):
             self._policy.observe_step([1] * len(batch), t2 - t1)
         with self._cond:
             self._stats.steps += 1
+        self._pick_and_emit(batch, logits, t1, t2)
+
+    def _pick_and_emit(
+        self, batch: list[Sequence], logits: torch.Tensor, t1: float, t2: float
+    ) -> None:
+        """Each sequence's next token from its logits row (masked by its grammar, if any;
+        greedy rows in one call), emitted; `t1`..`t2` was the forward pass."""
+        for i, seq in enumerate(batch):  # structured output: only what the grammar allows
+            if seq.matcher is not None:
+                seq.matcher.mask_logits_(logits[i])
         picks: list[int] | list[None] = [None] * len(batch)
         if all(s.req.sampling.is_greedy for s in batch):
             picks = greedy_rows(logits)  # one call for the common case
@@ -544,14 +654,19 @@ class Engine(SpeculativeSteps):
         seq.t_last = now
         if seq.spec.guess is not None and self._policy is not None:
             self._policy.check(seq.spec, token)
+        if seq.matcher is not None and not seq.matcher.accept(token):
+            why = seq.matcher.error or f"token {token} is not allowed here"
+            self._fail(seq, EngineFailure(f"structured output broke: {why}"))
+            return
         seq.generated.append(token)
         seq.tokens.append(token)
         seq.last_token = token
         lp: tuple[TokenLogprob, ...] = ()
         if seq.req.logprobs:
-            lp = (token_logprob(logits, token, seq.req.top_n),)
+            lp = (self.with_text(token_logprob(logits, token, seq.req.top_n)),)
         stop = seq.req.stopping
-        if token in self._eos and not stop.ignore_eos:
+        # A grammar's EOS ends it whatever ignore_eos says: nothing can follow its end.
+        if token in self._eos and (not stop.ignore_eos or seq.matcher is not None):
             self._finish(seq, StopReason.EOS_TOKEN, seq.detok.flush(), (token,), lp)
             return
         text = seq.stops.feed(seq.detok.push(token))
@@ -567,9 +682,16 @@ class Engine(SpeculativeSteps):
             return
         seq.sink(Event(text=text, token_ids=(token,), logprobs=lp))
 
+    def with_text(self, lp: TokenLogprob) -> TokenLogprob:
+        """`lp` with the text of its token and of each alternative (decoded here, where the
+        tokens are, and only when a request asks for log-probabilities)."""
+        decode = self.tokenizer.decode
+        top_text = tuple(decode([t]) for t, _ in lp.top)
+        return TokenLogprob(lp.token_id, lp.logprob, lp.top, decode([lp.token_id]), top_text)
+
     def _reap(self) -> None:
         now = time.monotonic()
-        for seq in list(self._running):
+        for seq in [*self._prefilling, *self._running]:
             reason = seq.expired_reason(now)
             if reason is not None:
                 self._finish(seq, reason, "")
@@ -624,6 +746,8 @@ class Engine(SpeculativeSteps):
     def _release(self, seq: Sequence) -> None:
         if seq.state is SeqState.RUNNING and seq in self._running:
             self._running.remove(seq)
+        if seq in self._prefilling:
+            self._prefilling.remove(seq)
         seq.state = SeqState.FINISHED
         if seq.slot is not None:
             self.backend.release(seq.slot)

@@ -68,23 +68,24 @@ class ScoreQueue:
                 break  # the rest of this job waits for the next step
         return chunks
 
-    def step(self, backend: Backend, budget: int) -> None:
-        """Run one budget's worth of score work."""
+    def step(self, backend: Backend, budget: int) -> int:
+        """Run one budget's worth of score work; returns the tokens it put through."""
         chunks = self.take(budget)
         if not chunks:
-            return
+            return 0
+        spent = sum(job.cost(i) for job, a, b in chunks for i in range(a, b))
         for job, _, _ in [c for c in chunks if c[0].top_n is not None]:
             _prompt_logprobs(backend, job)
         chunks = [c for c in chunks if c[0].top_n is None]
         if not chunks:
-            return
+            return spent
         work = [(job.prompt, job.continuations[a:b]) for job, a, b in chunks]
         try:
             results = backend.score_batch(work)
         except torch.OutOfMemoryError as exc:
             for job, _, _ in chunks:
                 _fail(job, Overloaded(f"out of memory while scoring: {exc}"))
-            return
+            return spent
         except Exception:
             # One bad job fails only itself: run each chunk alone.
             results = []
@@ -104,6 +105,7 @@ class ScoreQueue:
             job.sums.extend(sums)
             if job.done:
                 _finish(job)
+        return spent
 
 
 def _prompt_logprobs(backend: Backend, job: ScoreJob) -> None:
@@ -116,7 +118,7 @@ def _prompt_logprobs(backend: Backend, job: ScoreJob) -> None:
         log.exception("prompt log-probabilities failed")
         _fail(job, exc)
         return
-    if not all(math.isfinite(lp.logprob) for lp in result):
+    if not all(lp.logprob is not None and math.isfinite(lp.logprob) for lp in result):
         _fail(job, EngineFailure("the backend returned a non-finite log-probability"))
         return
     settle(job.future, result)

@@ -13,7 +13,7 @@ import enum
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from slimserve.engine.sampling import make_generator
 from slimserve.engine.spec_policy import Acceptance
@@ -21,9 +21,33 @@ from slimserve.engine.text import Decoder, IncrementalDetokenizer, StopMatcher
 from slimserve.engine.types import Event, GenerationRequest, StopReason
 
 if TYPE_CHECKING:
+    import torch
+
     from slimserve.engine.scheduler import Engine
 
 Sink = Callable[[Event], None]
+
+
+class Constraint(Protocol):
+    """A sequence's structured-output state (`structured.Matcher`), as the scheduler
+    uses it: which tokens may come next, and following the tokens taken."""
+
+    @property
+    def vocab_size(self) -> int: ...
+
+    def mask_logits_(self, logits: torch.Tensor) -> None: ...
+
+    def fill_draft_bitmasks(self, draft: Any, bitmask: torch.Tensor, row: int = 0) -> int: ...
+
+    def validate(self, tokens: Any) -> int: ...
+
+    def accept(self, token_id: int) -> bool: ...
+
+    @property
+    def is_terminated(self) -> bool: ...
+
+    @property
+    def error(self) -> str | None: ...
 
 
 class SeqState(enum.Enum):
@@ -55,10 +79,12 @@ class Sequence:
         "detok",
         "draft_accepted",
         "draft_proposed",
+        "fed",
         "generated",
         "generator",
         "handle",
         "last_token",
+        "matcher",
         "prefill_ms",
         "req",
         "reserved",
@@ -74,8 +100,17 @@ class Sequence:
         "tokens",
     )
 
-    def __init__(self, req: GenerationRequest, sink: Sink, handle: Handle, tok: Decoder) -> None:
+    def __init__(
+        self,
+        req: GenerationRequest,
+        sink: Sink,
+        handle: Handle,
+        tok: Decoder,
+        matcher: Constraint | None = None,
+    ) -> None:
         self.req = req
+        #: Structured output: the grammar's state (None: free text).
+        self.matcher = matcher
         self.sink = sink
         self.handle = handle
         self.state = SeqState.WAITING
@@ -83,6 +118,8 @@ class Sequence:
         self.slot: int | None = None
         #: Cache cells held for it in a shared pool while RUNNING (see Engine._reservation).
         self.reserved = 0
+        #: Prompt tokens in its cache so far (chunked prefill: fed a chunk a step).
+        self.fed = 0
         self.generated: list[int] = []
         #: The prompt and every generated token (what a drafter looks back on).
         self.tokens: list[int] = list(req.prompt_ids)

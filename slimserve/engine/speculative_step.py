@@ -17,14 +17,14 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from slimserve.engine.backends.base import Backend
-from slimserve.engine.sequence import SeqState, Sequence
+from slimserve.engine.backends.base import Backend, Capabilities
+from slimserve.engine.sequence import Constraint, SeqState, Sequence
 from slimserve.engine.spec_policy import DraftPolicy, one_pass, probe, probe_sizes
 from slimserve.engine.speculative import NO_PROPOSAL, Drafter, DraftRequest, Proposal, accept
 from slimserve.engine.types import EngineStats
 
 if TYPE_CHECKING:
-    from slimserve.engine.scheduler import EngineConfig
+    from slimserve.engine.config import DraftConfig
 
 log = logging.getLogger(__name__)
 
@@ -33,8 +33,9 @@ class SpeculativeSteps:
     """`Engine`'s speculative decoding methods; the engine supplies the state below."""
 
     backend: Backend
+    caps: Capabilities
     drafter: Drafter | None
-    config: EngineConfig
+    draft: DraftConfig
     _policy: DraftPolicy | None
     _cond: threading.Condition
     _stats: EngineStats
@@ -57,7 +58,7 @@ class SpeculativeSteps:
         return max(
             0,
             min(
-                self.config.draft_tokens,
+                self.draft.tokens,
                 seq.req.stopping.max_new_tokens - done - 1,
                 self.backend.max_seq_len - len(seq.req.prompt_ids) - done - 1,
             ),
@@ -69,7 +70,7 @@ class SpeculativeSteps:
         assert self.drafter is not None
         policy = self._policy
         rooms = [self._draft_room(seq) if seq.slot is not None else 0 for seq in batch]
-        cap = self.config.draft_tokens
+        cap = self.draft.tokens
         if policy is not None and not policy.free_proposals:  # choose, then pay for it
             cap = policy.choose(rooms, [policy.alpha(s.spec) for s in batch])
         asks, where = [], []
@@ -104,20 +105,36 @@ class SpeculativeSteps:
         out = [NO_PROPOSAL] * len(batch)
         for i, p in zip(where, got, strict=True):
             k = min(lengths[i], cap)
+            matcher = batch[i].matcher
+            if matcher is not None:  # structured output: only the draft's allowed prefix
+                k = matcher.validate(p.tokens[:k])
             out[i] = Proposal(p.tokens[:k], p.probs[:k] if p.probs is not None else None)
         return out
+
+    def _mask_draft(self, matcher: Constraint, draft: list[int], logits: torch.Tensor) -> None:
+        """Mask `logits` (k + 1, vocab) in place: row j by what the grammar allows after
+        the first j draft tokens (the draft is the grammar's allowed prefix: `_propose`)."""
+        from slimserve.engine.structured import allocate_bitmask, apply_bitmask_
+
+        if not draft:
+            matcher.mask_logits_(logits[0])
+            return
+        bitmask = allocate_bitmask(len(draft) + 1, matcher.vocab_size)
+        n = matcher.fill_draft_bitmasks(draft, bitmask)
+        apply_bitmask_(logits[: n + 1], bitmask[: n + 1])
 
     def _measure_passes(self) -> DraftPolicy:
         """Time the backend's passes over the sizes a step may take (`spec_policy.probe`),
         on the last slot (free: the engine has not started)."""
         backend = self.backend
         slot = backend.max_slots - 1
-        k = self.config.draft_tokens
+        k = self.draft.tokens
         ids = [1 + j % (backend.vocab_size - 1) for j in range(backend.max_slots * (k + 1))]
 
         def extend(n: int) -> None:
             backend.prefill(slot, ids[:1])
-            backend.extend([slot], [ids[:n]])  # type: ignore[attr-defined]
+            assert self.caps.speculative is not None
+            self.caps.speculative.extend([slot], [ids[:n]])
 
         sizes = probe_sizes(k, backend.max_slots, backend.max_seq_len)
         costs = probe(extend, lambda: backend.release(slot), sizes)
@@ -136,7 +153,8 @@ class SpeculativeSteps:
         try:
             slots = [s.slot for s in batch if s.slot is not None]
             inputs = [[s.last_token, *p.tokens] for s, p in zip(batch, proposals, strict=True)]
-            rows = self.backend.extend(slots, inputs)  # type: ignore[attr-defined]
+            assert self.caps.speculative is not None  # a drafter needs one (Engine.__init__)
+            rows = self.caps.speculative.extend(slots, inputs)
         except Exception as exc:
             for seq in batch:
                 self._fail(seq, exc)
@@ -148,6 +166,8 @@ class SpeculativeSteps:
         proposed = accepted = 0
         for seq, prop, logits in zip(batch, proposals, rows, strict=True):
             try:
+                if seq.matcher is not None:  # each position under its grammar mask
+                    self._mask_draft(seq.matcher, prop.tokens, logits)
                 if prop.tokens:
                     emitted = accept(logits, prop, seq.req.sampling, seq.generator)
                 else:
@@ -155,7 +175,8 @@ class SpeculativeSteps:
                 committed = len(seq.tokens) + len(emitted)
                 assert seq.slot is not None
                 if len(emitted) <= len(prop.tokens):  # drop the rejected drafts' cache
-                    self.backend.truncate(seq.slot, committed - 1)  # type: ignore[attr-defined]
+                    assert self.caps.speculative is not None
+                    self.caps.speculative.truncate(seq.slot, committed - 1)
                 drafter.accept(seq.slot, committed)
             except Exception as exc:
                 self._fail(seq, exc)

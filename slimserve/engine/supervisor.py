@@ -25,8 +25,8 @@ import signal
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 
+from slimserve.engine.config import RestartConfig
 from slimserve.engine.errors import NotReady
 from slimserve.engine.process import (
     ChildSpec,
@@ -40,6 +40,10 @@ from slimserve.engine.types import (
     EngineStats,
     Event,
     GenerationRequest,
+    Prompt,
+    ScoreRequest,
+    ScoreResult,
+    TokenizeResult,
     TokenLogprob,
 )
 
@@ -63,24 +67,6 @@ def plan_fault(code: int | None) -> str | None:
     return sig.name if sig in FAULT_SIGNALS else None
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
-class RestartPolicy:
-    backoff_s: float = 0.5
-    max_backoff_s: float = 30.0
-    max_crashes: int = 3
-    crash_window_s: float = 300.0
-    #: Seconds one engine step may run before the watchdog restarts the engine; 0 = never.
-    step_timeout_s: float = 0.0
-
-    def __post_init__(self) -> None:
-        if self.backoff_s <= 0 or self.max_backoff_s < self.backoff_s:
-            raise ValueError("restart backoff must be > 0 and <= its maximum")
-        if self.max_crashes < 1 or self.crash_window_s <= 0:
-            raise ValueError("max_crashes must be >= 1 and crash_window_s > 0")
-        if not self.step_timeout_s >= 0:
-            raise ValueError(f"step_timeout_s must be >= 0, got {self.step_timeout_s}")
-
-
 class SupervisedEngine:
     """One model's engine process and its restarts. Thread-safe."""
 
@@ -88,12 +74,12 @@ class SupervisedEngine:
         self,
         make_spec: Callable[[], ChildSpec],
         *,
-        policy: RestartPolicy | None = None,
+        policy: RestartConfig | None = None,
         on_state: Callable[[bool], None] | None = None,
         on_crash_loop: Callable[[ChildSpec, str], None] | None = None,
     ) -> None:
         self.make_spec = make_spec
-        self.policy = policy or RestartPolicy()
+        self.policy = policy or RestartConfig()
         self.on_state = on_state
         self.on_crash_loop = on_crash_loop
         self.restarts = 0
@@ -163,18 +149,18 @@ class SupervisedEngine:
     def submit(self, req: GenerationRequest, sink: Callable[[Event], None]) -> RemoteHandle:
         return self._engine().submit(req, sink)
 
-    def score(
-        self,
-        prompt_ids: list[int],
-        continuations: list[list[int]],
-        deadline: float | None = None,
-    ) -> concurrent.futures.Future[list[float]]:
-        return self._engine().score(prompt_ids, continuations, deadline)
+    def score(self, req: ScoreRequest) -> concurrent.futures.Future[ScoreResult]:
+        return self._engine().score(req)
 
     def prompt_logprobs(
-        self, prompt_ids: list[int], top_n: int = 0, deadline: float | None = None
+        self, prompt: Prompt, top_n: int = 0, deadline: float | None = None, limit: int = 0
     ) -> concurrent.futures.Future[list[TokenLogprob]]:
-        return self._engine().prompt_logprobs(prompt_ids, top_n, deadline)
+        return self._engine().prompt_logprobs(prompt, top_n, deadline, limit)
+
+    def tokenize(
+        self, prompt: Prompt, limit: int = 0, *, tokens: bool = False
+    ) -> concurrent.futures.Future[TokenizeResult]:
+        return self._engine().tokenize(prompt, limit, tokens=tokens)
 
     def stats(self) -> EngineStats:
         return self._engine().stats()

@@ -20,13 +20,14 @@ Only ``slimserve.clients`` and the fraud modules are used: no torch, no server c
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Final, TextIO
+from typing import Any, Final, TextIO
 
 from slimserve.clients import (
     ChatMessage,
@@ -37,6 +38,7 @@ from slimserve.clients import (
     ModelInfo,
     Overloaded,
     ScoreResult,
+    Structured,
 )
 from slimserve.fraud.audit import (
     DECISION_FRAUD,
@@ -93,13 +95,15 @@ _OVERLOAD_BACKOFF_S: Final = 0.05
 @dataclass(frozen=True, slots=True, kw_only=True)
 class ScoreOptions:
     """How to score: the model reference, the decision threshold, parallel calls, and
-    whether to stream an explanation (at most ``explain_tokens`` tokens) per flagged row."""
+    whether to stream a JSON verdict (`VERDICT_SCHEMA`, at most ``explain_tokens`` tokens)
+    per flagged row, for the first ``explain_max`` of them (0: every one)."""
 
     model: str
     threshold: float = 0.5
     concurrency: int = 1
     explain: bool = False
-    explain_tokens: int = 48
+    explain_tokens: int = 64
+    explain_max: int = 0
     features: FeatureConfig = field(default_factory=FeatureConfig)
 
     def __post_init__(self) -> None:
@@ -108,7 +112,9 @@ class ScoreOptions:
         if self.concurrency < 1:
             raise ValueError(f"concurrency {self.concurrency} must be >= 1")
         if self.explain_tokens < 1:
-            raise ValueError(f"explain_tokens {self.explain_tokens} must be >= 1, e.g. 48")
+            raise ValueError(f"explain_tokens {self.explain_tokens} must be >= 1, e.g. 64")
+        if self.explain_max < 0:
+            raise ValueError(f"explain_max {self.explain_max} must be >= 0 (0: every row)")
 
 
 class NotAProbability(ValueError):
@@ -283,6 +289,7 @@ def score_outcomes(
         i: (prompt, result) for i, prompt, result in zip(order, prompts, results, strict=True)
     }
     outcomes: list[ScoredRow | ScoreFailure] = []
+    explained = 0
     for i, tx in enumerate(rows):
         prompt, result = by_row[i]
         outcome = row_outcome(tx, result, options.threshold)
@@ -292,28 +299,70 @@ def score_outcomes(
             and explain_to is not None
             and isinstance(outcome, ScoredRow)
             and outcome.decision == DECISION_FRAUD
+            and (not options.explain_max or explained < options.explain_max)
         ):
             explain(client, prompt, outcome, options, explain_to)
+            explained += 1
     return outcomes
 
 
-def explain(client: Client, prompt: str, row: ScoredRow, options: ScoreOptions, out: TextIO) -> str:
-    """Stream a short explanation of why ``row`` looks risky to ``out``; returns its text."""
+#: What `explain` may name as a reason: the signals the prompt states (`render_prompt`).
+REASONS: Final = (
+    "terminal with known fraud",
+    "new terminal",
+    "amount far above usual",
+    "burst of tiny payments",
+    "many payments in a short time",
+    "risky merchant category",
+    "abroad",
+    "online",
+    "odd hour",
+    "first payment of the customer",
+)
+#: The verdict `explain` returns: the server holds the model's output to this schema
+#: (structured output), so every explanation parses and lists known reasons only.
+VERDICT_SCHEMA: Final[dict[str, Any]] = {
+    "type": "object",
+    "properties": {
+        "risk": {"enum": ["low", "medium", "high"]},
+        "reasons": {
+            "type": "array",
+            "items": {"enum": list(REASONS)},
+            "minItems": 1,
+            "maxItems": 3,
+        },
+    },
+    "required": ["risk", "reasons"],
+}
+
+
+def explain(
+    client: Client, prompt: str, row: ScoredRow, options: ScoreOptions, out: TextIO
+) -> dict[str, Any] | None:
+    """A JSON verdict on why ``row`` looks risky (`VERDICT_SCHEMA`), streamed to ``out`` as
+    it is written; returns it parsed, or None when the token budget cut it short."""
     facts = prompt.removesuffix(PROMPT_QUESTION).strip()
     question = (
         f"{facts}\nA fraud model gave this card payment a risk score of {row.score:.2f}. "
-        "In one or two short sentences, say which of these facts make it look risky."
+        "Give the risk level and which of these facts make it look risky, as JSON."
     )
     out.write(f"[{row.transaction_id} score {row.score:.3f}] ")
     pieces: list[str] = []
     for chunk in client.stream(
-        [ChatMessage("user", question)], model=options.model, max_new_tokens=options.explain_tokens
+        [ChatMessage("user", question)],
+        model=options.model,
+        max_new_tokens=options.explain_tokens,
+        structured=Structured(json_schema=VERDICT_SCHEMA),
     ):
         pieces.append(chunk.text)
         out.write(chunk.text)
         out.flush()
     out.write("\n")
-    return "".join(pieces)
+    try:
+        verdict: dict[str, Any] = json.loads("".join(pieces))
+    except ValueError:  # cut by --explain-tokens before the object closed
+        return None
+    return verdict
 
 
 def score_file(

@@ -31,6 +31,7 @@ from slimserve.engine.loader import BackendHook
 from slimserve.engine.manager import ModelManager
 from slimserve.registry.store import Registry, parse_model_ref
 from slimserve.server.config import ServerConfig, TlsConfig
+from slimserve.server.generation import Generation
 from slimserve.server.interceptors import InFlight, server_interceptors
 from slimserve.server.kserve import SERVICE_NAME as KSERVE_SERVICE
 from slimserve.server.kserve import InferenceServicer
@@ -81,6 +82,15 @@ class DrainingHealth(health.aio.HealthServicer):  # type: ignore[misc]
             self._statuses = dict.fromkeys(self._statuses, not_serving)
             self._changed.notify_all()
 
+    async def List(
+        self, request: health_pb2.HealthListRequest, context: grpc.aio.ServicerContext
+    ) -> health_pb2.HealthListResponse:
+        """Every service's status (health v1's List; the library leaves it unimplemented)."""
+        response = health_pb2.HealthListResponse()
+        for service, status in self._statuses.items():
+            response.statuses[service].status = status  # type: ignore[assignment]
+        return response
+
     async def Watch(
         self, request: health_pb2.HealthCheckRequest, context: grpc.aio.ServicerContext
     ) -> None:
@@ -121,6 +131,8 @@ class Server:
     metrics: Metrics
     in_flight: InFlight
     loop: asyncio.AbstractEventLoop
+    #: The door-neutral layer every door submits through.
+    generation: Generation
     ready: asyncio.Future[None] = field(default_factory=asyncio.Future)
     load_task: asyncio.Task[None] | None = None
     #: Model names that have had a health status (they stay listed, NOT_SERVING, once gone).
@@ -148,9 +160,14 @@ class Server:
     async def load_configured(self) -> None:
         """Load the configured models off the event loop, then report SERVING."""
         try:
+            seen: set[str] = set()
             for i, text in enumerate(self.config.models):
                 name, ref = parse_model_ref(text)
-                await asyncio.to_thread(self.models.load, name, ref, make_default=i == 0)
+                # A name listed again serves that version beside the first one's.
+                await asyncio.to_thread(
+                    self.models.load, name, ref, make_default=i == 0, beside=name in seen
+                )
+                seen.add(name)
         except BaseException as exc:
             self.models.loading = False
             log.error("loading models failed: %s", exc)
@@ -269,8 +286,8 @@ async def build_server(
             ("grpc.so_reuseport", 0),
         ],
     )
-    generation = GenerationServicer(models, limits, metrics)
-    gen_grpc.add_GenerationServiceServicer_to_server(generation, grpc_server)
+    generation = Generation(models, limits, metrics)
+    gen_grpc.add_GenerationServiceServicer_to_server(GenerationServicer(generation), grpc_server)
     models_grpc.add_ModelServiceServicer_to_server(ModelServicer(models), grpc_server)
     health_servicer = DrainingHealth()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, grpc_server)
@@ -282,7 +299,9 @@ async def build_server(
     )
     port = _bind_grpc(grpc_server, config)
     loop = asyncio.get_running_loop()
-    server = Server(config, grpc_server, port, health_servicer, models, metrics, in_flight, loop)
+    server = Server(
+        config, grpc_server, port, health_servicer, models, metrics, in_flight, loop, generation
+    )
     holder.append(server)
     try:
         if config.metrics_port is not None:
@@ -321,7 +340,7 @@ async def _start_http(server: Server) -> Any:
     from slimserve.server.openai.guard import guard
 
     config = server.config
-    routes = OpenAIApp(server.models, config, server.metrics, server.in_flight, ready).app()
+    routes = OpenAIApp(server.generation, config, server.in_flight, ready).app()
     # The name the door was bound by is one its clients use (an address passes anyway).
     bound = config.host.strip("[]")
     transport = dataclasses.replace(config.http, allowed_hosts=(*config.http.allowed_hosts, bound))

@@ -25,6 +25,8 @@ class Limits:
     max_stop_sequence_chars: int = 256
     max_top_n: int = 20
     max_labels: int = 32
+    #: Completions one request may ask for (OpenAI's `n`).
+    max_n: int = 16
     #: Serialized request size at most; larger ones (up to a hard transport cap of
     #: `transport_message_bytes`) get INVALID_ARGUMENT, beyond that gRPC refuses them.
     max_message_bytes: int = 4 * 1024 * 1024
@@ -35,6 +37,7 @@ class Limits:
             "default_max_new_tokens",
             "max_prompt_tokens",
             "max_labels",
+            "max_n",
             "max_stop_sequence_chars",
             "max_message_bytes",
         ):

@@ -217,6 +217,7 @@ class RequestInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
     ) -> float:
         """Every call's start: its id and principal for the log, the drain, the size limit."""
         short = method.rsplit("/", 1)[-1]
+        logs.REQUEST_T0.set(time.monotonic())
         logs.REQUEST_ID.set(rid)
         logs.REQUEST_FIELDS.set({"principal": principal, **_control_target(method, request)})
         self.in_flight.started()

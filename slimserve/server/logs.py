@@ -25,6 +25,8 @@ REQUEST_ID: ContextVar[str | None] = ContextVar("slimserve_request_id", default=
 REQUEST_FIELDS: ContextVar[dict[str, Any] | None] = ContextVar(
     "slimserve_request_fields", default=None
 )
+#: time.monotonic() when the door took the call (its parse phase starts there).
+REQUEST_T0: ContextVar[float | None] = ContextVar("slimserve_request_t0", default=None)
 
 #: A caller's request id: 1 to 128 printable ASCII characters, no spaces (safe in any log).
 _REQUEST_ID = re.compile(r"[\x21-\x7e]{1,128}")

@@ -1,6 +1,8 @@
 """Prometheus metrics, per model and version, on their own registry (no global state).
 
-Histograms: time to first token, inter-token latency, queue time, end-to-end latency.
+Histograms: time to first token, inter-token latency, queue time, end-to-end latency, and
+the phases each request crossed (door parse, chat template, tokenize, queue, admit,
+prefill, the first token's hops, render), so a user sees where the milliseconds went.
 Gauges (read from each engine at scrape time, so they can never drift): running and
 queued requests, free KV-cache slots. Counters: prompt and generated tokens, RPCs by
 method and status code, and HTTP-door requests by route and status (one counter per door,
@@ -30,6 +32,20 @@ _LABELS = ("model", "version")
 # Seconds; TTFT and end-to-end on CPU range from milliseconds to tens of seconds.
 _LATENCY = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 _TOKEN_GAP = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56)
+# Seconds; a phase takes from tens of microseconds (parse) to seconds (a long prefill).
+_PHASE = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
+          1, 2.5, 5, 10, 30)  # fmt: skip
+#: `Timings` field -> the phase label of `slimserve_request_phase_seconds`.
+PHASES = {
+    "parse_ms": "parse",
+    "template_ms": "template",
+    "tokenize_ms": "tokenize",
+    "queue_ms": "queue",
+    "admit_ms": "admit",
+    "prefill_ms": "prefill",
+    "first_token_out_ms": "first_token_out",
+    "render_ms": "render",
+}
 
 
 class _EngineCollector(Collector):
@@ -89,6 +105,15 @@ class Metrics:
             buckets=_LATENCY,
             registry=r,
         )
+        self.phase = Histogram(
+            "slimserve_request_phase_seconds",
+            "Time a generation spent in each phase: parse (the door), template and tokenize "
+            "(the engine process), queue, admit and prefill (the scheduler), first_token_out "
+            "(the first token's hops between door and engine), render (the door).",
+            (*_LABELS, "phase"),
+            buckets=_PHASE,
+            registry=r,
+        )
         self.prompt_tokens = Counter(
             "slimserve_prompt_tokens", "Prompt tokens processed.", _LABELS, registry=r
         )
@@ -127,6 +152,10 @@ class Metrics:
         self.e2e.labels(*labels, method).observe(seconds)
         self.prompt_tokens.labels(*labels).inc(finish.input_tokens)
         self.generated_tokens.labels(*labels).inc(finish.generated_tokens)
+        for name, phase in PHASES.items():
+            ms = getattr(t, name)
+            if ms > 0 or name in ("queue_ms", "prefill_ms"):  # 0 elsewhere: not on this path
+                self.phase.labels(*labels, phase).observe(ms / 1e3)
 
     def scored(self, model: LoadedModel, prompt_tokens: int, seconds: float) -> None:
         labels = self._labels(model)

@@ -1,33 +1,18 @@
-"""gRPC handlers: protobuf in → domain request → engine → protobuf out. Kept thin."""
+"""gRPC handlers: protobuf in → door-neutral spec → `Generation` → protobuf out. Kept thin."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import math
-import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, NoReturn, TypeVar
 
 import grpc
 
-from slimserve.engine.errors import (
-    DeadlineExpired,
-    EngineFailure,
-    IntegrityFailure,
-    InvalidRequest,
-    LoadFailed,
-    NotReady,
-    Overloaded,
-    UnknownModel,
-)
-from slimserve.engine.loader import HandleLike, LoadedModel
+from slimserve.engine.loader import LoadedModel
 from slimserve.engine.manager import ModelManager
-from slimserve.engine.types import Event, GenerationRequest, StopReason
-from slimserve.registry.errors import IntegrityError, RegistryError
-from slimserve.server import convert, logs
-from slimserve.server.config import Limits
-from slimserve.server.metrics import Metrics
+from slimserve.server import convert, errors, logs
+from slimserve.server.generation import Generation, Run
 from slimserve.v1 import generation_pb2 as gen_pb
 from slimserve.v1 import generation_pb2_grpc as gen_grpc
 from slimserve.v1 import models_pb2 as models_pb
@@ -37,48 +22,32 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-# The one table from domain errors to status codes; anything else is INTERNAL (logged).
-STATUS: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
-    (InvalidRequest, grpc.StatusCode.INVALID_ARGUMENT),
-    (UnknownModel, grpc.StatusCode.NOT_FOUND),
-    (Overloaded, grpc.StatusCode.RESOURCE_EXHAUSTED),
-    (NotReady, grpc.StatusCode.UNAVAILABLE),
-    (IntegrityFailure, grpc.StatusCode.DATA_LOSS),
-    (DeadlineExpired, grpc.StatusCode.DEADLINE_EXCEEDED),
-    (EngineFailure, grpc.StatusCode.INTERNAL),
-    (IntegrityError, grpc.StatusCode.DATA_LOSS),
-    (LoadFailed, grpc.StatusCode.FAILED_PRECONDITION),
-    # Other registry errors (a bad name or alias in a request) are the caller's to fix.
-    (RegistryError, grpc.StatusCode.INVALID_ARGUMENT),
-)
-
 
 def status_for(exc: BaseException) -> grpc.StatusCode:
-    for kind, code in STATUS:
-        if isinstance(exc, kind):
-            return code
-    return grpc.StatusCode.INTERNAL
+    """The status code `exc` earns on the gRPC door (`errors.ERRORS`)."""
+    return errors.kind_of(exc).grpc
 
 
-async def _abort(context: grpc.aio.ServicerContext, exc: BaseException) -> NoReturn:
+async def _abort(
+    context: grpc.aio.ServicerContext, exc: BaseException, request: Any = None
+) -> NoReturn:
+    """Answer `exc` with its status; an invalid field named as `request` sent it."""
     if isinstance(exc, grpc.aio.AbortError):
         raise exc  # already a status
-    code = status_for(exc)
-    if code is grpc.StatusCode.INTERNAL:  # the detail is the log's, with the request id
-        rid = logs.REQUEST_ID.get() or "-"
-        engine = isinstance(exc, EngineFailure)
-        log.error("internal error (request id %s): %s", rid, exc, exc_info=None if engine else exc)
-        await context.abort(code, f"internal error (request id {rid})")
-    await context.abort(code, str(exc))
+    kind = errors.kind_of(exc)
+    errors.report(exc)  # an internal error's detail: the log's, with the request id
+    await context.abort(kind.grpc, errors.message(exc, convert.fields_of(request)))
     raise AssertionError("unreachable")  # context.abort raises
 
 
-async def guard(context: grpc.aio.ServicerContext, fn: Callable[[], Awaitable[T]]) -> T:
+async def guard(
+    context: grpc.aio.ServicerContext, fn: Callable[[], Awaitable[T]], request: Any = None
+) -> T:
     """Run a unary handler body; every exception becomes a status (never UNKNOWN)."""
     try:
         return await fn()
     except Exception as exc:  # CancelledError is a BaseException and passes through
-        await _abort(context, exc)
+        await _abort(context, exc, request)
 
 
 def request_id(context: grpc.aio.ServicerContext) -> str:
@@ -86,189 +55,92 @@ def request_id(context: grpc.aio.ServicerContext) -> str:
     return logs.REQUEST_ID.get() or logs.request_id_from(context.invocation_metadata())
 
 
-class EventQueue:
-    """Carries engine events (worker thread) to the handler (event loop)."""
-
-    def __init__(self) -> None:
-        self._loop = asyncio.get_running_loop()
-        self._queue: asyncio.Queue[Event] = asyncio.Queue()
-
-    def put(self, event: Event) -> None:  # called on the engine thread
-        self._loop.call_soon_threadsafe(self._queue.put_nowait, event)
-
-    async def get(self) -> Event:
-        return await self._queue.get()
-
-
 class GenerationServicer(gen_grpc.GenerationServiceServicer):
-    def __init__(self, models: ModelManager, limits: Limits, metrics: Metrics) -> None:
-        self.models = models
-        self.limits = limits
-        self.metrics = metrics
+    """The gRPC door: protobuf in (`convert`), `Generation` in between, protobuf out."""
 
-    def _model(self, ref: Any) -> LoadedModel:
-        return self.models.get(ref.name, ref.ref)
-
-    async def submit(
-        self, name: str, ref: str, build: Callable[[LoadedModel], GenerationRequest]
-    ) -> tuple[LoadedModel, GenerationRequest, HandleLike, EventQueue]:
-        """Resolve the model, `build` the engine request off the event loop (tokenizing and
-        templating a long prompt must not stall the other streams), submit. A swap can
-        retire the version between the two steps; then the request goes to the version now
-        serving (once). Every door starts its generations here."""
-        queue = EventQueue()
-        for attempt in range(2):
-            model = self.models.get(name, ref)
-            logs.annotate(model=model.ref)
-            req = await asyncio.to_thread(build, model)
-            try:
-                return model, req, model.engine.submit(req, queue.put), queue
-            except NotReady:
-                if attempt or self.models.get(name, ref) is model:
-                    raise
-        raise AssertionError("unreachable")
+    def __init__(self, generation: Generation) -> None:
+        self.generation = generation
 
     async def _start(
         self, request: gen_pb.GenerateRequest, context: grpc.aio.ServicerContext
-    ) -> tuple[LoadedModel, GenerationRequest, HandleLike, EventQueue]:
-        rid, remaining = request_id(context), context.time_remaining()
-        return await self.submit(
-            request.model.name,
-            request.model.ref,
-            lambda m: convert.generation_request(request, m, self.limits, rid, remaining),
-        )
-
-    async def events(
-        self, model: LoadedModel, queue: EventQueue, method: str, t0: float
-    ) -> AsyncIterator[Event]:
-        """Engine events until the finish; records token gaps and the finished request
-        (every door reads its engine events through this, so metrics agree).
-
-        Raises DeadlineExpired when the engine stopped the request because its deadline
-        passed: the caller must not get an OK answer for a truncated generation.
-        """
-        last_token = 0.0
-        while True:
-            event = await queue.get()
-            if event.error is not None:
-                raise event.error
-            f = event.finish
-            if f is not None and f.reason is StopReason.DEADLINE:
-                raise DeadlineExpired(
-                    f"deadline exceeded after {f.generated_tokens} generated tokens"
-                )
-            if event.token_ids:
-                now = time.monotonic()
-                if last_token:
-                    self.metrics.token_gap(model, now - last_token)
-                last_token = now
-            if event.finish is not None:
-                f = event.finish
-                self.metrics.finished(model, f, method, time.monotonic() - t0)
-                logs.annotate(
-                    stop_reason=f.reason.value,
-                    input_tokens=f.input_tokens,
-                    generated_tokens=f.generated_tokens,
-                )
-            yield event
-            if event.finish is not None:
-                return
+    ) -> Run:
+        spec = convert.generate_spec(request, context.time_remaining())
+        (run,) = await self.generation.start(spec, request_id(context))
+        return run
 
     async def Generate(
         self, request: gen_pb.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> gen_pb.GenerateResponse:
         async def run() -> gen_pb.GenerateResponse:
-            t0 = time.monotonic()
-            model, req, handle, queue = await self._start(request, context)
-            events: list[Event] = []
-            try:
-                async for event in self.events(model, queue, "Generate", t0):
-                    events.append(event)
-                return convert.unary_response(
-                    events, model, req.request_id, request.response.token_ids
-                )
-            finally:
-                handle.cancel()  # no-op once finished; frees the slot if the call died
+            one = await self._start(request, context)
+            events = await self.generation.collect(one, "Generate")
+            return convert.unary_response(
+                events, one.model, one.request.request_id, request.response.token_ids
+            )
 
-        return await guard(context, run)
+        return await guard(context, run, request)
 
     async def GenerateStream(
         self, request: gen_pb.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[gen_pb.GenerateStreamResponse]:
-        t0 = time.monotonic()
         try:
-            model, req, handle, queue = await self._start(request, context)
+            run = await self._start(request, context)
         except Exception as exc:
-            await _abort(context, exc)
+            await _abort(context, exc, request)
         try:
             yield gen_pb.GenerateStreamResponse(
-                request_id=req.request_id,
-                model=model.ref,
-                model_digest=model.artifact.digest,
-                usage=gen_pb.Usage(input_tokens=len(req.prompt_ids)),
+                request_id=run.request.request_id,
+                model=run.model.ref,
+                model_digest=run.model.artifact.digest,
+                usage=gen_pb.Usage(input_tokens=run.accepted.input_tokens),
             )
-            async for event in self.events(model, queue, "GenerateStream", t0):
-                yield convert.stream_message(event, model, request.response.token_ids)
+            async for event in self.generation.events(run, "GenerateStream"):
+                yield convert.stream_message(event, run.model, request.response.token_ids)
         except Exception as exc:  # an engine error for this request
-            await _abort(context, exc)
+            await _abort(context, exc, request)
         finally:
             # Client cancelled, deadline passed, or we finished: the engine drops the
             # sequence at its next step either way.
-            handle.cancel()
+            run.cancel()
 
     async def Score(
         self, request: gen_pb.ScoreRequest, context: grpc.aio.ServicerContext
     ) -> gen_pb.ScoreResponse:
         async def run() -> gen_pb.ScoreResponse:
-            t0 = time.monotonic()
-            rid = request_id(context)
-            model = self._model(request.model)
-            logs.annotate(model=model.ref)
-            prompt, labels = await asyncio.to_thread(
-                convert.score_inputs, request, model, self.limits
-            )
-            remaining = context.time_remaining()
-            deadline = time.monotonic() + remaining if remaining is not None else None
-            try:
-                logps = await asyncio.wrap_future(model.engine.score(prompt, labels, deadline))
-            except EngineFailure as exc:  # e.g. a non-finite score: say which model gave it
-                raise EngineFailure(f"{model.ref}: {exc}") from exc
-            top = max(logps)
-            norm = math.log(sum(math.exp(lp - top) for lp in logps)) + top
-            seconds = time.monotonic() - t0
-            self.metrics.scored(model, len(prompt), seconds)
+            spec = convert.score_spec(request, context.time_remaining())
+            scored = await self.generation.score(spec, request_id(context))
+            seconds = scored.seconds
             return gen_pb.ScoreResponse(
-                request_id=rid,
-                model=model.ref,
-                model_digest=model.artifact.digest,
-                input_tokens=len(prompt),
+                request_id=request_id(context),
+                model=scored.model.ref,
+                model_digest=scored.model.artifact.digest,
+                input_tokens=scored.input_tokens,
                 scores=[
                     gen_pb.LabelScore(
-                        label=label,
-                        logprob=lp,
-                        probability=math.exp(lp - norm),
-                        num_tokens=len(ids),
+                        label=s.label,
+                        logprob=s.logprob,
+                        probability=s.probability,
+                        num_tokens=s.num_tokens,
                     )
-                    for label, lp, ids in zip(request.labels, logps, labels, strict=True)
+                    for s in scored.labels
                 ],
                 timings=gen_pb.Timings(total_ms=seconds * 1e3, ttft_ms=seconds * 1e3),
             )
 
-        return await guard(context, run)
+        return await guard(context, run, request)
 
     async def Tokenize(
         self, request: gen_pb.TokenizeRequest, context: grpc.aio.ServicerContext
     ) -> gen_pb.TokenizeResponse:
         async def run() -> gen_pb.TokenizeResponse:
-            model = self._model(request.model)
-            logs.annotate(model=model.ref)
-            ids = await asyncio.to_thread(convert.prompt_ids, request, model, self.limits)
-            tokens = (
-                model.tokenizer.convert_ids_to_tokens(list(ids)) if request.return_tokens else []
+            model, result = await self.generation.tokenize(convert.tokenize_spec(request))
+            return gen_pb.TokenizeResponse(
+                model=model.ref,
+                token_ids=result.ids,
+                tokens=[t or "" for t in result.tokens],
             )
-            return gen_pb.TokenizeResponse(model=model.ref, token_ids=ids, tokens=tokens)
 
-        return await guard(context, run)
+        return await guard(context, run, request)
 
 
 class ModelServicer(models_grpc.ModelServiceServicer):
@@ -281,7 +153,7 @@ class ModelServicer(models_grpc.ModelServiceServicer):
         if model.info.draft and model.engine.serving:  # the draft's running acceptance
             stats = await asyncio.to_thread(model.engine.stats)  # a pipe round trip
         return convert.model_info(
-            model, is_default=model.name == self.models.default_name, aliases=aliases, stats=stats
+            model, is_default=self.models.is_default(model), aliases=aliases, stats=stats
         )
 
     async def ListModels(
@@ -306,7 +178,11 @@ class ModelServicer(models_grpc.ModelServiceServicer):
     ) -> models_pb.LoadModelResponse:
         async def run() -> models_pb.LoadModelResponse:
             loaded = await asyncio.to_thread(
-                self.models.load, request.name, request.ref, make_default=request.make_default
+                self.models.load,
+                request.name,
+                request.ref,
+                make_default=request.make_default,
+                beside=request.beside,
             )
             logs.annotate(model=loaded.ref)
             return models_pb.LoadModelResponse(model=await self._info(loaded))
@@ -317,7 +193,7 @@ class ModelServicer(models_grpc.ModelServiceServicer):
         self, request: models_pb.UnloadModelRequest, context: grpc.aio.ServicerContext
     ) -> models_pb.UnloadModelResponse:
         async def run() -> models_pb.UnloadModelResponse:
-            await asyncio.to_thread(self.models.unload, request.name)
+            await asyncio.to_thread(self.models.unload, request.name, request.ref)
             return models_pb.UnloadModelResponse()
 
         return await guard(context, run)

@@ -24,15 +24,15 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dslimserve/v1/generation.proto\x12\x0cslimserve.v1\"%\n\x08ModelRef\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0b\n\x03ref\x18\x02 \x01(\t\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\";\n\x0c\x43hatMessages\x12+\n\x08messages\x18\x01 \x03(\x0b\x32\x19.slimserve.v1.ChatMessage\"\x8e\x01\n\x0eSamplingParams\x12\x11\n\tdo_sample\x18\x01 \x01(\x08\x12\x13\n\x0btemperature\x18\x02 \x01(\x02\x12\r\n\x05top_k\x18\x03 \x01(\r\x12\r\n\x05top_p\x18\x04 \x01(\x02\x12\x11\n\x04seed\x18\x05 \x01(\x04H\x00\x88\x01\x01\x12\x1a\n\x12repetition_penalty\x18\x06 \x01(\x02\x42\x07\n\x05_seed\"m\n\x10StoppingCriteria\x12\x16\n\x0emax_new_tokens\x18\x01 \x01(\r\x12\x16\n\x0estop_sequences\x18\x02 \x03(\t\x12\x15\n\rtime_limit_ms\x18\x03 \x01(\r\x12\x12\n\nignore_eos\x18\x04 \x01(\x08\"E\n\x0fResponseOptions\x12\x11\n\ttoken_ids\x18\x01 \x01(\x08\x12\x10\n\x08logprobs\x18\x02 \x01(\x08\x12\r\n\x05top_n\x18\x03 \x01(\r\"\x90\x02\n\x0fGenerateRequest\x12%\n\x05model\x18\x01 \x01(\x0b\x32\x16.slimserve.v1.ModelRef\x12\x0e\n\x04text\x18\x02 \x01(\tH\x00\x12*\n\x04\x63hat\x18\x03 \x01(\x0b\x32\x1a.slimserve.v1.ChatMessagesH\x00\x12.\n\x08sampling\x18\x04 \x01(\x0b\x32\x1c.slimserve.v1.SamplingParams\x12\x30\n\x08stopping\x18\x05 \x01(\x0b\x32\x1e.slimserve.v1.StoppingCriteria\x12/\n\x08response\x18\x06 \x01(\x0b\x32\x1d.slimserve.v1.ResponseOptionsB\x07\n\x05input\";\n\x08TopToken\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x0f\n\x07logprob\x18\x03 \x01(\x02\"S\n\tTokenInfo\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12#\n\x03top\x18\x03 \x03(\x0b\x32\x16.slimserve.v1.TopToken\"\xc3\x01\n\x07Timings\x12\x10\n\x08queue_ms\x18\x01 \x01(\x01\x12\x12\n\nprefill_ms\x18\x02 \x01(\x01\x12\x0f\n\x07ttft_ms\x18\x03 \x01(\x01\x12\x11\n\tdecode_ms\x18\x04 \x01(\x01\x12\x10\n\x08total_ms\x18\x05 \x01(\x01\x12\r\n\x05\x64raft\x18\x06 \x01(\t\x12\x16\n\x0e\x64raft_proposed\x18\x07 \x01(\r\x12\x16\n\x0e\x64raft_accepted\x18\x08 \x01(\r\x12\x1d\n\x15\x64raft_acceptance_rate\x18\t \x01(\x01\"7\n\x05Usage\x12\x14\n\x0cinput_tokens\x18\x01 \x01(\r\x12\x18\n\x10generated_tokens\x18\x02 \x01(\r\"\xa7\x02\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x14\n\x0cmodel_digest\x18\x03 \x01(\t\x12\x0c\n\x04text\x18\x04 \x01(\t\x12\x11\n\ttoken_ids\x18\x05 \x03(\r\x12\'\n\x06tokens\x18\x06 \x03(\x0b\x32\x17.slimserve.v1.TokenInfo\x12-\n\x0bstop_reason\x18\x07 \x01(\x0e\x32\x18.slimserve.v1.StopReason\x12\x15\n\rstop_sequence\x18\x08 \x01(\t\x12\"\n\x05usage\x18\t \x01(\x0b\x32\x13.slimserve.v1.Usage\x12&\n\x07timings\x18\n \x01(\x0b\x32\x15.slimserve.v1.Timings\"\xad\x02\n\x16GenerateStreamResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x14\n\x0cmodel_digest\x18\x03 \x01(\t\x12\x0c\n\x04text\x18\x04 \x01(\t\x12\x11\n\ttoken_ids\x18\x05 \x03(\r\x12\'\n\x06tokens\x18\x06 \x03(\x0b\x32\x17.slimserve.v1.TokenInfo\x12-\n\x0bstop_reason\x18\x07 \x01(\x0e\x32\x18.slimserve.v1.StopReason\x12\x15\n\rstop_sequence\x18\x08 \x01(\t\x12\"\n\x05usage\x18\t \x01(\x0b\x32\x13.slimserve.v1.Usage\x12&\n\x07timings\x18\n \x01(\x0b\x32\x15.slimserve.v1.Timings\"\x8a\x01\n\x0cScoreRequest\x12%\n\x05model\x18\x01 \x01(\x0b\x32\x16.slimserve.v1.ModelRef\x12\x0e\n\x04text\x18\x02 \x01(\tH\x00\x12*\n\x04\x63hat\x18\x03 \x01(\x0b\x32\x1a.slimserve.v1.ChatMessagesH\x00\x12\x0e\n\x06labels\x18\x04 \x03(\tB\x07\n\x05input\"U\n\nLabelScore\x12\r\n\x05label\x18\x01 \x01(\t\x12\x0f\n\x07logprob\x18\x02 \x01(\x01\x12\x13\n\x0bprobability\x18\x03 \x01(\x01\x12\x12\n\nnum_tokens\x18\x04 \x01(\r\"\xb0\x01\n\rScoreResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x14\n\x0cmodel_digest\x18\x03 \x01(\t\x12(\n\x06scores\x18\x04 \x03(\x0b\x32\x18.slimserve.v1.LabelScore\x12\x14\n\x0cinput_tokens\x18\x05 \x01(\r\x12&\n\x07timings\x18\x06 \x01(\x0b\x32\x15.slimserve.v1.Timings\"\x94\x01\n\x0fTokenizeRequest\x12%\n\x05model\x18\x01 \x01(\x0b\x32\x16.slimserve.v1.ModelRef\x12\x0e\n\x04text\x18\x02 \x01(\tH\x00\x12*\n\x04\x63hat\x18\x03 \x01(\x0b\x32\x1a.slimserve.v1.ChatMessagesH\x00\x12\x15\n\rreturn_tokens\x18\x04 \x01(\x08\x42\x07\n\x05input\"D\n\x10TokenizeResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\x0e\n\x06tokens\x18\x03 \x03(\t*\x8b\x01\n\nStopReason\x12\x1b\n\x17STOP_REASON_UNSPECIFIED\x10\x00\x12\x0e\n\nMAX_TOKENS\x10\x01\x12\r\n\tEOS_TOKEN\x10\x02\x12\x11\n\rSTOP_SEQUENCE\x10\x03\x12\x0e\n\nTIME_LIMIT\x10\x04\x12\r\n\tCANCELLED\x10\x05\x12\x0f\n\x0bTOKEN_LIMIT\x10\x06\x32\xc4\x02\n\x11GenerationService\x12I\n\x08Generate\x12\x1d.slimserve.v1.GenerateRequest\x1a\x1e.slimserve.v1.GenerateResponse\x12W\n\x0eGenerateStream\x12\x1d.slimserve.v1.GenerateRequest\x1a$.slimserve.v1.GenerateStreamResponse0\x01\x12@\n\x05Score\x12\x1a.slimserve.v1.ScoreRequest\x1a\x1b.slimserve.v1.ScoreResponse\x12I\n\x08Tokenize\x12\x1d.slimserve.v1.TokenizeRequest\x1a\x1e.slimserve.v1.TokenizeResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dslimserve/v1/generation.proto\x12\x0cslimserve.v1\"%\n\x08ModelRef\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0b\n\x03ref\x18\x02 \x01(\t\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\";\n\x0c\x43hatMessages\x12+\n\x08messages\x18\x01 \x03(\x0b\x32\x19.slimserve.v1.ChatMessage\"\x8e\x01\n\x0eSamplingParams\x12\x11\n\tdo_sample\x18\x01 \x01(\x08\x12\x13\n\x0btemperature\x18\x02 \x01(\x02\x12\r\n\x05top_k\x18\x03 \x01(\r\x12\r\n\x05top_p\x18\x04 \x01(\x02\x12\x11\n\x04seed\x18\x05 \x01(\x04H\x00\x88\x01\x01\x12\x1a\n\x12repetition_penalty\x18\x06 \x01(\x02\x42\x07\n\x05_seed\"m\n\x10StoppingCriteria\x12\x16\n\x0emax_new_tokens\x18\x01 \x01(\r\x12\x16\n\x0estop_sequences\x18\x02 \x03(\t\x12\x15\n\rtime_limit_ms\x18\x03 \x01(\r\x12\x12\n\nignore_eos\x18\x04 \x01(\x08\"E\n\x0fResponseOptions\x12\x11\n\ttoken_ids\x18\x01 \x01(\x08\x12\x10\n\x08logprobs\x18\x02 \x01(\x08\x12\r\n\x05top_n\x18\x03 \x01(\r\"\x93\x01\n\x0eGuidedDecoding\x12\x15\n\x0bjson_schema\x18\x01 \x01(\tH\x00\x12\x15\n\x0bjson_object\x18\x02 \x01(\x08H\x00\x12\x0f\n\x05regex\x18\x03 \x01(\tH\x00\x12\'\n\x06\x63hoice\x18\x04 \x01(\x0b\x32\x15.slimserve.v1.ChoicesH\x00\x12\x11\n\x07grammar\x18\x05 \x01(\tH\x00\x42\x06\n\x04kind\"\x1a\n\x07\x43hoices\x12\x0f\n\x07\x63hoices\x18\x01 \x03(\t\"\xbe\x02\n\x0fGenerateRequest\x12%\n\x05model\x18\x01 \x01(\x0b\x32\x16.slimserve.v1.ModelRef\x12\x0e\n\x04text\x18\x02 \x01(\tH\x00\x12*\n\x04\x63hat\x18\x03 \x01(\x0b\x32\x1a.slimserve.v1.ChatMessagesH\x00\x12.\n\x08sampling\x18\x04 \x01(\x0b\x32\x1c.slimserve.v1.SamplingParams\x12\x30\n\x08stopping\x18\x05 \x01(\x0b\x32\x1e.slimserve.v1.StoppingCriteria\x12/\n\x08response\x18\x06 \x01(\x0b\x32\x1d.slimserve.v1.ResponseOptions\x12,\n\x06guided\x18\x07 \x01(\x0b\x32\x1c.slimserve.v1.GuidedDecodingB\x07\n\x05input\";\n\x08TopToken\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x0f\n\x07logprob\x18\x03 \x01(\x02\"S\n\tTokenInfo\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12#\n\x03top\x18\x03 \x03(\x0b\x32\x16.slimserve.v1.TopToken\"\xc0\x02\n\x07Timings\x12\x10\n\x08queue_ms\x18\x01 \x01(\x01\x12\x12\n\nprefill_ms\x18\x02 \x01(\x01\x12\x0f\n\x07ttft_ms\x18\x03 \x01(\x01\x12\x11\n\tdecode_ms\x18\x04 \x01(\x01\x12\x10\n\x08total_ms\x18\x05 \x01(\x01\x12\r\n\x05\x64raft\x18\x06 \x01(\t\x12\x16\n\x0e\x64raft_proposed\x18\x07 \x01(\r\x12\x16\n\x0e\x64raft_accepted\x18\x08 \x01(\r\x12\x1d\n\x15\x64raft_acceptance_rate\x18\t \x01(\x01\x12\x10\n\x08parse_ms\x18\n \x01(\x01\x12\x13\n\x0btemplate_ms\x18\x0b \x01(\x01\x12\x13\n\x0btokenize_ms\x18\x0c \x01(\x01\x12\x10\n\x08\x61\x64mit_ms\x18\r \x01(\x01\x12\x1a\n\x12\x66irst_token_out_ms\x18\x0e \x01(\x01\x12\x11\n\trender_ms\x18\x0f \x01(\x01\"7\n\x05Usage\x12\x14\n\x0cinput_tokens\x18\x01 \x01(\r\x12\x18\n\x10generated_tokens\x18\x02 \x01(\r\"\xa7\x02\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x14\n\x0cmodel_digest\x18\x03 \x01(\t\x12\x0c\n\x04text\x18\x04 \x01(\t\x12\x11\n\ttoken_ids\x18\x05 \x03(\r\x12\'\n\x06tokens\x18\x06 \x03(\x0b\x32\x17.slimserve.v1.TokenInfo\x12-\n\x0bstop_reason\x18\x07 \x01(\x0e\x32\x18.slimserve.v1.StopReason\x12\x15\n\rstop_sequence\x18\x08 \x01(\t\x12\"\n\x05usage\x18\t \x01(\x0b\x32\x13.slimserve.v1.Usage\x12&\n\x07timings\x18\n \x01(\x0b\x32\x15.slimserve.v1.Timings\"\xad\x02\n\x16GenerateStreamResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x14\n\x0cmodel_digest\x18\x03 \x01(\t\x12\x0c\n\x04text\x18\x04 \x01(\t\x12\x11\n\ttoken_ids\x18\x05 \x03(\r\x12\'\n\x06tokens\x18\x06 \x03(\x0b\x32\x17.slimserve.v1.TokenInfo\x12-\n\x0bstop_reason\x18\x07 \x01(\x0e\x32\x18.slimserve.v1.StopReason\x12\x15\n\rstop_sequence\x18\x08 \x01(\t\x12\"\n\x05usage\x18\t \x01(\x0b\x32\x13.slimserve.v1.Usage\x12&\n\x07timings\x18\n \x01(\x0b\x32\x15.slimserve.v1.Timings\"\x8a\x01\n\x0cScoreRequest\x12%\n\x05model\x18\x01 \x01(\x0b\x32\x16.slimserve.v1.ModelRef\x12\x0e\n\x04text\x18\x02 \x01(\tH\x00\x12*\n\x04\x63hat\x18\x03 \x01(\x0b\x32\x1a.slimserve.v1.ChatMessagesH\x00\x12\x0e\n\x06labels\x18\x04 \x03(\tB\x07\n\x05input\"U\n\nLabelScore\x12\r\n\x05label\x18\x01 \x01(\t\x12\x0f\n\x07logprob\x18\x02 \x01(\x01\x12\x13\n\x0bprobability\x18\x03 \x01(\x01\x12\x12\n\nnum_tokens\x18\x04 \x01(\r\"\xb0\x01\n\rScoreResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x14\n\x0cmodel_digest\x18\x03 \x01(\t\x12(\n\x06scores\x18\x04 \x03(\x0b\x32\x18.slimserve.v1.LabelScore\x12\x14\n\x0cinput_tokens\x18\x05 \x01(\r\x12&\n\x07timings\x18\x06 \x01(\x0b\x32\x15.slimserve.v1.Timings\"\x94\x01\n\x0fTokenizeRequest\x12%\n\x05model\x18\x01 \x01(\x0b\x32\x16.slimserve.v1.ModelRef\x12\x0e\n\x04text\x18\x02 \x01(\tH\x00\x12*\n\x04\x63hat\x18\x03 \x01(\x0b\x32\x1a.slimserve.v1.ChatMessagesH\x00\x12\x15\n\rreturn_tokens\x18\x04 \x01(\x08\x42\x07\n\x05input\"D\n\x10TokenizeResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\x0e\n\x06tokens\x18\x03 \x03(\t*\x8b\x01\n\nStopReason\x12\x1b\n\x17STOP_REASON_UNSPECIFIED\x10\x00\x12\x0e\n\nMAX_TOKENS\x10\x01\x12\r\n\tEOS_TOKEN\x10\x02\x12\x11\n\rSTOP_SEQUENCE\x10\x03\x12\x0e\n\nTIME_LIMIT\x10\x04\x12\r\n\tCANCELLED\x10\x05\x12\x0f\n\x0bTOKEN_LIMIT\x10\x06\x32\xc4\x02\n\x11GenerationService\x12I\n\x08Generate\x12\x1d.slimserve.v1.GenerateRequest\x1a\x1e.slimserve.v1.GenerateResponse\x12W\n\x0eGenerateStream\x12\x1d.slimserve.v1.GenerateRequest\x1a$.slimserve.v1.GenerateStreamResponse0\x01\x12@\n\x05Score\x12\x1a.slimserve.v1.ScoreRequest\x1a\x1b.slimserve.v1.ScoreResponse\x12I\n\x08Tokenize\x12\x1d.slimserve.v1.TokenizeRequest\x1a\x1e.slimserve.v1.TokenizeResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'slimserve.v1.generation_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_STOPREASON']._serialized_start=2427
-  _globals['_STOPREASON']._serialized_end=2566
+  _globals['_STOPREASON']._serialized_start=2776
+  _globals['_STOPREASON']._serialized_end=2915
   _globals['_MODELREF']._serialized_start=47
   _globals['_MODELREF']._serialized_end=84
   _globals['_CHATMESSAGE']._serialized_start=86
@@ -45,30 +45,34 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_STOPPINGCRITERIA']._serialized_end=447
   _globals['_RESPONSEOPTIONS']._serialized_start=449
   _globals['_RESPONSEOPTIONS']._serialized_end=518
-  _globals['_GENERATEREQUEST']._serialized_start=521
-  _globals['_GENERATEREQUEST']._serialized_end=793
-  _globals['_TOPTOKEN']._serialized_start=795
-  _globals['_TOPTOKEN']._serialized_end=854
-  _globals['_TOKENINFO']._serialized_start=856
-  _globals['_TOKENINFO']._serialized_end=939
-  _globals['_TIMINGS']._serialized_start=942
-  _globals['_TIMINGS']._serialized_end=1137
-  _globals['_USAGE']._serialized_start=1139
-  _globals['_USAGE']._serialized_end=1194
-  _globals['_GENERATERESPONSE']._serialized_start=1197
-  _globals['_GENERATERESPONSE']._serialized_end=1492
-  _globals['_GENERATESTREAMRESPONSE']._serialized_start=1495
-  _globals['_GENERATESTREAMRESPONSE']._serialized_end=1796
-  _globals['_SCOREREQUEST']._serialized_start=1799
-  _globals['_SCOREREQUEST']._serialized_end=1937
-  _globals['_LABELSCORE']._serialized_start=1939
-  _globals['_LABELSCORE']._serialized_end=2024
-  _globals['_SCORERESPONSE']._serialized_start=2027
-  _globals['_SCORERESPONSE']._serialized_end=2203
-  _globals['_TOKENIZEREQUEST']._serialized_start=2206
-  _globals['_TOKENIZEREQUEST']._serialized_end=2354
-  _globals['_TOKENIZERESPONSE']._serialized_start=2356
-  _globals['_TOKENIZERESPONSE']._serialized_end=2424
-  _globals['_GENERATIONSERVICE']._serialized_start=2569
-  _globals['_GENERATIONSERVICE']._serialized_end=2893
+  _globals['_GUIDEDDECODING']._serialized_start=521
+  _globals['_GUIDEDDECODING']._serialized_end=668
+  _globals['_CHOICES']._serialized_start=670
+  _globals['_CHOICES']._serialized_end=696
+  _globals['_GENERATEREQUEST']._serialized_start=699
+  _globals['_GENERATEREQUEST']._serialized_end=1017
+  _globals['_TOPTOKEN']._serialized_start=1019
+  _globals['_TOPTOKEN']._serialized_end=1078
+  _globals['_TOKENINFO']._serialized_start=1080
+  _globals['_TOKENINFO']._serialized_end=1163
+  _globals['_TIMINGS']._serialized_start=1166
+  _globals['_TIMINGS']._serialized_end=1486
+  _globals['_USAGE']._serialized_start=1488
+  _globals['_USAGE']._serialized_end=1543
+  _globals['_GENERATERESPONSE']._serialized_start=1546
+  _globals['_GENERATERESPONSE']._serialized_end=1841
+  _globals['_GENERATESTREAMRESPONSE']._serialized_start=1844
+  _globals['_GENERATESTREAMRESPONSE']._serialized_end=2145
+  _globals['_SCOREREQUEST']._serialized_start=2148
+  _globals['_SCOREREQUEST']._serialized_end=2286
+  _globals['_LABELSCORE']._serialized_start=2288
+  _globals['_LABELSCORE']._serialized_end=2373
+  _globals['_SCORERESPONSE']._serialized_start=2376
+  _globals['_SCORERESPONSE']._serialized_end=2552
+  _globals['_TOKENIZEREQUEST']._serialized_start=2555
+  _globals['_TOKENIZEREQUEST']._serialized_end=2703
+  _globals['_TOKENIZERESPONSE']._serialized_start=2705
+  _globals['_TOKENIZERESPONSE']._serialized_end=2773
+  _globals['_GENERATIONSERVICE']._serialized_start=2918
+  _globals['_GENERATIONSERVICE']._serialized_end=3242
 # @@protoc_insertion_point(module_scope)

@@ -236,6 +236,74 @@ class ResponseOptions(_message.Message):
 Global___ResponseOptions: _TypeAlias = ResponseOptions  # noqa: Y015
 
 @_typing.final
+class GuidedDecoding(_message.Message):
+    """Structured output: every generated token keeps the text a valid prefix of what is asked
+    for, and the generation ends only where the text is complete (or at max_new_tokens, with
+    stop reason MAX_TOKENS: a cut output). A spec that cannot be compiled for the model is
+    INVALID_ARGUMENT, never free text.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    JSON_SCHEMA_FIELD_NUMBER: _builtins.int
+    JSON_OBJECT_FIELD_NUMBER: _builtins.int
+    REGEX_FIELD_NUMBER: _builtins.int
+    CHOICE_FIELD_NUMBER: _builtins.int
+    GRAMMAR_FIELD_NUMBER: _builtins.int
+    json_schema: _builtins.str
+    """A JSON Schema, as JSON text: the output is JSON that validates against it."""
+    json_object: _builtins.bool
+    """Any JSON object (set true)."""
+    regex: _builtins.str
+    """A regular expression the whole output matches."""
+    grammar: _builtins.str
+    """A context-free grammar (GBNF, or Lark) the output is a sentence of."""
+    @_builtins.property
+    def choice(self) -> Global___Choices:
+        """The output is exactly one of these strings."""
+
+    def __init__(
+        self,
+        *,
+        json_schema: _builtins.str = ...,
+        json_object: _builtins.bool = ...,
+        regex: _builtins.str = ...,
+        choice: Global___Choices | None = ...,
+        grammar: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["choice", b"choice", "grammar", b"grammar", "json_object", b"json_object", "json_schema", b"json_schema", "kind", b"kind", "regex", b"regex"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["choice", b"choice", "grammar", b"grammar", "json_object", b"json_object", "json_schema", b"json_schema", "kind", b"kind", "regex", b"regex"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["json_schema", "json_object", "regex", "choice", "grammar"]  # noqa: Y015
+    _WhichOneofArgType_kind: _TypeAlias = _typing.Literal["kind", b"kind"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_kind) -> _WhichOneofReturnType_kind | None: ...
+
+Global___GuidedDecoding: _TypeAlias = GuidedDecoding  # noqa: Y015
+
+@_typing.final
+class Choices(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CHOICES_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def choices(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """One or more non-empty strings."""
+
+    def __init__(
+        self,
+        *,
+        choices: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["choices", b"choices"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Choices: _TypeAlias = Choices  # noqa: Y015
+
+@_typing.final
 class GenerateRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -245,6 +313,7 @@ class GenerateRequest(_message.Message):
     SAMPLING_FIELD_NUMBER: _builtins.int
     STOPPING_FIELD_NUMBER: _builtins.int
     RESPONSE_FIELD_NUMBER: _builtins.int
+    GUIDED_FIELD_NUMBER: _builtins.int
     text: _builtins.str
     """Raw prompt, tokenized as is (the tokenizer's BOS rules apply)."""
     @_builtins.property
@@ -259,6 +328,10 @@ class GenerateRequest(_message.Message):
     def stopping(self) -> Global___StoppingCriteria: ...
     @_builtins.property
     def response(self) -> Global___ResponseOptions: ...
+    @_builtins.property
+    def guided(self) -> Global___GuidedDecoding:
+        """Structured output; unset: free text."""
+
     def __init__(
         self,
         *,
@@ -268,10 +341,11 @@ class GenerateRequest(_message.Message):
         sampling: Global___SamplingParams | None = ...,
         stopping: Global___StoppingCriteria | None = ...,
         response: Global___ResponseOptions | None = ...,
+        guided: Global___GuidedDecoding | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["chat", b"chat", "input", b"input", "model", b"model", "response", b"response", "sampling", b"sampling", "stopping", b"stopping", "text", b"text"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["chat", b"chat", "guided", b"guided", "input", b"input", "model", b"model", "response", b"response", "sampling", b"sampling", "stopping", b"stopping", "text", b"text"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["chat", b"chat", "input", b"input", "model", b"model", "response", b"response", "sampling", b"sampling", "stopping", b"stopping", "text", b"text"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["chat", b"chat", "guided", b"guided", "input", b"input", "model", b"model", "response", b"response", "sampling", b"sampling", "stopping", b"stopping", "text", b"text"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType_input: _TypeAlias = _typing.Literal["text", "chat"]  # noqa: Y015
     _WhichOneofArgType_input: _TypeAlias = _typing.Literal["input", b"input"]  # noqa: Y015
@@ -347,6 +421,12 @@ class Timings(_message.Message):
     DRAFT_PROPOSED_FIELD_NUMBER: _builtins.int
     DRAFT_ACCEPTED_FIELD_NUMBER: _builtins.int
     DRAFT_ACCEPTANCE_RATE_FIELD_NUMBER: _builtins.int
+    PARSE_MS_FIELD_NUMBER: _builtins.int
+    TEMPLATE_MS_FIELD_NUMBER: _builtins.int
+    TOKENIZE_MS_FIELD_NUMBER: _builtins.int
+    ADMIT_MS_FIELD_NUMBER: _builtins.int
+    FIRST_TOKEN_OUT_MS_FIELD_NUMBER: _builtins.int
+    RENDER_MS_FIELD_NUMBER: _builtins.int
     queue_ms: _builtins.float
     """Waiting for a batch slot."""
     prefill_ms: _builtins.float
@@ -366,6 +446,22 @@ class Timings(_message.Message):
     draft_accepted: _builtins.int
     draft_acceptance_rate: _builtins.float
     """draft_accepted / draft_proposed (0 when nothing was proposed)."""
+    parse_ms: _builtins.float
+    """The phases the request crossed, ms (0: not on this request's path). The door parsing
+    the call into a request (the call's start to its submission to the engine).
+    """
+    template_ms: _builtins.float
+    """The engine process rendering the chat template (0 for a text or id prompt)."""
+    tokenize_ms: _builtins.float
+    """The engine process encoding the prompt into token ids (0 for an id prompt)."""
+    admit_ms: _builtins.float
+    """The scheduler admitting it (slot and KV cells) until its prompt's first pass."""
+    first_token_out_ms: _builtins.float
+    """The first token's hops between door and engine, both ways: the door's time to its
+    first token less the engine's (template, tokenize, queue, prefill).
+    """
+    render_ms: _builtins.float
+    """The door rendering and writing the events before the last."""
     def __init__(
         self,
         *,
@@ -378,10 +474,16 @@ class Timings(_message.Message):
         draft_proposed: _builtins.int = ...,
         draft_accepted: _builtins.int = ...,
         draft_acceptance_rate: _builtins.float = ...,
+        parse_ms: _builtins.float = ...,
+        template_ms: _builtins.float = ...,
+        tokenize_ms: _builtins.float = ...,
+        admit_ms: _builtins.float = ...,
+        first_token_out_ms: _builtins.float = ...,
+        render_ms: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["decode_ms", b"decode_ms", "draft", b"draft", "draft_acceptance_rate", b"draft_acceptance_rate", "draft_accepted", b"draft_accepted", "draft_proposed", b"draft_proposed", "prefill_ms", b"prefill_ms", "queue_ms", b"queue_ms", "total_ms", b"total_ms", "ttft_ms", b"ttft_ms"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["admit_ms", b"admit_ms", "decode_ms", b"decode_ms", "draft", b"draft", "draft_acceptance_rate", b"draft_acceptance_rate", "draft_accepted", b"draft_accepted", "draft_proposed", b"draft_proposed", "first_token_out_ms", b"first_token_out_ms", "parse_ms", b"parse_ms", "prefill_ms", b"prefill_ms", "queue_ms", b"queue_ms", "render_ms", b"render_ms", "template_ms", b"template_ms", "tokenize_ms", b"tokenize_ms", "total_ms", b"total_ms", "ttft_ms", b"ttft_ms"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

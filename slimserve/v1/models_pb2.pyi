@@ -296,21 +296,28 @@ class LoadModelRequest(_message.Message):
     NAME_FIELD_NUMBER: _builtins.int
     REF_FIELD_NUMBER: _builtins.int
     MAKE_DEFAULT_FIELD_NUMBER: _builtins.int
+    BESIDE_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     ref: _builtins.str
     """Version or alias; empty = the latest version."""
     make_default: _builtins.bool
     """Make it the default model."""
+    beside: _builtins.bool
+    """Serve it beside the name's versions already loaded (each answers name@version; a bare
+    name keeps its default version). False: it replaces them once their in-flight requests
+    finish, and becomes the name's default.
+    """
     def __init__(
         self,
         *,
         name: _builtins.str = ...,
         ref: _builtins.str = ...,
         make_default: _builtins.bool = ...,
+        beside: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["make_default", b"make_default", "name", b"name", "ref", b"ref"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["beside", b"beside", "make_default", b"make_default", "name", b"name", "ref", b"ref"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -341,15 +348,19 @@ class UnloadModelRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     NAME_FIELD_NUMBER: _builtins.int
+    REF_FIELD_NUMBER: _builtins.int
     name: _builtins.str
+    ref: _builtins.str
+    """Version or alias of the one version to unload; empty = every version of the name."""
     def __init__(
         self,
         *,
         name: _builtins.str = ...,
+        ref: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name", "ref", b"ref"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -218,3 +218,69 @@ def test_a_race_of_real_workers_records_outputs_memory_and_a_failed_start(
         "identical": 2,
         "prompts": 2,
     }
+
+
+def test_rows_report_itl_mean_and_p90_and_ttft_apart_from_decode() -> None:
+    sample = _sample("slimserve", 1, 100.0)
+    sample.itl_ms = [1.0] * 9 + [11.0]  # one slow token in ten
+    sample.ttft_ms, sample.e2e_ms = [40.0], [140.0]
+    (row,) = bench.summarise(_bench(["slimserve"], [sample]))
+    assert row["itl_ms_mean"] == pytest.approx(2.0)
+    assert row["itl_ms_p50"] == pytest.approx(1.0) and row["itl_ms_p90"] == pytest.approx(2.0)
+    assert row["decode_ms_p50"] == pytest.approx(100.0)  # first to last token
+    assert "| ITL mean ms | ITL p50 ms | ITL p90 ms |" in bench.markdown([row])
+
+
+def test_served_runs_are_set_beside_in_process_and_without_the_threadpool() -> None:
+    b = _bench(
+        ["slimserve", "slimserve_nopool", "engine", "engine_nopool"],
+        [
+            _sample("slimserve", 1, 95.0),
+            _sample("slimserve_nopool", 1, 80.0),
+            _sample("engine", 1, 100.0),
+            _sample("engine_nopool", 1, 90.0),
+        ],
+    )
+    lines = bench.side_by_side(bench.summarise(b))
+    assert lines[0].startswith("slimserve vs engine, c=1: tok/s 0.950x (95.0 vs 100.0)")
+    assert any(ln.startswith("slimserve vs slimserve_nopool, c=1: tok/s 1.188x") for ln in lines)
+    assert any(ln.startswith("engine vs engine_nopool, c=1: tok/s 1.111x") for ln in lines)
+    assert not any("llama_server" in ln for ln in lines)  # it did not run
+
+
+def test_mixed_gaps_count_from_the_burst_and_name_the_worst() -> None:
+    from slimserve.bench import mixed
+
+    # Tokens every 10 ms, a 500 ms stall after the burst at t=1.0 s, then 10 ms again.
+    times = [i * 0.01 for i in range(101)] + [1.5 + i * 0.01 for i in range(50)]
+    gaps = mixed._gaps(times, arrive=1.0, end=1.8)
+    assert gaps["p50_before_ms"] == pytest.approx(10.0)
+    assert gaps["max_gap_ms"] == pytest.approx(500.0)
+    run = {
+        "streams": [gaps],
+        "long": [{"tokens": 1302, "echo": True, "ttft_ms": 900.0}],
+        "score_labels": 32,
+        "score_ms": 300.0,
+    }
+    lines = mixed.report_lines({"served": "m@1", "runs": [run]})
+    assert "1302 tokens, echo+logprobs" in lines[1] and "32-label Score 300 ms" in lines[1]
+    assert lines[-1].endswith("largest inter-token gap of a running stream: 500 ms")
+    assert mixed.max_seq_len(1300) == 2048
+    assert mixed.report_lines({"error": "did not start: x"}) == ["mixed: error: did not start: x"]
+
+
+def test_llama_server_is_skipped_with_a_line_where_it_cannot_be_had(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from slimserve.cli.bench import _llama_server
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))  # nothing built for this CPU here
+    monkeypatch.setenv("PATH", str(tmp_path))  # and no llama-server on PATH
+    args = build_parser().parse_args(
+        ["bench", "serve", "--systems", "engine,llama_server", "--no-build-llama-server"]
+    )
+    assert args.systems == ["engine", "llama_server"]
+    assert _llama_server(args, tmp_path) is None
+    err = capsys.readouterr().err
+    assert err.startswith("llama_server: not on PATH and not built for this CPU")
+    assert err.rstrip().endswith("; skipped")

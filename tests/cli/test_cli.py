@@ -102,7 +102,8 @@ def test_sigterm_shuts_down_gracefully(tiny_registry: Path, tmp_path: Path) -> N
     )  # fmt: skip
     with proc:
         try:
-            wait = run_cli("health", "--target", f"127.0.0.1:{port}", "--wait", "120")
+            # Qualification runs first (throwaway processes): slow on a loaded machine.
+            wait = run_cli("health", "--target", f"127.0.0.1:{port}", "--wait", "300")
             assert wait.stdout.strip() == "SERVING", wait.stderr
             proc.send_signal(signal.SIGTERM)
             out, _ = proc.communicate(timeout=60)

@@ -94,7 +94,7 @@ def test_agreement_refuses_bad_rows(
 def test_the_serving_forward_gives_the_models_own_logits(tok: Any, plan: Plan) -> None:
     model = tiny_model(len(tok))
     rows, starts = _rows(len(tok))
-    backend = build_backend(model, ModelConfig(device="cpu", max_batch=1), 32, plan=plan)
+    backend = build_backend(model, ModelConfig.of(device="cpu", max_batch=1), 32, plan=plan)
     served, own = backend_logits(backend), model_logits(model)
 
     for row, start in zip(rows, starts, strict=True):

@@ -19,11 +19,11 @@ import pytest
 
 from slimserve.engine.backends import llamacpp
 from slimserve.engine.backends.select import Plan
-from slimserve.engine.config import ModelConfig
+from slimserve.engine.config import DraftConfig, ModelConfig
 from slimserve.engine.loader import load
-from slimserve.engine.scheduler import Engine, EngineConfig
+from slimserve.engine.scheduler import Engine
 from slimserve.engine.speculative import ModelDrafter
-from slimserve.engine.types import GenerationRequest, SamplingParams, StopParams
+from slimserve.engine.types import GenerationRequest, Prompt, SamplingParams, StopParams
 from slimserve.registry.store import Registry
 
 pytestmark = [
@@ -60,7 +60,7 @@ def _generate(loaded: Any, n: int = 32) -> list[tuple[list[int], Any]]:
         ids = ids["input_ids"] if hasattr(ids, "keys") else ids
         req = GenerationRequest(
             request_id=str(i),
-            prompt_ids=tuple(ids),
+            prompt=Prompt(ids=tuple(ids)),
             sampling=SamplingParams(),
             stopping=StopParams(max_new_tokens=n, ignore_eos=True),
         )
@@ -70,7 +70,7 @@ def _generate(loaded: Any, n: int = 32) -> list[tuple[list[int], Any]]:
 
 
 def _config(draft: str | None, policy: str = "always") -> ModelConfig:
-    return ModelConfig(
+    return ModelConfig.of(
         device="cpu", backend="llamacpp", gguf_type="q8_0", max_batch=4, max_seq_len=512,
         qualify=False, engine_process=False, draft=draft, draft_policy=policy,
     )  # fmt: skip
@@ -112,8 +112,8 @@ def test_greedy_output_with_drafts_equals_output_without_on_the_real_model(
     engine = Engine(
         target.engine.backend,  # type: ignore[attr-defined]
         target.tokenizer,
-        EngineConfig(draft_tokens=4, draft_policy="always"),
         drafter=ModelDrafter(backend, "self"),
+        draft=DraftConfig(source="self", tokens=4, policy="always"),
     )
     engine.start()
     try:

@@ -62,6 +62,12 @@ class _CrashOnTrigger(_Wrapped):
             os.kill(os.getpid(), signal.SIGSEGV)
         return self.inner.prefill(slot, token_ids)  # type: ignore[no-any-return]
 
+    def forward(self, feeds: list[Any]) -> torch.Tensor:
+        """The chunked-prefill path: a step that feeds a prompt chunk crashes too."""
+        if self.trigger.exists() and any(len(f.tokens) > 1 for f in feeds):
+            os.kill(os.getpid(), signal.SIGSEGV)
+        return self.inner.forward(feeds)  # type: ignore[no-any-return]
+
 
 def abort_at_load(model: Any, config: Any, max_seq_len: int, tokenizer_json: Path | None) -> Any:
     os.abort()
@@ -192,6 +198,11 @@ class _HangOnTrigger(_Wrapped):
     def decode_view(self, slots: list[int], token_ids: list[int]) -> Any:
         self._maybe_hang()
         return getattr(self.inner, "decode_view", self.inner.decode)(slots, token_ids)
+
+    def forward(self, feeds: list[Any]) -> Any:
+        if any(len(f.tokens) == 1 for f in feeds):  # a decode step (chunked-prefill path)
+            self._maybe_hang()
+        return self.inner.forward(feeds)
 
 
 def hang_on_trigger(model: Any, config: Any, max_seq_len: int, tokenizer_json: Path | None) -> Any:

@@ -18,25 +18,25 @@ def test_context_fits_the_budget_when_not_given(tokenizer: Any) -> None:
     model = tiny_model(len(tokenizer), max_position_embeddings=100_000)
     per_token = kv_bytes_per_token(model.config, torch.float32)  # 2 x 2 layers x 2 x 16 x 4
     assert per_token == 2 * 2 * 2 * 16 * 4
-    cfg = ModelConfig(device="cpu", max_batch=8, kv_cache_mb=1)
-    n = context_length(model, cfg, torch.float32)
+    cfg = ModelConfig.of(device="cpu", max_batch=8, kv_cache_mb=1)
+    n = context_length(model, cfg.cache, torch.float32)
     assert n == 2**20 // (per_token * 8)
     backend = build_backend(model, cfg, n)
-    assert backend.kv_bytes_per_slot() * cfg.max_batch <= 2**20
+    assert backend.kv_bytes_per_slot() * cfg.cache.max_batch <= 2**20
 
 
 def test_an_explicit_size_over_budget_is_refused_naming_the_flags(tokenizer: Any) -> None:
     model = tiny_model(len(tokenizer))
-    cfg = ModelConfig(device="cpu", max_batch=64, max_seq_len=4096, kv_cache_mb=1)
+    cfg = ModelConfig.of(device="cpu", max_batch=64, max_seq_len=4096, kv_cache_mb=1)
     with pytest.raises(ValueError, match="kv_cache_mb=1; raise --kv-cache-mb"):
-        context_length(model, cfg, torch.float32)
+        context_length(model, cfg.cache, torch.float32)
 
 
 def test_a_budget_too_small_for_any_useful_context_is_refused(tokenizer: Any) -> None:
     model = tiny_model(len(tokenizer))
-    cfg = ModelConfig(device="cpu", max_batch=4096, kv_cache_mb=1)
+    cfg = ModelConfig.of(device="cpu", max_batch=4096, kv_cache_mb=1)
     with pytest.raises(ValueError, match="tokens per sequence"):
-        context_length(model, cfg, torch.float32)
+        context_length(model, cfg.cache, torch.float32)
 
 
 def test_a_shared_pool_admits_only_what_it_can_hold(tokenizer: Any) -> None:
@@ -45,13 +45,13 @@ def test_a_shared_pool_admits_only_what_it_can_hold(tokenizer: Any) -> None:
     import threading
 
     from slimserve.engine.backends.llama import LlamaBackend
-    from slimserve.engine.scheduler import Engine, EngineConfig
-    from slimserve.engine.types import GenerationRequest, SamplingParams, StopParams
+    from slimserve.engine.scheduler import Engine
+    from slimserve.engine.types import GenerationRequest, Prompt, SamplingParams, StopParams
 
     model = tiny_model(len(tokenizer))
     backend = LlamaBackend.from_model(model, max_slots=4, max_seq_len=64, pack_weights=False)
     backend.kv_pool_tokens = 64  # type: ignore[attr-defined]  # one request's worth
-    engine = Engine(backend, tokenizer, EngineConfig())
+    engine = Engine(backend, tokenizer)
     engine.start()
     order: list[tuple[str, str]] = []
     lock = threading.Lock()
@@ -72,7 +72,7 @@ def test_a_shared_pool_admits_only_what_it_can_hold(tokenizer: Any) -> None:
         for i in range(3):
             req = GenerationRequest(
                 request_id=str(i),
-                prompt_ids=tuple(tokenizer("hello world")["input_ids"]),
+                prompt=Prompt(ids=tuple(tokenizer("hello world")["input_ids"])),
                 sampling=SamplingParams(),
                 stopping=StopParams(max_new_tokens=40, ignore_eos=True),
             )

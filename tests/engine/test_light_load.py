@@ -51,8 +51,8 @@ def test_weights_read_alone_equal_transformers_dequantized(registry: Path, name:
             assert torch.equal(ours[key], theirs[key]), key
         assert ours.config.num_hidden_layers == model.config.num_hidden_layers
         assert ours.generation_config.eos_token_id == model.generation_config.eos_token_id
-        plans, refused = plans_for(ours, ModelConfig(), art.path / "tokenizer.json")
-        assert (plans, refused) == plans_for(model, ModelConfig(), art.path / "tokenizer.json")
+        plans, refused = plans_for(ours, ModelConfig.of(), art.path / "tokenizer.json")
+        assert (plans, refused) == plans_for(model, ModelConfig.of(), art.path / "tokenizer.json")
 
 
 @pytest.mark.parametrize(("name", "weight_type"), [("tiny", "f32"), ("tiny-int8", "q8_0")])
@@ -94,12 +94,16 @@ def test_unknown_torchao_types_are_left_to_transformers(registry: Path, tmp_path
 def test_open_model_reads_files_for_llamacpp_and_transformers_for_torch(registry: Path) -> None:
     art = _artifact(registry, "tiny-int8")
     cpu = torch.device("cpu")
-    light, tok = open_model(art, ModelConfig(), None, device=cpu, dtype=torch.float32)
+    light, tok = open_model(art, ModelConfig.of(), None, device=cpu, dtype=torch.float32)
     assert isinstance(light, ArtifactWeights)
     assert type(tok).__module__ == "slimserve.engine.tokenizer"
     light.close()
     full, _ = open_model(
-        art, ModelConfig(), Plan(backend="llama", weights="int8"), device=cpu, dtype=torch.float32
+        art,
+        ModelConfig.of(),
+        Plan(backend="llama", weights="int8"),
+        device=cpu,
+        dtype=torch.float32,
     )
     assert isinstance(full, torch.nn.Module)
 
@@ -112,7 +116,7 @@ from slimserve.engine.config import ModelConfig
 from slimserve.engine.scheduler import Engine
 from slimserve.registry.store import Registry
 art = Registry(Path(sys.argv[1])).get("tiny-int8", "1")
-config = ModelConfig(max_batch=2, max_seq_len=64)
+config = ModelConfig.of(max_batch=2, max_seq_len=64)
 model, tok = open_model(art, config, None, device=torch.device("cpu"), dtype=torch.float32)
 plan = plans_for(model, config, art.path / "tokenizer.json")[0][0]
 backend = build_backend(model, config, 64, art.path / "tokenizer.json", plan)
@@ -144,7 +148,7 @@ from slimserve.engine.config import ModelConfig
 from slimserve.engine.loader import load
 from slimserve.registry.store import Registry
 art = Registry(Path(sys.argv[1])).get("tiny-int8", "1")
-config = ModelConfig(device="cpu", backend="llamacpp", max_batch=2, max_seq_len=64)
+config = ModelConfig.of(device="cpu", backend="llamacpp", max_batch=2, max_seq_len=64)
 m = load(art, config)
 print(m.info.plan, sorted({n.split(".")[0] for n in sys.modules} & {"transformers", "torchao"}))
 m.engine.shutdown()

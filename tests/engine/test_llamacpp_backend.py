@@ -313,14 +313,14 @@ def test_odd_pruned_widths_serve_in_f32_and_are_refused_in_q8_0(tmp_path: Path) 
     tok.save_pretrained(tmp_path)
     tokenizer_json = tmp_path / "tokenizer.json"
 
-    auto = build_backend(model, ModelConfig(device="cpu", max_batch=1), 64, tokenizer_json)
+    auto = build_backend(model, ModelConfig.of(device="cpu", max_batch=1), 64, tokenizer_json)
     assert auto.name == "llama.cpp-f32"
     prompt = _ids(5, 11, len(tok))
     with torch.no_grad():
         hf = model(input_ids=torch.tensor([prompt])).logits[0, -1]
     torch.testing.assert_close(auto.prefill(0, prompt), hf, atol=ATOL, rtol=0)
 
-    q8 = ModelConfig(device="cpu", max_batch=1, backend="llamacpp", gguf_type="q8_0")
+    q8 = ModelConfig.of(device="cpu", max_batch=1, backend="llamacpp", gguf_type="q8_0")
     with pytest.raises(ValueError, match=r"q8_0 needs .* multiples of 32.*\(64, 100, 64\)"):
         build_backend(model, q8, 64, tokenizer_json)
 

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -15,7 +16,7 @@ from slimserve.engine.backends.select import Plan
 from slimserve.engine.config import ModelConfig
 from slimserve.engine.manager import ModelManager
 from slimserve.engine.qualify import Verdict, choose
-from slimserve.engine.types import GenerationRequest, SamplingParams, StopParams
+from slimserve.engine.types import GenerationRequest, Prompt, SamplingParams, StopParams
 from slimserve.registry.store import Registry
 
 FAULTS = "tests.engine.faults"
@@ -32,7 +33,7 @@ def test_crashing_and_wrong_backends_are_refused_and_auto_serves_a_qualified_pla
     registry: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     plugins = tuple(f"{FAULTS}:{f}" for f in ("segfault_on_batch", "wrong_logits", "abort_at_load"))
-    config = ModelConfig(device="cpu", max_batch=2, max_seq_len=128, backend_plugins=plugins)
+    config = ModelConfig.of(device="cpu", max_batch=2, max_seq_len=128, backend_plugins=plugins)
     children: list[Any] = []
     real = qualify._run_child
 
@@ -55,7 +56,7 @@ def test_crashing_and_wrong_backends_are_refused_and_auto_serves_a_qualified_pla
         done: list[Any] = []
         req = GenerationRequest(
             request_id="q",
-            prompt_ids=(5, 6, 7),
+            prompt=Prompt(ids=(5, 6, 7)),
             sampling=SamplingParams(),
             stopping=StopParams(max_new_tokens=4, ignore_eos=True),
         )
@@ -97,18 +98,18 @@ def test_auto_picks_the_fastest_plan_of_equal_quality() -> None:
         _verdict(fast, 1.004, 30.0),
         _verdict(broken, 1.0, 0.0, status="crashed"),
     ]
-    sel = choose([ref, bf16, fast, broken], verdicts, {}, ModelConfig())
+    sel = choose([ref, bf16, fast, broken], verdicts, {}, ModelConfig.of())
     assert sel.plan == fast
     assert sel.refused[bf16.key].startswith("worse")
     assert sel.refused[ref.key].startswith("slower")
     assert sel.refused[broken.key].startswith("crashed")
     with pytest.raises(ValueError, match="no plan qualified"):
-        choose([broken], [verdicts[3]], {}, ModelConfig())
+        choose([broken], [verdicts[3]], {}, ModelConfig.of())
 
 
 def test_a_plan_that_times_out_is_refused_now_and_qualified_again_later(registry: Path) -> None:
     """A timeout says the machine was busy, not that the plan is bad: no verdict is kept."""
-    config = ModelConfig(
+    config = ModelConfig.of(
         device="cpu", max_batch=2, max_seq_len=128, backend_plugins=(f"{FAULTS}:hang_at_load",)
     )
     manager = ModelManager(Registry(registry), config)
@@ -122,3 +123,26 @@ def test_a_plan_that_times_out_is_refused_now_and_qualified_again_later(registry
     assert info.refused[key].startswith("timed-out")
     assert not info.plan.startswith(FAULTS)
     assert not any(k.endswith(key) for k in cache.read()["verdicts"])
+
+
+def test_a_single_sequence_decodes_on_the_fewest_threads_that_measure_fastest() -> None:
+    assert qualify.thread_counts(1) == [1]
+    assert qualify.thread_counts(2) == [1, 2]
+    assert qualify.thread_counts(12) == [1, 2, 4, 8, 12]
+    # Within DECODE_THREADS_SLACK of the best: the fewest win (the rest serve the server).
+    assert qualify.fewest_fast_threads({1: 150.0, 2: 152.0}) == 1
+    assert qualify.fewest_fast_threads({1: 100.0, 2: 150.0, 4: 152.0}) == 2
+    cpp = Plan(backend="llamacpp", weights="q8_0", extra_buffers=True)
+    verdict = dataclasses.replace(
+        _verdict(cpp, 1.0, 30.0), decode_threads=2, decode_by_threads={"1": 100.0, "2": 150.0}
+    )
+    sel = choose([cpp], [verdict], {}, ModelConfig.of())
+    assert sel.plan.decode_threads == 2 and sel.plan.key == cpp.key
+    assert sel.measured["decode_threads"] == 2
+    assert sel.measured["decode_tokens_per_s_1_threads"] == 100.0
+    # An operator's --decode-threads is what serves, and what is shown.
+    pinned = choose([cpp], [verdict], {}, ModelConfig.of(decode_threads=1))
+    assert pinned.measured["decode_threads"] == 1
+    # A llama.cpp verdict cached before threads were raced is qualified again.
+    assert _verdict(cpp, 1.0, 30.0).stale and not verdict.stale
+    assert not _verdict(Plan(backend="llama"), 1.0, 10.0).stale

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -10,7 +11,9 @@ import pytest
 import torch
 
 from slimserve.engine.backends import llamacpp
+from slimserve.engine.backends.base import Feed
 from slimserve.engine.backends.hf import HFBackend
+from slimserve.engine.config import DraftConfig, EngineConfig
 from slimserve.engine.errors import (
     DeadlineExpired,
     EngineFailure,
@@ -18,9 +21,9 @@ from slimserve.engine.errors import (
     NotReady,
     Overloaded,
 )
-from slimserve.engine.scheduler import Engine, EngineConfig
+from slimserve.engine.scheduler import Engine, EngineHooks
 from slimserve.engine.sequence import Handle, Sequence
-from slimserve.engine.types import GenerationRequest, SamplingParams, StopParams, StopReason
+from slimserve.engine.types import GenerationRequest, Prompt, SamplingParams, StopParams, StopReason
 from tests.helpers import Collector, tiny_model
 
 
@@ -31,7 +34,11 @@ def model(tokenizer: Any) -> Any:
 
 def make_engine(model: Any, tokenizer: Any, slots: int = 4, queue: int = 8, **kw: Any) -> Engine:
     backend = kw.pop("backend", None) or HFBackend(model, max_slots=slots, max_seq_len=128)
-    engine = Engine(backend, tokenizer, EngineConfig(max_queue=queue, **kw))
+    eos = kw.pop("eos_token_ids", frozenset())
+    hooks = kw.pop("hooks", None)
+    engine = Engine(
+        backend, tokenizer, EngineConfig(max_queue=queue, **kw), eos_token_ids=eos, hooks=hooks
+    )
     engine.start()
     return engine
 
@@ -48,7 +55,7 @@ def request(
 ) -> GenerationRequest:
     return GenerationRequest(
         request_id=rid,
-        prompt_ids=tuple(tokenizer(prompt)["input_ids"]),
+        prompt=Prompt(ids=tuple(tokenizer(prompt)["input_ids"])),
         sampling=SamplingParams(),
         stopping=StopParams(max_new_tokens=n, ignore_eos=stop.pop("ignore_eos", True), **stop),
     )
@@ -170,7 +177,7 @@ def test_deadline_and_time_limit(engine: Engine, tokenizer: Any) -> None:
     req = request(tokenizer, "the quick", n=100)
     past = GenerationRequest(
         request_id="late",
-        prompt_ids=req.prompt_ids,
+        prompt=Prompt(ids=req.prompt_ids),
         sampling=req.sampling,
         stopping=req.stopping,
         deadline=time.monotonic() - 1,
@@ -231,7 +238,7 @@ def test_a_failing_request_does_not_stop_the_engine(model: Any, tokenizer: Any) 
     try:
         bad = GenerationRequest(
             request_id="bad",
-            prompt_ids=tuple(tokenizer("the")["input_ids"]),
+            prompt=Prompt(ids=tuple(tokenizer("the")["input_ids"])),
             # Such a temperature overflows the logits: torch.multinomial raises on NaN.
             sampling=SamplingParams(do_sample=True, temperature=1e-40, seed=1),
             stopping=StopParams(max_new_tokens=4),
@@ -288,9 +295,8 @@ def test_a_non_finite_score_is_an_error_never_a_value(model: Any, tokenizer: Any
 
 
 def test_a_failed_loop_fails_pending_requests_and_stops_serving(model: Any, tokenizer: Any) -> None:
-    eng = make_engine(model, tokenizer)
     failures: list[BaseException] = []
-    eng.on_failure = failures.append
+    eng = make_engine(model, tokenizer, hooks=EngineHooks(on_failure=failures.append))
     try:
 
         def broken() -> None:
@@ -337,7 +343,7 @@ def test_a_burst_is_prefilled_together_and_a_bad_prompt_fails_alone(
     reqs = [request(tokenizer, t, n=8, rid=f"r{i}") for i, t in enumerate(texts)]
     bad = GenerationRequest(
         request_id="bad",
-        prompt_ids=(1, backend.vocab_size + 5),
+        prompt=Prompt(ids=(1, backend.vocab_size + 5)),
         sampling=SamplingParams(),
         stopping=StopParams(max_new_tokens=4),
     )
@@ -351,22 +357,24 @@ def test_a_burst_is_prefilled_together_and_a_bad_prompt_fails_alone(
         for req in reqs:
             alone.append(generated_ids(run_one(eng, req)))
         assert [generated_ids(got[i]) for i in (0, 1, 3)] == alone
-        # A burst of good prompts: one batched prefill, the same tokens.
+        # A burst of good prompts: fed together in one step (chunked prefill's forward),
+        # the same tokens.
         batches = []
-        real = backend.prefill_batch
+        real = eng.caps.forward
+        assert real is not None
 
-        def counted(slots: list[int], prompts: list[list[int]]) -> list[torch.Tensor]:
-            batches.append(len(slots))
-            return real(slots, prompts)
+        def counted(feeds: list[Feed]) -> torch.Tensor:
+            batches.append(sum(len(f.tokens) > 1 for f in feeds))
+            return real(feeds)
 
-        eng._prefill_batch = counted
+        eng.caps = dataclasses.replace(eng.caps, forward=counted)
         with eng._cond:  # queue all three before the worker can admit the first
             collectors = [Collector() for _ in reqs]
             for req, c in zip(reqs, collectors, strict=True):
                 eng._waiting.append(Sequence(req, c, Handle(eng, req.request_id), tokenizer))
             eng._cond.notify()
         assert [generated_ids(c.wait()) for c in collectors] == alone
-        assert batches == [3]
+        assert batches[0] == 2  # every prompt of more than one token in the first step
         assert eng.stats().free_slots == 4
         assert eng.stats().phase_s["prefill"] > 0
     finally:
@@ -403,18 +411,29 @@ def test_a_split_cache_keeps_running_slots_packed_and_output_unchanged(
         alone.shutdown()
     packed = backend(4)
     steps: list[list[int]] = []
-    real = packed.decode_view if not drafted else packed.extend
+    real_extend, real_forward = packed.extend, packed.forward
 
     def recorded(slots: list[int], tokens: list[Any]) -> Any:
         steps.append(list(slots))
-        return real(slots, tokens)
+        return real_extend(slots, tokens)
+
+    def recorded_forward(feeds: list[Feed]) -> Any:
+        decoding = [f.slot for f in feeds if len(f.tokens) == 1 and packed._lengths[f.slot]]
+        if decoding:
+            steps.append(decoding)
+        return real_forward(feeds)
 
     if drafted:
         packed.extend = recorded  # type: ignore[method-assign]
     else:
-        packed.decode_view = recorded  # type: ignore[method-assign]
-    config = EngineConfig(max_queue=8, draft_policy="always")
-    eng = Engine(packed, tokenizer, config, drafter=NgramDrafter() if drafted else None)
+        packed.forward = recorded_forward  # type: ignore[method-assign]
+    eng = Engine(
+        packed,
+        tokenizer,
+        EngineConfig(max_queue=8),
+        drafter=NgramDrafter() if drafted else None,
+        draft=DraftConfig(source="ngram", policy="always"),
+    )
     collectors = [Collector() for _ in reqs]
     for r, c in zip(reqs, collectors, strict=True):
         eng.submit(r, c)  # queued before the worker starts: admitted together

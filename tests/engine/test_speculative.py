@@ -11,7 +11,8 @@ import torch
 
 from slimserve.engine.backends import llamacpp
 from slimserve.engine.backends.llama import LlamaBackend
-from slimserve.engine.scheduler import Engine, EngineConfig
+from slimserve.engine.config import DraftConfig
+from slimserve.engine.scheduler import Engine
 from slimserve.engine.spec_policy import EXPLORE_EVERY, DraftPolicy, PassCosts
 from slimserve.engine.speculative import (
     DraftRequest,
@@ -20,7 +21,7 @@ from slimserve.engine.speculative import (
     Proposal,
     accept,
 )
-from slimserve.engine.types import GenerationRequest, SamplingParams, StopParams
+from slimserve.engine.types import GenerationRequest, Prompt, SamplingParams, StopParams
 from tests.helpers import Collector, tiny_model
 
 VOCAB_PROMPTS = [
@@ -128,7 +129,7 @@ def _generate(engine: Engine, tokenizer: Any, sampling: SamplingParams, n: int =
         c = Collector()
         req = GenerationRequest(
             request_id=str(i),
-            prompt_ids=tuple(tokenizer(prompt)["input_ids"]),
+            prompt=Prompt(ids=tuple(tokenizer(prompt)["input_ids"])),
             sampling=sampling,
             stopping=StopParams(max_new_tokens=n, ignore_eos=True),
         )
@@ -152,8 +153,8 @@ def _run(
     policy: DraftPolicy | None = None,
 ) -> Any:
     mode = "always" if policy is None else "adaptive"
-    config = EngineConfig(draft_tokens=k, draft_policy=mode)
-    engine = Engine(backend, tokenizer, config, drafter=drafter, policy=policy)
+    draft = DraftConfig(source="ngram", tokens=k, policy=mode)
+    engine = Engine(backend, tokenizer, drafter=drafter, draft=draft, policy=policy)
     engine.start()
     try:
         return _generate(engine, tokenizer, sampling), engine.stats()

@@ -23,7 +23,7 @@ from slimserve.engine.config import ModelConfig
 from slimserve.engine.errors import LoadFailed, NotReady
 from slimserve.engine.manager import ModelManager
 from slimserve.engine.qualify import verdicts_path
-from slimserve.engine.types import Event, GenerationRequest, SamplingParams, StopParams
+from slimserve.engine.types import Event, GenerationRequest, Prompt, SamplingParams, StopParams
 from slimserve.registry.store import Registry
 from tests.engine.faults import trigger_file
 from tests.helpers import publish_tiny
@@ -33,7 +33,7 @@ def _config(**overrides: Any) -> ModelConfig:
     base: dict[str, Any] = dict(
         device="cpu", max_batch=2, max_seq_len=128, backend="llama", restart_backoff_s=0.05
     )
-    return ModelConfig(**{**base, **overrides})
+    return ModelConfig.of(**{**base, **overrides})
 
 
 def _wait(cond: Callable[[], bool], what: str, timeout: float = 60.0) -> None:
@@ -57,7 +57,7 @@ class Collector:
 def _request(max_new: int = 8, rid: str = "r") -> GenerationRequest:
     return GenerationRequest(
         request_id=rid,
-        prompt_ids=(5, 6, 7),
+        prompt=Prompt(ids=(5, 6, 7)),
         sampling=SamplingParams(),
         stopping=StopParams(max_new_tokens=max_new, ignore_eos=True),
     )
@@ -189,7 +189,7 @@ def test_an_in_process_engine_whose_loop_dies_stops_serving(registry: Path) -> N
         on_health=lambda n, s: health.append((n, s)),
     )
     try:
-        engine: Any = manager.load("tiny").engine
+        engine: Any = manager.load("tiny").engine.engine  # the scheduler behind the frontend
 
         def broken() -> None:
             raise RuntimeError("a bug in the loop itself")

@@ -8,8 +8,9 @@ from typing import Any
 
 import pytest
 
+from slimserve.engine.inputs import InputProcessor
 from slimserve.engine.tokenizer import Tokenizer, compile_template, load_tokenizer
-from slimserve.server.convert import chat_template_ids
+from slimserve.engine.types import Message
 
 TEXTS = [
     "Hello, world!",
@@ -83,8 +84,13 @@ def _assert_same(directory: Path) -> None:
             assert ours.apply_chat_template(chat, add_generation_prompt=gen) == list(
                 theirs.apply_chat_template(chat, add_generation_prompt=gen, return_dict=False)
             )
-        # The server's own chat encoding (contents as plain text) is the same either way.
-        assert chat_template_ids(ours, chat) == chat_template_ids(theirs, chat)
+        # The engine's own chat encoding (contents as plain text) is the same either way.
+        messages = [Message(m["role"], m["content"]) for m in chat]
+        assert _inputs(ours).chat_ids(messages) == _inputs(theirs).chat_ids(messages)
+
+
+def _inputs(tok: Any) -> InputProcessor:
+    return InputProcessor(tok, vocab_size=len(tok), max_context=4096)
 
 
 def test_tiny_tokenizer_matches_transformers(tiny_dir: Path) -> None:

@@ -36,7 +36,7 @@ def registry(tmp_path: Path, tiny_registry: Path) -> Path:
 
 def _config() -> ModelConfig:
     # The pinned reference plus one plugin to qualify: two throwaway processes at most.
-    return ModelConfig(
+    return ModelConfig.of(
         device="cpu", max_batch=2, max_seq_len=128, backend="llama", dtype="float32",
         backend_plugins=(WRONG,),
     )  # fmt: skip
@@ -124,7 +124,7 @@ def test_an_invalid_cache_is_ignored_with_one_warning_and_rewritten(
 def test_the_engine_builds_no_plugin_the_configuration_did_not_name() -> None:
     for name in ("os:system", INJECTED):
         with pytest.raises(ValueError, match="not among the configured backend plugins"):
-            build_backend(None, ModelConfig(), 128, None, Plan(backend=name))
+            build_backend(None, ModelConfig.of(), 128, None, Plan(backend=name))
 
 
 def test_qualify_clear_forgets_the_verdicts(

@@ -74,8 +74,8 @@ def fraud_server(
         # The torch backend: its scores are bit-identical however requests are batched, which
         # test_scores_do_not_depend_on_concurrency_or_file_order asserts. llama.cpp's differ in
         # the 4th significant digit with batch composition (see the llama.cpp backend's tests).
-        model=ModelConfig(device="cpu", max_batch=4, max_seq_len=320, backend="llama"),
-        limits=Limits(max_new_tokens=64, default_max_new_tokens=16),
+        model=ModelConfig.of(device="cpu", max_batch=4, max_seq_len=640, backend="llama"),
+        limits=Limits(max_new_tokens=200, default_max_new_tokens=16),
         grace_s=2.0,
     )
     server = ServerThread(config).start()

@@ -10,6 +10,7 @@ from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 
+import jsonschema
 import pytest
 
 from slimserve.cli import build_parser
@@ -20,6 +21,7 @@ from slimserve.fraud.scorer import (
     DECISION_FRAUD,
     DECISION_LEGIT,
     OUTPUT_COLUMNS,
+    VERDICT_SCHEMA,
     ScoreOptions,
     score_rows,
 )
@@ -46,7 +48,7 @@ def test_score_command_writes_the_output_file_and_explains_flagged_rows(
     code = run_cli(
         [
             *("fraud", "score", str(small), "--model", "tiny@1", "--target", fraud_server.target),
-            *("--out", str(out), "--threshold", "0", "--explain", "--explain-tokens", "4"),
+            *("--out", str(out), "--threshold", "0", "--explain", "--explain-tokens", "200"),
         ]
     )
 
@@ -54,8 +56,12 @@ def test_score_command_writes_the_output_file_and_explains_flagged_rows(
     lines = out.read_text().splitlines()
     assert lines[0] == ",".join(OUTPUT_COLUMNS) and len(lines) == 4
     captured = capsys.readouterr()
-    for line in lines[1:]:  # one explanation per flagged row
-        assert f"[{line.split(',')[0]} score " in captured.out
+    for line in lines[1:]:  # one JSON verdict per flagged row, valid against its schema
+        tx = line.split(",")[0]
+        assert f"[{tx} score " in captured.out
+        verdict = captured.out.split(f"[{tx} score ")[1].split("] ", 1)[1].splitlines()[0]
+        assert verdict.endswith("}"), verdict
+        jsonschema.validate(json.loads(verdict), VERDICT_SCHEMA)
     assert "scored 3 rows (3 flagged), rejected 0 lines" in captured.err
 
 

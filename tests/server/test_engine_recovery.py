@@ -79,7 +79,7 @@ def test_a_hung_step_is_killed_and_the_engine_restarted(
     with health saying SERVING."""
     root = tmp_path / "reg"
     shutil.copytree(tiny_registry, root, symlinks=True)
-    server = ServerThread(_hanging(root, engine_step_timeout_s=2.0)).start()
+    server = ServerThread(_hanging(root, step_timeout_s=2.0)).start()
     try:
         with Client(server.target, retries=0, timeout=60) as c:
             info = c.model_info("tiny")

@@ -8,6 +8,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import openai
 import psutil
@@ -107,4 +108,57 @@ def test_an_oversized_prompt_is_refused_unread_while_streams_go_on(server: Serve
     assert max(refusals) < 1.5, refusals
     assert max(health) < 1.0, health
     assert max(stream.gaps) < 1.0, max(stream.gaps)
+    assert grown < 300 * 2**20, f"memory grew by {grown / 2**20:.0f} MB"
+
+
+def test_a_kserve_stream_that_sends_faster_than_it_is_answered_is_held_back(
+    server: ServerThread,
+) -> None:
+    """20 MB of slow requests on one ModelStreamInfer: at most a stream's bound of them is
+    in the engine at once (the rest wait unread in gRPC's flow control), health answers
+    meanwhile, and memory stays near idle."""
+    import numpy as np
+    import tritonclient.grpc as triton
+
+    from slimserve.server.kserve.servicer import MAX_IN_FLIGHT_PER_STREAM
+
+    engine = server.server.models.get("tiny").engine
+    me = psutil.Process()
+    # Valid JSON made large with whitespace: each request is ~200 KB on the wire.
+    settings = '{"max_tokens": 150, "ignore_eos": true, "temperature": 0' + " " * 200_000 + "}"
+
+    def request() -> list[Any]:
+        prompt = triton.InferInput("text_input", [1], "BYTES")
+        prompt.set_data_from_numpy(np.array([b"hello"], dtype=np.object_))
+        params = triton.InferInput("sampling_parameters", [1], "BYTES")
+        params.set_data_from_numpy(np.array([settings.encode()], dtype=np.object_))
+        return [prompt, params]
+
+    with Client(server.target, retries=0, timeout=60) as c:
+        c.generate("warm", max_new_tokens=2)
+        idle = me.memory_info().rss
+        kserve = triton.InferenceServerClient(server.target)
+        kserve.start_stream(callback=lambda result, error: None)
+        in_engine, health = [], []
+        try:
+            for _ in range(100):
+                kserve.async_stream_infer("tiny", request())
+            for _ in range(40):
+                stats = engine.stats()
+                in_engine.append(stats.running + stats.queued)
+                t0 = time.monotonic()
+                assert c.health() == "SERVING"
+                health.append(time.monotonic() - t0)
+                time.sleep(0.05)
+            grown = me.memory_info().rss - idle
+        finally:
+            kserve.stop_stream(cancel_requests=True)
+            kserve.close()
+        deadline = time.monotonic() + 60
+        while engine.stats().running + engine.stats().queued:
+            assert time.monotonic() < deadline, "the cancelled stream's requests stayed"
+            time.sleep(0.1)
+        assert c.generate("hello", max_new_tokens=3, ignore_eos=True).generated_tokens == 3
+    assert 1 <= max(in_engine) <= MAX_IN_FLIGHT_PER_STREAM, in_engine
+    assert max(health) < 1.0, health
     assert grown < 300 * 2**20, f"memory grew by {grown / 2**20:.0f} MB"

@@ -142,7 +142,7 @@ def test_swap_lets_in_flight_stream_finish_on_the_old_version(
         assert chunks[0].model == "tiny@1"
         assert chunks[-1].stop_reason == "MAX_TOKENS" and chunks[-1].generated_tokens == 100
         # The old engine is retired once its last stream is done.
-        _wait(lambda: not old_engine._thread.is_alive(), "old version never retired")
+        _wait(lambda: not old_engine.engine._thread.is_alive(), "old version never retired")
         assert old_engine.stats().free_slots == 4
     finally:
         server.stop()

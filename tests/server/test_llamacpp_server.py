@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -60,13 +61,36 @@ def test_a_model_llamacpp_cannot_run_is_refused_by_name(tmp_path: Path) -> None:
     publish_tiny(tmp_path, "odd", hidden_size=48, num_attention_heads=4, num_key_value_heads=2)
     artifact = Registry(tmp_path).get("odd", "")
     # Odd widths serve in f32 but do not split into q8_0's blocks of 32.
-    q8 = ModelConfig(
+    q8 = ModelConfig.of(
         device="cpu", max_batch=1, max_seq_len=64, backend="llamacpp", gguf_type="q8_0"
     )
     with pytest.raises(LoadFailed, match="multiples of 32"):
         load(artifact, q8)
-    auto = load(artifact, ModelConfig(device="cpu", max_batch=1, max_seq_len=64, gguf_type="q8_0"))
+    auto = load(
+        artifact, ModelConfig.of(device="cpu", max_batch=1, max_seq_len=64, gguf_type="q8_0")
+    )
     try:
-        assert auto.backend.name == "llama-static-cache"  # auto falls back, and says why in the log
+        assert (
+            auto.engine.backend.name == "llama-static-cache"
+        )  # auto falls back, and says why in the log
     finally:
         auto.engine.shutdown()
+
+
+def test_the_decode_threads_qualified_here_serve_and_are_shown(
+    servers: tuple[ServerThread, ServerThread], capsys: pytest.CaptureFixture[str]
+) -> None:
+    from slimserve.cli import build_parser
+
+    cpp, _ = servers
+    with Client(cpp.target, retries=0) as c:
+        measured = c.model_info().measured
+    threads = measured["decode_threads"]
+    assert 1 <= threads <= (os.cpu_count() or 1)
+    # Each count raced, best of three runs; the one serving is among them.
+    raced = {k for k in measured if k.startswith("decode_tokens_per_s_")}
+    assert f"decode_tokens_per_s_{threads:.0f}_threads" in raced
+    assert all(measured[k] > 0 for k in raced)
+    args = build_parser().parse_args(["models", "--target", cpp.target])
+    assert args.func(args) == 0
+    assert f"single-sequence decode on {threads:.0f}" in capsys.readouterr().out

@@ -168,3 +168,35 @@ def test_one_request_id_rule() -> None:
     assert len(logs.request_id_from(None)) == 32
     first = [("other", "x"), ("x-request-id", "first"), ("x-request-id", "second")]
     assert logs.request_id_from(first) == "first"
+
+
+def test_each_phase_is_in_the_response_timings_and_in_a_histogram(
+    metrics_server: ServerThread,
+) -> None:
+    from slimserve.clients import ChatMessage
+
+    port = metrics_server.server.metrics.port
+    assert port
+    before = scrape(port)
+    with Client(metrics_server.target, retries=0, timeout=30) as c:
+        chat = c.generate([ChatMessage("user", "hello there")], max_new_tokens=4, ignore_eos=True)
+        text = list(c.stream("café au lait", max_new_tokens=4, ignore_eos=True))[-1]
+    t = chat.timings
+    assert t is not None and text.timings is not None
+    # The door parsed, the engine process rendered the template and tokenized ...
+    assert t.parse_ms > 0 and t.template_ms > 0 and t.tokenize_ms > 0
+    # ... a text prompt has no template; a stream's earlier events were rendered.
+    assert text.timings.template_ms == 0 and text.timings.tokenize_ms > 0
+    assert text.timings.render_ms > 0 and text.timings.parse_ms > 0
+    for timings in (t, text.timings):  # the first token's hops, both ways: under a second
+        assert 0 <= timings.first_token_out_ms < 1e3
+    after = scrape(port)
+
+    def count(phase: str) -> float:
+        name = "slimserve_request_phase_seconds_count"
+        labels = {"model": "tiny", "version": "1", "phase": phase}
+        return value(after, name, **labels) - value(before, name, **labels)
+
+    assert count("template") == 1  # the chat only
+    assert count("tokenize") == count("parse") == count("queue") == count("prefill") == 2
+    assert count("render") == 2

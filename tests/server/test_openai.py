@@ -303,7 +303,7 @@ def test_bad_fields_are_400_naming_the_field(oai: openai.OpenAI) -> None:
         ({"max_tokens": 10_000}, "max_tokens"),
         ({"stop": [""]}, "stop[0]"),
         ({"logprobs": 99}, "logprobs"),
-        ({"n": 2}, "n"),
+        ({"n": 99}, "n"),
         ({"extra_body": {"top_k": -5}}, "top_k"),
         ({"prompt": ""}, "prompt"),
         ({"prompt": [[1, 2, 10**6]]}, "prompt[2]"),

@@ -32,7 +32,7 @@ def _wait(cond: Callable[[], bool], what: str, timeout: float = 20.0) -> None:
 @pytest.fixture()
 def slow(tiny_registry: Path) -> Iterator[HookedServer]:
     base = tiny_server_config(tiny_registry, max_queue=1, limits=LONG)
-    one_slot = dataclasses.replace(base.model, max_batch=1)
+    one_slot = base.model.replace(max_batch=1)
     config = dataclasses.replace(base, model=one_slot, http_port=0)
     server = HookedServer(config, step_delay_s=0.03).start()
     yield server

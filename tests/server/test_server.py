@@ -132,7 +132,7 @@ def test_bad_prompts(client: Client) -> None:
         client.generate("")
     assert err.value.field == "text"
     with pytest.raises(InvalidArgument, match="the limit is 127"):
-        client.generate("hello " * 400)
+        client.generate("hello " * 200)  # within the byte bound: refused once tokenized
     with pytest.raises(InvalidArgument) as err:
         client.generate([ChatMessage("wizard", "hi")])
     assert err.value.field == "chat.messages[0].role"

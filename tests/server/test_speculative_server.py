@@ -68,7 +68,7 @@ def test_a_draft_model_serves_the_same_tokens_and_reports_its_acceptance(
 def test_a_draft_with_another_tokenizer_or_none_at_all_is_refused(registry: Path) -> None:
     reg = Registry(registry)
     for draft, why in (("alien@1", "tokenizer"), ("nosuch@1", "no model")):
-        config = ModelConfig(
+        config = ModelConfig.of(
             device="cpu", backend="llama", max_batch=2, max_seq_len=64, draft=draft, warmup=False
         )
         with pytest.raises(Exception, match=why) as err:
@@ -79,12 +79,14 @@ def test_a_draft_with_another_tokenizer_or_none_at_all_is_refused(registry: Path
 
 def test_ngram_in_process_and_the_hf_backend_refuses_drafts(registry: Path) -> None:
     reg = Registry(registry)
-    ngram = ModelConfig(device="cpu", backend="llama", max_batch=2, max_seq_len=64, draft="ngram")
+    ngram = ModelConfig.of(
+        device="cpu", backend="llama", max_batch=2, max_seq_len=64, draft="ngram"
+    )
     loaded = load(reg.get("tiny", "1"), ngram)
     try:
         assert loaded.info.draft == "ngram" and loaded.info.draft_tokens == 4
     finally:
         loaded.engine.shutdown()
-    hf = ModelConfig(device="cpu", backend="hf", max_batch=2, max_seq_len=64, draft="ngram")
+    hf = ModelConfig.of(device="cpu", backend="hf", max_batch=2, max_seq_len=64, draft="ngram")
     with pytest.raises(LoadFailed, match="cannot verify drafts"):
         load(reg.get("tiny", "1"), hf)

@@ -37,9 +37,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerThread]:
     root = tmp_path_factory.mktemp("registry")
     publish_tiny(root, "tiny", max_position_embeddings=CONTEXT)
     config = tiny_server_config(root, limits=LIMITS)
-    config = dataclasses.replace(
-        config, model=dataclasses.replace(config.model, max_seq_len=CONTEXT)
-    )
+    config = dataclasses.replace(config, model=config.model.replace(max_seq_len=CONTEXT))
     srv = ServerThread(config).start()
     yield srv
     srv.stop()

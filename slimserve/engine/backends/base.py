@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 
@@ -211,8 +211,48 @@ class Backend(Protocol):
         ...
 
 
+@dataclass(frozen=True, slots=True)
+class Feed:
+    """Tokens appended to one slot in a step: a decode token, or a chunk of a prompt (a
+    new sequence's first chunk starts at its empty slot)."""
+
+    slot: int
+    tokens: list[int]
+    #: Whether the step returns the logits at the feed's last position.
+    logits: bool
+
+
+def check_feeds(feeds: list[Feed], lengths: list[int], max_seq_len: int, vocab: int) -> None:
+    """Refuse a step a backend cannot take: distinct slots, tokens in the vocabulary, every
+    feed fitting its slot."""
+    if not feeds or len({f.slot for f in feeds}) != len(feeds):
+        raise ValueError(f"need distinct slots, one feed each: {[f.slot for f in feeds]}")
+    for f in feeds:
+        check_slot(f.slot, len(lengths))
+        if not f.tokens:
+            raise ValueError(f"feed for slot {f.slot} has no tokens")
+        check_ids(f.tokens, vocab)
+        if lengths[f.slot] + len(f.tokens) > max_seq_len:
+            raise ValueError(
+                f"slot {f.slot} holds {lengths[f.slot]} tokens; {len(f.tokens)} more exceed "
+                f"{max_seq_len}"
+            )
+
+
 class BatchingBackend(Backend, Protocol):
     """A backend with the engine's fast paths (each optional; see `Engine`)."""
+
+    #: The most tokens one `forward` takes.
+    max_step_tokens: int
+
+    def forward(self, feeds: list[Feed]) -> torch.Tensor:
+        """Append each feed's tokens to its slot, every feed in one step (one pass where
+        the backend can: decode tokens and prompt chunks of other sequences together);
+        returns the logits at the last position of each feed that wants them, one row
+        each in feed order, (n, vocab), possibly a view valid until the next call. What
+        chunked prefill runs on.
+        """
+        ...
 
     def decode_view(self, slots: list[int], token_ids: list[int]) -> torch.Tensor:
         """`decode`, the logits possibly a view that is valid only until the next call."""
@@ -256,6 +296,46 @@ class SpeculativeBackend(Backend, Protocol):
     def truncate(self, slot: int, length: int) -> None:
         """Keep only the first `length` (> 0) cached tokens of `slot`."""
         ...
+
+
+@dataclass(frozen=True, slots=True)
+class Capabilities:
+    """What a backend can do beyond `Backend`, resolved once when an engine starts (the
+    scheduler calls these handles, never probes the backend in its loop)."""
+
+    #: One decode step; the logits possibly a view (`BatchingBackend.decode_view`).
+    decode: Callable[[list[int], list[int]], torch.Tensor]
+    #: Several prompts prefilled at once, or None.
+    prefill_batch: Callable[[list[int], list[list[int]]], list[torch.Tensor]] | None
+    #: Decode tokens and prompt chunks in one step (chunked prefill), or None: prompts are
+    #: then prefilled whole between steps.
+    forward: Callable[[list[Feed]], torch.Tensor] | None
+    #: The most tokens one `forward` takes.
+    step_tokens: int
+    #: Verifies drafts (extend, truncate), or None.
+    speculative: SpeculativeBackend | None
+    #: Keeps its running slots packed (move), or None.
+    packing: PackingBackend | None
+    #: Cells one pooled KV cache holds for every slot together, or None (a cache per slot).
+    pool_tokens: int | None
+
+    @classmethod
+    def of(cls, backend: Backend) -> Capabilities:
+        decode_view = getattr(backend, "decode_view", None)
+        return cls(
+            decode=decode_view if callable(decode_view) else backend.decode,
+            prefill_batch=_method(backend, "prefill_batch"),
+            forward=_method(backend, "forward"),
+            step_tokens=int(getattr(backend, "max_step_tokens", 2048)),
+            speculative=backend if can_speculate(backend) else None,  # type: ignore[arg-type]
+            packing=backend if wants_packing(backend) else None,  # type: ignore[arg-type]
+            pool_tokens=getattr(backend, "kv_pool_tokens", None),
+        )
+
+
+def _method(backend: object, name: str) -> Any:
+    method = getattr(backend, name, None)
+    return method if callable(method) else None
 
 
 def can_speculate(backend: object) -> bool:

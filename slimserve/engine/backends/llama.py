@@ -29,9 +29,11 @@ import torch
 import torch.nn.functional as F  # noqa: N812
 
 from slimserve.engine.backends.base import (
+    Feed,
     ScorePlan,
     check_decode,
     check_extend,
+    check_feeds,
     check_ids,
     check_slot,
     check_truncate,
@@ -395,7 +397,32 @@ class LlamaBackend:
                 self._lengths[slot] += len(toks)
         return out
 
-    def _extend_one(self, slot: int, token_ids: list[int]) -> torch.Tensor:
+    #: `BatchingBackend.max_step_tokens`: a chunk is a pass of its own here.
+    max_step_tokens = 2048
+
+    def forward(self, feeds: list[Feed]) -> torch.Tensor:
+        """`BatchingBackend.forward`: the single-token feeds of started sequences in one
+        decode step, each prompt chunk in a pass of its own (its logits at the last
+        position only)."""
+        check_feeds(feeds, self._lengths, self.max_seq_len, self.vocab_size)
+        rows: dict[int, torch.Tensor] = {}
+        steps = [i for i, f in enumerate(feeds) if len(f.tokens) == 1 and self._lengths[f.slot]]
+        with torch.inference_mode():
+            if steps:
+                slots = [feeds[i].slot for i in steps]
+                logits = self._decode_step(slots, [feeds[i].tokens[0] for i in steps])
+                for i, row in zip(steps, logits, strict=True):
+                    rows[i] = row
+                for slot in slots:
+                    self._lengths[slot] += 1
+            for i, f in enumerate(feeds):
+                if i not in rows:
+                    rows[i] = self._extend_one(f.slot, f.tokens, last_only=True)[-1]
+                    self._lengths[f.slot] += len(f.tokens)
+        wanted = [rows[i] for i, f in enumerate(feeds) if f.logits]
+        return torch.stack(wanted) if wanted else torch.empty(0, self.vocab_size)
+
+    def _extend_one(self, slot: int, token_ids: list[int], last_only: bool = False) -> torch.Tensor:
         start, t = self._lengths[slot], len(token_ids)
         end = start + t
         positions = self._arange[start:end]  # (T,)
@@ -412,7 +439,7 @@ class LlamaBackend:
 
         tokens = torch.tensor([token_ids], device=self.device)  # (1, T)
         hidden = self._forward(tokens, positions[None], attention)
-        return self._logits(hidden[0])  # (T, vocab)
+        return self._logits(hidden[0, -1:] if last_only else hidden[0])  # (T or 1, vocab)
 
     def truncate(self, slot: int, length: int) -> None:
         """Keep the first `length` cached tokens of `slot` (later positions are masked)."""

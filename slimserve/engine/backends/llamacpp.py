@@ -13,6 +13,11 @@ load or comes from outside the registry.
 
 Slots are llama.cpp sequence ids. Scoring uses extra sequence ids after the slots, so a
 Score never disturbs a running generation's cache.
+
+Threads by phase (`ggml_threads.ContextThreads`): a one-token pass (one sequence decoding)
+runs on `decode_threads`, what qualification measured fastest for it on this machine, and
+every larger pass (prefill, batched decode, Score rows) on all `threads`, each on a
+persistent ggml threadpool whose workers sleep between passes.
 """
 
 from __future__ import annotations
@@ -32,14 +37,17 @@ import torch
 from slimserve.engine import spec
 from slimserve.engine.backends.base import (
     LOGPROB_ROWS,
+    Feed,
     ScorePlan,
     check_decode,
     check_extend,
+    check_feeds,
     check_ids,
     check_slot,
     check_truncate,
     prompt_logprobs_from,
 )
+from slimserve.engine.backends.ggml_threads import ContextThreads, unavailable_reason
 from slimserve.engine.backends.gguf_export import GgufType, export_gguf
 from slimserve.engine.config import KV_LAYOUTS
 from slimserve.engine.types import TokenLogprob
@@ -80,6 +88,8 @@ class LlamaCppBackend:
         extra_buffers: bool = True,
         kv_pool_bytes: int | None = None,
         kv_layout: str = "auto",
+        decode_threads: int = 0,
+        threadpool: bool = True,
     ) -> None:
         """Convert the weights, load them into llama.cpp and allocate the KV cache.
 
@@ -99,6 +109,10 @@ class LlamaCppBackend:
         pool, but each break in the run costs another pass (16 streams: 25.1 ms a step
         split, 27.4 unified; 15 with slot 5 free: 49.9 split, 36.1 unified; SmolLM2 q8_0,
         AMD EPYC, 2 threads), so the engine keeps the run unbroken (`move`).
+
+        `decode_threads` (1..threads; 0: threads) run a pass of one token, `threads` every
+        larger one; `threadpool` runs them on persistent ggml pools (poll 0), else on
+        llama.cpp's pool per call (see module docstring).
         """
         import llama_cpp as lc
 
@@ -107,6 +121,8 @@ class LlamaCppBackend:
                 f"max_slots ({max_slots}), max_seq_len ({max_seq_len}) and threads ({threads}) "
                 "must be >= 1"
             )
+        if not 0 <= decode_threads <= threads:
+            raise ValueError(f"decode_threads must be 0..threads ({threads}), not {decode_threads}")
         self.lc = lc
         self.name = f"llama.cpp-{weight_type}"
         #: Repacked / AMX weight buffers: faster kernels, qualified per CPU before serving.
@@ -150,6 +166,19 @@ class LlamaCppBackend:
         self._mem = lc.llama_get_memory(self._ctx)
         self._batch = lc.llama_batch_init(_BATCH_TOKENS, 0, 1)
         self._lengths = [0] * max_slots
+        why = unavailable_reason() if threadpool else None
+        if why is not None:
+            log.warning("no persistent ggml threadpool (%s): llama.cpp makes one per call", why)
+        #: Threads by phase and their pools.
+        self.phase_threads = ContextThreads(
+            lc, self._ctx, threads=threads, decode_threads=decode_threads or threads,
+            pooled=threadpool and why is None,
+        )  # fmt: skip
+
+    def set_decode_threads(self, n: int) -> None:
+        """Run one-token passes on `n` threads (1..threads) from the next call on
+        (qualification races the counts on one backend)."""
+        self.phase_threads.set_decode_threads(n)
 
     def _lay_out_cache(self, ctx: Any, layout: str, pool_bytes: int | None) -> None:
         """Set `ctx`'s KV cells and layout, and `kv_layout`, `kv_pool_tokens`, `_score_cells`."""
@@ -185,6 +214,7 @@ class LlamaCppBackend:
             self.lc.llama_free(self._ctx)
             self.lc.llama_model_free(self._model)
             self._ctx = None
+            self.phase_threads.close()  # after the context: it points at its last pool
 
     def __del__(self) -> None:
         with contextlib.suppress(Exception):  # interpreter shutdown: ctypes may be gone
@@ -269,6 +299,29 @@ class LlamaCppBackend:
         for row, i in enumerate(group):
             self._lengths[slots[i]] = len(prompts[i])
             out[i] = rows[row]
+
+    #: `BatchingBackend.max_step_tokens`: one llama_batch.
+    max_step_tokens = _BATCH_TOKENS
+
+    def forward(self, feeds: list[Feed]) -> torch.Tensor:
+        """`BatchingBackend.forward`: decode tokens and prompt chunks in one llama_decode
+        (llama.cpp mixes sequences at different positions in one batch); logits are views."""
+        check_feeds(feeds, self._lengths, self.max_seq_len, self.vocab_size)
+        if sum(len(f.tokens) for f in feeds) > _BATCH_TOKENS:
+            raise ValueError(f"a step takes at most {_BATCH_TOKENS} tokens")
+        entries = []
+        for f in feeds:
+            start = self._lengths[f.slot]
+            if start == 0:  # a new sequence: nothing of an earlier one may remain
+                self.lc.llama_memory_seq_rm(self._mem, f.slot, -1, -1)
+            last = len(f.tokens) - 1
+            entries += [
+                (t, start + j, f.slot, f.logits and j == last) for j, t in enumerate(f.tokens)
+            ]
+        n = self._run(entries)
+        for f in feeds:
+            self._lengths[f.slot] += len(f.tokens)
+        return self._logits_view(n)
 
     def decode(self, slots: list[int], token_ids: list[int]) -> torch.Tensor:
         return self.decode_view(slots, token_ids).clone()

@@ -23,7 +23,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, get_args
 
-from slimserve.engine.config import GgufWeights, ModelConfig, kv_pool_bytes
+from slimserve.engine.config import GgufWeights, ModelConfig
 from slimserve.engine.machine import cpu_info, llamacpp_build_problem
 from slimserve.registry.artifact import ArtifactWeights
 
@@ -98,6 +98,9 @@ class Plan:
     dtype: str = "float32"
     #: llama.cpp: repacked / AMX weight buffers (the fast kernels this CPU qualifies for).
     extra_buffers: bool = False
+    #: llama.cpp: threads of a one-token pass, measured fastest at qualification (0: not
+    #: measured, all threads). Not part of `key`: a measurement of the plan, not another plan.
+    decode_threads: int = 0
 
     @property
     def key(self) -> str:
@@ -122,27 +125,29 @@ class Plan:
             weights=str(d.get("weights", "none")),
             dtype=str(d.get("dtype", "float32")),
             extra_buffers=bool(d.get("extra_buffers", False)),
+            decode_threads=int(str(d.get("decode_threads", 0))),
         )
 
 
 def plan_allowed(plan: Plan, config: ModelConfig) -> str | None:
     """Why `config` does not allow `plan` (None: it does). Code runs only by the
-    configuration's word: a plugin plan must be one of `config.backend_plugins`, a built-in
-    one of the backends `config.backend` names."""
+    configuration's word: a plugin plan must be one of `config.load.backend_plugins`, a
+    built-in one of the backends `config.load.backend` names."""
+    load = config.load
     if plan.backend not in BUILTIN_BACKENDS:
-        if plan.backend not in config.backend_plugins:
+        if plan.backend not in load.backend_plugins:
             return f"the plugin {plan.backend!r} is not among the configured backend plugins"
         return None
-    if config.backend not in ("auto", plan.backend):
-        return f"the configured backend is {config.backend}"
+    if load.backend not in ("auto", plan.backend):
+        return f"the configured backend is {load.backend}"
     if plan.weights not in PLAN_WEIGHTS or plan.dtype not in PLAN_DTYPES:
         return f"unknown weights {plan.weights!r} or dtype {plan.dtype!r}"
     return None
 
 
 def _gguf_weights(config: ModelConfig, scheme: str | None, dtype: str) -> str:
-    if config.gguf_type != "auto":
-        return config.gguf_type
+    if config.load.gguf_type != "auto":
+        return config.load.gguf_type
     if scheme == "Int8WeightOnlyConfig":
         return "q8_0"
     return "f32" if dtype == "float32" else "f16"
@@ -170,9 +175,9 @@ def plans_for(
     llama_reason = spec.unsupported_reason(model.config)
     plans: list[Plan] = []
     refused: dict[str, str] = {}
-    for factory in config.backend_plugins:
+    for factory in config.load.backend_plugins:
         plans.append(Plan(backend=factory, dtype=dtype))
-    if config.backend in ("auto", "llamacpp"):
+    if config.load.backend in ("auto", "llamacpp"):
         weights = _gguf_weights(config, scheme, dtype)
         why = _llamacpp_unsupported(model.config, device=device, reason=llama_reason,
                                     scheme=scheme, tokenizer_json=tokenizer_json,
@@ -183,7 +188,7 @@ def plans_for(
             ]
         else:
             refused["llamacpp"] = why
-    if config.backend in ("auto", "llama"):
+    if config.load.backend in ("auto", "llama"):
         why = llama_reason
         if why is None and dtype not in ("float32", "bfloat16"):
             why = f"dtype torch.{dtype} (float32 or bfloat16 only)"
@@ -192,7 +197,7 @@ def plans_for(
         if why is None:
             weights = "int8" if scheme == "Int8WeightOnlyConfig" else "none"
             plans.append(Plan(backend="llama", weights=weights, dtype=dtype))
-            if config.dtype == "auto" and dtype == "float32" and device == "cpu":
+            if config.load.dtype == "auto" and dtype == "float32" and device == "cpu":
                 if weights != "none":
                     refused["llama/bfloat16"] = "int8 weights run as int8 (llama/float32/int8)"
                 elif cpu_info().has_native_bf16:
@@ -201,21 +206,26 @@ def plans_for(
                     refused["llama/bfloat16"] = "this CPU has no native bfloat16 (AVX512-BF16/AMX)"
         else:
             refused["llama"] = why
-    if config.backend in ("auto", "hf"):
+    if config.load.backend in ("auto", "hf"):
         plans.append(Plan(backend="hf", dtype=dtype))
     if not plans:
-        raise ValueError(f"backend {config.backend!r} cannot serve this model: {refused}")
+        raise ValueError(f"backend {config.load.backend!r} cannot serve this model: {refused}")
     return plans, refused
 
 
 def quiet_torch_beside(plan: Plan) -> None:
-    """Drop torch's intra-op pool to one thread when `plan` runs the forward in llama.cpp:
-    torch only picks tokens then, and its spinning workers would slow llama.cpp's on the
-    same cores (the engine, qualification and the speculate stage all run plans so)."""
+    """Drop torch's intra-op pool and numpy's BLAS (OpenBLAS) to one thread when `plan`
+    runs the forward in llama.cpp: torch and numpy only pick tokens then, and their
+    spinning workers would slow llama.cpp's on the same cores (the engine, qualification
+    and the speculate stage all run plans so). OpenBLAS reads OPENBLAS_NUM_THREADS only
+    when it loads, before this process forked from its forkserver: threadpoolctl sets the
+    count at run time instead."""
     if plan.backend == "llamacpp":
         import torch
+        from threadpoolctl import ThreadpoolController  # type: ignore[import-untyped]
 
         torch.set_num_threads(1)
+        ThreadpoolController().limit(limits=1, user_api="blas")
 
 
 def build_backend(
@@ -256,13 +266,17 @@ def _build(
             model.config,
             model if isinstance(model, ArtifactWeights) else _DequantizedStateDict(model),
             tokenizer_json,
-            max_slots=config.max_batch,
+            max_slots=config.cache.max_batch,
             max_seq_len=max_seq_len,
             threads=torch.get_num_threads(),  # what `serve --threads` set
+            decode_threads=min(
+                config.load.decode_threads or plan.decode_threads, torch.get_num_threads()
+            ),
+            threadpool=config.load.ggml_threadpool,
             weight_type=plan.weights,  # type: ignore[arg-type]
             extra_buffers=plan.extra_buffers,
-            kv_pool_bytes=kv_pool_bytes(config),
-            kv_layout=config.kv_layout,
+            kv_pool_bytes=config.cache.kv_pool_bytes(),
+            kv_layout=config.cache.kv_layout,
         )
     if isinstance(model, ArtifactWeights):
         raise ValueError(f"plan {plan.key} needs the model loaded by transformers (open_model)")
@@ -275,18 +289,18 @@ def _build(
             return llama.LlamaBackend(
                 model.config,
                 _DequantizedStateDict(model),
-                max_slots=config.max_batch,
+                max_slots=config.cache.max_batch,
                 max_seq_len=max_seq_len,
                 dtype=dtype,
                 device=param.device,
                 weight_quant="int8",
             )
         return llama.LlamaBackend.from_model(
-            model, max_slots=config.max_batch, max_seq_len=max_seq_len, dtype=dtype,
+            model, max_slots=config.cache.max_batch, max_seq_len=max_seq_len, dtype=dtype,
             device=param.device,
         )  # fmt: skip
     if plan.backend == "hf":
-        return HFBackend(model, max_slots=config.max_batch, max_seq_len=max_seq_len)
+        return HFBackend(model, max_slots=config.cache.max_batch, max_seq_len=max_seq_len)
     module, _, attr = plan.backend.partition(":")
     factory = getattr(importlib.import_module(module), attr)
     backend: Backend = factory(model, config, max_seq_len, tokenizer_json)

@@ -1,10 +1,14 @@
 """Triton's GRPCInferenceService (KServe v2 plus ModelStreamInfer) on slimserve's port.
 
-Thin twice over: a KServe request is read into a slimserve GenerateRequest or ScoreRequest
-(`signature.read_call`) and answered by the very `GenerationServicer` handler that serves
-`slimserve.v1`, so validation, limits, metrics and the status code of every error (the one
-`STATUS` table) are those of slimserve's own door. Health is the server's health service:
-ready means its overall status is SERVING.
+Thin: a KServe request is read into a door-neutral spec (`signature.read_call`) and
+answered through `generation.Generation`, as every door is, so validation, limits, metrics
+and the status code of every error (`errors.ERRORS`) are those of slimserve's own doors.
+Health is the server's health service: ready means its overall status is SERVING.
+
+A stream is bounded: at most `MAX_IN_FLIGHT_PER_STREAM` of its requests answer at once
+(and `MAX_IN_FLIGHT` over the server); beyond that the stream is not read, so gRPC's flow
+control holds a client that sends faster than it is answered, instead of the server's
+memory. A large request's tensors are decoded on a worker thread, off the event loop.
 
 ModelStreamInfer is Triton's decoupled stream: requests may be sent while earlier ones are
 still answering, and each is answered on its own. With `stream` true every text delta is
@@ -18,8 +22,9 @@ goes on, as Triton does.
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any, NoReturn
+from typing import Any, NoReturn, TypeVar
 
 import grpc
 from grpc_health.v1 import health_pb2
@@ -28,18 +33,26 @@ from slimserve import __version__
 from slimserve.engine.errors import InvalidRequest, NotReady, UnknownModel
 from slimserve.engine.manager import ModelManager
 from slimserve.registry.store import parse_model_ref
+from slimserve.server import errors, logs
+from slimserve.server.generation import Generation
 from slimserve.server.kserve import signature
 from slimserve.server.kserve.signature import InferCall
 from slimserve.server.kserve.tensors import bytes_output, fp64_output
-from slimserve.server.servicer import GenerationServicer, guard
-from slimserve.v1 import generation_pb2 as gen_pb
 from slimserve.v1.inference import grpc_service_pb2 as pb
 from slimserve.v1.inference import grpc_service_pb2_grpc as kserve_grpc
 
 SERVICE_NAME: str = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
 FINAL = "triton_final_response"
 EMPTY_FINAL = "triton_enable_empty_final_response"
+#: Requests of one stream answering at once, and of every stream together.
+MAX_IN_FLIGHT_PER_STREAM = 32
+MAX_IN_FLIGHT = 256
+#: Requests larger than this (bytes) are decoded on a worker thread.
+OFF_LOOP_BYTES = 64 * 1024
 
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 Output = tuple[pb.ModelInferResponse.InferOutputTensor, bytes]
 Send = Callable[[pb.ModelStreamInferResponse], None]
 
@@ -53,17 +66,27 @@ class RequestFailed(grpc.aio.AbortError):  # type: ignore[misc]
         self.details = details
 
 
-class _OneRequest:
-    """A stream's context as one request in it sees it: an abort fails that request only."""
+async def _abort(context: grpc.aio.ServicerContext, exc: BaseException) -> NoReturn:
+    if isinstance(exc, grpc.aio.AbortError):
+        raise exc
+    kind = errors.kind_of(exc)
+    errors.report(exc)  # an internal error's detail: the log's, with the request id
+    await context.abort(kind.grpc, errors.message(exc, signature.FIELDS))
+    raise AssertionError("unreachable")  # context.abort raises
 
-    def __init__(self, context: grpc.aio.ServicerContext) -> None:
-        self._context = context
 
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._context, name)
+async def _guarded(context: grpc.aio.ServicerContext, fn: Callable[[], Awaitable[T]]) -> T:
+    try:
+        return await fn()
+    except Exception as exc:  # CancelledError passes through
+        await _abort(context, exc)
 
-    async def abort(self, code: grpc.StatusCode, details: str = "", *_: Any) -> NoReturn:
-        raise RequestFailed(code, details)
+
+def _failure(exc: BaseException) -> RequestFailed:
+    """`exc` as one stream request's failure."""
+    kind = errors.kind_of(exc)
+    errors.report(exc)
+    return RequestFailed(kind.grpc, errors.message(exc, signature.FIELDS))
 
 
 def _unimplemented(method: str) -> Callable[..., Awaitable[NoReturn]]:
@@ -78,11 +101,12 @@ def _unimplemented(method: str) -> Callable[..., Awaitable[NoReturn]]:
 
 
 class InferenceServicer(kserve_grpc.GRPCInferenceServiceServicer):
-    def __init__(self, generation: GenerationServicer, models: ModelManager, health: Any) -> None:
+    def __init__(self, generation: Generation, models: ModelManager, health: Any) -> None:
         """`health`: the server's grpc.health.v1 servicer, whose "" status is readiness."""
         self.generation = generation
         self.models = models
         self.health = health
+        self._server_slots = asyncio.Semaphore(MAX_IN_FLIGHT)
 
     async def _ready(self, context: grpc.aio.ServicerContext) -> bool:
         status = await self.health.Check(health_pb2.HealthCheckRequest(service=""), context)
@@ -108,9 +132,9 @@ class InferenceServicer(kserve_grpc.GRPCInferenceServiceServicer):
                 model = self.models.get(request.name, request.version)
             except (UnknownModel, NotReady):
                 return pb.ModelReadyResponse(ready=False)
-            return pb.ModelReadyResponse(ready=self.models.serving(model.name))
+            return pb.ModelReadyResponse(ready=model.engine.serving)
 
-        return await guard(context, run)
+        return await _guarded(context, run)
 
     async def ServerMetadata(
         self, request: pb.ServerMetadataRequest, context: grpc.aio.ServicerContext
@@ -124,44 +148,46 @@ class InferenceServicer(kserve_grpc.GRPCInferenceServiceServicer):
             model = self.models.get(request.name, request.version)
             return pb.ModelMetadataResponse(
                 name=model.name,
-                versions=[str(model.artifact.version)],
+                versions=[str(m.artifact.version) for m in self.models.versions(model.name)],
                 platform="slimserve",
                 inputs=_tensors(signature.INPUTS),
                 outputs=_tensors(signature.OUTPUTS),
             )
 
-        return await guard(context, run)
+        return await _guarded(context, run)
 
     async def ModelInfer(
         self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext
     ) -> pb.ModelInferResponse:
         async def run() -> pb.ModelInferResponse:
-            call = signature.read_call(request)
+            call = await _read(request, context.time_remaining())
             if call.stream:
                 raise InvalidRequest(
                     f"inputs[{signature.STREAM}]", "streaming needs ModelStreamInfer"
                 )
-            return await self._infer(request, call, context)
+            return await self._infer(request, call, _request_id(context))
 
-        return await guard(context, run)
+        return await _guarded(context, run)
 
     async def _infer(
-        self, request: pb.ModelInferRequest, call: InferCall, context: Any
+        self, request: pb.ModelInferRequest, call: InferCall, rid: str
     ) -> pb.ModelInferResponse:
         """The whole answer at once: the text, or the scores."""
         if call.score is not None:
-            scored = await self.generation.Score(call.score, context)
+            scored = await self.generation.score(call.score, rid)
             values = {
-                signature.LABEL_LOGPROB: [s.logprob for s in scored.scores],
-                signature.LABEL_PROBABILITY: [s.probability for s in scored.scores],
+                signature.LABEL_LOGPROB: [s.logprob for s in scored.labels],
+                signature.LABEL_PROBABILITY: [s.probability for s in scored.labels],
             }
             return _response(
-                request, scored.model, [fp64_output(n, values[n]) for n in call.outputs]
+                request, scored.model.ref, [fp64_output(n, values[n]) for n in call.outputs]
             )
         assert call.generate is not None  # read_call sets one of the two
-        done = await self.generation.Generate(call.generate, context)
-        text = (call.generate.text if call.include_prompt else "") + done.text
-        return _response(request, done.model, [_text(text)])
+        (one,) = await self.generation.start(call.generate, rid)
+        events = await self.generation.collect(one, "ModelInfer")
+        prompt = call.generate.prompt.text or ""
+        text = (prompt if call.include_prompt else "") + "".join(e.text for e in events)
+        return _response(request, one.model.ref, [_text(text)])
 
     async def ModelStreamInfer(
         self,
@@ -170,10 +196,25 @@ class InferenceServicer(kserve_grpc.GRPCInferenceServiceServicer):
     ) -> AsyncIterator[pb.ModelStreamInferResponse]:
         out: asyncio.Queue[pb.ModelStreamInferResponse | None] = asyncio.Queue()
         answering: set[asyncio.Task[None]] = set()
+        slots = asyncio.Semaphore(MAX_IN_FLIGHT_PER_STREAM)
+        rid = _request_id(context)
+
+        async def answer(request: pb.ModelInferRequest, n: int) -> None:
+            try:
+                await self._answer(request, context, out.put_nowait, f"{rid}-{n}")
+            finally:
+                slots.release()
+                self._server_slots.release()
 
         async def read() -> None:
+            n = 0
             async for request in request_iterator:
-                task = asyncio.create_task(self._answer(request, context, out.put_nowait))
+                # Not reading the next request until one may start is what bounds a stream:
+                # gRPC's flow control then holds the client, not the server's memory.
+                await slots.acquire()
+                await self._server_slots.acquire()
+                task = asyncio.create_task(answer(request, n))
+                n += 1
                 answering.add(task)
                 task.add_done_callback(answering.discard)
             while answering:  # the client is done sending; finish what it asked
@@ -191,34 +232,40 @@ class InferenceServicer(kserve_grpc.GRPCInferenceServiceServicer):
                 task.cancel()  # the call ended: each cancelled generation frees its slot
 
     async def _answer(
-        self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext, send: Send
+        self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext, send: Send, rid: str
     ) -> None:
         """Answer one request of a stream; a failure becomes its error response."""
-        one = _OneRequest(context)
         try:
-            await guard(one, lambda: self._stream_one(request, one, send))
-        except RequestFailed as failed:
+            await self._stream_one(request, context, send, rid)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            failed = exc if isinstance(exc, RequestFailed) else _failure(exc)
             error = _header(request.id, request.model_name, request.model_version)
             error.parameters[FINAL].bool_param = True
             send(pb.ModelStreamInferResponse(error_message=str(failed), infer_response=error))
 
-    async def _stream_one(self, request: pb.ModelInferRequest, context: Any, send: Send) -> None:
-        call = signature.read_call(request)
+    async def _stream_one(
+        self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext, send: Send, rid: str
+    ) -> None:
+        call = await _read(request, context.time_remaining())
         empty_final = (
             EMPTY_FINAL in request.parameters and request.parameters[EMPTY_FINAL].bool_param
         )
         if not call.stream:
-            _send(
-                send, await self._infer(request, call, context), final=True, empty_final=empty_final
-            )
+            answer = await self._infer(request, call, rid)
+            _send(send, answer, final=True, empty_final=empty_final)
             return
         assert call.generate is not None  # read_call streams only generation
-        chunks = aiter(self.generation.GenerateStream(call.generate, context))
-        model = (await anext(chunks)).model  # the first message names the model, no text
-        async for chunk in chunks:
-            final = chunk.stop_reason != gen_pb.STOP_REASON_UNSPECIFIED
-            response = _response(request, model, [_text(chunk.text)])
-            _send(send, response, final=final, empty_final=empty_final)
+        (run,) = await self.generation.start(call.generate, rid)
+        try:
+            async for event in self.generation.events(run, "ModelStreamInfer"):
+                final = event.finish is not None
+                if event.text or final:
+                    response = _response(request, run.model.ref, [_text(event.text)])
+                    _send(send, response, final=final, empty_final=empty_final)
+        finally:
+            run.cancel()
 
     # The rest of Triton's service: model repository, statistics, shared memory, tracing.
     ModelConfig = _unimplemented("ModelConfig")
@@ -234,6 +281,17 @@ class InferenceServicer(kserve_grpc.GRPCInferenceServiceServicer):
     CudaSharedMemoryUnregister = _unimplemented("CudaSharedMemoryUnregister")
     TraceSetting = _unimplemented("TraceSetting")
     LogSettings = _unimplemented("LogSettings")
+
+
+async def _read(request: pb.ModelInferRequest, timeout_s: float | None) -> InferCall:
+    """The request's tensors as a call; a large request is decoded off the event loop."""
+    if request.ByteSize() > OFF_LOOP_BYTES:
+        return await asyncio.to_thread(signature.read_call, request, timeout_s)
+    return signature.read_call(request, timeout_s)
+
+
+def _request_id(context: grpc.aio.ServicerContext) -> str:
+    return logs.REQUEST_ID.get() or logs.request_id_from(context.invocation_metadata())
 
 
 def _send(send: Send, response: pb.ModelInferResponse, *, final: bool, empty_final: bool) -> None:

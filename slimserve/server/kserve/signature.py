@@ -14,8 +14,9 @@ Names and meanings follow Triton's vLLM backend, so its clients work unchanged:
   continuation of `text_input`, answered by `label_logprob` and `label_probability`
   (FP64, one per label). Only `text_input` may accompany it.
 
-Every field is checked here and named on failure (InvalidRequest); the ranges and limits
-themselves are checked by `convert`, as for slimserve's own requests.
+Only the tensors' shapes and types are checked here; every rule a value must meet is the
+door-neutral layer's (`server.generation`), and a refusal names the neutral field, which
+`FIELDS` renders in this door's words.
 """
 
 from __future__ import annotations
@@ -26,8 +27,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from slimserve.engine.errors import InvalidRequest
+from slimserve.engine.types import Guided, Prompt
+from slimserve.server.generation import GenerateSpec, SamplingSpec, ScoreSpec
 from slimserve.server.kserve.tensors import BOOL, BYTES, FP64, Tensor, decode_inputs
-from slimserve.v1 import generation_pb2 as gen_pb
 from slimserve.v1.inference import grpc_service_pb2 as pb
 
 TEXT_INPUT = "text_input"
@@ -54,7 +56,9 @@ SCORE_OUTPUTS: dict[str, tuple[str, list[int]]] = {
 }
 OUTPUTS = {**GENERATE_OUTPUTS, **SCORE_OUTPUTS}
 
-#: The sampling settings understood (vLLM's names); any other is refused, not ignored.
+#: The sampling settings understood (vLLM's names, and its structured-output keys
+#: `guided_json`, `guided_regex`, `guided_choice`, `guided_grammar`); any other is refused,
+#: not ignored.
 _SAMPLING_KEYS = (
     "max_tokens",
     "temperature",
@@ -64,15 +68,34 @@ _SAMPLING_KEYS = (
     "stop",
     "ignore_eos",
     "repetition_penalty",
+    "guided_json",
+    "guided_regex",
+    "guided_choice",
+    "guided_grammar",
 )
+_S = SAMPLING
+#: Neutral field names (`server.generation`) in this door's words.
+FIELDS = {
+    "prompt": f"inputs[{TEXT_INPUT}]",
+    "temperature": f"{_S}.temperature",
+    "top_p": f"{_S}.top_p",
+    "top_k": f"{_S}.top_k",
+    "seed": f"{_S}.seed",
+    "repetition_penalty": f"{_S}.repetition_penalty",
+    "max_new_tokens": f"{_S}.max_tokens",
+    "stop": f"{_S}.stop",
+    "ignore_eos": f"{_S}.ignore_eos",
+    "guided": f"{_S}.guided",
+    "labels": f"inputs[{LABELS}]",
+}
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class InferCall:
     """A KServe request read: exactly one of `generate` and `score` is set."""
 
-    generate: gen_pb.GenerateRequest | None = None
-    score: gen_pb.ScoreRequest | None = None
+    generate: GenerateSpec | None = None
+    score: ScoreSpec | None = None
     stream: bool = False
     #: Prepend the prompt to `text_output` (vLLM's `exclude_input_in_output` false).
     include_prompt: bool = False
@@ -80,7 +103,7 @@ class InferCall:
     outputs: tuple[str, ...] = ()
 
 
-def read_call(request: pb.ModelInferRequest) -> InferCall:
+def read_call(request: pb.ModelInferRequest, timeout_s: float | None = None) -> InferCall:
     """`request` as a slimserve Generate or Score request. Raises InvalidRequest."""
     inputs = decode_inputs(request)
     for name in inputs:
@@ -93,23 +116,23 @@ def read_call(request: pb.ModelInferRequest) -> InferCall:
             raise InvalidRequest(
                 f"inputs[{name}]", f"must be {INPUTS[name][0]}, got {tensor.datatype}"
             )
-    model = gen_pb.ModelRef(name=request.model_name, ref=request.model_version)
-    prompt = _text(inputs, TEXT_INPUT)
+    model, ref = request.model_name, request.model_version
+    prompt = Prompt(text=_text(inputs, TEXT_INPUT))
     if LABELS in inputs:
         extra = sorted(set(inputs) - {TEXT_INPUT, LABELS})
         if extra:
             raise InvalidRequest(
                 f"inputs[{extra[0]}]", "cannot accompany labels (a Score takes text_input only)"
             )
-        labels = [_utf8(LABELS, v) for v in _bytes(inputs[LABELS])]
-        score = gen_pb.ScoreRequest(model=model, text=prompt, labels=labels)
+        labels = tuple(_utf8(LABELS, v) for v in _bytes(inputs[LABELS]))
+        score = ScoreSpec(model=model, ref=ref, prompt=prompt, labels=labels, timeout_s=timeout_s)
         return InferCall(score=score, outputs=_outputs(request, SCORE_OUTPUTS))
     stream = _flag(inputs, STREAM, default=False)
     exclude = _flag(inputs, EXCLUDE_INPUT, default=stream)
     if stream and not exclude:
         raise InvalidRequest(f"inputs[{EXCLUDE_INPUT}]", "must be true when streaming")
-    generate = gen_pb.GenerateRequest(model=model, text=prompt)
-    _fill_sampling(generate, _sampling(inputs, request.parameters))
+    settings = _sampling(inputs, request.parameters)
+    generate = _generate_spec(settings, model, ref, prompt, timeout_s)
     return InferCall(
         generate=generate,
         stream=stream,
@@ -193,35 +216,70 @@ def _number(key: str, value: Any, *, integer: bool = False) -> Any:
     return value
 
 
-def _fill_sampling(req: gen_pb.GenerateRequest, s: Mapping[str, Any]) -> None:
-    """vLLM's sampling settings onto slimserve's SamplingParams and StoppingCriteria."""
-    if "max_tokens" in s:
-        n = _number("max_tokens", s["max_tokens"], integer=True)
-        if n < 1:
-            raise InvalidRequest(f"{SAMPLING}.max_tokens", f"must be >= 1, got {n}")
-        req.stopping.max_new_tokens = min(n, 2**32 - 1)
+def _generate_spec(
+    s: Mapping[str, Any], model: str, ref: str, prompt: Prompt, timeout_s: float | None
+) -> GenerateSpec:
+    """vLLM's sampling settings as a generation spec (vLLM's defaults: temperature 1.0
+    samples, 0 is greedy; top_k 0 or -1 is no limit)."""
+    n = s.get("max_tokens")
+    if n is not None:
+        n = _number("max_tokens", n, integer=True)
     temperature = _number("temperature", s.get("temperature", 1.0))
-    req.sampling.do_sample = temperature != 0
-    req.sampling.temperature = temperature
-    if "top_p" in s:
-        req.sampling.top_p = _number("top_p", s["top_p"])
     top_k = _number("top_k", s.get("top_k", 0), integer=True)
     if top_k < -1:
         raise InvalidRequest(f"{SAMPLING}.top_k", f"must be -1, 0 (no limit) or more, got {top_k}")
-    req.sampling.top_k = max(top_k, 0)
-    if "seed" in s:
-        seed = _number("seed", s["seed"], integer=True)
-        if not 0 <= seed < 2**64:
-            raise InvalidRequest(f"{SAMPLING}.seed", f"must be in [0, 2**64), got {seed}")
-        req.sampling.seed = seed
-    if "repetition_penalty" in s:
-        req.sampling.repetition_penalty = _number("repetition_penalty", s["repetition_penalty"])
     stop = s.get("stop", [])
     stops = [stop] if isinstance(stop, str) else stop
     if not isinstance(stops, list) or not all(isinstance(x, str) for x in stops):
         raise InvalidRequest(f"{SAMPLING}.stop", "must be a string or a list of strings")
-    req.stopping.stop_sequences.extend(stops)
     ignore_eos = s.get("ignore_eos", False)
     if not isinstance(ignore_eos, bool):
         raise InvalidRequest(f"{SAMPLING}.ignore_eos", "must be true or false")
-    req.stopping.ignore_eos = ignore_eos
+    return GenerateSpec(
+        model=model,
+        ref=ref,
+        prompt=prompt,
+        sampling=SamplingSpec(
+            greedy=temperature == 0,
+            temperature=temperature or None,
+            top_k=max(top_k, 0),
+            top_p=_number("top_p", s["top_p"]) if "top_p" in s else None,
+            seed=_number("seed", s["seed"], integer=True) if "seed" in s else None,
+            repetition_penalty=(
+                _number("repetition_penalty", s["repetition_penalty"])
+                if "repetition_penalty" in s
+                else None
+            ),
+        ),
+        max_new_tokens=n,
+        stop=tuple(stops),
+        ignore_eos=ignore_eos,
+        guided=_guided(s),
+        timeout_s=timeout_s,
+    )
+
+
+def _guided(s: Mapping[str, Any]) -> Guided | None:
+    """vLLM's `guided_*` keys (one at most) as a structured-output request."""
+    given = [
+        k for k in ("guided_json", "guided_regex", "guided_choice", "guided_grammar") if k in s
+    ]
+    if len(given) > 1:
+        raise InvalidRequest(f"{SAMPLING}.{given[1]}", f"cannot accompany {given[0]}")
+    if not given:
+        return None
+    key = given[0]
+    value = s[key]
+    if key == "guided_json":
+        if isinstance(value, str):
+            return Guided("json_schema", value)
+        if isinstance(value, dict | bool):
+            return Guided("json_schema", json.dumps(value))
+        raise InvalidRequest(f"{SAMPLING}.{key}", "must be a JSON schema (an object or its text)")
+    if key == "guided_choice":
+        if not isinstance(value, list) or not all(isinstance(c, str) for c in value):
+            raise InvalidRequest(f"{SAMPLING}.{key}", "must be a list of strings")
+        return Guided("choice", choices=tuple(value))
+    if not isinstance(value, str):
+        raise InvalidRequest(f"{SAMPLING}.{key}", "must be a string")
+    return Guided("regex" if key == "guided_regex" else "grammar", value)

@@ -1,8 +1,8 @@
 """The HTTP door's errors: OpenAI error bodies with the status each domain error earns.
 
-`STATUS` is the one table from domain errors to HTTP statuses (the gRPC door's is
-`servicer.STATUS`); anything not in it is a 500, logged with its traceback. The door's
-own refusals are `HttpError`s:
+Domain errors take the HTTP column of the one table of error kinds (`server.errors`);
+anything not in it is a 500, logged with its traceback. The door's own refusals are
+`HttpError`s:
 
 HttpError               (status, type and code of its own)
 ├── Unauthorized        401  a missing or wrong bearer token (the gRPC door's `Gate`)
@@ -16,18 +16,8 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
-from slimserve.engine.errors import (
-    DeadlineExpired,
-    EngineFailure,
-    IntegrityFailure,
-    InvalidRequest,
-    LoadFailed,
-    NotReady,
-    Overloaded,
-    UnknownModel,
-)
-from slimserve.registry.errors import IntegrityError, RegistryError
-from slimserve.server.logs import REQUEST_ID
+from slimserve.engine.errors import InvalidRequest, UnknownModel
+from slimserve.server import errors
 
 log = logging.getLogger(__name__)
 
@@ -43,20 +33,6 @@ class Status:
     retry_after_s: int | None = None
 
 
-# The one table from domain errors to HTTP statuses; first match wins.
-STATUS: tuple[tuple[type[BaseException], Status], ...] = (
-    (InvalidRequest, Status(400, "invalid_request_error")),
-    (UnknownModel, Status(404, "invalid_request_error", "model_not_found")),
-    (Overloaded, Status(429, "rate_limit_error", "queue_full", retry_after_s=1)),
-    (NotReady, Status(503, "service_unavailable", "not_ready", retry_after_s=1)),
-    (IntegrityFailure, Status(500, "server_error", "data_loss")),
-    (DeadlineExpired, Status(504, "timeout_error")),
-    (EngineFailure, Status(500, "server_error", "engine_failure")),
-    (IntegrityError, Status(500, "server_error", "data_loss")),
-    (LoadFailed, Status(500, "server_error", "load_failed")),
-    # Other registry errors (a bad name or alias in `model`) are the caller's to fix.
-    (RegistryError, Status(400, "invalid_request_error")),
-)
 INTERNAL = Status(500, "server_error", "internal_error")
 
 
@@ -85,27 +61,25 @@ class ClientGone(HttpError):
 def status_for(exc: BaseException) -> Status:
     if isinstance(exc, HttpError):
         return exc.status
-    for kind, status in STATUS:
-        if isinstance(exc, kind):
-            return status
-    return INTERNAL
+    kind = errors.kind_of(exc)
+    if kind is errors.INTERNAL:
+        return INTERNAL
+    return Status(kind.http, kind.type, kind.code, kind.retry_after_s)
 
 
 def error_body(exc: BaseException) -> tuple[Status, dict[str, Any]]:
     """The status and `{"error": {message, type, param, code}}` body for `exc`.
 
     An unexpected error or an engine's failure is logged with the request id (and an
-    unexpected one's traceback); the client reads "internal error (request id X)" only.
-    An `InvalidRequest` names its field in `param`.
+    unexpected one's traceback); the client reads "internal error (request id X)" only
+    (`errors.report`). An `InvalidRequest` names its field in `param`.
     """
     status = status_for(exc)
-    if status.http == 500 and status.code != "data_loss":  # detail in the log, with the id
-        rid = REQUEST_ID.get() or "-"
-        engine = isinstance(exc, EngineFailure | LoadFailed)
-        log.error("internal error (request id %s): %s", rid, exc, exc_info=None if engine else exc)
-        message = f"internal error (request id {rid})"
-    else:
+    if isinstance(exc, HttpError) or errors.kind_of(exc).exposed:
         message = str(exc)
+    else:
+        errors.report(exc)
+        message = errors.message(exc, {})
     param = exc.field if isinstance(exc, InvalidRequest) else getattr(exc, "param", None)
     if isinstance(exc, UnknownModel):
         param = "model"

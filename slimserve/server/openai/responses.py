@@ -1,13 +1,12 @@
 """OpenAI response objects: completions, chat completions, their stream chunks, logprobs.
 
-Plain dicts ready for `json.dumps`. Functions that name tokens (`tokens`, the logprob
-builders) call the tokenizer and belong off the event loop for more than a chunk's worth.
+Plain dicts ready for `json.dumps`. Token texts come with the log-probabilities, decoded in
+the engine process (the server holds no tokenizer).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 
 from slimserve.engine.types import StopReason, TokenLogprob
@@ -22,20 +21,6 @@ FINISH_REASONS: dict[StopReason, str] = {
     StopReason.CANCELLED: "abort",
     StopReason.DEADLINE: "length",
 }
-
-
-@dataclass(frozen=True, slots=True)
-class Scored:
-    """One token with its log-probability (None: the first prompt token, which has no
-    context) and its alternatives (None: not known, as for echoed prompt tokens)."""
-
-    token_id: int
-    logprob: float | None
-    top: tuple[tuple[int, float], ...] | None = None
-
-    @classmethod
-    def generated(cls, lp: TokenLogprob) -> Scored:
-        return cls(lp.token_id, lp.logprob, lp.top)
 
 
 def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
@@ -68,25 +53,23 @@ def completion_choice(
 
 
 def chat(
-    rid: str,
-    model: str,
-    created: int,
-    *,
-    text: str,
-    logprobs: dict[str, Any] | None,
-    finish: str | None,
-    use: dict[str, int],
+    rid: str, model: str, created: int, choices: list[dict[str, Any]], use: dict[str, int]
 ) -> dict[str, Any]:
-    message = {"role": "assistant", "content": text}
-    choice = {"index": 0, "message": message, "logprobs": logprobs, "finish_reason": finish}
     return {
         "id": f"chatcmpl-{rid}",
         "object": "chat.completion",
         "created": created,
         "model": model,
-        "choices": [choice],
+        "choices": choices,
         "usage": use,
     }
+
+
+def chat_choice(
+    index: int, text: str, logprobs: dict[str, Any] | None, finish: str | None
+) -> dict[str, Any]:
+    message = {"role": "assistant", "content": text}
+    return {"index": index, "message": message, "logprobs": logprobs, "finish_reason": finish}
 
 
 def chat_chunk(
@@ -95,12 +78,14 @@ def chat_chunk(
     created: int,
     delta: dict[str, str] | None,
     *,
+    index: int = 0,
     logprobs: dict[str, Any] | None = None,
     finish: str | None = None,
 ) -> dict[str, Any]:
-    """A `chat.completion.chunk`; `delta` None makes the usage chunk (no choices)."""
+    """A `chat.completion.chunk` of choice `index`; `delta` None makes the usage chunk (no
+    choices)."""
     choices = [] if delta is None else [
-        {"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
+        {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
     ]  # fmt: skip
     return {
         "id": f"chatcmpl-{rid}",
@@ -111,45 +96,36 @@ def chat_chunk(
     }
 
 
-def tokens(tokenizer: Any, ids: Sequence[int]) -> list[str]:
-    """Each token's own text (a lone piece of a multi-byte character decodes to U+FFFD)."""
-    return [tokenizer.decode([t]) for t in ids]
-
-
-def completion_logprobs(tokenizer: Any, scored: Sequence[Scored], offset: int) -> dict[str, Any]:
-    """The completions `logprobs` object; `offset` is the first token's place in the text."""
-    texts = tokens(tokenizer, [s.token_id for s in scored])
+def completion_logprobs(scored: Sequence[TokenLogprob], offset: int) -> dict[str, Any]:
+    """The completions `logprobs` object; `offset` is the first token's place in the text.
+    An echoed prompt's first token has no log-probability (null), and its alternatives
+    are null too."""
     offsets = []
-    for text in texts:
+    for lp in scored:
         offsets.append(offset)
-        offset += len(text)
+        offset += len(lp.text)
     return {
-        "tokens": texts,
-        "token_logprobs": [s.logprob for s in scored],
-        "top_logprobs": [_top_dict(tokenizer, s.top) for s in scored],
+        "tokens": [lp.text for lp in scored],
+        "token_logprobs": [lp.logprob for lp in scored],
+        "top_logprobs": [
+            None
+            if lp.logprob is None
+            else dict(zip(lp.top_text, (v for _, v in lp.top), strict=True))
+            for lp in scored
+        ],
         "text_offset": offsets,
     }
 
 
-def _top_dict(tokenizer: Any, top: tuple[tuple[int, float], ...] | None) -> dict[str, float] | None:
-    if top is None:
-        return None
-    return dict(zip(tokens(tokenizer, [t for t, _ in top]), [v for _, v in top], strict=True))
-
-
-def chat_logprobs(tokenizer: Any, scored: Sequence[Scored]) -> dict[str, Any]:
+def chat_logprobs(scored: Sequence[TokenLogprob]) -> dict[str, Any]:
     """The chat `logprobs` object: `{"content": [{token, logprob, bytes, top_logprobs}]}`."""
-    content = []
-    for s in scored:
-        alternatives = [
-            _chat_token(text, v)
-            for text, (_, v) in zip(
-                tokens(tokenizer, [t for t, _ in s.top or ()]), s.top or (), strict=True
-            )
-        ]
-        entry = _chat_token(tokenizer.decode([s.token_id]), s.logprob)
-        content.append({**entry, "top_logprobs": alternatives})
-    return {"content": content}
+    return {"content": [token_entry(lp) for lp in scored]}
+
+
+def token_entry(lp: TokenLogprob) -> dict[str, Any]:
+    """One token as chat and the Responses API list it, with its alternatives."""
+    alternatives = [_chat_token(text, v) for text, (_, v) in zip(lp.top_text, lp.top, strict=True)]
+    return {**_chat_token(lp.text, lp.logprob), "top_logprobs": alternatives}
 
 
 def _chat_token(text: str, logprob: float | None) -> dict[str, Any]:
