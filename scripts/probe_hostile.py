@@ -106,6 +106,7 @@ def restarts(args: argparse.Namespace) -> dict[str, Any]:
     server = psutil.Process(args.pid)
     fds = []
     with Client(args.grpc, retries=0, timeout=120) as c:
+        plan_before = c.model_info(args.model).plan
 
         def stream() -> None:
             try:
@@ -135,9 +136,13 @@ def restarts(args: argparse.Namespace) -> dict[str, Any]:
             if i == 0:
                 fds.append(server.num_fds())  # after a first restart: threads and pools exist
         fds.append(server.num_fds())
+        info = c.model_info(args.model)
     return {
         "probe": "restarts",
         "n": args.n,
+        "plan_before": plan_before,
+        "plan_after": info.plan,
+        "refused_after": {k: v for k, v in info.refused.items() if "crash" in v},
         "fds_after_first_restart": fds[0],
         "fds_after_all": fds[-1],
         "load_average": os.getloadavg(),
