@@ -25,9 +25,15 @@ _NAN = float("nan")
 
 
 def measure(
-    registry: Registry, refs: Sequence[str], config: EvaluateConfig, *, text: Path | None = None
+    registry: Registry,
+    refs: Sequence[str],
+    config: EvaluateConfig,
+    *,
+    text: Path | None = None,
+    device: str = "cpu",
 ) -> list[dict[str, Any]]:
-    """One row of metrics per ``NAME@REF`` in `refs`, measured as `config` says.
+    """One row of metrics per ``NAME@REF`` in `refs`, measured as `config` says, every
+    version and parent on `device` (each version in its stored dtype, parents in float32).
 
     Besides ``evaluate``'s keys a row holds ``model`` (the ref), ``parent`` (its ref or
     None) and, when an instruct model's parent has no teacher text yet, ``agreement_note``.
@@ -43,8 +49,8 @@ def measure(
     rows = []
     for ref in refs:
         art = _get(registry, ref)
-        model, tok = load_model(art)
-        parent = _parent(registry, art, parents)
+        model, tok = load_model(art, device=device)
+        parent = _parent(registry, art, parents, device)
         row: dict[str, Any] = {"model": art.ref, "parent": art.manifest.parent}
         gens = None
         if parent is not None:
@@ -72,7 +78,7 @@ def _get(registry: Registry, ref: str) -> Artifact:
 
 
 def _parent(
-    registry: Registry, art: Artifact, cache: dict[str, tuple[Artifact, Any]]
+    registry: Registry, art: Artifact, cache: dict[str, tuple[Artifact, Any]], device: str
 ) -> tuple[Artifact, Any] | None:
     """The version's parent artifact and its float32 model, loaded once per run."""
     import torch
@@ -84,7 +90,7 @@ def _parent(
         return None
     if ref not in cache:
         parent = _get(registry, ref)
-        cache[ref] = (parent, load_model(parent, dtype=torch.float32)[0])
+        cache[ref] = (parent, load_model(parent, device=device, dtype=torch.float32)[0])
     return cache[ref]
 
 

@@ -36,6 +36,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, Protocol
@@ -72,10 +73,12 @@ LLAMACPP_SYSTEMS = ("llama_cpp", "llama_cpp_q8")
 LLAMA_SERVER = "llama_server"
 #: The mixed-load scenario (streams, long prompts, a Score), run after the race.
 MIXED = "mixed"
+#: The prefix-cache scenario (a shared document against new ones), run after the race.
+PREFIX = "prefix"
 BEST_LLAMACPP = "best llama.cpp"
-SYSTEMS = (*SERVER_SYSTEMS, *WORKER_SYSTEMS, *LLAMACPP_SYSTEMS, LLAMA_SERVER, MIXED)
-#: Systems raced at each concurrency (every one but the mixed scenario).
-RACED = tuple(s for s in SYSTEMS if s != MIXED)
+SYSTEMS = (*SERVER_SYSTEMS, *WORKER_SYSTEMS, *LLAMACPP_SYSTEMS, LLAMA_SERVER, MIXED, PREFIX)
+#: Systems raced at each concurrency (every one but the scenarios).
+RACED = tuple(s for s in SYSTEMS if s not in (MIXED, PREFIX))
 #: Systems with the persistent ggml threadpool and threads by phase off (the "before").
 NO_POOL = ("slimserve_nopool", "engine_nopool")
 #: One-token chat requests timed per OpenAI or gRPC server (the first-token probe).
@@ -133,6 +136,9 @@ class Bench:
     draft_tokens: int = 4
     #: `serve --kv-layout` of slimserve, slimserve_draft and the engine.
     kv_layout: str = "auto"
+    #: Where slimserve, the engine and hf_generate run (`serve --device`); llama.cpp's own
+    #: loop runs on the CPU whatever it says.
+    device: str = "cpu"
     #: llama_server: the binary, and the GGUF (+ chat template) slimserve's backend serves.
     llama_server: Path | None = None
     served_gguf: Path | None = None
@@ -144,6 +150,8 @@ class Bench:
     #: The mixed scenario's running streams, and its long prompts' tokens.
     mixed_streams: int = 2
     mixed_long_tokens: int = 1300
+    #: The prefix scenario's shared document, in tokens.
+    prefix_tokens: int = 1000
     samples: list[Sample] = field(default_factory=list)
 
     @property
@@ -324,6 +332,7 @@ class _Worker(_Process):
             "--threads", str(b.threads), "--max-batch", str(b.max_batch),
             "--backend", b.backend, "--gguf-type", b.gguf_type,
             "--stream-tokens", str(b.stream_tokens), "--kv-layout", b.kv_layout,
+            "--device", b.device,
         ]  # fmt: skip
         if system in NO_POOL:
             cmd += ["--no-ggml-threadpool"]
@@ -363,7 +372,7 @@ class _Server(_Process):
             sys.executable, "-m", "slimserve.cli", "serve", "--model", b.model,
             "--registry", str(b.registry), "--port", str(self.port),
             "--threads", str(b.threads), "--max-batch", str(b.max_batch),
-            "--max-seq-len", str(max_seq_len or b.stream_tokens), "--device", "cpu",
+            "--max-seq-len", str(max_seq_len or b.stream_tokens), "--device", b.device,
             "--backend", b.backend, "--gguf-type", b.gguf_type, "--kv-layout", b.kv_layout,
         ]  # fmt: skip
         if system == "slimserve_draft":
@@ -718,6 +727,11 @@ SPEED_TARGETS = (
      "llama_cpp_q8", 16, 1.0),
     ("slimserve over gRPC with a draft vs best llama.cpp plain decode", "slimserve_draft",
      BEST_LLAMACPP, 1, 1.3),
+    # On a GPU (`--device cuda`), against what a user of transformers would write.
+    ("slimserve over gRPC vs Hugging Face generate() on the same device", "slimserve",
+     "hf_generate", 1, 1.0),
+    ("slimserve over gRPC vs Hugging Face generate() batched on the same device", "slimserve",
+     "hf_generate", 16, 3.0),
 )  # fmt: skip
 
 
@@ -860,9 +874,24 @@ def environment(b: Bench) -> dict[str, Any]:
         "new_tokens": b.new_tokens,
         "stream_tokens": b.stream_tokens,
         "kv_layout": b.kv_layout,
+        "device": b.device,
+        "gpu": gpu_name(b.device),
         "repeats": b.repeats,
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
     }
+
+
+def gpu_name(device: str) -> str:
+    """The accelerator's name for a CUDA `device` ("" on the CPU)."""
+    if not device.startswith("cuda"):
+        return ""
+    import torch
+
+    if not torch.cuda.is_available():
+        return "CUDA not available"
+    index = torch.device(device).index or 0
+    props = torch.cuda.get_device_properties(index)
+    return f"{props.name}, {props.total_memory / 2**30:.0f} GiB, CUDA {torch.version.cuda}"
 
 
 def _start_all(b: Bench) -> tuple[dict[str, _System], dict[str, str]]:
@@ -913,6 +942,7 @@ def run(b: Bench, *, score: bool = True) -> dict[str, Any]:
         for proc in procs.values():
             proc.close()
     mixed = _mixed(b) if MIXED in b.systems else None
+    prefix = _prefix(b) if PREFIX in b.systems else None
     env = environment(b)
     env["served"] = {system: proc.served for system, proc in procs.items()}
     rows = summarise(b)
@@ -922,6 +952,7 @@ def run(b: Bench, *, score: bool = True) -> dict[str, Any]:
         "score": scores,
         "chat_probe": chat,
         "mixed": mixed,
+        "prefix": prefix,
         "targets": [t.to_dict() for t in targets(rows)],
         "outputs": outputs(b.samples),
         "outputs_identical": same_outputs(b.samples, "slimserve_draft", "slimserve"),
@@ -950,17 +981,36 @@ def _mixed(b: Bench) -> dict[str, Any]:
     """The mixed scenario on a server of its own (contexts long enough for its prompts)."""
     from slimserve.bench import mixed
 
+    def runs(server: _Server) -> dict[str, Any]:
+        return {"runs": [server.call(mixed.run(server, b)) for _ in range(b.repeats)]}
+
+    return _scenario(b, MIXED, mixed.max_seq_len(b.mixed_long_tokens), runs)
+
+
+def _prefix(b: Bench) -> dict[str, Any]:
+    """The prefix-cache scenario on a server of its own (contexts long enough for it)."""
+    from slimserve.bench import prefix
+
+    def runs(server: _Server) -> dict[str, Any]:
+        return {"run": server.call(prefix.run(server, b))}
+
+    return _scenario(b, PREFIX, prefix.max_seq_len(b.prefix_tokens), runs)
+
+
+def _scenario(
+    b: Bench, system: str, max_seq_len: int, runs: Callable[[_Server], dict[str, Any]]
+) -> dict[str, Any]:
+    """`runs` against a server of its own; what it found, or the error that stopped it."""
     try:
-        server = _Server(b, MIXED, max_seq_len=mixed.max_seq_len(b.mixed_long_tokens))
+        server = _Server(b, system, max_seq_len=max_seq_len)
     except Exception as exc:
         return {"error": f"did not start: {describe(exc)}"}
     try:
-        runs = [server.call(mixed.run(server, b)) for _ in range(b.repeats)]
+        return {"served": server.served, **runs(server)}
     except Exception as exc:
         return {"error": describe(exc), "served": server.served}
     finally:
         server.close()
-    return {"served": server.served, "runs": runs}
 
 
 def chat_lines(chat: dict[str, dict[str, Any]]) -> list[str]:
@@ -987,6 +1037,8 @@ def report_lines(report: dict[str, Any]) -> list[str]:
     IPC cost, each target as PASS/MISS, and whether the draft changed the output."""
     env = report["environment"]
     lines = [f"CPU: {env['cpu']}; {env['cpu_flags']}"]
+    if env.get("gpu"):
+        lines.append(f"GPU: {env['gpu']} (slimserve, engine and hf_generate on {env['device']})")
     if "stream_tokens" in env:
         lines.append(
             f"Every system holds {env['stream_tokens']} tokens of KV cache per stream "
@@ -1005,6 +1057,10 @@ def report_lines(report: dict[str, Any]) -> list[str]:
         from slimserve.bench.mixed import report_lines as mixed_lines
 
         lines += mixed_lines(report["mixed"])
+    if report.get("prefix"):
+        from slimserve.bench.prefix import report_lines as prefix_lines
+
+        lines += prefix_lines(report["prefix"])
     return lines
 
 

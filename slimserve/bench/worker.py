@@ -66,11 +66,19 @@ def record(
 
 
 class HFGenerate:
-    def __init__(self, registry: Path, ref: str) -> None:
+    def __init__(self, registry: Path, ref: str, device: str = "cpu") -> None:
+        from slimserve.engine.loader import resolve_device, resolve_dtype
         from slimserve.registry.artifact import load_model
         from slimserve.registry.store import Registry, parse_model_ref
 
-        loaded, self.tok = load_model(Registry(registry).get(*parse_model_ref(ref)))
+        # The dtype `serve --dtype auto` picks on the device: bfloat16 on CUDA, as slimserve.
+        where = resolve_device(device)
+        loaded, self.tok = load_model(
+            Registry(registry).get(*parse_model_ref(ref)),
+            device=where,
+            dtype=resolve_dtype("auto", where),
+        )
+        self.device = where
         self.model: Any = loaded
         self.tok.padding_side = "left"
         if self.tok.pad_token is None:
@@ -80,7 +88,7 @@ class HFGenerate:
         import torch
         from transformers import TextIteratorStreamer
 
-        enc = self.tok(prompts, return_tensors="pt", padding=True)
+        enc = self.tok(prompts, return_tensors="pt", padding=True).to(self.device)
         kwargs = dict(**enc, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
         t0 = time.perf_counter()
         if len(prompts) == 1:
@@ -133,6 +141,7 @@ class InProcessEngine:
         max_seq_len: int = 1024,
         kv_layout: str = "auto",
         threadpool: bool = True,
+        device: str = "cpu",
     ) -> None:
         from slimserve.bench.served import served_selection
         from slimserve.engine.config import ModelConfig
@@ -143,7 +152,7 @@ class InProcessEngine:
 
         name, ref = parse_model_ref(model)
         cfg = ModelConfig.of(
-            device="cpu",
+            device=device,
             max_batch=max_batch,
             max_seq_len=max_seq_len,
             kv_layout=kv_layout,
@@ -358,13 +367,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--no-ggml-threadpool", action="store_true", help="engine: serve --no-ggml-threadpool"
     )
+    p.add_argument("--device", default="cpu", help="hf_generate, engine: cpu, cuda or cuda:N")
     args = p.parse_args(argv)
     import torch
 
     torch.set_num_threads(args.threads)
     runner: Any
     if args.system == "hf_generate":
-        runner = HFGenerate(args.registry, args.model)
+        runner = HFGenerate(args.registry, args.model, args.device)
     elif args.system in ("engine", "engine_nopool", "engine_ipc"):
         runner = InProcessEngine(
             args.registry,
@@ -376,6 +386,7 @@ def main(argv: list[str] | None = None) -> int:
             max_seq_len=args.stream_tokens,
             kv_layout=args.kv_layout,
             threadpool=not args.no_ggml_threadpool,
+            device=args.device,
         )
     else:
         # llama_cpp_q8 gets the re-encoded file.

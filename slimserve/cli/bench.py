@@ -37,9 +37,10 @@ def cmd_bench_compare(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     cfg = EvaluateConfig(speed_tokens=args.speed_tokens, max_chunks=args.max_chunks)
-    rows = measure(open_registry(args), args.models, cfg, text=args.text)  # parents load once
+    # Parents load once, on the same device.
+    rows = measure(open_registry(args), args.models, cfg, text=args.text, device=args.device)
     print(f"command: {' '.join(sys.argv)}")
-    print(f"threads: {torch.get_num_threads()}  torch: {torch.__version__}")
+    print(f"threads: {torch.get_num_threads()}  torch: {torch.__version__}  device: {args.device}")
     print(markdown(rows))
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2))
@@ -179,6 +180,7 @@ def cmd_bench_serve(args: argparse.Namespace) -> int:
         draft=args.draft,
         draft_tokens=args.draft_tokens,
         kv_layout=args.kv_layout,
+        device=args.device,
         chat_probe=args.chat_probe,
         mixed_streams=args.mixed_streams,
         **extra,
@@ -243,7 +245,8 @@ def add_parser(sub: Any) -> None:
         "without), engine_ipc (its own process, no gRPC), hf_generate, llama_cpp (the "
         "shipped GGUF), llama_cpp_q8 (it re-encoded to Q8_0), llama_server (llama.cpp's "
         "own server on the weights slimserve serves, through the openai SDK), mixed "
-        "(streams while long prompts and a Score arrive: their gaps) "
+        "(streams while long prompts and a Score arrive: their gaps), prefix (TTFT of a "
+        "~1,000-token shared document + a new question against a new document each time) "
         f"(default: {DEFAULT_SYSTEMS})",
     )
     p.add_argument(
@@ -266,6 +269,12 @@ def add_parser(sub: Any) -> None:
         p,
         "slimserve's and the engine's llama.cpp KV cache (serve --kv-layout); llama.cpp's "
         "own loop is always split per sequence",
+    )
+    p.add_argument(
+        "--device",
+        default="cpu",
+        help="where slimserve, the engine and hf_generate run: cpu, cuda or cuda:N (serve "
+        "--device; bfloat16 on CUDA, as serve's --dtype auto); llama.cpp runs on the CPU",
     )
     p.add_argument("--no-score", action="store_true", help="skip the Score measurement")
     p.add_argument(
@@ -304,6 +313,14 @@ def _add_small_benches(bsub: Any) -> None:
     p.add_argument("--streams", type=positive_int_list, default=[1, 16])
     p.add_argument("--repeats", type=positive_int, default=2000)
     p.set_defaults(func=cmd_bench_ipc)
+    p = bsub.add_parser("structured", help="structured output's cost to a stream's ITL")
+    p.add_argument("--model", default="smollm2-135m-instruct@production", help="NAME[@REF]")
+    p.add_argument("--threads", type=positive_int, default=os.cpu_count() or 1)
+    p.add_argument("--concurrency", type=positive_int_list, default=[1, 16], help="comma-separated")
+    p.add_argument("--new-tokens", type=positive_int, default=96)
+    p.add_argument("--rounds", type=positive_int, default=3)
+    registry_arg(p)
+    p.set_defaults(func=cmd_bench_structured)
     p = bsub.add_parser("step", help="where a decode step's milliseconds go (in-process)")
     p.add_argument("--model", default="smollm2-135m-instruct@production", help="NAME[@REF]")
     p.add_argument("--threads", type=positive_int, default=os.cpu_count() or 1)
@@ -352,6 +369,30 @@ def cmd_bench_ipc(args: argparse.Namespace) -> int:
     print(f"command: {' '.join(sys.argv)}")
     print(f"load average: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     print(ipc.markdown(rows))
+    return 0
+
+
+def cmd_bench_structured(args: argparse.Namespace) -> int:
+    import torch
+
+    from slimserve.bench.structured import markdown, measure
+    from slimserve.engine.config import ModelConfig
+    from slimserve.engine.frontend import Frontend
+    from slimserve.engine.loader import load
+    from slimserve.registry.store import parse_model_ref
+
+    torch.set_num_threads(args.threads)
+    name, ref = parse_model_ref(args.model)
+    artifact = open_registry(args).get(name, ref)
+    config = ModelConfig.of(device="cpu", max_batch=max(args.concurrency), qualify=False)
+    front = Frontend.of(load(artifact, config))
+    try:
+        rows = measure(front, args.concurrency, args.new_tokens, args.rounds)
+    finally:
+        front.shutdown()
+    print(f"command: {' '.join(sys.argv)}")
+    print(f"{artifact.ref} on {front.info.kernels}; load average {os.getloadavg()[0]:.2f}")
+    print(markdown(rows))
     return 0
 
 

@@ -114,7 +114,7 @@ def evaluate_ref(args: argparse.Namespace, text: str) -> dict[str, Any]:
     from slimserve.compression.evaluate import EvaluateConfig
 
     cfg = EvaluateConfig(speed_tokens=args.speed_tokens, max_chunks=args.max_chunks)
-    return measure(open_registry(args), [text], cfg, text=args.text)[0]
+    return measure(open_registry(args), [text], cfg, text=args.text, device=args.device)[0]
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -138,6 +138,11 @@ def evaluation_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-chunks", type=positive_int, default=32)
     p.add_argument(
         "--threads", type=non_negative_int, default=0, help="torch threads (0 = default)"
+    )
+    p.add_argument(
+        "--device",
+        default="cpu",
+        help="cpu, cuda or cuda:N: where versions and parents load (int4 needs cuda)",
     )
 
 

@@ -120,6 +120,8 @@ def serve_config(args: argparse.Namespace) -> Any:
                 max_queue=args.max_queue,
                 score_step_tokens=args.score_step_tokens,
                 max_score_tokens=args.max_score_tokens,
+                max_step_ms=args.max_step_ms,
+                prefix_cache=not args.no_prefix_cache,
                 draft=None if args.draft in (None, "none") else args.draft,
                 draft_tokens=args.draft_tokens,
                 draft_policy=args.draft_policy,
@@ -250,6 +252,20 @@ def add_parser(sub: Any) -> None:
         type=positive_int,
         default=65536,
         help="tokens one Score call may put through the model (prompt + label - 1, summed)",
+    )
+    p.add_argument(
+        "--max-step-ms",
+        type=positive_float,
+        default=100.0,
+        help="how long an engine step should take while streams decode: prompt chunks and "
+        "Score work are sized from measured speed to fit beside the decode tokens, which "
+        "bounds a stream's largest gap between two tokens",
+    )
+    p.add_argument(
+        "--no-prefix-cache",
+        action="store_true",
+        help="prefill every prompt whole, never starting from the KV an earlier request "
+        "with the same beginning left behind",
     )
     p.add_argument(
         "--draft",

@@ -167,6 +167,7 @@ def to_generation(r: gen_pb.GenerateResponse) -> Generation:
         input_tokens=r.usage.input_tokens,
         generated_tokens=r.usage.generated_tokens,
         timings=_timings(r.timings),
+        cached_tokens=r.usage.cached_tokens,
     )
 
 
@@ -181,6 +182,7 @@ def to_chunk(r: gen_pb.GenerateStreamResponse) -> StreamChunk:
         input_tokens=r.usage.input_tokens,
         generated_tokens=r.usage.generated_tokens,
         timings=_timings(r.timings) if last else None,
+        cached_tokens=r.usage.cached_tokens,
         request_id=r.request_id,
         model=r.model,
         model_digest=r.model_digest,

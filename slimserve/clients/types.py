@@ -84,6 +84,8 @@ class Generation:
     input_tokens: int
     generated_tokens: int
     timings: Timings
+    #: Of `input_tokens`, those the server's prefix cache supplied (not prefilled again).
+    cached_tokens: int = 0
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -98,6 +100,8 @@ class StreamChunk:
     input_tokens: int = 0
     generated_tokens: int = 0
     timings: Timings | None = None
+    #: Set on the last message: prompt tokens the prefix cache supplied.
+    cached_tokens: int = 0
     # Set on the first message of a stream.
     request_id: str = ""
     model: str = ""

@@ -7,11 +7,17 @@ Schemes and what runs them:
 | int8-weight-only  | torchao Int8WeightOnlyConfig, per row| CPU: aten._weight_int8pack_mm (fast  |
 |                   |                                      | backend); eager: torchao dequantize  |
 | int8-dynamic      | torchao Int8DynamicActivationInt8... | eager: torchao int8 matmul           |
-| int4-weight-only  | torchao Int4WeightOnlyConfig         | CUDA only (tinygemm); refused on CPU |
+| int4-weight-only  | torchao Int4WeightOnlyConfig, tile-  | CUDA only: aten._weight_int4pack_mm  |
+|                   | packed, bfloat16, quantized on CUDA  | (tinygemm); refused on CPU           |
 | bfloat16, float16 | cast                                 | any; float16 needs CUDA to be fast   |
 
-Embedding and lm_head stay in full precision: quantizing the tied lm_head is what wrecked
-perplexity with PyTorch's dynamic quantization here (DESIGN §7).
+Embedding and lm_head are not quantized: quantizing the tied lm_head is what wrecked
+perplexity with PyTorch's dynamic quantization here (DESIGN §7). They stay float32, except
+under int4, whose kernel takes bfloat16 activations: the whole model is bfloat16 there.
+
+int4 packing: torchao's default int4 layout ("plain") needs the separate `mslk` kernels; the
+tile-packed layout runs on PyTorch's own tinygemm kernel (`aten._weight_int4pack_mm`), which
+every CUDA build of torch has, on bfloat16 weights packed on the GPU itself.
 
 Imports ``.stage``; torchao and transformers inside ``quantize``.
 """
@@ -40,7 +46,7 @@ Scheme = Literal["int8-weight-only", "int8-dynamic", "int4-weight-only", "bfloat
 KERNELS: dict[str, str] = {
     "int8-weight-only": "cpu: aten._weight_int8pack_mm (llama backend) | eager: torchao",
     "int8-dynamic": "eager: torchao int8 dynamic-activation matmul",
-    "int4-weight-only": "cuda: torchao int4 tinygemm",
+    "int4-weight-only": "cuda: aten._weight_int4pack_mm (torchao tile-packed int4, tinygemm)",
     "bfloat16": "any device",
     "float16": "cuda (cpu runs it slowly)",
 }
@@ -78,7 +84,20 @@ def _torchao_config(config: QuantizeConfig) -> Any:
         return Int8WeightOnlyConfig()
     if config.scheme == "int8-dynamic":
         return Int8DynamicActivationInt8WeightConfig()
-    return Int4WeightOnlyConfig(group_size=config.group_size)
+    from torchao.quantization.quantize_.workflows import Int4PackingFormat
+
+    return Int4WeightOnlyConfig(
+        group_size=config.group_size, int4_packing_format=Int4PackingFormat.TILE_PACKED_TO_4D
+    )
+
+
+def _load_for(config: QuantizeConfig, device: torch.device) -> tuple[torch.dtype, str | None]:
+    """The dtype and `device_map` a scheme is quantized at load with: int4's tile-packed
+    weights are bfloat16 and packed by a CUDA kernel, so they load onto the GPU; the int8
+    schemes quantize float32 weights on the CPU (then move)."""
+    if config.scheme == "int4-weight-only":
+        return torch.bfloat16, str(device)
+    return torch.float32, None
 
 
 def quantize(model: Any, tokenizer: Any, config: QuantizeConfig) -> tuple[Any, dict[str, Any]]:
@@ -90,10 +109,13 @@ def quantize(model: Any, tokenizer: Any, config: QuantizeConfig) -> tuple[Any, d
     """
     device = next(model.parameters()).device
     check_supported(config, device)
+    int4 = config.scheme == "int4-weight-only"
+    embeddings = {"int4-weight-only": "bfloat16, not quantized", "bfloat16": "bfloat16",
+                  "float16": "float16"}  # fmt: skip
     record: dict[str, Any] = {
         "scheme": config.scheme,
         "kernels": KERNELS[config.scheme],
-        "embeddings": "full precision",
+        "embeddings": embeddings.get(config.scheme, "full precision"),
     }
     if config.scheme in ("bfloat16", "float16"):
         return model.to(getattr(torch, config.scheme)), record
@@ -102,19 +124,40 @@ def quantize(model: Any, tokenizer: Any, config: QuantizeConfig) -> tuple[Any, d
     from transformers import AutoModelForCausalLM, TorchAoConfig
 
     record["library"] = f"torchao {importlib.metadata.version('torchao')}"
+    if int4:
+        record["group_size"] = config.group_size
+    dtype, device_map = _load_for(config, device)
     with tempfile.TemporaryDirectory() as tmp:
         # Quantize at load: the one path whose result transformers can serialize.
         model.save_pretrained(tmp, safe_serialization=True)
         quantized = AutoModelForCausalLM.from_pretrained(
             tmp,
-            dtype=torch.float32,
+            dtype=dtype,
             quantization_config=TorchAoConfig(_torchao_config(config)),
-            device_map=None,
+            device_map=device_map,
         )
     cast(Any, quantized).to(device)
     cast(Any, quantized).eval()
-    log.info("quantized to %s", config.scheme)
+    done, total = quantized_linears(quantized)
+    record["quantized_linears"] = f"{done} of {total}"
+    if done < total:
+        # torchao leaves a weight whose input width its group size does not divide as it
+        # was (e.g. int4 group 128 on SmolLM2's 576-wide projections): say so, loudly.
+        log.warning(
+            "%s quantized %d of %d linear layers; the others stay %s (group_size=%d)",
+            config.scheme, done, total, dtype, config.group_size,
+        )  # fmt: skip
+    log.info("quantized to %s (%d of %d linear layers)", config.scheme, done, total)
     return quantized, record
+
+
+def quantized_linears(model: Any) -> tuple[int, int]:
+    """(quantized, all) decoder linear layers: lm_head is never quantized, so not counted."""
+    from torchao.utils import TorchAOBaseTensor
+
+    head = model.get_output_embeddings()
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear) and m is not head]
+    return sum(isinstance(m.weight, TorchAOBaseTensor) for m in linears), len(linears)
 
 
 def run_quantize(

@@ -135,6 +135,9 @@ class EngineConfig:
     #: chunks and Score work are sized from measured speed to fit beside the decode tokens,
     #: which bounds the gap between two tokens of a stream.
     max_step_ms: float = 100.0
+    #: Start a new request from the longest prompt prefix whose KV a finished (or running)
+    #: request left in the cache (`slimserve.engine.prefix`), where the backend can.
+    prefix_cache: bool = True
 
     def __post_init__(self) -> None:
         if self.max_queue < 0:

@@ -624,8 +624,10 @@ def _probe(plan: Plan, backend: Any, ids: list[int], ref: Any) -> Verdict:
     long = (ids * (n // t + 1))[:n]
     prefill = 0.0
     for _ in range(TIMING_RUNS):
+        _sync(backend)
         t0 = time.perf_counter()
         backend.prefill(0, long)
+        _sync(backend)
         prefill = max(prefill, n / (time.perf_counter() - t0))
         backend.release(0)
     decode_threads, by_threads = 0, dict[int, float]()
@@ -691,9 +693,11 @@ def _single_decode(backend: Any, ids: list[int]) -> float:
     start, steps = ids[:16], 32
     steps = max(1, min(steps, backend.max_seq_len - len(start) - 1))
     backend.prefill(0, start)
+    _sync(backend)
     t0 = time.perf_counter()
     for i in range(steps):
         backend.decode([0], [ids[i % len(ids)]])
+    _sync(backend)
     rate = steps / (time.perf_counter() - t0)
     backend.release(0)
     return float(rate)
@@ -707,10 +711,22 @@ def _speed(backend: Any, ids: list[int]) -> tuple[float, float]:
     slots = list(range(backend.max_slots))
     for s in slots:
         backend.prefill(s, start)
+    _sync(backend)
     t0 = time.perf_counter()
     for i in range(min(8, steps)):
         backend.decode(slots, [ids[i]] * len(slots))
+    _sync(backend)
     batch = min(8, steps) * len(slots) / (time.perf_counter() - t0)
     for s in slots:
         backend.release(s)
     return decode, batch
+
+
+def _sync(backend: Any) -> None:
+    """Wait for the backend's device. CUDA work is queued, not done, when a call returns:
+    a rate timed without waiting would measure how fast kernels are launched."""
+    import torch
+
+    device = torch.device(str(getattr(backend, "device", "cpu")))
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)

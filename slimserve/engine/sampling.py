@@ -48,7 +48,14 @@ def select(
     generator: torch.Generator | None,
     seen: torch.Tensor | None,
 ) -> int:
-    """Pick the next token from float32 logits (vocab,)."""
+    """Pick the next token from float32 logits (vocab,).
+
+    Greedy picks stay on the logits' device; sampling and penalties run on a CPU copy of the
+    row, where the request's generator (a CPU one) and its seen tokens live: a seeded request
+    draws the same tokens from the same logits on any device.
+    """
+    if logits.device.type != "cpu" and (params.do_sample or params.repetition_penalty != 1.0):
+        logits = logits.float().cpu()
     if params.repetition_penalty != 1.0 and seen is not None and seen.numel():
         logits = logits.clone()
         apply_repetition_penalty(logits, seen, params.repetition_penalty)

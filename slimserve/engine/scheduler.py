@@ -22,6 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
+import numpy as np
 import torch
 
 from slimserve.engine import planner
@@ -29,6 +30,7 @@ from slimserve.engine.backends.base import Backend, Capabilities, Feed, can_spec
 from slimserve.engine.config import DraftConfig, EngineConfig
 from slimserve.engine.errors import EngineFailure, InvalidRequest, NotReady, Overloaded
 from slimserve.engine.planner import StepBudget, StepPlan
+from slimserve.engine.prefix import PrefixCache, as_tokens, common_prefix
 from slimserve.engine.sampling import greedy_rows, select, token_logprob
 from slimserve.engine.scoring import ScoreQueue
 from slimserve.engine.sequence import Constraint, Handle, ScoreJob, SeqState, Sequence
@@ -79,6 +81,17 @@ def _alone(step: StepPlan, seq: Sequence) -> StepPlan:
 
 def _slot_of(seq: Sequence) -> int:
     return -1 if seq.slot is None else seq.slot
+
+
+#: Prompt tokens a sequence being fed must still share with a waiting one for the waiting
+#: one to wait for it (`Engine._awaits_donor`): fewer are cheaper to feed than to wait for.
+_WAIT_FOR_DONOR = 32
+
+
+def _prompt_array(seq: Sequence) -> np.ndarray:
+    if seq.prompt_array is None:
+        seq.prompt_array = as_tokens(seq.req.prompt_ids)
+    return seq.prompt_array  # type: ignore[no-any-return]
 
 
 def _bare_info(backend: Backend) -> EngineInfo:
@@ -161,6 +174,14 @@ class Engine(SpeculativeSteps):
         #: Sequences holding a slot whose prompt is still being fed, a chunk a step.
         self._prefilling: list[Sequence] = []
         self._budget = StepBudget(self.config.max_step_ms, capacity=self.caps.step_tokens)
+        #: The residues of finished prompts in free slots (`prefix`), where the backend
+        #: feeds prompts in chunks and can start a slot from cached KV.
+        self._prefix: PrefixCache | None = None
+        if self.config.prefix_cache and self.caps.prefix and self.caps.forward:
+            self._prefix = PrefixCache()
+        #: Residues evicted at admission (by whose admission, slot), released by the
+        #: worker before the next step.
+        self._evicted: list[tuple[Sequence, int]] = []
         self._reserved = 0
         self._stats = EngineStats(free_slots=backend.max_slots)
         #: Seconds per decode-step phase (worker thread only; `stats` copies it).
@@ -306,6 +327,10 @@ class Engine(SpeculativeSteps):
                 draft_accepted=s.draft_accepted,
                 slot_moves=s.slot_moves,
                 phase_s=dict(self._phase),
+                prompt_tokens=s.prompt_tokens,
+                cached_tokens=s.cached_tokens,
+                prefix_hits=s.prefix_hits,
+                admitted=s.admitted,
             )
 
     def shutdown(self, timeout: float = 10.0) -> None:
@@ -351,6 +376,8 @@ class Engine(SpeculativeSteps):
                 return
             self._flush()  # the finishes of requests that expired while waiting
             if self.caps.forward is not None:
+                if self._prefix is not None:
+                    self._start_placed(admitted)
                 self._prefilling += admitted
                 self._step()
             else:
@@ -380,7 +407,15 @@ class Engine(SpeculativeSteps):
         if self.drafter is not None and self._running:
             self._flush()  # first tokens out before the speculative step
             self._decode_step()
-        self._budget.observe(decoding, step.prompt_tokens + scored, time.perf_counter() - t0)
+        took = time.perf_counter() - t0
+        self._budget.observe(decoding, step.prompt_tokens + scored, took)
+        if decoding and took * 1e3 > 10 * self.config.max_step_ms:
+            log.warning(
+                "a step took %.0f ms, over 10x its %.0f ms budget: %d decoding, prompt chunks "
+                "%s, %d Score tokens",
+                took * 1e3, self.config.max_step_ms, len(step.decode),
+                [(c.seq.req.request_id, c.start, c.end) for c in step.chunks], scored,
+            )  # fmt: skip
         t = time.perf_counter()
         self._flush()
         self._phase["flush"] += time.perf_counter() - t
@@ -478,38 +513,143 @@ class Engine(SpeculativeSteps):
 
     def _admit_locked(self) -> list[Sequence]:
         now = time.monotonic()
-        admitted = []
+        admitted: list[Sequence] = []
         for seq in list(self._waiting):
             reason = seq.expired_reason(now)
             if reason is not None:
                 self._waiting.remove(seq)
                 self._finish(seq, reason, "")
-        while self._waiting and self._free:
-            need = self._reservation(self._waiting[0])
-            if self._pool is not None and self._reserved and self._reserved + need > self._pool:
-                break  # first come, first served: it waits until the pool has room
-            seq = self._waiting.popleft()
+        at = 0  # the first waiting sequence not left to wait for a donor
+        while at < len(self._waiting) and self._free:
+            seq = self._waiting[at]
+            if self._prefix is not None and self._awaits_donor(seq, admitted):
+                at += 1
+                continue
+            need = self._reservation(seq)
+            if self._prefix is not None:
+                if not self._admit_placed(seq, need, admitted):
+                    break
+            else:
+                if self._pool is not None and self._reserved and self._reserved + need > self._pool:
+                    break  # first come, first served: it waits until the pool has room
+                seq.slot = heapq.heappop(self._free)
+            del self._waiting[at]
             seq.reserved = need
             self._reserved += need
-            seq.slot = heapq.heappop(self._free)
             seq.state = SeqState.RUNNING
             seq.t_admit = now
             admitted.append(seq)
+            self._stats.admitted += 1
+            self._stats.prompt_tokens += len(seq.req.prompt_ids)
         return admitted
 
+    def _awaits_donor(self, seq: Sequence, admitted: list[Sequence]) -> bool:
+        """Whether `seq` should wait (a few steps) for a sequence that is feeding the same
+        prompt beginning, then copy it, rather than feed it again beside it: `n` > 1
+        choices of one prompt, or a burst of requests with one system prompt, pay for one
+        prefill. Later arrivals are admitted meanwhile. Lock held."""
+        assert self._prefix is not None
+        prompt = _prompt_array(seq)
+        for s in [*self._prefilling, *admitted]:
+            if s.fed >= len(s.req.prompt_ids):
+                continue  # fed: a donor already
+            shared = min(common_prefix(_prompt_array(s), prompt), len(prompt) - 1)
+            if shared >= max(_WAIT_FOR_DONOR, 2 * self._prefix.min_tokens) + s.fed:
+                return True
+        return False
+
+    def _admit_placed(self, seq: Sequence, need: int, admitted: list[Sequence]) -> bool:
+        """Place `seq` where its prompt's longest cached prefix is (`PrefixCache.place`),
+        evicting residues of a pooled cache, least recently used first, while the pool
+        lacks room; False (nothing changed): it waits for room. Lock held."""
+        prefix = self._prefix
+        assert prefix is not None
+        prompt = _prompt_array(seq)
+        donors = [
+            (s.slot, prompt_s[: s.fed])
+            for s, prompt_s in self._donors(admitted)
+            if s.slot is not None and s.fed >= prefix.min_tokens
+        ]
+        place = prefix.place(prompt, self._free, donors)
+        evict: list[int] = []
+        if self._pool is not None:
+            residue = prefix.cells - prefix.tokens(place.slot)
+            for slot in prefix.evictable(keep=place.slot):
+                if self._reserved + need + residue <= self._pool:
+                    break
+                if slot != place.source:
+                    evict.append(slot)
+                    residue -= prefix.tokens(slot)
+            if self._reserved and self._reserved + need + residue > self._pool:
+                return False  # first come, first served: it waits until the pool has room
+        for slot in evict:
+            prefix.drop(slot)
+            self._evicted.append((seq, slot))
+        self._free.remove(place.slot)
+        heapq.heapify(self._free)
+        prefix.drop(place.slot)  # taken: reused in place, or released when applied
+        seq.slot, seq.placement = place.slot, place
+        seq.fed = place.length  # for donors admitted after it in this round
+        return True
+
+    def _donors(self, admitted: list[Sequence]) -> list[tuple[Sequence, np.ndarray]]:
+        """Sequences whose prompt KV may be copied: running, being fed, or admitted just
+        before in this round (with the prefix they start from), each with its prompt."""
+        return [(s, _prompt_array(s)) for s in [*self._running, *self._prefilling, *admitted]]
+
+    def _start_placed(self, admitted: list[Sequence]) -> None:
+        """Apply the admissions' placements on the backend (worker thread, lock free):
+        release the evicted residues, then start each sequence from its cached prefix."""
+        prefix = self.caps.prefix
+        assert prefix is not None
+        evicted, self._evicted = self._evicted, []
+        for seq in admitted:
+            # Evictions in admission order: a slot copied from by an earlier admission is
+            # released only after that copy.
+            for slot in [slot for by, slot in evicted if by is seq]:
+                self.backend.release(slot)
+            place, seq.placement = seq.placement, None
+            if place is None or seq.slot is None:
+                continue
+            seq.fed = 0
+            try:
+                if not place.length:
+                    self.backend.release(place.slot)  # it may hold a residue
+                elif place.source == place.slot:
+                    prefix.truncate(place.slot, place.length)
+                else:
+                    assert place.source is not None
+                    prefix.copy_prefix(place.source, place.slot, place.length)
+            except Exception as exc:  # start it afresh: the prompt is fed whole
+                log.warning("reusing %d cached tokens failed: %r", place.length, exc)
+                self.backend.release(place.slot)
+                continue
+            seq.fed = seq.cached = place.length
+            if place.length:
+                with self._cond:
+                    self._stats.prefix_hits += 1
+                    self._stats.cached_tokens += place.length
+
     def _compact(self) -> None:
-        """Keep the running slots consecutive from 0 (`PackingBackend`): while a free slot
-        lies below the highest running one, move that sequence down. A move copies one
-        stream of cache once; a step over a broken run of slots costs a pass per break, every
-        step until it closes."""
-        while self._free and self._running:
+        """Keep the running slots consecutive (`PackingBackend`): while a free slot lies
+        between the lowest and the highest running one, move the highest down into it. A
+        move copies one stream of cache once; a step over a broken run of slots costs a
+        pass per break, every step until it closes. A run need not start at slot 0
+        (llama.cpp batches increasing sequence ids), so the free slots below it keep their
+        prefix-cache residues."""
+        while self._free and len(self._running) > 1:
             top = max(self._running, key=_slot_of)
-            low = self._free[0]
-            if top.slot is None or low > top.slot:
+            bottom = min(self._running, key=_slot_of)
+            assert top.slot is not None and bottom.slot is not None  # running
+            gaps = [f for f in self._free if bottom.slot < f < top.slot]
+            if not gaps:
                 return
+            low = min(gaps)
             src = top.slot
             try:
                 assert self.caps.packing is not None  # `_packing` says so
+                if self._prefix is not None and self._prefix.drop(low):
+                    self.backend.release(low)  # its residue gives way
                 self.caps.packing.move(src, low)
                 if self.drafter is not None:
                     self.drafter.move(src, low)
@@ -519,7 +659,9 @@ class Engine(SpeculativeSteps):
                 self._fail(top, exc)
                 return
             with self._cond:
-                heapq.heapreplace(self._free, src)  # `low` taken, `src` free
+                self._free.remove(low)  # `low` taken, `src` free
+                heapq.heapify(self._free)
+                heapq.heappush(self._free, src)
                 self._stats.slot_moves += 1
             top.slot = low
 
@@ -710,7 +852,7 @@ class Engine(SpeculativeSteps):
                 reason = StopReason.STOP_SEQUENCE
             else:
                 text += seq.stops.remainder()
-        self._release(seq)
+        self._release(seq, keep=True)
         now = time.monotonic()
         t_first = seq.t_first or now
         timings = Timings(
@@ -729,6 +871,7 @@ class Engine(SpeculativeSteps):
             input_tokens=len(seq.req.prompt_ids),
             generated_tokens=len(seq.generated),
             timings=timings,
+            cached_tokens=seq.cached,
         )
         with self._cond:
             self._stats.generated_tokens += len(seq.generated)
@@ -743,18 +886,41 @@ class Engine(SpeculativeSteps):
         self._release(seq)
         seq.sink(Event(error=exc))
 
-    def _release(self, seq: Sequence) -> None:
+    def _release(self, seq: Sequence, keep: bool = False) -> None:
+        """Free `seq`'s slot; with `keep` (it ended well), its prompt's KV stays there as
+        a residue for the prefix cache."""
         if seq.state is SeqState.RUNNING and seq in self._running:
             self._running.remove(seq)
         if seq in self._prefilling:
             self._prefilling.remove(seq)
         seq.state = SeqState.FINISHED
         if seq.slot is not None:
-            self.backend.release(seq.slot)
+            kept = self._residue(seq) if keep and self._prefix is not None else None
+            if kept is None:
+                self.backend.release(seq.slot)
             if self.drafter is not None:
                 self.drafter.release(seq.slot)
             with self._cond:
                 heapq.heappush(self._free, seq.slot)
                 self._reserved -= seq.reserved
                 seq.reserved = 0
+                if kept is not None and self._prefix is not None:
+                    self._prefix.keep(seq.slot, kept)
             seq.slot = None
+
+    def _residue(self, seq: Sequence) -> list[int] | None:
+        """The tokens whose KV `seq` leaves complete in its slot, the slot cut back to them;
+        None: nothing worth keeping (the slot is then released). Its prompt as far as fed,
+        and, without a drafter, the tokens it generated and fed (all but the last)."""
+        assert self._prefix is not None and self.caps.prefix is not None and seq.slot is not None
+        prompt = list(seq.req.prompt_ids)
+        tokens = prompt[: seq.fed]
+        if seq.fed == len(prompt) and self.drafter is None and seq.generated:
+            tokens += seq.generated[:-1]
+        if len(tokens) < self._prefix.min_tokens:
+            return None
+        try:
+            self.caps.prefix.truncate(seq.slot, len(tokens))
+        except ValueError:  # holds fewer than counted: keep nothing rather than guess
+            return None
+        return tokens

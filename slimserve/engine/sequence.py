@@ -23,6 +23,7 @@ from slimserve.engine.types import Event, GenerationRequest, StopReason
 if TYPE_CHECKING:
     import torch
 
+    from slimserve.engine.prefix import Placement
     from slimserve.engine.scheduler import Engine
 
 Sink = Callable[[Event], None]
@@ -76,6 +77,7 @@ class Sequence:
     """A request while it waits or runs; touched only by the worker thread once admitted."""
 
     __slots__ = (
+        "cached",
         "detok",
         "draft_accepted",
         "draft_proposed",
@@ -85,7 +87,9 @@ class Sequence:
         "handle",
         "last_token",
         "matcher",
+        "placement",
         "prefill_ms",
+        "prompt_array",
         "req",
         "reserved",
         "sink",
@@ -120,6 +124,12 @@ class Sequence:
         self.reserved = 0
         #: Prompt tokens in its cache so far (chunked prefill: fed a chunk a step).
         self.fed = 0
+        #: Prompt tokens it started with from the prefix cache, and where they come from
+        #: (`prefix.Placement`, set at admission until the worker applies it).
+        self.cached = 0
+        self.placement: Placement | None = None
+        #: The prompt as an array, made once by the prefix cache when it compares prompts.
+        self.prompt_array: Any = None
         self.generated: list[int] = []
         #: The prompt and every generated token (what a drafter looks back on).
         self.tokens: list[int] = list(req.prompt_ids)

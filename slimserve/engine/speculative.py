@@ -122,6 +122,7 @@ def accept(
             out.append(tok)
         out.append(picks[len(out)])
         return out
+    logits = logits.float().cpu()  # the request's generator is a CPU one (`sampling.select`)
     out = []
     for j, tok in enumerate(proposal.tokens):
         p = torch.softmax(warp(logits[j].float(), params), dim=-1)
@@ -306,5 +307,5 @@ def _draw(
     from its warped distribution, returned with it (the acceptance rule needs q)."""
     if not params.do_sample:
         return int(logits.argmax()), None
-    q = torch.softmax(warp(logits.float(), params), dim=-1)
+    q = torch.softmax(warp(logits.float().cpu(), params), dim=-1)  # beside the CPU generator
     return int(torch.multinomial(q, 1, generator=generator)), q

@@ -196,6 +196,8 @@ class Finish(msgspec.Struct, frozen=True, array_like=True, kw_only=True):
     input_tokens: int
     generated_tokens: int
     timings: Timings
+    #: Prompt tokens whose KV came from the prefix cache rather than a prefill.
+    cached_tokens: int = 0
 
 
 class Accepted(msgspec.Struct, frozen=True, array_like=True):
@@ -235,6 +237,12 @@ class EngineStats(msgspec.Struct, array_like=True, kw_only=True):
     slot_moves: int = 0
     #: Seconds the worker spent in each phase of its decode steps, summed (`PHASES`).
     phase_s: dict[str, float] = msgspec.field(default_factory=dict)
+    #: Prompt tokens of the requests admitted, and how many of them came from the prefix
+    #: cache; admissions that reused a prefix (`slimserve.engine.prefix`).
+    prompt_tokens: int = 0
+    cached_tokens: int = 0
+    prefix_hits: int = 0
+    admitted: int = 0
 
 
 #: Where the worker's time goes: prefilling the requests just admitted (with their first

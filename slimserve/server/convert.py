@@ -136,6 +136,7 @@ def fill_finish(msg: Any, finish: Finish) -> None:
     msg.stop_sequence = finish.stop_sequence
     msg.usage.input_tokens = finish.input_tokens
     msg.usage.generated_tokens = finish.generated_tokens
+    msg.usage.cached_tokens = finish.cached_tokens
     t = finish.timings
     msg.timings.queue_ms = t.queue_ms
     msg.timings.prefill_ms = t.prefill_ms

@@ -120,6 +120,12 @@ class Metrics:
         self.generated_tokens = Counter(
             "slimserve_generated_tokens", "Tokens generated.", _LABELS, registry=r
         )
+        self.cached_tokens = Counter(
+            "slimserve_prompt_cached_tokens",
+            "Prompt tokens whose KV came from the prefix cache instead of a prefill.",
+            _LABELS,
+            registry=r,
+        )
         self.rpcs = Counter(
             "slimserve_rpcs", "RPCs handled, by method and status code.", ("method", "code"),
             registry=r,
@@ -152,6 +158,7 @@ class Metrics:
         self.e2e.labels(*labels, method).observe(seconds)
         self.prompt_tokens.labels(*labels).inc(finish.input_tokens)
         self.generated_tokens.labels(*labels).inc(finish.generated_tokens)
+        self.cached_tokens.labels(*labels).inc(finish.cached_tokens)
         for name, phase in PHASES.items():
             ms = getattr(t, name)
             if ms > 0 or name in ("queue_ms", "prefill_ms"):  # 0 elsewhere: not on this path

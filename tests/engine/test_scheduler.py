@@ -337,7 +337,9 @@ def test_a_burst_is_prefilled_together_and_a_bad_prompt_fails_alone(
         model.config, model.state_dict(), tmp_path / "tokenizer.json",
         max_slots=4, max_seq_len=64, threads=1, weight_type="f32",
     )  # fmt: skip
-    eng = Engine(backend, tokenizer, EngineConfig(max_queue=8))  # not started: queue first
+    # Without the prefix cache: the prompts run alone first would leave their KV behind.
+    config = EngineConfig(max_queue=8, prefix_cache=False)
+    eng = Engine(backend, tokenizer, config)  # not started: queue first
     texts = ["the quick brown", "a", "over the lazy dog and"]
     alone = []
     reqs = [request(tokenizer, t, n=8, rid=f"r{i}") for i, t in enumerate(texts)]
@@ -446,5 +448,5 @@ def test_a_split_cache_keeps_running_slots_packed_and_output_unchanged(
         packed.close()
     assert got == expected
     assert stats.slot_moves >= 1 and stats.phase_s["compact"] > 0
-    assert all(sorted(s) == list(range(len(s))) for s in steps), steps
+    assert all(sorted(s) == list(range(min(s), min(s) + len(s))) for s in steps), steps
     assert any(len(s) < 4 for s in steps)  # streams did end while others ran

@@ -404,3 +404,34 @@ def test_metrics_count_the_http_door(door: ServerThread, oai: openai.OpenAI) -> 
         model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=2
     )
     assert count() == before + 1
+
+
+def test_a_shared_system_prompt_is_served_from_the_prefix_cache(
+    door: ServerThread, oai: openai.OpenAI, grpc_client: Client
+) -> None:
+    """The second request with the same system prompt reports the reused tokens on both
+    doors and in the metrics, and answers as the first did (greedy)."""
+    system = "You are a terse assistant for the harbour office; answer in one line."
+    messages: Any = [
+        {"role": "system", "content": system},
+        {"role": "user", "content": "the quick brown fox"},
+    ]
+    first = oai.chat.completions.create(
+        model="tiny", messages=messages, max_tokens=6, temperature=0
+    )
+    second = oai.chat.completions.create(
+        model="tiny", messages=messages, max_tokens=6, temperature=0
+    )
+    assert first.usage is not None and second.usage is not None
+    assert first.usage.prompt_tokens_details is not None
+    assert second.usage.prompt_tokens_details is not None
+    assert second.usage.prompt_tokens_details.cached_tokens == second.usage.prompt_tokens - 1
+    assert second.choices[0].message.content == first.choices[0].message.content
+    other = [ChatMessage("system", system), ChatMessage("user", "hello world")]
+    g = grpc_client.generate(other, max_new_tokens=4)
+    assert g.cached_tokens >= len(system) // 8  # the template header and system prompt
+    port = door.server.metrics.port
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
+        text = r.read().decode()
+    line = next(ln for ln in text.splitlines() if ln.startswith("slimserve_prompt_cached_tokens"))
+    assert float(line.rsplit(" ", 1)[1]) >= g.cached_tokens

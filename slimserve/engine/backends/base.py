@@ -298,6 +298,36 @@ class SpeculativeBackend(Backend, Protocol):
         ...
 
 
+class PrefixBackend(Backend, Protocol):
+    """A backend that can start a sequence from cached KV (`slimserve.engine.prefix`):
+    keep a slot's first tokens, or copy another slot's."""
+
+    def truncate(self, slot: int, length: int) -> None:
+        """Keep only the first `length` (> 0) cached tokens of `slot`."""
+        ...
+
+    def copy_prefix(self, src: int, dst: int, length: int) -> None:
+        """Make `dst` hold the KV of `src`'s first `length` tokens (whatever `dst` held is
+        dropped); `src` keeps its cache."""
+        ...
+
+
+def can_reuse_prefix(backend: object) -> bool:
+    """Whether `backend` implements `PrefixBackend`."""
+    return callable(getattr(backend, "copy_prefix", None)) and callable(
+        getattr(backend, "truncate", None)
+    )
+
+
+def check_copy_prefix(src: int, dst: int, length: int, lengths: list[int]) -> None:
+    check_slot(src, len(lengths))
+    check_slot(dst, len(lengths))
+    if src == dst:
+        raise ValueError(f"cannot copy slot {src} onto itself")
+    if not 0 < length <= lengths[src]:
+        raise ValueError(f"slot {src} holds {lengths[src]} tokens; cannot copy {length}")
+
+
 @dataclass(frozen=True, slots=True)
 class Capabilities:
     """What a backend can do beyond `Backend`, resolved once when an engine starts (the
@@ -318,6 +348,8 @@ class Capabilities:
     packing: PackingBackend | None
     #: Cells one pooled KV cache holds for every slot together, or None (a cache per slot).
     pool_tokens: int | None
+    #: Starts a sequence from cached KV (truncate, copy_prefix), or None.
+    prefix: PrefixBackend | None = None
 
     @classmethod
     def of(cls, backend: Backend) -> Capabilities:
@@ -330,6 +362,7 @@ class Capabilities:
             speculative=backend if can_speculate(backend) else None,  # type: ignore[arg-type]
             packing=backend if wants_packing(backend) else None,  # type: ignore[arg-type]
             pool_tokens=getattr(backend, "kv_pool_tokens", None),
+            prefix=backend if can_reuse_prefix(backend) else None,  # type: ignore[arg-type]
         )
 
 

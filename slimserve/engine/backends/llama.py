@@ -31,6 +31,7 @@ import torch.nn.functional as F  # noqa: N812
 from slimserve.engine.backends.base import (
     Feed,
     ScorePlan,
+    check_copy_prefix,
     check_decode,
     check_extend,
     check_feeds,
@@ -445,6 +446,13 @@ class LlamaBackend:
         """Keep the first `length` cached tokens of `slot` (later positions are masked)."""
         check_truncate(slot, length, self._lengths)
         self._lengths[slot] = length
+
+    def copy_prefix(self, src: int, dst: int, length: int) -> None:
+        """`PrefixBackend.copy_prefix`: `src`'s first `length` rows of every layer's K and V."""
+        check_copy_prefix(src, dst, length, self._lengths)
+        self._k_cache[:, dst, :, :length] = self._k_cache[:, src, :, :length]
+        self._v_cache[:, dst, :, :length] = self._v_cache[:, src, :, :length]
+        self._lengths[dst] = length
 
     def release(self, slot: int) -> None:
         """Forget `slot`'s cache (the memory stays allocated for the next prefill)."""

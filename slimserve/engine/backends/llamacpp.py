@@ -39,6 +39,7 @@ from slimserve.engine.backends.base import (
     LOGPROB_ROWS,
     Feed,
     ScorePlan,
+    check_copy_prefix,
     check_decode,
     check_extend,
     check_feeds,
@@ -362,6 +363,20 @@ class LlamaCppBackend:
         if length < self._lengths[slot]:
             self.lc.llama_memory_seq_rm(self._mem, slot, length, -1)
         self._lengths[slot] = length
+
+    def copy_prefix(self, src: int, dst: int, length: int) -> None:
+        """`PrefixBackend.copy_prefix`. Pooled: `dst` is added to the cells of `src`'s
+        first `length` positions (no copy; the cells then belong to both). Split:
+        llama.cpp copies only whole streams across streams, so `src`'s stream is copied at
+        the start of the next pass and `dst` cut back to `length`."""
+        check_copy_prefix(src, dst, length, self._lengths)
+        self.lc.llama_memory_seq_rm(self._mem, dst, -1, -1)
+        if self.kv_layout == "split":
+            self.lc.llama_memory_seq_cp(self._mem, src, dst, -1, -1)
+            self.lc.llama_memory_seq_rm(self._mem, dst, length, -1)
+        else:
+            self.lc.llama_memory_seq_cp(self._mem, src, dst, 0, length)
+        self._lengths[dst] = length
 
     def release(self, slot: int) -> None:
         self._check_slot(slot)

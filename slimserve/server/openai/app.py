@@ -61,6 +61,10 @@ class Choice:
         return self.finish.generated_tokens if self.finish is not None else 0
 
     @property
+    def cached(self) -> int:
+        return self.finish.cached_tokens if self.finish is not None else 0
+
+    @property
     def reason(self) -> str:
         return out.FINISH_REASONS[self.finish.reason] if self.finish else "length"
 
@@ -244,7 +248,9 @@ class OpenAIApp:
         first = per_prompt[0]
         model = first[0].model if first else self.generation.model(*_ref(req.specs[0]))
         use = out.usage(
-            sum(group[0][0].input_tokens for group in groups), sum(c.generated for c, _ in flat)
+            sum(group[0][0].input_tokens for group in groups),
+            sum(c.generated for c, _ in flat),
+            sum(group[0][0].cached for group in groups),
         )
         return model, out.completion(rid, model.ref, created, [b for _, b in flat], use)
 
@@ -324,7 +330,7 @@ class OpenAIApp:
                 text, lps, _ = echoed
                 for i in range(max(len(runs), 1)):
                     yield chunk(i, text, lps, None if runs else "length")
-            generated = 0
+            generated = cached = 0
             prompt_tokens = runs[0].accepted.input_tokens if runs else 0
             async for index, ev in _merged(
                 [self._events(req, run, "/v1/completions") for run in runs]
@@ -332,10 +338,12 @@ class OpenAIApp:
                 reason = out.FINISH_REASONS[ev.finish.reason] if ev.finish else None
                 if ev.finish is not None:
                     generated += ev.finish.generated_tokens
+                    if index == 0:
+                        cached = ev.finish.cached_tokens
                 if ev.text or ev.logprobs or reason:
                     yield chunk(index, ev.text, list(ev.logprobs), reason)
             if req.include_usage:
-                use = out.usage(prompt_tokens, generated)
+                use = out.usage(prompt_tokens, generated, cached)
                 yield event(out.completion(rid, ref, created, [], use))
             yield DONE
         except Exception as exc:
@@ -377,7 +385,9 @@ class OpenAIApp:
             )
             for c in choices
         ]
-        use = out.usage(choices[0].input_tokens, sum(c.generated for c in choices))
+        use = out.usage(
+            choices[0].input_tokens, sum(c.generated for c in choices), choices[0].cached
+        )
         return out.chat(rid, runs[0].model.ref, created, bodies, use)
 
     async def _chat_events(
@@ -389,7 +399,7 @@ class OpenAIApp:
         outcome: Outcome,
     ) -> AsyncGenerator[str, None]:
         ref = runs[0].model.ref
-        generated = 0
+        generated = cached = 0
         try:
             for run in runs:
                 role = {"role": "assistant", "content": ""}
@@ -403,10 +413,12 @@ class OpenAIApp:
                     yield event(out.chat_chunk(rid, ref, created, delta, index=index, logprobs=lps))
                 if ev.finish is not None:
                     generated += ev.finish.generated_tokens
+                    if index == 0:
+                        cached = ev.finish.cached_tokens
                     reason = out.FINISH_REASONS[ev.finish.reason]
                     yield event(out.chat_chunk(rid, ref, created, {}, index=index, finish=reason))
             if req.include_usage:
-                use = out.usage(runs[0].accepted.input_tokens, generated)
+                use = out.usage(runs[0].accepted.input_tokens, generated, cached)
                 yield event({**out.chat_chunk(rid, ref, created, None), "usage": use})
             yield DONE
         except Exception as exc:
@@ -548,7 +560,7 @@ def _echoed_params(body: dict[str, Any], req: schema.OpenAIRequest) -> dict[str,
 
 def _final(state: api.ResponseState, choice: Choice) -> dict[str, Any]:
     cut = choice.finish is not None and out.FINISH_REASONS[choice.finish.reason] == "length"
-    use = api.usage(choice.input_tokens, choice.generated)
+    use = api.usage(choice.input_tokens, choice.generated, choice.cached)
     if cut:
         return state.response("incomplete", usage=use, incomplete="max_output_tokens")
     return state.response("completed", usage=use)

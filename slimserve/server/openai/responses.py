@@ -23,16 +23,18 @@ FINISH_REASONS: dict[StopReason, str] = {
 }
 
 
-def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> dict[str, Any]:
+    """OpenAI's usage object; `cached_tokens`: prompt tokens the prefix cache supplied."""
     return {
         "prompt_tokens": prompt_tokens,
         "completion_tokens": completion_tokens,
         "total_tokens": prompt_tokens + completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": cached_tokens},
     }
 
 
 def completion(
-    rid: str, model: str, created: int, choices: list[dict[str, Any]], use: dict[str, int] | None
+    rid: str, model: str, created: int, choices: list[dict[str, Any]], use: dict[str, Any] | None
 ) -> dict[str, Any]:
     body: dict[str, Any] = {
         "id": f"cmpl-{rid}",
