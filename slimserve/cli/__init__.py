@@ -1,8 +1,8 @@
 """The `slimserve` command. Flags and environment are read here, and only here.
 
 One module per command group adds its subcommands (`add_parser`): `registry` (import,
-registry), `compress` (compress, eval), `serve`, `client` (generate, models, score,
-health), `bench`, and `fraud`; `common` holds the shared flags and validators. Every
+registry), `compress` (compress, eval), `serve`, `qualify`, `client` (generate, models,
+score, health), `bench`, and `fraud`; `common` holds the shared flags and validators. Every
 handler imports what it needs when it runs, so importing this package (and running the
 client commands) never imports torch. A bad flag value is one line on stderr and exit
 code 2, from argparse or from `UsageError`.
@@ -15,7 +15,7 @@ import logging
 import sys
 from collections.abc import Callable, Sequence
 
-from slimserve.cli import bench, client, compress, registry, serve
+from slimserve.cli import bench, client, compress, qualify, registry, serve
 from slimserve.cli.common import UsageError, default_registry, registry_arg, target_arg
 from slimserve.cli.serve import serve_config
 
@@ -32,6 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
     registry.add_parser(sub)
     compress.add_parser(sub)
     serve.add_parser(sub)
+    qualify.add_parser(sub)
     client.add_parser(sub)
     bench.add_parser(sub)
     from slimserve.cli.fraud import add_fraud_commands

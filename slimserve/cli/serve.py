@@ -17,6 +17,7 @@ from typing import Any
 from slimserve.cli.common import (
     ENV_ADMIN_TOKEN,
     ENV_AUTH_TOKEN,
+    ENV_METRICS_TOKEN,
     UsageError,
     backend_args,
     check_pair,
@@ -56,6 +57,24 @@ def tokens_from(path: Path | None, flag: str, env: str, role: str) -> dict[str, 
     return tokens
 
 
+def metrics_token_from(path: Path | None) -> str | None:
+    """The one token in `--metrics-token-file`, else `$SLIMSERVE_METRICS_TOKEN`, else None."""
+    if path is not None:
+        text, source = read_text(path, "--metrics-token-file"), f"--metrics-token-file {path}"
+    elif ENV_METRICS_TOKEN in os.environ:
+        text, source = os.environ[ENV_METRICS_TOKEN], f"${ENV_METRICS_TOKEN}"
+    else:
+        return None
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.startswith("#")]
+    if len(lines) != 1:
+        raise UsageError(f"{source} must hold exactly one token line, found {len(lines)}")
+    return lines[0]
+
+
+def _names(text: str | None) -> tuple[str, ...]:
+    return tuple(n.strip() for n in (text or "").split(",") if n.strip())
+
+
 def _tls(args: argparse.Namespace) -> Any:
     from slimserve.server.config import TlsConfig
 
@@ -72,7 +91,13 @@ def serve_config(args: argparse.Namespace) -> Any:
 
     Raises UsageError for a value the config refuses (its message names the fix)."""
     from slimserve.engine.config import ModelConfig
-    from slimserve.server.config import AuthConfig, Connections, Limits, ServerConfig
+    from slimserve.server.config import (
+        AuthConfig,
+        Connections,
+        HttpTransport,
+        Limits,
+        ServerConfig,
+    )
 
     users = tokens_from(args.auth_token_file, "--auth-token-file", ENV_AUTH_TOKEN, "user")
     admins = tokens_from(args.admin_token_file, "--admin-token-file", ENV_ADMIN_TOKEN, "admin")
@@ -105,6 +130,8 @@ def serve_config(args: argparse.Namespace) -> Any:
                 draft_policy=args.draft_policy,
                 decode_threads=args.decode_threads,
                 ggml_threadpool=not args.no_ggml_threadpool,
+                step_timeout_s=args.engine_step_timeout,
+                crash_verdict_ttl_s=args.crash_verdict_ttl,
             ),
             limits=Limits(
                 max_new_tokens=args.max_new_tokens_limit,
@@ -132,7 +159,17 @@ def serve_config(args: argparse.Namespace) -> Any:
             ),
             tls=_tls(args),
             metrics_port=args.metrics_port,
+            metrics_host=args.metrics_host,
+            metrics_token=metrics_token_from(args.metrics_token_file),
             http_port=args.http_port,
+            http=HttpTransport(
+                allowed_hosts=_names(args.http_allowed_hosts),
+                cors_origins=_names(args.http_cors_origins),
+                header_timeout_s=args.http_header_timeout,
+                body_timeout_s=args.http_body_timeout,
+                idle_timeout_s=args.http_idle_timeout,
+                max_connections=args.http_max_connections,
+            ),
             allow_model_control=args.allow_model_control,
             allow_insecure_tokens=args.allow_insecure_tokens,
         )
@@ -183,9 +220,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
         import torch
 
         torch.set_num_threads(config.threads)
-    from slimserve.server.app import serve
+    from slimserve.server.app import BindError, serve
 
-    return int(asyncio.run(serve(config)))
+    try:
+        return int(asyncio.run(serve(config)))
+    except BindError as exc:  # a port in use: one line and exit 2, as for a bad flag
+        raise UsageError(str(exc)) from None
 
 
 def add_parser(sub: Any) -> None:
@@ -295,6 +335,33 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--grace", type=non_negative_float, default=10.0, help="shutdown grace seconds")
     p.add_argument("--metrics-port", type=port, help="Prometheus /metrics port (default: off)")
     p.add_argument(
+        "--metrics-host",
+        default="127.0.0.1",
+        help="address /metrics listens on (default: 127.0.0.1, loopback only; it names the "
+        "models and their load)",
+    )
+    p.add_argument(
+        "--metrics-token-file",
+        type=Path,
+        help="a file holding the bearer token Prometheus must send to /metrics "
+        f"(default: ${ENV_METRICS_TOKEN}; none: no token asked)",
+    )
+    p.add_argument(
+        "--engine-step-timeout",
+        type=non_negative_float,
+        default=300.0,
+        help="seconds one engine step may run before the engine process is killed and "
+        "restarted (a hang in native code; 0 = no watchdog; default: 300)",
+    )
+    p.add_argument(
+        "--crash-verdict-ttl",
+        type=positive_float,
+        default=86400.0,
+        help="seconds a plan that kept crashing (SIGSEGV, SIGABRT, a hung step; never "
+        "SIGKILL/SIGTERM) stays barred on this machine before it is qualified again "
+        "(default: 86400)",
+    )
+    p.add_argument(
         "--http-port",
         type=port,
         help="OpenAI-compatible HTTP port, /v1/completions and /v1/chat/completions "
@@ -302,6 +369,7 @@ def add_parser(sub: Any) -> None:
     )
     _add_limits(p)
     _add_connections(p)
+    _add_http(p)
     _add_security(p)
     registry_arg(p)
     from slimserve.cli.scale import add_serve_flags
@@ -363,6 +431,46 @@ def _add_connections(p: argparse.ArgumentParser) -> None:
         default=10.0,
         help="shortest interval between a client's pings allowed; faster ones get GOAWAY "
         "(default: 10)",
+    )
+
+
+def _add_http(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("HTTP door transport (--http-port; docs/openai.md)")
+    g.add_argument(
+        "--http-allowed-hosts",
+        metavar="NAMES",
+        help="comma-separated Host names the HTTP door answers besides loopback names and IP "
+        "addresses (exact or *.suffix; * = any); others get 400 (DNS rebinding)",
+    )
+    g.add_argument(
+        "--http-cors-origins",
+        metavar="ORIGINS",
+        help="comma-separated origins (https://app.example) whose pages may call the HTTP "
+        "door; default: CORS off",
+    )
+    g.add_argument(
+        "--http-header-timeout",
+        type=positive_float,
+        default=10.0,
+        help="seconds a request's headers may take to arrive; then 408 (default: 10)",
+    )
+    g.add_argument(
+        "--http-body-timeout",
+        type=positive_float,
+        default=60.0,
+        help="seconds a request's body may take to arrive; then 408 (default: 60)",
+    )
+    g.add_argument(
+        "--http-idle-timeout",
+        type=positive_float,
+        default=5.0,
+        help="seconds an idle kept-alive connection stays open (default: 5)",
+    )
+    g.add_argument(
+        "--http-max-connections",
+        type=positive_int,
+        default=512,
+        help="open HTTP connections at most; more are answered 503 (default: 512)",
     )
 
 

@@ -151,19 +151,29 @@ class EngineConfig:
 @dataclass(frozen=True, slots=True, kw_only=True)
 class RestartConfig:
     """Restarts of a model's engine process: exponential backoff from `backoff_s` up to
-    `max_backoff_s`; `max_crashes` within `crash_window_s` mark the serving plan bad on
-    this machine."""
+    `max_backoff_s`; `max_crashes` crashes by the plan's own fault within `crash_window_s`
+    mark the serving plan bad on this machine for `crash_verdict_ttl_s`. A watchdog kills
+    and restarts an engine whose step runs past `step_timeout_s`."""
 
     backoff_s: float = 0.5
     max_backoff_s: float = 30.0
     max_crashes: int = 3
     crash_window_s: float = 300.0
+    #: Seconds a crash-loop verdict keeps the plan from serving on this machine; after it
+    #: the plan is qualified again. Only deaths by the plan's own fault count towards it
+    #: (SIGSEGV, SIGBUS, SIGILL, SIGFPE, SIGABRT, a hung step), never SIGKILL or SIGTERM.
+    crash_verdict_ttl_s: float = 86400.0
+    #: Seconds one engine step (a decode, a prefill, a Score chunk) may run before the
+    #: server kills the engine process and restarts it; 0 = no watchdog.
+    step_timeout_s: float = 300.0
 
     def __post_init__(self) -> None:
         if self.backoff_s <= 0 or self.max_backoff_s < self.backoff_s:
             raise ValueError("restart backoff must be > 0 and <= its maximum")
         if self.max_crashes < 1 or self.crash_window_s <= 0:
             raise ValueError("max_crashes must be >= 1 and crash_window_s > 0")
+        if not self.crash_verdict_ttl_s > 0 or not self.step_timeout_s >= 0:  # NaN fails
+            raise ValueError("crash_verdict_ttl_s must be > 0 and step_timeout_s >= 0")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

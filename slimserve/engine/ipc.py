@@ -138,7 +138,16 @@ class Tokenized(_Frame, tag=19):
     result: TokenizeResult
 
 
-FromEngine = Ready | Failed | Scored | CallFailed | StatsReply | Events | PromptScored | Tokenized
+class Progress(_Frame, tag=20):
+    """The engine's heartbeat, every `process.progress_interval` s: how long its current
+    step has run (0: idle). The server's watchdog reads it (`supervisor`)."""
+
+    busy_s: float = 0.0
+
+
+FromEngine = (
+    Ready | Failed | Scored | CallFailed | StatsReply | Events | PromptScored | Tokenized | Progress
+)
 
 
 # ---- errors -------------------------------------------------------------------------------

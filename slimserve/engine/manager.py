@@ -25,10 +25,10 @@ from slimserve.engine.errors import (
 from slimserve.engine.frontend import Frontend
 from slimserve.engine.launch import launch
 from slimserve.engine.loader import BackendHook, LoadedModel, load
-from slimserve.engine.qualify import Qualifier, VerdictCache
+from slimserve.engine.qualify import Qualifier, VerdictCache, verdicts_path
 from slimserve.registry.errors import IntegrityError, RegistryError
 from slimserve.registry.errors import ModelNotFound as RegistryNotFound
-from slimserve.registry.store import Artifact, Registry, validate_alias
+from slimserve.registry.store import Artifact, Registry, is_version_number, validate_alias
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +52,7 @@ class ModelManager:
         self.registry = registry
         self.config = config
         self.on_health = on_health
-        cache = verdicts if verdicts is not None else registry.root / ".qualify" / "verdicts.json"
+        cache = verdicts if verdicts is not None else verdicts_path(registry.root)
         self.qualifier = Qualifier(VerdictCache(cache))
         #: Seconds a swapped-out version keeps running for its in-flight requests.
         self.retire_grace_s = retire_grace_s
@@ -194,7 +194,7 @@ class ModelManager:
     def _version_of(self, name: str, ref: str, versions: dict[int, LoadedModel]) -> int:
         """The loaded version `ref` names; UnknownModel when it names none that is loaded."""
         serving = ", ".join(f"{name}@{v}" for v in sorted(versions))
-        if ref.isdigit():
+        if is_version_number(ref):
             if int(ref) not in versions:
                 raise UnknownModel(f"{name} version {ref} is not loaded (serving {serving})")
             return int(ref)
@@ -240,7 +240,7 @@ class ModelManager:
 
 
 def _check_ref(ref: str) -> None:
-    if ref in ("", "latest") or (ref.isascii() and ref.isdigit()):
+    if ref in ("", "latest") or is_version_number(ref):
         return
     try:
         validate_alias(ref)

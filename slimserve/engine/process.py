@@ -85,6 +85,11 @@ def describe_exit(code: int | None) -> str:
     return f"exited with {code}"
 
 
+def progress_interval(step_timeout_s: float) -> float:
+    """Seconds between an engine's PROGRESS frames (and the watchdog's looks at them)."""
+    return min(1.0, step_timeout_s / 4)
+
+
 def mp_context() -> Any:
     ctx = multiprocessing.get_context("forkserver")
     ctx.set_forkserver_preload(_PRELOAD)
@@ -125,7 +130,28 @@ def child_main(conn: Connection, spec: ChildSpec) -> None:
     bridge.send(ipc.Ready(info=info))
     front = Frontend.of(local)
     bridge.send(ipc.Events(items=[], occupancy=front.occupancy()))  # the gauges' first figure
+    limit = spec.config.restart.step_timeout_s
+    if limit > 0:
+        threading.Thread(
+            target=_heartbeat,
+            args=(local.engine, bridge, progress_interval(limit)),
+            name="slimserve-engine-heartbeat",
+            daemon=True,
+        ).start()
     bridge.serve(front)
+
+
+def _heartbeat(engine: Any, bridge: _Bridge, interval: float) -> None:
+    """Tell the server, every `interval` s, how long the current step has run. A step stuck
+    in native code that holds the GIL stops these frames too: silence counts as stuck."""
+    while True:
+        time.sleep(interval)
+        started = engine.step_started
+        try:
+            busy_s = 0.0 if started is None else time.monotonic() - started
+            bridge.send(ipc.Progress(busy_s=busy_s))
+        except OSError:
+            return  # the server is gone
 
 
 class _Bridge:
@@ -256,7 +282,10 @@ class RemoteEngine:
         self.info: EngineInfo
         self.exit_code: int | None = None
         self._process: Any = None
+        self._pid: int | None = None
         self._conn: Connection | None = None
+        #: (when the last PROGRESS frame came, monotonic; seconds its step had then run).
+        self._progress = (time.monotonic(), 0.0)
         self._send_lock = threading.Lock()
         self._encoder = ipc.server_codec()  # under _send_lock
         self._ids = itertools.count(1)
@@ -266,10 +295,13 @@ class RemoteEngine:
         self._dead = False
         self._reader: threading.Thread | None = None
         self._occupancy = Occupancy()
+        self._released = False
+        self._killed_why: str | None = None
+        self._release_lock = threading.Lock()
 
     @property
     def pid(self) -> int | None:
-        return self._process.pid if self._process is not None else None
+        return self._pid
 
     @property
     def alive(self) -> bool:
@@ -295,6 +327,7 @@ class RemoteEngine:
             daemon=True,
         )
         self._process.start()
+        self._pid = self._process.pid
         child_conn.close()
         self._conn = conn
         decode = ipc.server_codec().decode
@@ -302,9 +335,12 @@ class RemoteEngine:
         if isinstance(frame, ipc.Failed):
             self._process.join(10)
             self._dead = True
+            self.exit_code = self._process.exitcode
+            self._release()
             raise frame.error
         assert isinstance(frame, ipc.Ready), frame
         self.info = frame.info
+        self._progress = (time.monotonic(), 0.0)
         self._reader = threading.Thread(
             target=self._read,
             args=(decode,),
@@ -322,7 +358,9 @@ class RemoteEngine:
                 raise self._died_loading()
             if time.monotonic() > deadline:
                 self._process.kill()
+                self._process.join(5)
                 self._dead = True
+                self._release()
                 raise LoadFailed(f"{self.spec.ref} did not load within {self.start_timeout_s} s")
         try:
             return self._conn.recv_bytes()
@@ -333,6 +371,7 @@ class RemoteEngine:
         self._process.join(5)
         self._dead = True
         self.exit_code = self._process.exitcode
+        self._release()
         how = describe_exit(self.exit_code)
         return LoadFailed(f"the engine process for {self.spec.ref} died while loading ({how})")
 
@@ -427,26 +466,52 @@ class RemoteEngine:
 
     def shutdown(self, timeout: float = 10.0) -> None:
         """Stop the process: in-flight requests end CANCELLED, then it exits."""
-        self._stopping = True
+        self._stopping = True  # before `_dead` is read: see `_died`
         if self._process is None:
             return
-        if not self._dead:
+        if not self._dead:  # else the reader has seen the end and releases the process
             with contextlib.suppress(NotReady):
                 self._send(ipc.Stop())
-        self._process.join(timeout)
-        if self._process.is_alive():
-            self._process.terminate()
-            self._process.join(2)
-        if self._process.is_alive():
-            self._process.kill()
-            self._process.join(2)
+            self._process.join(timeout)
+            if self._process.is_alive():
+                self._process.terminate()
+                self._process.join(2)
+            if self._process.is_alive():
+                self._process.kill()
+                self._process.join(2)
         if self._reader is not None and self._reader is not threading.current_thread():
-            self._reader.join(2)
+            self._reader.join(max(timeout, 2))
+        if self._reader is None or not self._reader.is_alive():
+            self._release()
 
-    def kill(self, sig: int = signal.SIGKILL) -> None:
-        """Send `sig` to the process (tests and operators use it to exercise recovery)."""
-        if self._process is not None and self._process.pid:
-            os.kill(self._process.pid, sig)
+    def kill(self, sig: int = signal.SIGKILL, why: str | None = None) -> None:
+        """Send `sig` to the process (the watchdog, and tests exercising recovery); nothing
+        once it is known dead (its pid may belong to another process by then). `why` is
+        what the requests it fails are told."""
+        if self._pid is not None and not self._dead:
+            self._killed_why = why
+            os.kill(self._pid, sig)
+
+    def stalled_s(self) -> float:
+        """How long the engine's current step has run, as far as the server can tell: the
+        step time its last PROGRESS frame reported plus the time since that frame came (a
+        process too stuck to send one counts as stalled for all that time)."""
+        received, busy_s = self._progress
+        since = time.monotonic() - received
+        return busy_s + since if busy_s > 0 else since
+
+    def _release(self) -> None:
+        """Close the pipe and the process's handle (its sentinel pipe) now. A dead engine can
+        stay referenced for a long while (a request's traceback holds it in a cycle) and
+        must not hold three descriptors meanwhile: across restarts they would add up."""
+        with self._release_lock:
+            if self._released:
+                return
+            if self._conn is not None:
+                self._conn.close()
+            if self._process is not None and self._process.exitcode is not None:
+                self._process.close()
+                self._released = True
 
     # ---- the reader thread --------------------------------------------------------------
     def _read(self, decode: Callable[[bytes], Any]) -> None:
@@ -486,6 +551,8 @@ class RemoteEngine:
             self._answered(frame.cid, frame.logprobs)
         elif isinstance(frame, ipc.StatsReply):
             self._answered(frame.cid, frame.stats)
+        elif isinstance(frame, ipc.Progress):
+            self._progress = (time.monotonic(), frame.busy_s)
 
     def _deliver(self, rid: int, event: Event) -> None:
         last = event.finish is not None or event.error is not None
@@ -507,10 +574,14 @@ class RemoteEngine:
             self._process.kill()
             self._process.join(5)
         self.exit_code = self._process.exitcode
+        if not self._stopping:  # else `shutdown` is joining the process: it releases it
+            self._release()
         if self._stopping:
             error: Exception = NotReady("the engine is shutting down")
         else:
             how = describe_exit(self.exit_code)
+            if self._killed_why is not None:
+                how = f"was killed ({self._killed_why})"
             error = NotReady(
                 f"the engine process serving {self.spec.ref} {how}; it is being restarted"
             )

@@ -29,13 +29,19 @@ import logging
 import math
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
-from slimserve.engine.backends.select import Plan, quiet_torch_beside
+from slimserve.engine.backends.select import (
+    PLAN_DTYPES,
+    PLAN_WEIGHTS,
+    Plan,
+    plan_allowed,
+    quiet_torch_beside,
+)
 from slimserve.engine.config import ModelConfig
 from slimserve.engine.machine import fingerprint_digest
 from slimserve.engine.process import ChildSpec, describe_exit, mp_context
@@ -64,6 +70,8 @@ SCORE_GROUP = 9
 #: Each rate is the best of this many timed runs: a machine shared with other work slows
 #: some runs, never speeds one up, so the best run is the least disturbed measurement.
 TIMING_RUNS = 3
+#: The status of a plan whose engine kept crashing by its own fault while it served.
+CRASH_LOOP = "crash-loop"
 #: A single-sequence decode runs on the fewest threads within this fraction of the fastest
 #: count: a core it barely uses is worth more to the server beside it.
 DECODE_THREADS_SLACK = 0.03
@@ -86,6 +94,10 @@ class Verdict:
     decode_threads: int = 0
     #: ... chosen from these rates, tokens/s by thread count (str: a JSON key).
     decode_by_threads: dict[str, float] = field(default_factory=dict)
+    #: Wall-clock time (epoch seconds) after which the verdict no longer holds and the plan
+    #: is qualified again; None: it holds for this machine fingerprint (crash-loop verdicts
+    #: expire, the others change only with the machine, libraries or artifact).
+    expires_at: float | None = None
 
     @property
     def key(self) -> str:
@@ -94,6 +106,24 @@ class Verdict:
     @property
     def ok(self) -> bool:
         return self.status == "ok"
+
+    def expired(self, now: float) -> bool:
+        return self.expires_at is not None and now >= self.expires_at
+
+    def doubt(self, plan: Plan) -> str | None:
+        """Why this cached verdict cannot be taken for `plan` as it stands (None: it can).
+        An "ok" is held to the figures qualification demands, so a file edited to say
+        "ok" cannot serve a plan whose probe never passed."""
+        if Plan.from_dict(self.plan).key != plan.key or self.plan["backend"] != plan.backend:
+            return "it is a verdict on another plan"
+        if not self.ok or plan.trusted:
+            return None
+        figures = (self.ppl_ratio, self.agreement, self.decode_tok_s, self.batch_tok_s)
+        if not all(map(math.isfinite, figures)):
+            return "an ok with non-finite figures"
+        if self.agreement < MIN_AGREEMENT or self.ppl_ratio > MAX_PPL_RATIO or self.speed <= 0:
+            return "an ok whose figures fail qualification"
+        return None
 
     @property
     def speed(self) -> float:
@@ -128,12 +158,96 @@ class Selection:
 
 
 # ---- the cache ----------------------------------------------------------------------------
+#: The cache file's layout version; a file of another layout is ignored (and replaced).
+CACHE_FORMAT = 2
+_NUMBER = {"type": "number"}
+_RATE = {"type": "number", "minimum": 0}
+_THREADS = {"type": "integer", "minimum": 0, "maximum": 4096}
+_PLAN_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "additionalProperties": False,
+    "required": ["backend", "weights", "dtype", "extra_buffers"],
+    "properties": {
+        # A built-in backend, or a plugin's import path: which plugins may run is the
+        # configuration's to say (`select.plan_allowed`), never the file's.
+        "backend": {
+            "type": "string",
+            "maxLength": 256,
+            "pattern": r"^(llamacpp|llama|hf|[A-Za-z_][\w.]*:[A-Za-z_]\w*)$",
+        },
+        "weights": {"enum": [*PLAN_WEIGHTS]},
+        "dtype": {"enum": [*PLAN_DTYPES]},
+        "extra_buffers": {"type": "boolean"},
+        "decode_threads": _THREADS,
+    },
+}
+_VERDICT_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "additionalProperties": False,
+    "required": ["plan", "status"],
+    "properties": {
+        "plan": _PLAN_SCHEMA,
+        "status": {"enum": ["ok", "wrong", "crashed", "failed", CRASH_LOOP]},
+        "reason": {"type": "string", "maxLength": 4096},
+        "ppl_ratio": _NUMBER,
+        "agreement": _NUMBER,
+        "decode_tok_s": _RATE,
+        "batch_tok_s": _RATE,
+        "prefill_tok_s": _RATE,
+        "measured_at": _NUMBER,
+        "decode_threads": _THREADS,
+        "decode_by_threads": {"type": "object", "additionalProperties": _RATE},
+        "expires_at": {"type": ["number", "null"]},
+    },
+}
+#: The cache file, validated whole on every read (jsonschema): an invalid one is ignored.
+CACHE_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "additionalProperties": False,
+    "required": ["format", "surveys", "verdicts"],
+    "properties": {
+        "format": {"const": CACHE_FORMAT},
+        "surveys": {
+            "type": "object",
+            "additionalProperties": {
+                "type": "object",
+                "additionalProperties": False,
+                "required": ["plans", "refused", "trusted"],
+                "properties": {
+                    "plans": {"type": "array", "maxItems": 256, "items": _PLAN_SCHEMA},
+                    "refused": {"type": "object", "additionalProperties": {"type": "string"}},
+                    "trusted": {"type": "object", "additionalProperties": _VERDICT_SCHEMA},
+                },
+            },
+        },
+        "verdicts": {"type": "object", "additionalProperties": _VERDICT_SCHEMA},
+    },
+}
+
+
+def _empty() -> dict[str, Any]:
+    return {"format": CACHE_FORMAT, "surveys": {}, "verdicts": {}}
+
+
+def verdicts_path(registry_root: Path) -> Path:
+    """Where a registry's qualification cache lives (the server's and the CLI's)."""
+    return registry_root / ".qualify" / "verdicts.json"
+
+
 class VerdictCache:
-    """Verdicts in one JSON file, read and written under an exclusive lock."""
+    """Surveys and verdicts in one JSON file, read and written under an exclusive lock.
+
+    The file is data: it is validated against `CACHE_SCHEMA` on every read, and a file that
+    fails (tampered, truncated, of another format) is ignored with one warning, its plans
+    qualified again and the file rewritten. What it holds is checked again where it is used
+    (`Qualifier.select`): a cached plan serves only if the configuration allows it, and an
+    "ok" only if its figures pass the qualification thresholds.
+    """
 
     def __init__(self, path: Path | None) -> None:
         self.path = path
-        self._memory: dict[str, Any] = {}
+        self._memory: dict[str, Any] = _empty()
+        self._warned = False
 
     @contextlib.contextmanager
     def _locked(self) -> Iterator[dict[str, Any]]:
@@ -152,10 +266,7 @@ class VerdictCache:
             return
         with lock:
             fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
-            try:
-                data = json.loads(self.path.read_text()) if self.path.is_file() else {}
-            except ValueError:
-                data = {}
+            data = self._load(self.path)
             before = json.dumps(data, sort_keys=True)
             yield data
             if json.dumps(data, sort_keys=True) != before:
@@ -163,14 +274,60 @@ class VerdictCache:
                 tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
                 tmp.replace(self.path)
 
-    def read(self) -> dict[str, Any]:
-        """Every verdict, read once (under the lock, as another server may be writing)."""
-        with self._locked() as data:
-            return dict(data)
+    def _load(self, path: Path) -> dict[str, Any]:
+        import jsonschema
 
-    def put(self, key: str, value: Any) -> None:
+        if not path.is_file():
+            return _empty()
+        try:
+            data = json.loads(path.read_bytes())
+            jsonschema.validate(data, CACHE_SCHEMA)
+        except (OSError, ValueError, RecursionError, jsonschema.ValidationError) as exc:
+            why = exc.message if isinstance(exc, jsonschema.ValidationError) else str(exc)
+            if not self._warned:
+                log.warning(
+                    "qualification cache %s is invalid (%s): ignored, plans are qualified "
+                    "again and the file rewritten",
+                    path,
+                    why[:200],
+                )
+                self._warned = True
+            return _empty()
+        return data  # type: ignore[no-any-return]
+
+    def read(self) -> dict[str, Any]:
+        """The whole cache, `{"format", "surveys", "verdicts"}`, read once under the lock
+        (another server may be writing)."""
         with self._locked() as data:
-            data[key] = value
+            return json.loads(json.dumps(data))  # type: ignore[no-any-return]
+
+    def put_survey(self, key: str, survey: dict[str, Any]) -> None:
+        with self._locked() as data:
+            data["surveys"][key] = survey
+
+    def put_verdict(self, key: str, verdict: dict[str, Any]) -> None:
+        with self._locked() as data:
+            data["verdicts"][key] = verdict
+
+    def drop(self, keys: Iterable[str]) -> None:
+        with self._locked() as data:
+            for key in keys:
+                data["verdicts"].pop(key, None)
+
+    def clear(self, digest: str | None = None) -> int:
+        """Forget surveys and verdicts (of one artifact's `digest`, or all); how many
+        entries went. The next `serve` qualifies those plans again."""
+        with self._locked() as data:
+            gone = 0
+            for part in ("surveys", "verdicts"):
+                keep = {
+                    k: v
+                    for k, v in data[part].items()
+                    if digest is not None and k.split("/")[1] != digest[:16]
+                }
+                gone += len(data[part]) - len(keep)
+                data[part] = keep
+            return gone
 
 
 #: A plan whose qualification ran past the timeout: not a verdict on the plan (a loaded
@@ -202,41 +359,88 @@ class Qualifier:
             + ",".join(config.load.backend_plugins)
         )
         known = self.cache.read()
-        survey = known.get(survey_key)
+        survey = known["surveys"].get(survey_key)
         if survey is None:
             survey = _run_child(spec, None, self.timeout_s)
             if "error" in survey:
                 from slimserve.engine.ipc import error_from_wire
 
                 raise error_from_wire(survey["error"])
-            self.cache.put(survey_key, survey)
-        plans = [Plan.from_dict(p) for p in survey["plans"]]
+            self.cache.put_survey(survey_key, survey)
+        plans = _allowed(survey["plans"], config)
         refused: dict[str, str] = dict(survey["refused"])
         verdicts: list[Verdict] = []
         for plan in plans:
             key = f"{prefix}/{plan.key}"
-            cached = known.get(key)
-            if cached is not None and Verdict(**cached).stale:
-                cached = None
-            if cached is None:
-                if plan.trusted:
-                    cached = survey["trusted"].get(plan.key) or asdict(
-                        Verdict(plan=plan.to_dict(), status="ok", reason="reference")
-                    )
-                else:
-                    log.info("qualifying %s for %s on this machine", plan.key, spec.ref)
-                    cached = _run_child(spec, plan, self.timeout_s)
-                if cached["status"] != TIMED_OUT:  # a busy machine says nothing of the plan
-                    self.cache.put(key, cached)
-            verdict = Verdict(**cached)
+            verdict = self._cached(known["verdicts"].get(key), plan, survey["trusted"])
+            if verdict is None:
+                verdict = self._qualify(spec, plan, key)
             verdicts.append(verdict)
             log.info("%s %s: %s", spec.ref, plan.key, verdict.summary())
         return choose(plans, verdicts, refused, config)
 
+    def _cached(
+        self, raw: dict[str, Any] | None, plan: Plan, trusted: dict[str, Any]
+    ) -> Verdict | None:
+        """The cached verdict on `plan` if it still holds; None: qualify it now."""
+        if raw is None and plan.trusted:
+            raw = trusted.get(plan.key) or asdict(
+                Verdict(plan=plan.to_dict(), status="ok", reason="reference")
+            )
+        if raw is None:
+            return None
+        verdict = Verdict(**raw)
+        if verdict.expired(time.time()):
+            log.info("%s: the verdict %r expired; qualifying it again", plan.key, verdict.status)
+            return None
+        if verdict.stale:
+            log.info(
+                "%s: cached before decode threads were measured; qualifying it again", plan.key
+            )
+            return None
+        doubt = verdict.doubt(plan)
+        if doubt is not None:
+            log.warning("qualification cache: %s holds %s; qualifying it again", plan.key, doubt)
+            return None
+        return verdict
+
+    def _qualify(self, spec: ChildSpec, plan: Plan, key: str) -> Verdict:
+        if plan.trusted:
+            verdict = Verdict(plan=plan.to_dict(), status="ok", reason="reference")
+        else:
+            log.info("qualifying %s for %s on this machine", plan.key, spec.ref)
+            verdict = Verdict(**_run_child(spec, plan, self.timeout_s))
+        if verdict.status != TIMED_OUT:  # a busy machine says nothing of the plan
+            self.cache.put_verdict(key, asdict(verdict))
+        return verdict
+
     def mark_bad(self, spec: ChildSpec, digest: str, plan: Plan, reason: str) -> None:
+        """Keep `plan` from serving this artifact on this machine for the configuration's
+        `restart.crash_verdict_ttl_s`."""
         config = spec.config
-        verdict = Verdict(plan=plan.to_dict(), status="crash-loop", reason=reason)
-        self.cache.put(f"{_prefix(digest, config, spec.threads)}/{plan.key}", asdict(verdict))
+        verdict = Verdict(
+            plan=plan.to_dict(),
+            status=CRASH_LOOP,
+            reason=reason,
+            expires_at=time.time() + config.restart.crash_verdict_ttl_s,
+        )
+        self.cache.put_verdict(
+            f"{_prefix(digest, config, spec.threads)}/{plan.key}", asdict(verdict)
+        )
+
+
+def _allowed(cached: list[dict[str, Any]], config: ModelConfig) -> list[Plan]:
+    """The surveyed plans the configuration allows: a plugin serves only when the command
+    line or configuration names it, whatever the cache file says."""
+    plans = []
+    for d in cached:
+        plan = Plan.from_dict(d)
+        why = plan_allowed(plan, config)
+        if why is None:
+            plans.append(plan)
+        else:
+            log.warning("qualification cache: ignoring the cached plan %s (%s)", plan.key, why)
+    return plans
 
 
 def choose(
@@ -260,7 +464,10 @@ def choose(
         if v is not best:
             worse = v.ppl_ratio > EQUAL_QUALITY
             refused[v.key] = ("worse: " if worse else "slower: ") + v.summary()
-    chosen = dataclasses.replace(Plan.from_dict(best.plan), decode_threads=best.decode_threads)
+    surveyed = next((p for p in plans if p.key == best.key), None)
+    if surveyed is None:
+        raise ValueError(f"the qualified plan {best.key} is not one of the plans surveyed")
+    chosen = dataclasses.replace(surveyed, decode_threads=best.decode_threads)
     figures = {
         "decode_tokens_per_s": best.decode_tok_s,
         "batch_tokens_per_s": best.batch_tok_s,

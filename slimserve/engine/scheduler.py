@@ -193,6 +193,9 @@ class Engine(SpeculativeSteps):
         #: Why the worker loop died, if it did.
         self.failure: BaseException | None = None
         self._thread: threading.Thread | None = None
+        #: When the step now running began (`time.monotonic()`); None while idle. The engine
+        #: process reports it, so a watchdog can tell a stuck step from a quiet engine.
+        self.step_started: float | None = None
         #: How many draft tokens to verify each step (`spec_policy`); None: always all.
         self._policy = policy
 
@@ -376,7 +379,9 @@ class Engine(SpeculativeSteps):
                     or self._prefilling
                     or self._stopping
                 ):
+                    self.step_started = None
                     self._cond.wait()
+                self.step_started = time.monotonic()
                 if self._stopping and not (self._running or self._prefilling):
                     self._drop_waiting(StopReason.CANCELLED)
                     self._scores.fail_all(NotReady("the engine is shutting down"))

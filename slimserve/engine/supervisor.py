@@ -3,22 +3,38 @@
 `SupervisedEngine` answers the same calls as `scheduler.Engine`. When its process dies, the
 requests in flight have already failed (`process.RemoteEngine`), the model's health turns
 NOT_SERVING (`on_state(False)`), and a restart follows with exponential backoff; the model
-serves again once the new process is warm (`on_state(True)`). Crashing `max_crashes` times
-within `crash_window_s` marks the serving plan bad (`on_crash_loop`), and the next restart
-serves by the next qualified plan when the backend is `auto`. Imports no grpc.
+serves again once the new process is warm (`on_state(True)`).
+
+A watchdog thread reads the engine's heartbeat (`RemoteEngine.stalled_s`): a step that runs
+past `step_timeout_s` (a hang in native code, a deadlock) gets the process killed, which
+fails its requests and restarts it like any other death.
+
+Only deaths that are the serving plan's own fault count as crashes: a fatal signal of its
+code (`FAULT_SIGNALS`) or a hung step. An operator's SIGTERM or SIGKILL and the kernel's OOM
+killer (a SIGKILL too) restart the engine but say nothing of the plan. `max_crashes` such
+crashes within `crash_window_s` mark the plan bad (`on_crash_loop`, a verdict that expires),
+and the next restart serves by the next qualified plan when the backend is `auto`. Imports
+no grpc.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
 import logging
+import signal
 import threading
 import time
 from collections.abc import Callable
 
 from slimserve.engine.config import RestartConfig
 from slimserve.engine.errors import NotReady
-from slimserve.engine.process import ChildSpec, RemoteEngine, RemoteHandle, describe_exit
+from slimserve.engine.process import (
+    ChildSpec,
+    RemoteEngine,
+    RemoteHandle,
+    describe_exit,
+    progress_interval,
+)
 from slimserve.engine.types import (
     EngineInfo,
     EngineStats,
@@ -33,6 +49,23 @@ from slimserve.engine.types import (
 )
 
 log = logging.getLogger(__name__)
+
+#: Signals that end a process for a fault of its own code: the plan's, not the operator's.
+FAULT_SIGNALS = frozenset(
+    {signal.SIGSEGV, signal.SIGBUS, signal.SIGILL, signal.SIGFPE, signal.SIGABRT}
+)
+
+
+def plan_fault(code: int | None) -> str | None:
+    """The fault signal's name if exit `code` is a death by one, else None (an exit of its
+    own, SIGKILL, SIGTERM, SIGINT...: an operator, an OOM kill or a shutdown)."""
+    if code is None or code >= 0:
+        return None
+    try:
+        sig = signal.Signals(-code)
+    except ValueError:
+        return None
+    return sig.name if sig in FAULT_SIGNALS else None
 
 
 class SupervisedEngine:
@@ -55,10 +88,14 @@ class SupervisedEngine:
         self.info: EngineInfo
         self._current: RemoteEngine | None = None
         self._lock = threading.Lock()
-        self._crashes: list[float] = []
+        #: (when, how) of each crash of the plan's fault within the window.
+        self._crashes: list[tuple[float, str]] = []
         self._last_exit = ""
         self._stopping = threading.Event()
         self._restarter: threading.Thread | None = None
+        #: The engine the watchdog killed for a hung step (its death is then the plan's).
+        self._hung: RemoteEngine | None = None
+        self._watchdog: threading.Thread | None = None
 
     # ---- lifecycle ----------------------------------------------------------------------
     def start(self) -> EngineInfo:
@@ -68,6 +105,11 @@ class SupervisedEngine:
         engine = RemoteEngine(spec, on_exit=self._exited)
         self.info = engine.start()
         self._current = engine
+        if self.policy.step_timeout_s > 0:
+            self._watchdog = threading.Thread(
+                target=self._watch, name="slimserve-engine-watchdog", daemon=True
+            )
+            self._watchdog.start()
         return self.info
 
     @property
@@ -127,6 +169,26 @@ class SupervisedEngine:
     def occupancy(self) -> Occupancy:
         return self._engine().occupancy()
 
+    # ---- the watchdog -------------------------------------------------------------------
+    def _watch(self) -> None:
+        limit = self.policy.step_timeout_s
+        while not self._stopping.wait(progress_interval(limit)):
+            engine = self._current
+            if engine is None or not engine.alive or engine is self._hung:
+                continue
+            stalled = engine.stalled_s()
+            if stalled > limit:
+                log.error(
+                    "engine for %s (pid %s): a step has run %.1f s, over the limit of %.0f s; "
+                    "killing it to restart",
+                    self.ref,
+                    engine.pid,
+                    stalled,
+                    limit,
+                )
+                self._hung = engine
+                engine.kill(signal.SIGKILL, why=f"a step ran over {limit:g} s")
+
     # ---- crashes ------------------------------------------------------------------------
     def _exited(self, engine: RemoteEngine, code: int | None) -> None:
         """Called on the dead engine's reader thread."""
@@ -137,23 +199,34 @@ class SupervisedEngine:
                 self._current = None
         if self.on_state is not None:
             self.on_state(False)
-        self._crashed(engine.spec, describe_exit(code))
+        how = describe_exit(code)
+        if engine is self._hung:
+            how = f"hung (a step ran over {self.policy.step_timeout_s:g} s)"
+            self._crashed(engine.spec, how)
+        elif plan_fault(code) is not None:
+            self._crashed(engine.spec, how)
+        else:  # an operator, the OOM killer or an exit of its own: restarted, not counted
+            self._last_exit = how
+            log.warning("engine for %s %s: restarting (not counted as a crash)", self.ref, how)
         self._restarter = threading.Thread(
             target=self._restart, name="slimserve-engine-restart", daemon=True
         )
         self._restarter.start()
 
     def _crashed(self, spec: ChildSpec, how: str) -> None:
-        """Count a crash (while serving or while restarting); a loop marks the plan bad."""
+        """Count a crash of the plan's fault (while serving or restarting); `max_crashes`
+        within the window mark the plan bad."""
         self._last_exit = how
         now = time.monotonic()
+        window = self.policy.crash_window_s
         with self._lock:
-            self._crashes = [t for t in self._crashes if now - t < self.policy.crash_window_s]
-            self._crashes.append(now)
-            crashes = len(self._crashes)
-        if crashes >= self.policy.max_crashes and self.on_crash_loop is not None:
-            window = self.policy.crash_window_s
-            self.on_crash_loop(spec, f"{crashes} crashes within {window:.0f} s, the last {how}")
+            self._crashes = [(t, h) for t, h in self._crashes if now - t < window]
+            self._crashes.append((now, how))
+            crashes = [h for _, h in self._crashes]
+        if len(crashes) >= self.policy.max_crashes and self.on_crash_loop is not None:
+            self.on_crash_loop(
+                spec, f"{len(crashes)} crashes within {window:g} s: {'; '.join(crashes)}"
+            )
             with self._lock:
                 self._crashes.clear()
 
@@ -171,7 +244,7 @@ class SupervisedEngine:
                 attempt += 1
                 log.error("restarting the engine for %s failed: %s", spec.ref, exc)
                 code = engine.exit_code
-                if code is not None:  # it died again: a crash like any other
+                if plan_fault(code) is not None:  # it crashed again, loading or warming up
                     self._crashed(spec, describe_exit(code))
                 continue
             with self._lock:

@@ -72,12 +72,28 @@ def validate_alias(alias: str) -> str:
     return alias
 
 
+def is_version_number(ref: str) -> bool:
+    """Whether `ref` names a version by number: ASCII digits only. `str.isdigit` alone
+    would take "²" or "٣", which `int` then refuses or reads as another number."""
+    return ref.isascii() and ref.isdigit()
+
+
 def parse_model_ref(text: str) -> tuple[str, str]:
-    """Split ``name[@ref]`` into (name, ref); ref is '' when absent."""
+    """Split ``name[@ref]`` into (name, ref); ref is '' when absent.
+
+    Raises:
+        InvalidName: the name, or a ref that is neither a version number nor an alias.
+    """
     name, _, ref = text.partition("@")
     validate_name(name)
-    if ref and not ref.isdigit() and ref != "latest":
-        validate_alias(ref)
+    if ref and not is_version_number(ref) and ref != "latest":
+        try:
+            validate_alias(ref)
+        except InvalidName:
+            raise InvalidName(
+                f"invalid ref {ref!r} in {text!r}: a version number (ASCII digits), "
+                "'latest' or an alias (a-z, 0-9, '-', starting with a letter)"
+            ) from None
     return name, ref
 
 
@@ -200,7 +216,9 @@ class Registry:
         base = self._name_dir(name)
         if not base.is_dir():
             return []
-        return sorted(int(p.name) for p in base.iterdir() if p.name.isdigit() and p.is_dir())
+        return sorted(
+            int(p.name) for p in base.iterdir() if is_version_number(p.name) and p.is_dir()
+        )
 
     def aliases(self, name: str) -> dict[str, int]:
         if self.version_dir:
@@ -208,8 +226,11 @@ class Registry:
         path = self._name_dir(name) / ALIASES
         if not path.is_file():
             return {}
-        data = json.loads(path.read_text())
-        return {str(k): int(v) for k, v in data.items()}
+        try:
+            data = json.loads(path.read_text())
+            return {validate_alias(str(k)): int(v) for k, v in data.items()}
+        except (ValueError, TypeError, AttributeError) as exc:  # InvalidName is a ValueError
+            raise IntegrityError(f"{name}: {ALIASES} is not a map of aliases to versions") from exc
 
     def resolve(self, name: str, ref: str = "") -> int:
         """The version that `ref` (number, alias, 'latest' or '') names.
@@ -222,7 +243,7 @@ class Registry:
             raise ModelNotFound(f"no model named {name!r} in registry {self.root}")
         if ref in ("", "latest"):
             return versions[-1]
-        if ref.isdigit():
+        if is_version_number(ref):
             if int(ref) not in versions:
                 raise ModelNotFound(
                     f"{name} has no version {ref} (versions: {', '.join(map(str, versions))})"
@@ -248,7 +269,10 @@ class Registry:
             if not manifest_path.is_file():
                 raise IntegrityError(f"{name}@{version}: {MANIFEST} is missing")
             raw = manifest_path.read_bytes()
-            manifest = json.loads(raw)
+            try:
+                manifest = json.loads(raw)
+            except ValueError as exc:
+                raise IntegrityError(f"{name}@{version}: {MANIFEST} is not valid JSON") from exc
         return Artifact(
             name=name,
             version=version,

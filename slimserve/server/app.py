@@ -13,8 +13,11 @@ once they have said NOT_SERVING (`DrainingHealth`), so they never hold the stop.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import errno
 import logging
 import signal
+import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -192,6 +195,58 @@ class Server:
         await asyncio.to_thread(self.models.shutdown)
 
 
+class BindError(OSError):
+    """A port the server was told to listen on cannot be had (in use, not permitted)."""
+
+    def __init__(self, code: int | None, message: str) -> None:
+        super().__init__(message)  # str() is the message alone, without "[Errno N]"
+        self.errno = code
+
+
+def _probe(what: str, host: str, port: int) -> None:
+    """Bind `host:port` for a moment, as the listener will, and say why it cannot be had.
+    Raises BindError naming `what`, the address and the reason (in use, permission)."""
+    if port == 0:
+        return
+    bare = host.strip("[]")
+    family = socket.AF_INET6 if ":" in bare else socket.AF_INET
+    try:
+        socket.create_server((bare, port), family=family).close()
+    except OSError as exc:
+        raise BindError(exc.errno, _bind_message(what, host, port, exc)) from None
+
+
+def _bind_message(what: str, host: str, port: int, exc: OSError) -> str:
+    if exc.errno == errno.EADDRINUSE:
+        why = "the port is in use by another process (pick another port, or stop it)"
+    else:
+        why = exc.strerror or str(exc)
+    return f"cannot listen for {what} on {host}:{port}: {why}"
+
+
+async def _listen(what: str, host: str, port: int, start: Callable[[], object]) -> None:
+    try:
+        await asyncio.to_thread(start)
+    except OSError as exc:
+        raise BindError(exc.errno, _bind_message(what, host, port, exc)) from None
+
+
+def _bind_grpc(grpc_server: grpc.aio.Server, config: ServerConfig) -> int:
+    """Bind the gRPC port; BindError with one clear line when it cannot be had."""
+    address = f"{config.host}:{config.port}"
+    _probe("gRPC", config.host, config.port)  # the reason, which gRPC's error does not give
+    try:
+        if config.tls is not None:
+            port = grpc_server.add_secure_port(address, _credentials(config.tls))
+        else:
+            port = grpc_server.add_insecure_port(address)
+    except RuntimeError:  # taken between the probe and now
+        port = 0
+    if port == 0:
+        raise BindError(errno.EADDRINUSE, f"cannot listen for gRPC on {address}")
+    return int(port)
+
+
 def _credentials(tls: TlsConfig) -> grpc.ServerCredentials:
     client_ca = tls.client_ca.read_bytes() if tls.client_ca else None
     return grpc.ssl_server_credentials(
@@ -242,6 +297,9 @@ async def build_server(
             ("grpc.max_receive_message_length", limits.transport_message_bytes),
             ("grpc.max_send_message_length", limits.transport_message_bytes),
             *config.connections.grpc_options(),
+            # Off, so that binding a port another process holds fails instead of sharing
+            # it: a second server must never take half of the first one's connections.
+            ("grpc.so_reuseport", 0),
         ],
     )
     generation = Generation(models, limits, metrics)
@@ -255,26 +313,31 @@ async def build_server(
     reflection.enable_server_reflection(
         (*SERVICES, health.SERVICE_NAME, reflection.SERVICE_NAME), grpc_server
     )
-    address = f"{config.host}:{config.port}"
-    if config.tls is not None:
-        port = grpc_server.add_secure_port(address, _credentials(config.tls))
-    else:
-        port = grpc_server.add_insecure_port(address)
-    if port == 0:
-        raise OSError(f"could not bind {address}")
-    if config.metrics_port is not None:
-        metrics.serve(config.host, config.metrics_port)
-        log.info("metrics on http://%s:%d/metrics", config.host, metrics.port)
+    port = _bind_grpc(grpc_server, config)
     loop = asyncio.get_running_loop()
     server = Server(
         config, grpc_server, port, health_servicer, models, metrics, in_flight, loop, generation
     )
     holder.append(server)
-    for name in ("", *SERVICES):
-        await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
-    await grpc_server.start()
-    if config.http_port is not None:
-        server.http = await _start_http(server)
+    try:
+        if config.metrics_port is not None:
+            host, token = config.metrics_host, config.metrics_token
+            await _listen(
+                "metrics",
+                host,
+                config.metrics_port,
+                lambda: metrics.serve(host, config.metrics_port or 0, token=token),
+            )
+            log.info("metrics on http://%s:%d/metrics", config.metrics_host, metrics.port)
+        for name in ("", *SERVICES):
+            await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+        await grpc_server.start()
+        if config.http_port is not None:
+            server.http = await _start_http(server)
+    except BaseException:
+        await grpc_server.stop(0)
+        await asyncio.to_thread(metrics.close)
+        raise
     if load:
         models.loading = True
         server.load_task = asyncio.create_task(server.load_configured())
@@ -290,10 +353,33 @@ async def _start_http(server: Server) -> Any:
         answer = await server.health.Check(request, None)  # "" always has a status
         return bool(answer.status == health_pb2.HealthCheckResponse.SERVING)
 
+    from slimserve.server.openai.guard import guard
+
     config = server.config
-    routes = OpenAIApp(server.generation, config, server.in_flight, ready)
-    door = HttpDoor(routes.app(), config.host, config.http_port or 0, config.tls)
-    await door.start()
+    routes = OpenAIApp(server.generation, config, server.in_flight, ready).app()
+    # The name the door was bound by is one its clients use (an address passes anyway).
+    bound = config.host.strip("[]")
+    transport = dataclasses.replace(config.http, allowed_hosts=(*config.http.allowed_hosts, bound))
+    guarded = guard(
+        routes,
+        transport,
+        max_body_bytes=config.limits.max_message_bytes,
+        on_refused=server.metrics.http,
+        routes=tuple(str(getattr(r, "path", "")) for r in routes.routes),
+    )
+    door = HttpDoor(
+        guarded,
+        config.host,
+        config.http_port or 0,
+        config.tls,
+        transport=transport,
+        on_refused=server.metrics.http,
+    )
+    try:
+        await door.start()
+    except OSError as exc:
+        message = _bind_message("HTTP", config.host, config.http_port or 0, exc)
+        raise BindError(exc.errno, message) from None
     return door
 
 

@@ -126,6 +126,47 @@ def _ms(seconds: float) -> int:
     return max(1, round(seconds * 1000)) if seconds > 0 else 0
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class HttpTransport:
+    """What the OpenAI-compatible HTTP door accepts before a route sees a request
+    (`server.openai.guard`): who may address it, how fast a client must send, how many
+    connections may be open."""
+
+    #: Host names (beyond loopback names and IP literals, always allowed) a request's `Host`
+    #: may carry: exact names or `*.suffix`; `*` allows any (DNS rebinding protection off).
+    allowed_hosts: tuple[str, ...] = ()
+    #: Origins whose pages may call the door (CORS); empty = CORS off.
+    cors_origins: tuple[str, ...] = ()
+    #: Seconds a request's headers may take to arrive, from the connection's start or the
+    #: previous response's end; then 408 and the connection closes.
+    header_timeout_s: float = 10.0
+    #: Seconds a request's body may take to arrive once its headers are in; then 408.
+    body_timeout_s: float = 60.0
+    #: Seconds an idle kept-alive connection stays open between requests.
+    idle_timeout_s: float = 5.0
+    #: Open connections at most; one more is answered 503 and closed.
+    max_connections: int = 512
+    #: Bytes of request line and headers at most (431 beyond).
+    max_header_bytes: int = 64 * 1024
+
+    def __post_init__(self) -> None:
+        for name in ("header_timeout_s", "body_timeout_s", "idle_timeout_s"):
+            value = getattr(self, name)
+            if not 0 < value <= 86400:  # NaN fails too
+                raise ValueError(f"{name} must be in (0, 86400] s, got {value}")
+        if self.max_connections < 1 or self.max_header_bytes < 1024:
+            raise ValueError(
+                "max_connections must be >= 1 and max_header_bytes >= 1024, got "
+                f"{self.max_connections} and {self.max_header_bytes}"
+            )
+        for host in self.allowed_hosts:
+            if not host or any(c.isspace() or c in "/@:" for c in host):
+                raise ValueError(f"allowed host {host!r} must be a bare name, *.suffix or *")
+        for origin in self.cors_origins:
+            if origin != "*" and not origin.startswith(("http://", "https://")):
+                raise ValueError(f"CORS origin {origin!r} must be http(s)://host[:port] or *")
+
+
 #: The principal the access log names for a call that presented no valid token.
 ANONYMOUS = "anonymous"
 #: A token's label in the access log: a letter, then letters, digits, `.`, `_` or `-`.
@@ -250,11 +291,18 @@ class ServerConfig:
     grace_s: float = 10.0
     auth: AuthConfig = field(default_factory=AuthConfig)
     tls: TlsConfig | None = None
-    #: Prometheus metrics over HTTP on `host`; None = off, 0 = any free port.
+    #: Prometheus metrics over HTTP on `metrics_host`; None = off, 0 = any free port.
     metrics_port: int | None = None
+    #: Where metrics listen: loopback unless asked (they name models and their load).
+    metrics_host: str = "127.0.0.1"
+    #: A bearer token a scrape must present (`Authorization: Bearer ...`); None = none. The
+    #: exporter speaks plain HTTP: off loopback, keep its port inside a trusted network.
+    metrics_token: str | None = field(default=None, repr=False)
     #: The OpenAI-compatible HTTP door on `host` (docs/openai.md); None = off, 0 = any free
     #: port. Same tokens, TLS, limits and engines as gRPC.
     http_port: int | None = None
+    #: The HTTP door's transport limits: Host allow-list, CORS, timeouts, connection cap.
+    http: HttpTransport = field(default_factory=HttpTransport)
     #: Without admin tokens, let every caller that may generate also load and unload models
     #: (development). False: model control needs an admin token.
     allow_model_control: bool = False
@@ -278,6 +326,10 @@ class ServerConfig:
                 f"port, metrics_port and http_port must differ, got {self.port}, "
                 f"{self.metrics_port} and {self.http_port}"
             )
+        if self.metrics_token is not None and (
+            len(self.metrics_token) < 16 or any(c.isspace() for c in self.metrics_token)
+        ):
+            raise ValueError("the metrics token must be at least 16 characters without whitespace")
         if self.grace_s < 0:
             raise ValueError(f"grace_s must be >= 0, got {self.grace_s}")
         if self.threads < 0:

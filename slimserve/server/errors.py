@@ -3,8 +3,10 @@
 Every door answers a domain error the way this table says: gRPC (and KServe, which is
 gRPC) with a status code, the OpenAI HTTP door with a status, an OpenAI error `type` and
 `code`, and a `retry-after` for the kinds worth retrying. First match wins; anything not in
-the table is an internal error, logged with its traceback and sent without its message
-(which may hold anything).
+the table is an internal error, logged with its traceback. An internal error, and an
+engine's failure, reaches the client as "internal error (request id X)" only: the detail
+(which may hold anything: a native library's words, a path) is the server log's, under
+that request id (`report`).
 
 A door's own refusals (a bad bearer token, a body too large, a client gone) are its own
 business (`server/openai/errors.py`, the gRPC interceptor); what the engine and the
@@ -13,6 +15,7 @@ door-neutral layer raise is all here.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import grpc
@@ -28,6 +31,9 @@ from slimserve.engine.errors import (
     UnknownModel,
 )
 from slimserve.registry.errors import IntegrityError, RegistryError
+from slimserve.server.logs import REQUEST_ID
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,7 +64,10 @@ ERRORS: tuple[tuple[type[BaseException], Kind], ...] = (
     (NotReady, Kind(grpc.StatusCode.UNAVAILABLE, 503, "service_unavailable", "not_ready", 1)),
     (IntegrityFailure, Kind(grpc.StatusCode.DATA_LOSS, 500, "server_error", "data_loss")),
     (DeadlineExpired, Kind(grpc.StatusCode.DEADLINE_EXCEEDED, 504, "timeout_error")),
-    (EngineFailure, Kind(grpc.StatusCode.INTERNAL, 500, "server_error", "engine_failure")),
+    (
+        EngineFailure,
+        Kind(grpc.StatusCode.INTERNAL, 500, "server_error", "engine_failure", exposed=False),
+    ),
     (IntegrityError, Kind(grpc.StatusCode.DATA_LOSS, 500, "server_error", "data_loss")),
     (LoadFailed, Kind(grpc.StatusCode.FAILED_PRECONDITION, 500, "server_error", "load_failed")),
     # Other registry errors (a bad name or alias in a request) are the caller's to fix.
@@ -100,5 +109,18 @@ def message(exc: BaseException, names: dict[str, str]) -> str:
     if isinstance(exc, InvalidRequest):
         return f"{rename(exc.field, names)}: {exc.reason}"
     if not kind_of(exc).exposed:
-        return f"internal error: {type(exc).__name__}"
+        return f"internal error (request id {REQUEST_ID.get() or '-'})"
     return str(exc)
+
+
+def report(exc: BaseException) -> None:
+    """Log an error whose detail the client is not sent (`Kind.exposed` false), with the
+    request id the client was given: an engine's failure as one line, anything else (a
+    bug) with its traceback. Nothing for the other kinds."""
+    if kind_of(exc).exposed:
+        return
+    rid = REQUEST_ID.get() or "-"
+    trace = None if isinstance(exc, EngineFailure) else exc
+    log.error(
+        "internal error (request id %s): %s: %s", rid, type(exc).__name__, exc, exc_info=trace
+    )

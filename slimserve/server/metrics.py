@@ -13,10 +13,15 @@ so neither door's codes change the other's labels).
 
 from __future__ import annotations
 
+import hmac
+import socket
+import threading
 from collections.abc import Iterator
+from socketserver import ThreadingMixIn
 from typing import TYPE_CHECKING, Any
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Histogram, make_wsgi_app
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
@@ -168,6 +173,7 @@ class Metrics:
         )
         r.register(_EngineCollector(models))
         self._http: Any = None
+        self._thread: threading.Thread | None = None
         self.port: int | None = None
 
     @staticmethod
@@ -205,10 +211,21 @@ class Metrics:
         """One request to the HTTP door (the gRPC door counts in `rpcs`)."""
         self.http_requests.labels(route, str(status)).inc()
 
-    def serve(self, host: str, port: int) -> int:
-        """Start the HTTP exporter on a daemon thread; returns the bound port."""
-        self._http, _ = start_http_server(port, addr=host, registry=self.registry)
-        self.port = int(self._http.server_port)
+    def serve(self, host: str, port: int, *, token: str | None = None) -> int:
+        """Start the HTTP exporter on a daemon thread; returns the bound port. With `token`,
+        a scrape must send `Authorization: Bearer <token>` (401 otherwise)."""
+        app = make_wsgi_app(self.registry)
+        if token is not None:
+            app = _bearer(app, token)
+        server = make_server(
+            host.strip("[]"), port, app, _Exporter6 if ":" in host else _Exporter, _Quiet
+        )
+        self._http = server
+        self._thread = threading.Thread(
+            target=server.serve_forever, name="slimserve-metrics", daemon=True
+        )
+        self._thread.start()
+        self.port = int(server.server_port)
         return self.port
 
     def close(self) -> None:
@@ -216,3 +233,36 @@ class Metrics:
             self._http.shutdown()
             self._http.server_close()
             self._http = None
+
+
+class _Exporter(ThreadingMixIn, WSGIServer):
+    """prometheus_client's own exporter is a threading wsgiref server too; this one lets
+    `serve` put the token check in front of its WSGI app."""
+
+    daemon_threads = True
+
+
+class _Exporter6(_Exporter):
+    address_family = socket.AF_INET6
+
+
+class _Quiet(WSGIRequestHandler):
+    def log_message(self, format: str, *args: Any) -> None:
+        pass  # no line per scrape on stderr
+
+
+def _bearer(app: Any, token: str) -> Any:
+    """`app` for callers presenting the bearer `token` only (compared in constant time)."""
+    expected = f"Bearer {token}".encode()
+
+    def checked(environ: dict[str, Any], start_response: Any) -> Any:
+        sent = environ.get("HTTP_AUTHORIZATION", "").encode("latin-1")
+        if hmac.compare_digest(sent, expected):
+            return app(environ, start_response)
+        start_response(
+            "401 Unauthorized",
+            [("Content-Type", "text/plain"), ("WWW-Authenticate", 'Bearer realm="metrics"')],
+        )
+        return [b"a bearer token is required (--metrics-token-file)\n"]
+
+    return checked

@@ -9,7 +9,6 @@ from typing import Any, NoReturn, TypeVar
 
 import grpc
 
-from slimserve.engine.errors import EngineFailure
 from slimserve.engine.loader import LoadedModel
 from slimserve.engine.manager import ModelManager
 from slimserve.server import convert, errors, logs
@@ -36,10 +35,7 @@ async def _abort(
     if isinstance(exc, grpc.aio.AbortError):
         raise exc  # already a status
     kind = errors.kind_of(exc)
-    if not kind.exposed:
-        log.error("internal error", exc_info=exc)
-    elif isinstance(exc, EngineFailure):  # our own words, naming the model: safe to send
-        log.error("engine failure: %s", exc)
+    errors.report(exc)  # an internal error's detail: the log's, with the request id
     await context.abort(kind.grpc, errors.message(exc, convert.fields_of(request)))
     raise AssertionError("unreachable")  # context.abort raises
 

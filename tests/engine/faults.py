@@ -62,6 +62,12 @@ class _CrashOnTrigger(_Wrapped):
             os.kill(os.getpid(), signal.SIGSEGV)
         return self.inner.prefill(slot, token_ids)  # type: ignore[no-any-return]
 
+    def forward(self, feeds: list[Any]) -> torch.Tensor:
+        """The chunked-prefill path: a step that feeds a prompt chunk crashes too."""
+        if self.trigger.exists() and any(len(f.tokens) > 1 for f in feeds):
+            os.kill(os.getpid(), signal.SIGSEGV)
+        return self.inner.forward(feeds)  # type: ignore[no-any-return]
+
 
 def abort_at_load(model: Any, config: Any, max_seq_len: int, tokenizer_json: Path | None) -> Any:
     os.abort()
@@ -412,3 +418,46 @@ def controlled(model: Any, config: Any, max_seq_len: int, tokenizer_json: Path |
 
 #: The import path a config names the controlled backend by.
 CONTROLLED = "tests.engine.faults:controlled"
+
+
+def hang_trigger(registry_root: Path) -> Path:
+    """A `hang_on_trigger` backend's next decode step removes this file and never ends."""
+    return registry_root / "hang-trigger"
+
+
+class _HangOnTrigger(_Wrapped):
+    """Decodes as the reference does until the trigger file appears; then one step hangs
+    for good (a deadlock in a kernel). The step takes the trigger, so a restart serves."""
+
+    def __init__(self, inner: Any, name: str, trigger: Path) -> None:
+        super().__init__(inner, name)
+        self.trigger = trigger
+
+    def _maybe_hang(self) -> None:
+        import time
+
+        try:
+            self.trigger.unlink()
+        except FileNotFoundError:
+            return
+        while True:
+            time.sleep(3600)
+
+    def decode(self, slots: list[int], token_ids: list[int]) -> Any:
+        self._maybe_hang()
+        return self.inner.decode(slots, token_ids)
+
+    def decode_view(self, slots: list[int], token_ids: list[int]) -> Any:
+        self._maybe_hang()
+        return getattr(self.inner, "decode_view", self.inner.decode)(slots, token_ids)
+
+    def forward(self, feeds: list[Any]) -> Any:
+        if any(len(f.tokens) == 1 for f in feeds):  # a decode step (chunked-prefill path)
+            self._maybe_hang()
+        return self.inner.forward(feeds)
+
+
+def hang_on_trigger(model: Any, config: Any, max_seq_len: int, tokenizer_json: Path | None) -> Any:
+    assert tokenizer_json is not None  # <root>/<name>/<version>/tokenizer.json
+    inner = _llama(model, config, max_seq_len, tokenizer_json)
+    return _HangOnTrigger(inner, "fault-hang-on-trigger", hang_trigger(tokenizer_json.parents[2]))

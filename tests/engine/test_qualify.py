@@ -85,7 +85,7 @@ def test_crashing_and_wrong_backends_are_refused_and_auto_serves_a_qualified_pla
     finally:
         again.shutdown()
     cache = json.loads((registry / ".qualify" / "verdicts.json").read_text())
-    assert any(key.endswith(f"{FAULTS}:wrong_logits/float32") for key in cache)
+    assert any(key.endswith(f"{FAULTS}:wrong_logits/float32") for key in cache["verdicts"])
 
 
 def _verdict(plan: Plan, ratio: float, speed: float, status: str = "ok") -> Verdict:
@@ -134,7 +134,7 @@ def test_a_plan_that_times_out_is_refused_now_and_qualified_again_later(registry
     key = f"{FAULTS}:hang_at_load/float32"
     assert info.refused[key].startswith("timed-out")
     assert not info.plan.startswith(FAULTS)
-    assert not any(k.endswith(key) for k in cache.read())
+    assert not any(k.endswith(key) for k in cache.read()["verdicts"])
 
 
 def test_a_single_sequence_decodes_on_the_fewest_threads_that_measure_fastest() -> None:

@@ -7,6 +7,7 @@ backend that crashes (`tests.engine.faults`), and checks what the server side se
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -21,6 +22,7 @@ import pytest
 from slimserve.engine.config import ModelConfig
 from slimserve.engine.errors import LoadFailed, NotReady
 from slimserve.engine.manager import ModelManager
+from slimserve.engine.qualify import verdicts_path
 from slimserve.engine.types import Event, GenerationRequest, Prompt, SamplingParams, StopParams
 from slimserve.registry.store import Registry
 from tests.engine.faults import trigger_file
@@ -135,27 +137,48 @@ def test_a_backend_that_aborts_while_loading_is_a_load_failure(registry: Path) -
         manager.shutdown()
 
 
-def test_a_crash_loop_marks_the_plan_bad_and_auto_moves_on(registry: Path) -> None:
+def test_only_the_plans_own_crashes_mark_it_bad_and_the_verdict_expires(registry: Path) -> None:
+    """Before: any three deaths in 5 minutes (an operator's kills, the OOM killer) marked the
+    plan crash-loop in the verdict cache for good."""
     plugin = "tests.engine.faults:crash_on_trigger"
-    config = _config(dtype="float32", backend_plugins=(plugin,), max_crashes=2)
+    config = _config(
+        dtype="float32", backend_plugins=(plugin,), max_crashes=2, crash_verdict_ttl_s=8.0
+    )
     manager = ModelManager(Registry(registry), config)
     try:
         model = manager.load("tiny")
         assert model.info.plan == f"{plugin}/float32"  # qualified, and named: preferred
+        for sig in (signal.SIGKILL, signal.SIGTERM, signal.SIGKILL):  # an operator's, an OOM
+            engine: Any = manager.get("tiny").engine
+            pid = engine.pid
+            engine.kill(sig)
+            _wait(lambda p=pid, e=engine: manager.serving("tiny") and e.pid != p, "restarted?")
+        assert manager.get("tiny").info.plan == f"{plugin}/float32"  # none of them counted
         trigger_file(registry).touch()
         end = _generate(manager)
         assert isinstance(end.error, NotReady) and "SIGSEGV" in str(end.error)
-        # The restart crashes too (its warm-up prefill): the second crash within the window
-        # marks the plan bad, and the restart after it serves by the next qualified plan.
+        # The restart crashes too (its warm-up prefill): the second crash of the plan's own
+        # within the window marks it bad, and the restart after it serves the next plan.
         _wait(lambda: manager.serving("tiny"), "never served again")
         info = manager.get("tiny").info
         assert info.plan != f"{plugin}/float32"
-        assert "crash-loop" in info.refused[f"{plugin}/float32"]
+        why = info.refused[f"{plugin}/float32"]
+        assert why.startswith("crash-loop") and "SIGSEGV" in why and "SIGKILL" not in why
         end = _generate(manager)  # the trigger is still there; the new plan ignores it
         assert end.finish is not None and end.finish.generated_tokens == 8
     finally:
         manager.shutdown()
         trigger_file(registry).unlink(missing_ok=True)
+    verdicts = json.loads(verdicts_path(registry).read_text())["verdicts"]
+    (bad,) = [v for k, v in verdicts.items() if k.endswith(f"{plugin}/float32")]
+    assert bad["status"] == "crash-loop" and time.time() < bad["expires_at"] < time.time() + 9
+    # Once it expires, the plan is qualified again and serves again.
+    time.sleep(max(0.0, bad["expires_at"] - time.time()) + 0.1)
+    again = ModelManager(Registry(registry), config)
+    try:
+        assert again.load("tiny").info.plan == f"{plugin}/float32"
+    finally:
+        again.shutdown()
 
 
 def test_an_in_process_engine_whose_loop_dies_stops_serving(registry: Path) -> None:

@@ -93,7 +93,11 @@ def test_the_server_is_not_serving_while_every_engine_is_down(
         wait_until(lambda: c.health() == "SERVING", "never came back", 60)
 
 
-def test_a_non_finite_score_is_internal_naming_the_model(tiny_registry: Path) -> None:
+def test_a_non_finite_score_is_internal_the_detail_logged_with_the_request_id(
+    tiny_registry: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The engine's words stay in the log: the client reads a short, generic line that
+    names the request id to look for there."""
     from slimserve.clients import ServerError
 
     config = tiny_server_config(
@@ -103,11 +107,34 @@ def test_a_non_finite_score_is_internal_naming_the_model(tiny_registry: Path) ->
     try:
         with Client(server.target, retries=0, timeout=60) as c:
             assert c.model_info().plan.startswith("tests.engine.faults:nan_scores")
-            with pytest.raises(ServerError, match=r"INTERNAL.*tiny@1.*non-finite"):
-                c.score("is this fraud?", [" yes", " no"])
+            with pytest.raises(ServerError) as err:
+                c.score("is this fraud?", [" yes", " no"], request_id="nan-score-1")
+            assert err.value.code == "INTERNAL"
+            assert err.value.details == "internal error (request id nan-score-1)"
             assert c.generate("hello", max_new_tokens=3).generated_tokens >= 1  # still serving
     finally:
         server.stop()
+    logged = [r.getMessage() for r in caplog.records if "nan-score-1" in r.getMessage()]
+    assert any("tiny@1" in m and "non-finite" in m for m in logged), logged
+
+
+def test_the_http_door_sends_internal_errors_short_and_logs_them_with_the_request_id(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    from slimserve.engine.errors import EngineFailure
+    from slimserve.server import logs
+    from slimserve.server.openai.errors import error_body
+
+    token = logs.REQUEST_ID.set("http-rid-7")
+    try:
+        for exc in (EngineFailure("tiny@1: non-finite scores"), KeyError("/srv/secret/path")):
+            status, body = error_body(exc)
+            assert status.http == 500
+            assert body["error"]["message"] == "internal error (request id http-rid-7)"
+    finally:
+        logs.REQUEST_ID.reset(token)
+    logged = " ".join(r.getMessage() for r in caplog.records)
+    assert "http-rid-7" in logged and "non-finite" in logged and "/srv/secret/path" in logged
 
 
 def test_unloading_the_last_model_turns_health_not_serving(tiny_registry: Path) -> None:

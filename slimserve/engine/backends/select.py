@@ -21,9 +21,9 @@ import logging
 from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, get_args
 
-from slimserve.engine.config import ModelConfig
+from slimserve.engine.config import GgufWeights, ModelConfig
 from slimserve.engine.machine import cpu_info, llamacpp_build_problem
 from slimserve.registry.artifact import ArtifactWeights
 
@@ -79,6 +79,12 @@ class _DequantizedStateDict(Mapping[str, "torch.Tensor"]):
         return len(self._sd)
 
 
+#: Every value a plan's `weights` and `dtype` can take (a cached plan is held to them).
+PLAN_WEIGHTS = (*(w for w in get_args(GgufWeights) if w != "auto"), "int8", "none")
+PLAN_DTYPES = ("float32", "bfloat16", "float16")
+BUILTIN_BACKENDS = ("llamacpp", "llama", "hf")
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Plan:
     """One way to serve an artifact."""
@@ -121,6 +127,22 @@ class Plan:
             extra_buffers=bool(d.get("extra_buffers", False)),
             decode_threads=int(str(d.get("decode_threads", 0))),
         )
+
+
+def plan_allowed(plan: Plan, config: ModelConfig) -> str | None:
+    """Why `config` does not allow `plan` (None: it does). Code runs only by the
+    configuration's word: a plugin plan must be one of `config.load.backend_plugins`, a
+    built-in one of the backends `config.load.backend` names."""
+    load = config.load
+    if plan.backend not in BUILTIN_BACKENDS:
+        if plan.backend not in load.backend_plugins:
+            return f"the plugin {plan.backend!r} is not among the configured backend plugins"
+        return None
+    if load.backend not in ("auto", plan.backend):
+        return f"the configured backend is {load.backend}"
+    if plan.weights not in PLAN_WEIGHTS or plan.dtype not in PLAN_DTYPES:
+        return f"unknown weights {plan.weights!r} or dtype {plan.dtype!r}"
+    return None
 
 
 def _gguf_weights(config: ModelConfig, scheme: str | None, dtype: str) -> str:
@@ -229,6 +251,9 @@ def build_backend(
 def _build(
     plan: Plan, model: Any, config: ModelConfig, max_seq_len: int, tokenizer_json: Path | None
 ) -> Backend:
+    refused = plan_allowed(plan, config)
+    if refused is not None:  # never import a path the configuration did not name
+        raise ValueError(f"plan {plan.key}: {refused}")
     import torch
 
     from slimserve.engine.backends import llama, llamacpp

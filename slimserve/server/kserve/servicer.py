@@ -30,7 +30,7 @@ import grpc
 from grpc_health.v1 import health_pb2
 
 from slimserve import __version__
-from slimserve.engine.errors import EngineFailure, InvalidRequest, NotReady, UnknownModel
+from slimserve.engine.errors import InvalidRequest, NotReady, UnknownModel
 from slimserve.engine.manager import ModelManager
 from slimserve.registry.store import parse_model_ref
 from slimserve.server import errors, logs
@@ -70,10 +70,7 @@ async def _abort(context: grpc.aio.ServicerContext, exc: BaseException) -> NoRet
     if isinstance(exc, grpc.aio.AbortError):
         raise exc
     kind = errors.kind_of(exc)
-    if not kind.exposed:
-        log.error("internal error", exc_info=exc)
-    elif isinstance(exc, EngineFailure):
-        log.error("engine failure: %s", exc)
+    errors.report(exc)  # an internal error's detail: the log's, with the request id
     await context.abort(kind.grpc, errors.message(exc, signature.FIELDS))
     raise AssertionError("unreachable")  # context.abort raises
 
@@ -88,8 +85,7 @@ async def _guarded(context: grpc.aio.ServicerContext, fn: Callable[[], Awaitable
 def _failure(exc: BaseException) -> RequestFailed:
     """`exc` as one stream request's failure."""
     kind = errors.kind_of(exc)
-    if not kind.exposed:
-        log.error("internal error", exc_info=exc)
+    errors.report(exc)
     return RequestFailed(kind.grpc, errors.message(exc, signature.FIELDS))
 
 

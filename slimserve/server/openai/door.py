@@ -3,7 +3,9 @@
 `HttpDoor.start` binds the socket itself (so port 0 works and the bound port is known at
 once, and a taken port is an OSError rather than uvicorn's `sys.exit`), then runs
 uvicorn's `serve` as a task on the running loop. The application owns SIGTERM/SIGINT
-(`server.app.serve` drains both doors), so uvicorn installs no signal handlers.
+(`server.app.serve` drains both doors), so uvicorn installs no signal handlers. The
+transport limits (`HttpTransport`: header deadline, connection cap, idle keep-alive) are
+uvicorn's protocol as `guard.guarded_protocol` extends it.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import socket
 import ssl
 from collections.abc import Iterator
@@ -18,7 +21,8 @@ from collections.abc import Iterator
 import uvicorn
 from starlette.types import ASGIApp
 
-from slimserve.server.config import TlsConfig
+from slimserve.server.config import HttpTransport, TlsConfig
+from slimserve.server.openai.guard import Refused, guarded_protocol
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +39,17 @@ class _Uvicorn(uvicorn.Server):
 class HttpDoor:
     """One uvicorn server for `app` on `host:port` (0 = any free port), TLS as gRPC's."""
 
-    def __init__(self, app: ASGIApp, host: str, port: int, tls: TlsConfig | None) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        host: str,
+        port: int,
+        tls: TlsConfig | None,
+        *,
+        transport: HttpTransport | None = None,
+        on_refused: Refused | None = None,
+    ) -> None:
+        transport = transport or HttpTransport()
         self.host = host
         self.port = port
         tls_options = {}
@@ -54,6 +68,11 @@ class HttpDoor:
             log_config=None,
             access_log=False,  # the door writes its own, with the principal
             server_header=False,
+            http=guarded_protocol(transport, on_refused or (lambda _route, _status: None)),
+            timeout_keep_alive=max(1, math.ceil(transport.idle_timeout_s)),
+            # Requests in progress at most (pipelined ones count): one over the connection
+            # cap, which the protocol enforces as connections arrive.
+            limit_concurrency=transport.max_connections + 1,
             **tls_options,  # type: ignore[arg-type]
         )
         self.server = _Uvicorn(self.config)

@@ -62,7 +62,7 @@ def status_for(exc: BaseException) -> Status:
     if isinstance(exc, HttpError):
         return exc.status
     kind = errors.kind_of(exc)
-    if not kind.exposed:
+    if kind is errors.INTERNAL:
         return INTERNAL
     return Status(kind.http, kind.type, kind.code, kind.retry_after_s)
 
@@ -70,17 +70,16 @@ def status_for(exc: BaseException) -> Status:
 def error_body(exc: BaseException) -> tuple[Status, dict[str, Any]]:
     """The status and `{"error": {message, type, param, code}}` body for `exc`.
 
-    An unexpected error is logged with its traceback and named by type only: its
-    message may hold anything. An `InvalidRequest` names its field in `param`.
+    An unexpected error or an engine's failure is logged with the request id (and an
+    unexpected one's traceback); the client reads "internal error (request id X)" only
+    (`errors.report`). An `InvalidRequest` names its field in `param`.
     """
     status = status_for(exc)
-    if status is INTERNAL:
-        log.error("internal error", exc_info=exc)
-        message = f"internal error: {type(exc).__name__}"
-    else:
-        if status.code == "engine_failure":  # our own words, naming the model: safe to send
-            log.error("engine failure: %s", exc)
+    if isinstance(exc, HttpError) or errors.kind_of(exc).exposed:
         message = str(exc)
+    else:
+        errors.report(exc)
+        message = errors.message(exc, {})
     param = exc.field if isinstance(exc, InvalidRequest) else getattr(exc, "param", None)
     if isinstance(exc, UnknownModel):
         param = "model"
