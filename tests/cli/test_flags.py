@@ -202,6 +202,17 @@ SERVE_FLAGS: tuple[tuple[str, str | None, str, object], ...] = (
     ("--keepalive-timeout", "7", "connections.keepalive_timeout_s", 7.0),
     ("--min-client-ping-interval", "4", "connections.min_client_ping_interval_s", 4.0),
     ("--allow-model-control", None, "allow_model_control", True),
+    ("--max-step-ms", "40", "model.engine.max_step_ms", 40.0),
+    ("--no-prefix-cache", None, "model.engine.prefix_cache", False),
+    ("--engine-step-timeout", "30", "model.restart.step_timeout_s", 30.0),
+    ("--crash-verdict-ttl", "600", "model.restart.crash_verdict_ttl_s", 600.0),
+    ("--metrics-host", "0.0.0.0", "metrics_host", "0.0.0.0"),
+    ("--http-allowed-hosts", "api.example", "http.allowed_hosts", ("api.example",)),
+    ("--http-cors-origins", "https://app.example", "http.cors_origins", ("https://app.example",)),
+    ("--http-header-timeout", "3", "http.header_timeout_s", 3.0),
+    ("--http-body-timeout", "9", "http.body_timeout_s", 9.0),
+    ("--http-idle-timeout", "2", "http.idle_timeout_s", 2.0),
+    ("--http-max-connections", "17", "http.max_connections", 17),
 )
 
 
@@ -235,5 +246,12 @@ def test_every_serve_flag_is_checked_above() -> None:
         # auth and TLS: test_security.py::test_serve_flags_and_environment_build_auth_and_tls
         "--auth-token-file", "--admin-token-file", "--allow-insecure-tokens",
         "--tls-cert", "--tls-key", "--tls-client-ca",
+        # test_metrics_access.py::test_a_metrics_token_is_required_when_set
+        "--metrics-token-file",
+        # tests/registry/test_version_dir.py (serve --model-dir [--name])
+        "--model-dir", "--name",
+        # Ray Serve: tests/scale/test_flags.py::test_serve_options_follow_the_scaling_settings
+        "--ray", "--replicas", "--autoscale", "--replica-cpus", "--max-ongoing-requests",
+        "--max-queued-requests",
     }  # fmt: skip
     assert flags - own_tests == {row[0] for row in SERVE_FLAGS}

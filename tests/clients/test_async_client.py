@@ -57,11 +57,17 @@ def test_tokenize_and_model_info_match_the_blocking_client(tiny_server: ServerTh
 
 
 def _same_generation(a: Any, b: Any) -> None:
-    """Two completions of one greedy request agree in everything but ids and timings."""
-    skip = {"request_id", "timings"}
+    """Two completions of one greedy request agree in everything but ids, timings and the
+    prompt tokens the prefix cache supplied (the second may find the first's); the
+    log-probabilities to float rounding (a reused prefix was computed in another pass)."""
+    skip = {"request_id", "timings", "cached_tokens", "logprobs"}
     assert {k: v for k, v in asdict(a).items() if k not in skip} == {
         k: v for k, v in asdict(b).items() if k not in skip
     }
+    assert len(a.logprobs) == len(b.logprobs)
+    for x, y in zip(a.logprobs, b.logprobs, strict=True):
+        assert x.token_id == y.token_id and [t[0] for t in x.top] == [t[0] for t in y.top]
+        assert x.logprob == pytest.approx(y.logprob, abs=1e-4)
 
 
 def test_generate_stream_and_score_match_the_blocking_client(tiny_server: ServerThread) -> None:
