@@ -365,13 +365,15 @@ class _Server(_Process):
     gRPC channel (one openai connection pool for `slimserve_http`), so no run pays for a
     connection."""
 
-    def __init__(self, b: Bench, system: str = "slimserve", *, max_seq_len: int = 0) -> None:
+    def __init__(
+        self, b: Bench, system: str = "slimserve", *, max_seq_len: int = 0, max_batch: int = 0
+    ) -> None:
         self.port = _free_port()
         self.http_port = _free_port() if system in ("slimserve_http", MIXED) else None
         cmd = [
             sys.executable, "-m", "slimserve.cli", "serve", "--model", b.model,
             "--registry", str(b.registry), "--port", str(self.port),
-            "--threads", str(b.threads), "--max-batch", str(b.max_batch),
+            "--threads", str(b.threads), "--max-batch", str(max_batch or b.max_batch),
             "--max-seq-len", str(max_seq_len or b.stream_tokens), "--device", b.device,
             "--backend", b.backend, "--gguf-type", b.gguf_type, "--kv-layout", b.kv_layout,
         ]  # fmt: skip
@@ -984,7 +986,10 @@ def _mixed(b: Bench) -> dict[str, Any]:
     def runs(server: _Server) -> dict[str, Any]:
         return {"runs": [server.call(mixed.run(server, b)) for _ in range(b.repeats)]}
 
-    return _scenario(b, MIXED, mixed.max_seq_len(b.mixed_long_tokens), runs)
+    # Slots for what runs at once (the streams, the long prompts, a spare), not --max-batch:
+    # 16 slots of a 2,048-token context would not fit the default KV budget.
+    slots = b.mixed_streams + mixed.LONG_PROMPTS + 1
+    return _scenario(b, MIXED, mixed.max_seq_len(b.mixed_long_tokens), runs, max_batch=slots)
 
 
 def _prefix(b: Bench) -> dict[str, Any]:
@@ -998,11 +1003,15 @@ def _prefix(b: Bench) -> dict[str, Any]:
 
 
 def _scenario(
-    b: Bench, system: str, max_seq_len: int, runs: Callable[[_Server], dict[str, Any]]
+    b: Bench,
+    system: str,
+    max_seq_len: int,
+    runs: Callable[[_Server], dict[str, Any]],
+    max_batch: int = 0,
 ) -> dict[str, Any]:
     """`runs` against a server of its own; what it found, or the error that stopped it."""
     try:
-        server = _Server(b, system, max_seq_len=max_seq_len)
+        server = _Server(b, system, max_seq_len=max_seq_len, max_batch=max_batch)
     except Exception as exc:
         return {"error": f"did not start: {describe(exc)}"}
     try:
