@@ -22,6 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
+import msgspec
 import numpy as np
 import torch
 
@@ -315,23 +316,17 @@ class Engine(SpeculativeSteps):
             self._cond.notify()
 
     def stats(self) -> EngineStats:
+        """The counters so far, copied (every field of `_stats`, so a new one is never left
+        out), with the queue and slot figures of this moment."""
         with self._cond:
             s = self._stats
-            return EngineStats(
+            return msgspec.structs.replace(
+                s,
                 running=len(self._running) + len(self._prefilling),
                 queued=len(self._waiting),
                 free_slots=len(self._free),
-                steps=s.steps,
-                generated_tokens=s.generated_tokens,
                 finished=dict(s.finished),
-                draft_proposed=s.draft_proposed,
-                draft_accepted=s.draft_accepted,
-                slot_moves=s.slot_moves,
                 phase_s=dict(self._phase),
-                prompt_tokens=s.prompt_tokens,
-                cached_tokens=s.cached_tokens,
-                prefix_hits=s.prefix_hits,
-                admitted=s.admitted,
             )
 
     def occupancy(self) -> Occupancy:
@@ -629,7 +624,6 @@ class Engine(SpeculativeSteps):
             place, seq.placement = seq.placement, None
             if place is None or seq.slot is None:
                 continue
-            seq.fed = 0
             try:
                 if not place.length:
                     self.backend.release(place.slot)  # it may hold a residue
@@ -641,8 +635,9 @@ class Engine(SpeculativeSteps):
             except Exception as exc:  # start it afresh: the prompt is fed whole
                 log.warning("reusing %d cached tokens failed: %r", place.length, exc)
                 self.backend.release(place.slot)
+                seq.fed = 0
                 continue
-            seq.fed = seq.cached = place.length
+            seq.cached = place.length  # `fed` says so since admission
             if place.length:
                 with self._cond:
                     self._stats.prefix_hits += 1
