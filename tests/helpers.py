@@ -148,3 +148,12 @@ def wait_until(cond: Callable[[], bool], what: str, timeout: float = 30.0) -> No
     while not cond():
         assert time.monotonic() < deadline, what
         time.sleep(0.01)
+
+
+def openai_client(server: ServerThread, timeout: float = 60, api_key: str = "-") -> Any:
+    """The openai SDK's client for `server`'s OpenAI door (no retries: a test sees each
+    answer)."""
+    import openai
+
+    url = f"http://127.0.0.1:{server.server.http.port}/v1"
+    return openai.OpenAI(base_url=url, api_key=api_key, max_retries=0, timeout=timeout)

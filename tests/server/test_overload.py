@@ -29,7 +29,7 @@ from slimserve.clients import Client, Overloaded, Unavailable
 from slimserve.server.config import Limits
 from tests.conftest import steered_server
 from tests.engine.faults import Controls
-from tests.helpers import ServerThread, wait_until
+from tests.helpers import ServerThread, openai_client, wait_until
 
 #: A small body limit, so a body over it is sent whole before the 413 is read.
 LONG = Limits(max_new_tokens=120, default_max_new_tokens=16, max_message_bytes=64 * 1024)
@@ -48,8 +48,8 @@ def full(
 
 
 def _oai(server: ServerThread) -> openai.OpenAI:
-    url = f"http://127.0.0.1:{server.server.http.port}/v1"
-    return openai.OpenAI(base_url=url, api_key="none", max_retries=0, timeout=60)
+    client: openai.OpenAI = openai_client(server, api_key="none")
+    return client
 
 
 class Background:

@@ -25,7 +25,7 @@ from tritonclient.utils import InferenceServerException
 from slimserve.clients import Client, InvalidArgument, Sampling, Structured
 from slimserve.server.config import Limits
 from tests.conftest import tiny_server_config
-from tests.helpers import ServerThread
+from tests.helpers import ServerThread, openai_client
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -66,8 +66,7 @@ def server(request: Any, tiny_registry: Path) -> Iterator[ServerThread]:
 
 @pytest.fixture()
 def oai(server: ServerThread) -> Iterator[openai.OpenAI]:
-    url = f"http://127.0.0.1:{server.server.http.port}/v1"
-    with openai.OpenAI(base_url=url, api_key="-", max_retries=0, timeout=120) as client:
+    with openai_client(server, timeout=120) as client:
         yield client
 
 

@@ -19,7 +19,7 @@ import tritonclient.grpc as triton
 from slimserve.clients import Client, NotFound
 from slimserve.server.config import Limits
 from tests.conftest import tiny_server_config
-from tests.helpers import ServerThread, publish_tiny
+from tests.helpers import ServerThread, openai_client, publish_tiny
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -50,8 +50,7 @@ def server(two_versions: Path) -> Iterator[ServerThread]:
 
 @pytest.fixture()
 def oai(server: ServerThread) -> Iterator[openai.OpenAI]:
-    url = f"http://127.0.0.1:{server.server.http.port}/v1"
-    with openai.OpenAI(base_url=url, api_key="-", max_retries=0, timeout=60) as client:
+    with openai_client(server) as client:
         yield client
 
 
