@@ -180,11 +180,15 @@ class _Bridge:
     def flush(self) -> None:
         if not self.pending:
             return
-        # Read before taking the pipe's lock: the engine's own lock is never taken under it.
-        now = self.front.occupancy() if self.front is not None else None
         with self._lock:
             if not self.pending:
                 return
+            # Read under the pipe's lock (`occupancy` takes no lock): frames leave in the
+            # order their figures were read, so the last one sent is never older than a
+            # slot freed before it. Read before the lock, a frame flushed from the input
+            # thread could cross after the step's own and leave the gauges a slot short
+            # for as long as the engine then stays idle.
+            now = self.front.occupancy() if self.front is not None else None
             batch, self.pending = self.pending, []
             self.conn.send_bytes(self.codec.encode(ipc.Events(items=batch, occupancy=now)))
 

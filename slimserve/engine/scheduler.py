@@ -331,12 +331,15 @@ class Engine(SpeculativeSteps):
 
     def occupancy(self) -> Occupancy:
         """Slots and cache cells held now (any thread; exact between steps, which is when
-        the engine process sends it, and a moment's snapshot otherwise)."""
+        the engine process sends it, and a moment's snapshot otherwise).
+
+        It takes no lock (each `len` and list copy is one atomic read), so the engine
+        process can read it under its pipe's lock, which a sink takes under the engine's:
+        the figure sent last is then always the latest one."""
         running, prefilling = list(self._running), list(self._prefilling)
         max_slots = self.backend.max_slots
         cells = self._pool if self._pool is not None else max_slots * self.backend.max_seq_len
-        with self._cond:
-            waiting, free = len(self._waiting), len(self._free)
+        waiting, free = len(self._waiting), len(self._free)
         return Occupancy(
             running=len(running) + len(prefilling),
             waiting=waiting,
