@@ -163,7 +163,7 @@ class Engine(SpeculativeSteps):
         self._eos = self.eos_token_ids
         self._cond = threading.Condition()
         self._waiting: collections.deque[Sequence] = collections.deque()
-        self._scores = ScoreQueue()
+        self._scores = ScoreQueue(self.caps.logprob_parts)
         self._running: list[Sequence] = []
         #: Free slots, a heap: the lowest is taken first, so running slots stay packed low
         #: (llama.cpp's per-stream cache runs a step's consecutive slots as one batch).
@@ -263,8 +263,9 @@ class Engine(SpeculativeSteps):
         self, prompt_ids: list[int], top_n: int = 0, deadline: float | None = None
     ) -> concurrent.futures.Future[list[TokenLogprob]]:
         """Queue a job for each prompt token's log-probability given the ones before it and
-        the `top_n` best tokens at its position (what an echo with logprobs returns); one
-        forward over the prompt, run between decode steps like a Score.
+        the `top_n` best tokens at its position (what an echo with logprobs returns); run
+        with the step's Score work, a budget of prompt positions a step where the backend
+        keeps the prompt's KV between parts (`LogprobPartsBackend`), else whole.
 
         Raises:
             InvalidRequest: the prompt is longer than `max_score_tokens` or the context.

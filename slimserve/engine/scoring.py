@@ -6,6 +6,13 @@ batched `score_batch` call, and the decode step for the running streams follows.
 Score of 32 long labels interleaves with generation instead of starving it, and its
 deadline is honoured between chunks.
 
+A prompt-logprob job (`echo` with `logprobs`) runs the same way, a budget of prompt
+positions a step, where the backend keeps the prompt's KV between parts
+(`LogprobPartsBackend`); elsewhere it runs whole. A job part-way is always the head of
+the queue and its part runs after the step's other Score work, so nothing else touches the
+backend's scratch sequence before it ends; one that leaves part-way (its caller gave up)
+has the scratch emptied before the next job runs.
+
 A job's future stays pending until its answer is set, so a caller that gives up (a
 deadline, a disconnect) can `cancel()` it at any time; the job then leaves the queue
 before its next chunk runs. The answer of a job cancelled mid-chunk is dropped
@@ -21,7 +28,7 @@ import time
 
 import torch
 
-from slimserve.engine.backends.base import Backend
+from slimserve.engine.backends.base import Backend, LogprobPartsBackend
 from slimserve.engine.errors import DeadlineExpired, EngineFailure, Overloaded
 from slimserve.engine.futures import settle
 from slimserve.engine.sequence import ScoreJob
@@ -32,8 +39,12 @@ log = logging.getLogger(__name__)
 class ScoreQueue:
     """FIFO of Score jobs; touched by the worker thread, appended to under its lock."""
 
-    def __init__(self) -> None:
+    def __init__(self, parts: LogprobPartsBackend | None = None) -> None:
         self.jobs: collections.deque[ScoreJob] = collections.deque()
+        #: Runs prompt-logprob jobs in parts, or None: each runs whole.
+        self.parts = parts
+        #: The prompt-logprob job whose KV the backend's scratch holds part-way.
+        self._open: ScoreJob | None = None
 
     def __len__(self) -> int:
         return len(self.jobs)
@@ -56,12 +67,21 @@ class ScoreQueue:
                 continue
             if job.deadline is not None and now >= job.deadline:
                 self.jobs.popleft()
-                done = f"{job.next} of {len(job.continuations)}"
-                settle(job.future, exc=DeadlineExpired(f"deadline exceeded after {done} labels"))
+                if job.top_n is not None:
+                    done = f"{job.fed} of {len(job.prompt)} prompt tokens"
+                else:
+                    done = f"{job.next} of {len(job.continuations)} labels"
+                settle(job.future, exc=DeadlineExpired(f"deadline exceeded after {done}"))
                 continue
-            start, end = job.take(budget if chunks else max(budget, 1))
+            if job.top_n is not None:  # prompt positions [start, end)
+                start, t = job.fed, len(job.prompt)
+                end = t if self.parts is None else min(t, start + max(budget, 1))
+                job.fed = end
+                budget -= end - start
+            else:  # continuations [start, end)
+                start, end = job.take(budget if chunks else max(budget, 1))
+                budget -= sum(job.cost(i) for i in range(start, end))
             chunks.append((job, start, end))
-            budget -= sum(job.cost(i) for i in range(start, end))
             if job.done:
                 self.jobs.popleft()
             else:
@@ -71,21 +91,65 @@ class ScoreQueue:
     def step(self, backend: Backend, budget: int) -> int:
         """Run one budget's worth of score work; returns the tokens it put through."""
         chunks = self.take(budget)
+        if self._open is not None and not any(job is self._open for job, _, _ in chunks):
+            self._close()  # it left part-way: its caller gave up, or its deadline passed
         if not chunks:
             return 0
-        spent = sum(job.cost(i) for job, a, b in chunks for i in range(a, b))
-        for job, _, _ in [c for c in chunks if c[0].top_n is not None]:
-            _prompt_logprobs(backend, job)
-        chunks = [c for c in chunks if c[0].top_n is None]
+        spent = sum(
+            b - a if job.top_n is not None else sum(job.cost(i) for i in range(a, b))
+            for job, a, b in chunks
+        )
+        # Continuations first: `score_batch` empties the scratch sequences it uses, so a
+        # prompt left part-way in one must be fed after it.
+        self._score([c for c in chunks if c[0].top_n is None], backend)
+        for job, start, end in [c for c in chunks if c[0].top_n is not None]:
+            if self.parts is None:
+                _prompt_logprobs(backend, job)
+            else:
+                self._logprob_part(job, start, end)
+        return spent
+
+    def _close(self) -> None:
+        assert self.parts is not None
+        self._open = None
+        try:
+            self.parts.prompt_logprobs_reset()
+        except Exception:
+            log.exception("emptying the scratch of a prompt left part-way failed")
+
+    def _logprob_part(self, job: ScoreJob, start: int, end: int) -> None:
+        assert self.parts is not None and job.top_n is not None
+        self._open = None
+        try:
+            part = self.parts.prompt_logprobs_part(job.prompt, start, end, job.top_n)
+        except torch.OutOfMemoryError as exc:
+            _fail(job, Overloaded(f"out of memory while scoring: {exc}"))
+            return
+        except Exception as exc:
+            log.exception("prompt log-probabilities failed")
+            _fail(job, exc)
+            return
+        if not all(lp.logprob is not None and math.isfinite(lp.logprob) for lp in part):
+            if end < len(job.prompt):
+                self._close()
+            _fail(job, EngineFailure("the backend returned a non-finite log-probability"))
+            return
+        job.logprobs += part
+        if end < len(job.prompt):
+            self._open = job  # the backend keeps its KV for the next part
+        else:
+            settle(job.future, job.logprobs)
+
+    def _score(self, chunks: list[tuple[ScoreJob, int, int]], backend: Backend) -> None:
         if not chunks:
-            return spent
+            return
         work = [(job.prompt, job.continuations[a:b]) for job, a, b in chunks]
         try:
             results = backend.score_batch(work)
         except torch.OutOfMemoryError as exc:
             for job, _, _ in chunks:
                 _fail(job, Overloaded(f"out of memory while scoring: {exc}"))
-            return spent
+            return
         except Exception:
             # One bad job fails only itself: run each chunk alone.
             results = []
@@ -105,7 +169,6 @@ class ScoreQueue:
             job.sums.extend(sums)
             if job.done:
                 _finish(job)
-        return spent
 
 
 def _prompt_logprobs(backend: Backend, job: ScoreJob) -> None:
@@ -125,7 +188,7 @@ def _prompt_logprobs(backend: Backend, job: ScoreJob) -> None:
 
 
 def _fail(job: ScoreJob, exc: BaseException) -> None:
-    job.next = len(job.continuations)  # nothing more of it runs
+    job.next, job.fed = len(job.continuations), len(job.prompt)  # nothing more of it runs
     settle(job.future, exc=exc)
 
 

@@ -166,13 +166,17 @@ class ScoreJob:
     continuations: list[list[int]]
     future: concurrent.futures.Future[Any]
     #: Not None: the job asks for each prompt token's log-probability and this many top
-    #: alternatives (`Backend.prompt_logprobs`), run whole; `continuations` is then unused.
+    #: alternatives (`Backend.prompt_logprobs`, in parts where the backend can: `fed`
+    #: counts the prompt tokens put through); `continuations` is then unused.
     top_n: int | None = None
     #: time.monotonic() after which the job fails with DeadlineExpired; None = none.
     deadline: float | None = None
     #: Index of the first continuation not yet scored.
     next: int = 0
     sums: list[float] = field(default_factory=list)
+    #: A prompt-logprob job's prompt tokens put through so far, and their entries.
+    fed: int = 0
+    logprobs: list[Any] = field(default_factory=list)
 
     def cost(self, i: int) -> int:
         """Tokens continuation `i` puts through the model: prompt + continuation - 1."""
@@ -184,6 +188,8 @@ class ScoreJob:
 
     @property
     def done(self) -> bool:
+        if self.top_n is not None:
+            return self.fed >= len(self.prompt)
         return self.next >= len(self.continuations)
 
     def take(self, budget: int) -> tuple[int, int]:

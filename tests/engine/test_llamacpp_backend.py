@@ -377,6 +377,35 @@ def test_prompt_logprobs_match_the_torch_backend_and_its_scores(
     assert total == pytest.approx(sum(lp.logprob for lp in want[4:]), abs=1e-3)
 
 
+def test_prompt_logprobs_in_parts_equal_them_whole_and_leave_nothing_behind(
+    pair: tuple[LlamaBackend, llamacpp.LlamaCppBackend],
+) -> None:
+    ref, cpp = pair
+    prompt = _ids(40, 8, ref.vocab_size)
+    whole = cpp.prompt_logprobs(prompt, 2)
+    parts = []
+    for start, end in ((0, 1), (1, 13), (13, 39), (39, 40)):  # the last gives no entry
+        parts += cpp.prompt_logprobs_part(prompt, start, end, 2)
+    assert [lp.token_id for lp in parts] == prompt[1:]
+    for p, w in zip(parts, whole, strict=True):
+        assert p.logprob == pytest.approx(w.logprob, abs=1e-4)
+        assert [t for t, _ in p.top] == [t for t, _ in w.top]
+    with pytest.raises(ValueError, match="fed"):
+        cpp.prompt_logprobs_part(prompt, 5, 10, 0)  # not where the last part ended
+    # A prompt left part-way, then emptied: a Score after it scores as if it never ran.
+    labels = [prompt[30:33], prompt[30:31]]
+    before = cpp.score(prompt[:30], labels)
+    cpp.prompt_logprobs_part(prompt, 0, 25, 0)
+    cpp.prompt_logprobs_reset()
+    assert cpp.score(prompt[:30], labels) == pytest.approx(before, abs=1e-5)
+    # A new prompt from 0 starts afresh even over one left part-way.
+    cpp.prompt_logprobs_part(prompt, 0, 17, 0)
+    other = _ids(12, 9, ref.vocab_size)
+    again = cpp.prompt_logprobs_part(other, 0, 12, 1)
+    for p, w in zip(again, cpp.prompt_logprobs(other, 1), strict=True):
+        assert p.logprob == pytest.approx(w.logprob, abs=1e-4)
+
+
 def test_split_passes_follow_llamacpps_equal_split() -> None:
     split = llamacpp.split_passes
     assert split([1] * 16, 512) == [16]  # a plain step: one pass

@@ -312,6 +312,36 @@ class PrefixBackend(Backend, Protocol):
         ...
 
 
+class LogprobPartsBackend(Backend, Protocol):
+    """A backend that can give a prompt's log-probabilities in parts, its KV carried over
+    between them in a scratch sequence of its own, so a long `echo` runs a step's budget
+    at a time beside the streams instead of whole between two of their tokens."""
+
+    def prompt_logprobs_part(
+        self, prompt_ids: list[int], start: int, end: int, top_n: int
+    ) -> list[TokenLogprob]:
+        """Feed `prompt_ids[start:end]` after the `start` tokens fed by the parts before
+        (`start` 0 begins afresh) and return `prompt_logprobs`' entries for the targets
+        `prompt_ids[start + 1 : end + 1]`; the scratch is emptied when `end` is the
+        prompt's length, or when a part fails.
+
+        Raises:
+            ValueError: `start` is not where the previous part ended, or bad ids.
+        """
+        ...
+
+    def prompt_logprobs_reset(self) -> None:
+        """Forget a prompt left part-way (its caller gave up)."""
+        ...
+
+
+def can_score_in_parts(backend: object) -> bool:
+    """Whether `backend` implements `LogprobPartsBackend`."""
+    return callable(getattr(backend, "prompt_logprobs_part", None)) and callable(
+        getattr(backend, "prompt_logprobs_reset", None)
+    )
+
+
 def can_reuse_prefix(backend: object) -> bool:
     """Whether `backend` implements `PrefixBackend`."""
     return callable(getattr(backend, "copy_prefix", None)) and callable(
@@ -350,6 +380,8 @@ class Capabilities:
     pool_tokens: int | None
     #: Starts a sequence from cached KV (truncate, copy_prefix), or None.
     prefix: PrefixBackend | None = None
+    #: Gives a prompt's log-probabilities in parts, or None: they run whole.
+    logprob_parts: LogprobPartsBackend | None = None
 
     @classmethod
     def of(cls, backend: Backend) -> Capabilities:
@@ -363,6 +395,7 @@ class Capabilities:
             packing=backend if wants_packing(backend) else None,  # type: ignore[arg-type]
             pool_tokens=getattr(backend, "kv_pool_tokens", None),
             prefix=backend if can_reuse_prefix(backend) else None,  # type: ignore[arg-type]
+            logprob_parts=backend if can_score_in_parts(backend) else None,  # type: ignore[arg-type]
         )
 
 

@@ -167,6 +167,8 @@ class LlamaCppBackend:
         self._mem = lc.llama_get_memory(self._ctx)
         self._batch = lc.llama_batch_init(_BATCH_TOKENS, 0, 1)
         self._lengths = [0] * max_slots
+        #: Prompt tokens in the first scratch sequence, fed by `prompt_logprobs_part`.
+        self._logprob_fed = 0
         why = unavailable_reason() if threadpool else None
         if why is not None:
             log.warning("no persistent ggml threadpool (%s): llama.cpp makes one per call", why)
@@ -479,25 +481,47 @@ class LlamaCppBackend:
         return [[float(rows[i, t]) - float(lse[i]) for t in ids] for i, ids in enumerate(targets)]
 
     def prompt_logprobs(self, prompt_ids: list[int], top_n: int) -> list[TokenLogprob]:
-        """In the first scratch sequence, `LOGPROB_ROWS` positions a decode call, so the
-        copied logits never exceed a (LOGPROB_ROWS, vocab) block."""
-        self._check_ids(prompt_ids)
+        return self.prompt_logprobs_part(prompt_ids, 0, len(prompt_ids), top_n)
+
+    def prompt_logprobs_part(
+        self, prompt_ids: list[int], start: int, end: int, top_n: int
+    ) -> list[TokenLogprob]:
+        """`LogprobPartsBackend.prompt_logprobs_part`: in the first scratch sequence, which
+        keeps the prompt's KV between parts (`score_batch` runs only when no prompt is
+        part-way: the score queue runs a part-way job's parts before any other job);
+        `LOGPROB_ROWS` positions a decode call, so the copied logits never exceed a
+        (LOGPROB_ROWS, vocab) block."""
         t = len(prompt_ids)
-        if not 0 < t <= min(self.max_seq_len, self._score_cells):
-            raise ValueError(f"prompt has {t} tokens; need 1..max_seq_len ({self.max_seq_len})")
+        if start == 0:
+            self._check_ids(prompt_ids)
+            if not 0 < t <= min(self.max_seq_len, self._score_cells):
+                raise ValueError(f"prompt has {t} tokens; need 1..max_seq_len ({self.max_seq_len})")
+            self.prompt_logprobs_reset()
+        elif start != self._logprob_fed:
+            raise ValueError(f"a part from {start}, but {self._logprob_fed} tokens are fed")
+        if not start < end <= t:
+            raise ValueError(f"part {start}..{end} of a {t}-token prompt")
         seq = self.max_slots
         out: list[TokenLogprob] = []
         try:
-            for a in range(0, t, LOGPROB_ROWS):
-                b = min(a + LOGPROB_ROWS, t)
+            for a in range(start, end, LOGPROB_ROWS):
+                b = min(a + LOGPROB_ROWS, end)
                 n = self._run([(prompt_ids[p], p, seq, p < t - 1) for p in range(a, b)])
+                self._logprob_fed = b
                 if n:
                     rows = self._logits(n)
                     targets = prompt_ids[a + 1 : a + 1 + n]
                     out += prompt_logprobs_from(functools.partial(_rows, rows), targets, top_n)
-        finally:
-            self.lc.llama_memory_seq_rm(self._mem, seq, -1, -1)
+        except BaseException:
+            self.prompt_logprobs_reset()
+            raise
+        if end == t:
+            self.prompt_logprobs_reset()
         return out
+
+    def prompt_logprobs_reset(self) -> None:
+        self.lc.llama_memory_seq_rm(self._mem, self.max_slots, -1, -1)
+        self._logprob_fed = 0
 
     def kv_bytes_per_slot(self) -> int:
         """K and V (float32 or float16, see __init__) for max_seq_len tokens."""
