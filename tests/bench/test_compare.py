@@ -46,6 +46,7 @@ def test_each_version_is_measured_against_its_parent_on_both_texts(registry: Reg
     assert child["bytes"] > 0
 
 
+@pytest.mark.slow
 def test_agreement_joins_the_table_once_the_parent_has_teacher_text(registry: Registry) -> None:
     made = teacher_text(registry, registry.get("tiny", "1"), TeacherTextConfig())
 

@@ -17,6 +17,7 @@ from slimserve.engine.config import ModelConfig
 
 pytestmark = [
     pytest.mark.integration,
+    pytest.mark.slow,  # builds or finds llama-server, then races it
     pytest.mark.skipif(not llamacpp.available(), reason="llama-cpp-python not installed"),
     pytest.mark.timeout(600),
 ]

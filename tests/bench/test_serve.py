@@ -183,6 +183,7 @@ def test_an_unknown_system_is_a_usage_error(capsys: pytest.CaptureFixture[str]) 
     assert "unknown system vllm" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_a_race_of_real_workers_records_outputs_memory_and_a_failed_start(
     tiny_registry: Path,
 ) -> None:

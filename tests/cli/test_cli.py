@@ -88,6 +88,7 @@ def test_generate_models_score_health_against_a_server(tiny_server: ServerThread
     assert bad.returncode == 2 and "NOT_FOUND" in bad.stderr
 
 
+@pytest.mark.slow
 def test_sigterm_shuts_down_gracefully(tiny_registry: Path, tmp_path: Path) -> None:
     import signal
     import socket

@@ -11,7 +11,8 @@ import pytest
 from slimserve.clients import ChatMessage, Client, InvalidArgument
 from tests.helpers import ServerThread
 
-pytestmark = pytest.mark.integration
+# The auto race of four float32 plans on the real model: ~3 minutes on 2 vCPUs.
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 MODEL = "smollm2-135m-instruct"
 

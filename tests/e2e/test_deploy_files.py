@@ -164,6 +164,7 @@ def _check_serves(pod: Pod, name: str, http_port: int, metrics_port: int) -> set
     return set(families)
 
 
+@pytest.mark.slow  # a server started as the manifest says
 def test_kserve_runtime_serves_what_its_ports_and_probes_name(start: Any) -> None:
     runtime = _one(_docs("kserve/servingruntime.yaml"), "ServingRuntime")
     isvc = _one(_docs("kserve/inferenceservice.yaml"), "InferenceService")
@@ -194,6 +195,7 @@ def test_kserve_runtime_serves_what_its_ports_and_probes_name(start: Any) -> Non
     assert status == 200
 
 
+@pytest.mark.slow  # a server started as the manifest says
 def test_llmd_pool_routes_to_the_door_and_reads_gauges_the_server_exports(start: Any) -> None:
     docs = _docs("llm-d/inferencepool.yaml")
     deployment, pool = _one(docs, "Deployment"), _one(docs, "InferencePool")

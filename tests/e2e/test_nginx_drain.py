@@ -23,7 +23,10 @@ from slimserve.clients import Client
 from tests.e2e.test_serve_processes import free_port, metric, spawn, stop, wait_serving
 
 NGINX = shutil.which("nginx") or ("/usr/sbin/nginx" if Path("/usr/sbin/nginx").exists() else None)
-pytestmark = pytest.mark.skipif(NGINX is None, reason="nginx is not installed (scripts/setup)")
+pytestmark = [
+    pytest.mark.skipif(NGINX is None, reason="nginx is not installed (scripts/setup)"),
+    pytest.mark.slow,  # nginx and two replicas
+]
 CONF = Path(__file__).resolve().parents[2] / "deploy" / "nginx" / "slimserve.conf"
 TINY = {"model": "tiny", "version": "1"}
 LONG = 64  # tokens of a long stream: seconds on the eager backend

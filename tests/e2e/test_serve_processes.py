@@ -176,6 +176,7 @@ def test_sigterm_drains_the_in_flight_stream_then_exits_zero(
 
 
 # ---- scale-out -----------------------------------------------------------------------------
+@pytest.mark.slow
 def test_round_robin_over_two_replicas_survives_losing_one(
     tiny_registry: Path, tmp_path: Path
 ) -> None:

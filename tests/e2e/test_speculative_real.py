@@ -28,6 +28,7 @@ from slimserve.registry.store import Registry
 
 pytestmark = [
     pytest.mark.integration,
+    pytest.mark.slow,  # drafts against no drafts on the real model: ~75 s
     pytest.mark.skipif(not llamacpp.available(), reason="llama-cpp-python not installed"),
 ]
 

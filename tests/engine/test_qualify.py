@@ -30,6 +30,7 @@ def registry(tmp_path: Path, tiny_registry: Path) -> Path:
     return root
 
 
+@pytest.mark.slow
 def test_crashing_and_wrong_backends_are_refused_and_auto_serves_a_qualified_plan(
     registry: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -119,6 +120,7 @@ def test_auto_picks_the_fastest_plan_of_equal_quality() -> None:
         choose([broken], [verdicts[3]], {}, ModelConfig.of())
 
 
+@pytest.mark.slow
 def test_a_plan_that_times_out_is_refused_now_and_qualified_again_later(registry: Path) -> None:
     """A timeout says the machine was busy, not that the plan is bad: no verdict is kept."""
     config = ModelConfig.of(

@@ -137,6 +137,7 @@ def test_a_backend_that_aborts_while_loading_is_a_load_failure(registry: Path) -
         manager.shutdown()
 
 
+@pytest.mark.slow
 def test_only_the_plans_own_crashes_mark_it_bad_and_the_verdict_expires(registry: Path) -> None:
     """Before: any three deaths in 5 minutes (an operator's kills, the OOM killer) marked the
     plan crash-loop in the verdict cache for good."""

@@ -97,6 +97,7 @@ def test_a_tampered_cache_runs_no_code_and_serves_no_unqualified_plan(
     assert again["status"] == "wrong"
 
 
+@pytest.mark.slow
 def test_an_invalid_cache_is_ignored_with_one_warning_and_rewritten(
     registry: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -128,6 +129,7 @@ def test_the_engine_builds_no_plugin_the_configuration_did_not_name() -> None:
             build_backend(None, ModelConfig.of(), 128, None, Plan(backend=name))
 
 
+@pytest.mark.slow
 def test_qualify_clear_forgets_the_verdicts(
     registry: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
