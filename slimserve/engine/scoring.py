@@ -56,9 +56,10 @@ class ScoreQueue:
         while self.jobs:
             settle(self.jobs.popleft().future, exc=exc)
 
-    def take(self, budget: int) -> list[tuple[ScoreJob, int, int]]:
-        """Chunks of the head jobs worth up to `budget` tokens; expired jobs fail here."""
-        chunks: list[tuple[ScoreJob, int, int]] = []
+    def take(self, budget: int) -> list[tuple[ScoreJob, int, int, int]]:
+        """Chunks of the head jobs worth up to `budget` tokens, each with the tokens it
+        puts through; expired jobs fail here."""
+        chunks: list[tuple[ScoreJob, int, int, int]] = []
         now = time.monotonic()
         while self.jobs and budget > 0:
             job = self.jobs[0]
@@ -77,11 +78,11 @@ class ScoreQueue:
                 start, t = job.fed, len(job.prompt)
                 end = t if self.parts is None else min(t, start + max(budget, 1))
                 job.fed = end
-                budget -= end - start
+                cost = end - start
             else:  # continuations [start, end)
-                start, end = job.take(budget if chunks else max(budget, 1))
-                budget -= sum(job.cost(i) for i in range(start, end))
-            chunks.append((job, start, end))
+                start, end, cost = job.take(budget if chunks else max(budget, 1))
+            budget -= cost
+            chunks.append((job, start, end, cost))
             if job.done:
                 self.jobs.popleft()
             else:
@@ -90,15 +91,11 @@ class ScoreQueue:
 
     def step(self, backend: Backend, budget: int) -> int:
         """Run one budget's worth of score work; returns the tokens it put through."""
-        chunks = self.take(budget)
-        if self._open is not None and not any(job is self._open for job, _, _ in chunks):
+        taken = self.take(budget)
+        if self._open is not None and not any(c[0] is self._open for c in taken):
             self._close()  # it left part-way: its caller gave up, or its deadline passed
-        if not chunks:
-            return 0
-        spent = sum(
-            b - a if job.top_n is not None else sum(job.cost(i) for i in range(a, b))
-            for job, a, b in chunks
-        )
+        spent = sum(c[3] for c in taken)
+        chunks = [(job, start, end) for job, start, end, _ in taken]
         # Continuations first: `score_batch` empties the scratch sequences it uses, so a
         # prompt left part-way in one must be fed after it.
         self._score([c for c in chunks if c[0].top_n is None], backend)

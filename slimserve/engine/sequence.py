@@ -192,12 +192,22 @@ class ScoreJob:
             return self.fed >= len(self.prompt)
         return self.next >= len(self.continuations)
 
-    def take(self, budget: int) -> tuple[int, int]:
-        """The next continuations that fit `budget` tokens (at least one): a [start, end)."""
+    def take(self, budget: int) -> tuple[int, int, int]:
+        """The next continuations that fit `budget` tokens (at least one): a [start, end)
+        and the tokens they put through. A continuation whose input row (prompt +
+        continuation[:-1]) an earlier one in the range already has costs nothing: the
+        backend runs identical rows once (`ScorePlan`), so 32 one-token labels cost one
+        prompt, and the step budget learns from the tokens that really ran."""
         start = end = self.next
         spent = 0
-        while end < len(self.continuations) and (end == start or spent + self.cost(end) <= budget):
-            spent += self.cost(end)
+        rows: set[tuple[int, ...]] = set()
+        while end < len(self.continuations):
+            row = tuple(self.continuations[end][:-1])
+            cost = 0 if row in rows else self.cost(end)
+            if end > start and spent + cost > budget:
+                break
+            rows.add(row)
+            spent += cost
             end += 1
         self.next = end
-        return start, end
+        return start, end, spent
