@@ -69,13 +69,18 @@ def test_the_docs_have_code_spans() -> None:
 
 
 def _script_flags() -> set[str]:
-    """Flags the scripts/ programs declare (`add_argument("--x"`)."""
-    declared = re.compile(r"""add_argument\(\s*["'](--[a-z][a-z0-9-]*)""")
+    """Flags the scripts/ programs declare: `add_argument("--x"` in Python, a test
+    `[ "$arg" = --x ]` in shell."""
+    declared = re.compile(
+        r"""add_argument\(\s*["'](--[a-z][a-z0-9-]*)|\[ "\$\w+" = (--[a-z][a-z0-9-]*) \]"""
+    )
     return {
         f
         for p in (ROOT / "scripts").iterdir()
         if p.is_file()
-        for f in declared.findall(p.read_text(errors="replace"))
+        for pair in declared.findall(p.read_text(errors="replace"))
+        for f in pair
+        if f
     }
 
 
