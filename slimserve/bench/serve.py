@@ -14,6 +14,11 @@ over repeats, percentiles over all requests. The load average before each run is
 recorded. A system that fails records its error; the others still run. `mixed` is a
 scenario of its own, after the race (`slimserve.bench.mixed`).
 
+After the race, the chat probe times one-token chat requests on new user messages on each
+server, then on llama-cpp-python's `Llama.create_chat_completion` in a worker of its own
+(CHAT_PEER, on the same GGUF and threads, timed in its process): slimserve's p50 over gRPC
+and over HTTP is held against that one (`chat_targets`).
+
 Memory is measured from outside, alike for every system: the summed RSS and PSS of the
 system's process and every descendant (engine processes, their forkserver), sampled during
 each run. RSS counts a page that a forked engine shares with its forkserver once per
@@ -83,6 +88,15 @@ RACED = tuple(s for s in SYSTEMS if s not in (MIXED, PREFIX))
 NO_POOL = ("slimserve_nopool", "engine_nopool")
 #: One-token chat requests timed per OpenAI or gRPC server (the first-token probe).
 CHAT_PROBE = 30
+#: The servers the chat probe times.
+CHAT_PROBED = ("slimserve", "slimserve_http", "slimserve_nopool", LLAMA_SERVER)
+#: The chat probe's in-process peer: llama-cpp-python's `Llama.create_chat_completion` on
+#: the GGUF slimserve serves, in a worker of its own (`worker.LlamaCppChat`).
+CHAT_PEER = "llama_cpp_python"
+#: (server, how it is reached): held against CHAT_PEER's p50 by `chat_targets`.
+CHAT_TARGET_SYSTEMS = (("slimserve", "gRPC"), ("slimserve_http", "HTTP"))
+#: A served one-token chat request's p50 at most this many times CHAT_PEER's.
+CHAT_TARGET = 1.3
 #: Peak PSS of slimserve's serving processes (server, engine process, forkserver), MB.
 PSS_TARGET_MB = 1000.0
 #: CPU flags shown beside the figures: the kernels that exist for this model depend on them.
@@ -143,9 +157,12 @@ class Bench:
     llama_server: Path | None = None
     served_gguf: Path | None = None
     chat_template: Path | None = None
+    #: Time CHAT_PEER (llama-cpp-python in-process on `served_gguf`) beside the servers in
+    #: the chat probe.
+    chat_peer: bool = False
     #: Each prompt's token ids (the OpenAI systems send ids: both servers see the same).
     prompt_ids: dict[str, list[int]] = field(default_factory=dict)
-    #: One-token chat requests timed on each server system (0: no probe).
+    #: One-token chat requests timed on each server system and CHAT_PEER (0: no probe).
     chat_probe: int = CHAT_PROBE
     #: The mixed scenario's running streams, and its long prompts' tokens.
     mixed_streams: int = 2
@@ -324,6 +341,8 @@ class _Process:
 
 
 class _Worker(_Process):
+    """A `slimserve.bench.worker` process: `system` is one of its systems."""
+
     def __init__(self, system: str, b: Bench) -> None:
         cmd = [
             sys.executable, "-m", "slimserve.bench.worker", system,
@@ -336,9 +355,11 @@ class _Worker(_Process):
         ]  # fmt: skip
         if system in NO_POOL:
             cmd += ["--no-ggml-threadpool"]
-        gguf = b.gguf_q8 if system == "llama_cpp_q8" else b.gguf
+        gguf = {"llama_cpp_q8": b.gguf_q8, PEER_WORKER: b.served_gguf}.get(system, b.gguf)
         if gguf is not None:
             cmd += ["--gguf", str(gguf)]
+        if system == PEER_WORKER and b.chat_template is not None:
+            cmd += ["--chat-template", str(b.chat_template)]
         super().__init__(cmd, pipes=True)
         try:
             self.served = str(self._read().get("served", system))
@@ -354,10 +375,28 @@ class _Worker(_Process):
         out: dict[str, Any] = json.loads(line)
         return out
 
-    def run(self, prompts: list[str], new_tokens: int) -> dict[str, Any]:
+    def _ask(self, req: dict[str, Any]) -> dict[str, Any]:
         assert self.proc.stdin is not None
-        self.proc.stdin.write(json.dumps({"prompts": prompts, "new_tokens": new_tokens}) + "\n")
+        self.proc.stdin.write(json.dumps(req) + "\n")
         return self._read()
+
+    def run(self, prompts: list[str], new_tokens: int) -> dict[str, Any]:
+        return self._ask({"prompts": prompts, "new_tokens": new_tokens})
+
+    def chat_probe(self, n: int) -> dict[str, Any]:
+        """The worker's one-token chat probe, timed in its own process.
+
+        Raises:
+            RuntimeError: the worker answered an error.
+        """
+        out = self._ask({"chat_probe": n})
+        if "error" in out:
+            raise RuntimeError(out["error"])
+        return out
+
+
+#: The worker system that runs CHAT_PEER.
+PEER_WORKER = "llama_cpp_python_chat"
 
 
 class _Server(_Process):
@@ -933,7 +972,7 @@ def run(b: Bench, *, score: bool = True) -> dict[str, Any]:
     and writes as JSON."""
     procs, failed = _start_all(b)
     scores = []
-    chat: dict[str, dict[str, float]] = {}
+    chat: dict[str, dict[str, Any]] = {}
     try:
         _race(b, procs, failed)
         server = procs.get("slimserve")
@@ -955,7 +994,7 @@ def run(b: Bench, *, score: bool = True) -> dict[str, Any]:
         "chat_probe": chat,
         "mixed": mixed,
         "prefix": prefix,
-        "targets": [t.to_dict() for t in targets(rows)],
+        "targets": [t.to_dict() for t in (*targets(rows), *chat_targets(chat))],
         "outputs": outputs(b.samples),
         "outputs_identical": same_outputs(b.samples, "slimserve_draft", "slimserve"),
     }
@@ -963,20 +1002,39 @@ def run(b: Bench, *, score: bool = True) -> dict[str, Any]:
 
 def _chat_probes(
     b: Bench, procs: dict[str, _System], failed: dict[str, str]
-) -> dict[str, dict[str, float]]:
-    """System -> the one-token chat probe's latencies, for each server that ran."""
-    out: dict[str, dict[str, float]] = {}
+) -> dict[str, dict[str, Any]]:
+    """System -> the one-token chat probe's latencies, for each server that ran, then
+    CHAT_PEER's (`b.chat_peer`: in a worker of its own, started for the probe alone)."""
+    out: dict[str, dict[str, Any]] = {}
     if not b.chat_probe:
         return out
-    for system in ("slimserve", "slimserve_http", "slimserve_nopool", LLAMA_SERVER):
+    for system in CHAT_PROBED:
         proc = procs.get(system)
         if proc is None or system in failed:
             continue
         try:
             out[system] = proc.chat_probe(b.chat_probe)  # type: ignore[attr-defined]
         except Exception as exc:  # the probe's error is its figure
-            out[system] = {"error": describe(exc)}  # type: ignore[dict-item]
+            out[system] = {"error": describe(exc)}
+    if b.chat_peer:
+        out[CHAT_PEER] = chat_peer_probe(b)
     return out
+
+
+def chat_peer_probe(b: Bench) -> dict[str, Any]:
+    """CHAT_PEER's chat probe: a worker loads `b.served_gguf` on `b.threads` threads, times
+    `b.chat_probe` requests in its own process and ends; the figures with what served
+    them, or the error that stopped it."""
+    try:
+        worker = _Worker(PEER_WORKER, b)
+    except Exception as exc:
+        return {"error": f"did not start: {describe(exc)}"}
+    try:
+        return {**worker.chat_probe(b.chat_probe), "served": worker.served}
+    except Exception as exc:  # the probe's error is its figure
+        return {"error": describe(exc)}
+    finally:
+        worker.close()
 
 
 def _mixed(b: Bench) -> dict[str, Any]:
@@ -1023,16 +1081,43 @@ def _scenario(
 
 
 def chat_lines(chat: dict[str, dict[str, Any]]) -> list[str]:
+    """Each chat-probed system's latencies (CHAT_PEER's with what served it)."""
     lines = []
     for system, r in chat.items():
         if "error" in r:
             lines.append(f"one-token chat, {system}: error: {r['error']}")
             continue
+        what = f" ({r['served']})" if r.get("served") else ""
+        prompt = f", {r['prompt_tokens']} prompt tokens" if r.get("prompt_tokens") else ""
         lines.append(
-            f"one-token chat on a new user message, {system}: p50 {r['p50_ms']:.1f} ms, "
-            f"p90 {r['p90_ms']:.1f} ms ({r['n']:.0f} requests one after another)"
+            f"one-token chat on a new user message, {system}{what}: p50 {r['p50_ms']:.1f} ms, "
+            f"p90 {r['p90_ms']:.1f} ms ({r['n']:.0f} requests one after another{prompt})"
         )
     return lines
+
+
+def chat_targets(chat: dict[str, dict[str, Any]]) -> list[Target]:
+    """slimserve's one-token chat p50 over gRPC and over HTTP against CHAT_PEER's, where
+    both were measured."""
+    peer = chat.get(CHAT_PEER, {})
+    if "p50_ms" not in peer:
+        return []
+    out = []
+    for system, door in CHAT_TARGET_SYSTEMS:
+        mine = chat.get(system, {})
+        if "p50_ms" not in mine:
+            continue
+        out.append(
+            Target(
+                label=f"one-token chat on a new user message, p50 of {mine['n']:.0f}, "
+                f"slimserve over {door} vs llama-cpp-python in-process on the same weights "
+                f"({system} {mine['p50_ms']:.1f} vs {CHAT_PEER} {peer['p50_ms']:.1f} ms)",
+                value=mine["p50_ms"] / peer["p50_ms"],
+                goal=CHAT_TARGET,
+                at_most=True,
+            )
+        )
+    return out
 
 
 def served_lines(env: dict[str, Any]) -> list[str]:
@@ -1062,6 +1147,7 @@ def report_lines(report: dict[str, Any]) -> list[str]:
     if report.get("outputs_identical"):
         lines.append(identical_line(report["outputs_identical"]))
     lines += chat_lines(report.get("chat_probe") or {})
+    lines += [t.line() for t in chat_targets(report.get("chat_probe") or {})]
     if report.get("mixed"):
         from slimserve.bench.mixed import report_lines as mixed_lines
 

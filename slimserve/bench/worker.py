@@ -19,6 +19,9 @@ several tokens counts them all. Systems:
 - `engine_ipc`: the same engine and plan in its own engine process, driven over the pipe
   as the server drives it, without gRPC: its figure over `engine` is the IPC's cost.
 - `llama_cpp`: llama.cpp through llama-cpp-python on a GGUF file (optional dependency).
+- `llama_cpp_python_chat`: llama-cpp-python's high-level `Llama` on the GGUF slimserve
+  serves, with the artifact's chat template; answers `{"chat_probe": n}` only (the
+  one-token chat probe's in-process peer, `LlamaCppChat`).
 """
 
 from __future__ import annotations
@@ -323,6 +326,64 @@ class LlamaCpp:
         return {"runs": runs, "wall_s": wall}
 
 
+class LlamaCppChat:
+    """What a llama-cpp-python user writes for a chat completion: `Llama` on a GGUF file,
+    `create_chat_completion` with the model's chat template, in this process.
+
+    `Llama` keeps the previous prompt's KV cells and reuses its longest common prefix (the
+    chat template's header) by default, as a user gets. The template is the artifact's
+    (the exported GGUF carries none), rendered the way `Llama` renders a GGUF's own.
+    """
+
+    def __init__(self, gguf: Path, template: Path | None, threads: int, n_ctx: int) -> None:
+        import importlib.metadata
+
+        from llama_cpp import Llama
+        from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+        self.llm = Llama(
+            model_path=str(gguf),
+            n_ctx=n_ctx,
+            n_threads=threads,
+            n_threads_batch=threads,
+            verbose=False,
+        )
+        if template is not None:  # as `Llama` builds the handler from GGUF metadata
+            eos, bos = self.llm.token_eos(), self.llm.token_bos()
+            self.llm.chat_handler = Jinja2ChatFormatter(
+                template=template.read_text(),
+                eos_token=self._text(eos),
+                bos_token=self._text(bos),
+                stop_token_ids=[eos],
+            ).to_chat_handler()
+        version = importlib.metadata.version("llama_cpp_python")
+        self.served = f"llama-cpp-python {version} Llama in-process on {gguf.name}"
+        self.prompt_tokens = 0
+        self._ask("Hello")  # warm up: the servers have served the race before their probe
+
+    def _text(self, token: int) -> str:
+        return "" if token < 0 else self.llm.detokenize([token], special=True).decode()
+
+    def _ask(self, content: str) -> None:
+        out: Any = self.llm.create_chat_completion(
+            messages=[{"role": "user", "content": content}], max_tokens=1, temperature=0
+        )
+        self.prompt_tokens = int(out["usage"]["prompt_tokens"])
+
+    def chat_probe(self, n: int) -> dict[str, Any]:
+        """`n` one-token chat completions one after another, each a new user message (the
+        servers' probe questions), timed in this process: latency percentiles, ms."""
+        import asyncio
+
+        from slimserve.bench.http_load import chat_question, timed_probe
+
+        async def one(i: int) -> None:
+            self._ask(chat_question(i))
+
+        out: dict[str, Any] = asyncio.run(timed_probe(one, n))
+        return {**out, "prompt_tokens": self.prompt_tokens}
+
+
 def requantize_q8_0(src: Path, dst: Path) -> Path:
     """Re-encode a GGUF file to Q8_0 with llama.cpp (lossless against a 4-bit source)."""
     import ctypes
@@ -353,13 +414,17 @@ def main(argv: list[str] | None = None) -> int:
             "engine_ipc",
             "llama_cpp",
             "llama_cpp_q8",
+            "llama_cpp_python_chat",
         ],
     )
     p.add_argument("--registry", type=Path, required=True)
     p.add_argument("--model", required=True)
     p.add_argument("--threads", type=int, required=True)
     p.add_argument("--max-batch", type=int, default=16)
-    p.add_argument("--gguf", type=Path, help="llama_cpp: the GGUF file")
+    p.add_argument("--gguf", type=Path, help="llama_cpp, llama_cpp_python_chat: the GGUF file")
+    p.add_argument(
+        "--chat-template", type=Path, help="llama_cpp_python_chat: the model's chat template"
+    )
     p.add_argument("--backend", default="auto", help="engine: slimserve's serving backend")
     p.add_argument("--gguf-type", default="auto", help="engine: llama.cpp backend weights")
     p.add_argument("--stream-tokens", type=int, default=256, help="cache cells per stream")
@@ -369,10 +434,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--device", default="cpu", help="hf_generate, engine: cpu, cuda or cuda:N")
     args = p.parse_args(argv)
+    runner: Any
+    if args.system == "llama_cpp_python_chat":  # no torch in its process: llama.cpp's alone
+        runner = LlamaCppChat(args.gguf, args.chat_template, args.threads, args.stream_tokens)
+        return _serve(runner, args.system)
     import torch
 
     torch.set_num_threads(args.threads)
-    runner: Any
     if args.system == "hf_generate":
         runner = HFGenerate(args.registry, args.model, args.device)
     elif args.system in ("engine", "engine_nopool", "engine_ipc"):
@@ -391,12 +459,25 @@ def main(argv: list[str] | None = None) -> int:
     else:
         # llama_cpp_q8 gets the re-encoded file.
         runner = LlamaCpp(args.gguf, args.threads, args.max_batch, args.stream_tokens)
+    return _serve(runner, args.system)
+
+
+def _serve(runner: Any, system: str) -> int:
+    """Answer the orchestrator's requests on stdin, one JSON line each: a race's run
+    (`prompts`, `new_tokens`) or a chat probe (`chat_probe`: how many requests)."""
     # Memory is measured from outside, by the orchestrator, alike for every system.
-    print(json.dumps({"ready": True, "served": getattr(runner, "served", args.system)}), flush=True)
+    print(json.dumps({"ready": True, "served": getattr(runner, "served", system)}), flush=True)
     for line in sys.stdin:
         req = json.loads(line)
         try:
-            out = runner.run(req["prompts"], req["new_tokens"])
+            if "chat_probe" in req:
+                if not hasattr(runner, "chat_probe"):
+                    raise ValueError(f"{system} has no chat probe")
+                out = runner.chat_probe(int(req["chat_probe"]))
+            elif not hasattr(runner, "run"):
+                raise ValueError(f"{system} answers chat probes only")
+            else:
+                out = runner.run(req["prompts"], req["new_tokens"])
         except Exception as exc:  # reported to the orchestrator as this run's error
             out = {"error": f"{type(exc).__name__}: {exc}"}
         print(json.dumps(out), flush=True)

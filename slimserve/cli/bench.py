@@ -110,6 +110,40 @@ def _llama_server(args: argparse.Namespace, registry: Path) -> dict[str, Any] | 
     return {"llama_server": Path(binary), "served_gguf": gguf, "chat_template": template}
 
 
+def _chat_peer(args: argparse.Namespace, registry: Path, systems: list[str]) -> dict[str, Any]:
+    """What the chat probe's in-process llama-cpp-python peer needs (the GGUF slimserve
+    serves and its chat template, exported once), or {} after printing why it is skipped.
+    It runs where the chat probe does (`--chat-probe` > 0 and a server it times)."""
+    from slimserve.bench import llama_server as ls
+    from slimserve.bench.serve import CHAT_PEER, CHAT_PROBED
+    from slimserve.engine.config import ModelConfig
+
+    if not args.chat_probe or not set(CHAT_PROBED) & set(systems):
+        return {}
+    if importlib.util.find_spec("llama_cpp") is None:
+        print(
+            f"{CHAT_PEER}: llama-cpp-python is not installed (pip install llama-cpp-python); "
+            "the chat probe runs without its in-process peer",
+            file=sys.stderr,
+        )
+        return {}
+    try:
+        config = _served_config(args, ModelConfig)
+        gguf, template, plan = ls.export_served_gguf(
+            registry, args.model, config, home() / "bench" / "gguf"
+        )
+    except Exception as exc:  # a clear line, then the probe goes on without it
+        print(f"{CHAT_PEER}: {exc}; the chat probe runs without its in-process peer",
+              file=sys.stderr)  # fmt: skip
+        return {}
+    print(
+        f"{CHAT_PEER}: llama-cpp-python in-process on {gguf} (slimserve's {plan} weights), "
+        "in the chat probe",
+        file=sys.stderr,
+    )
+    return {"chat_peer": True, "served_gguf": gguf, "chat_template": template}
+
+
 def _served_config(args: argparse.Namespace, model_config: Any) -> Any:
     """The model config the bench's `serve` gets (to find the plan it qualifies)."""
     from slimserve.bench.worker import stream_tokens
@@ -154,6 +188,7 @@ def cmd_bench_serve(args: argparse.Namespace) -> int:
             extra |= found
     if {bench.LLAMA_SERVER, "slimserve_http"} & set(systems):
         extra["prompt_ids"] = _prompt_ids(registry, args.model)
+    extra |= _chat_peer(args, registry, systems)
     gguf = args.gguf
     gguf_q8 = None
     if any(s.startswith("llama_cpp") for s in systems):
@@ -292,7 +327,10 @@ def add_parser(sub: Any) -> None:
         "--chat-probe",
         type=non_negative_int,
         default=30,
-        help="one-token chat requests timed on each server system, one after another (0: none)",
+        help="one-token chat requests timed on each server system, one after another, and "
+        "on llama-cpp-python's Llama.create_chat_completion in a process of its own on the "
+        "GGUF slimserve serves (llama_cpp_python, when installed and slimserve serves a "
+        "llama.cpp plan); slimserve's p50 over gRPC and HTTP is held against its (0: none)",
     )
     p.add_argument(
         "--mixed-streams",
