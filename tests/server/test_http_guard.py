@@ -259,3 +259,23 @@ def test_a_client_leaving_mid_body_is_one_log_line(
     left = [r for r in caplog.records if "499" in r.getMessage()]
     assert len(left) == 1 and "left after 5 bytes" in left[0].getMessage()
     assert not [r for r in caplog.records if r.exc_info], "a traceback was logged"
+
+
+def test_the_door_sends_without_delay_on_kept_alive_connections(door: ServerThread) -> None:
+    """A listening socket from `socket.create_server` has protocol number 0, so asyncio
+    never set TCP_NODELAY on the connections it accepted: on a kept-alive connection each
+    response body waited ~40 ms behind its headers for the client's delayed ACK. Every
+    accepted connection now has it. Mutation: not setting it in the guard's
+    `connection_made` fails this."""
+    port = _port(door)
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        s.sendall(f"GET /health/live HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n\r\n".encode())
+        got = b""
+        while not got.endswith(b'{"status":"ok"}'):
+            got += s.recv(65536)
+        (local,) = [s.getsockname()]
+        conns = door.server.http.server.server_state.connections
+        socks = [c.transport.get_extra_info("socket") for c in conns]
+        ours = [x for x in socks if x is not None and x.getpeername() == local]
+        assert len(ours) == 1, socks
+        assert ours[0].getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 1
