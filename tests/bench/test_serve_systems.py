@@ -247,6 +247,9 @@ def test_peak_pss_lines_are_the_largest_sample_of_each_server(race: Race) -> Non
         peak = max(s.peak_pss_mb for s in race.bench.samples if s.system == system)
         assert peak == max(race.row(system, c)["peak_pss_mb"] for c in CONCURRENCY)
         verdict = "PASS" if peak <= bench.PSS_TARGET_MB else "MISS"
+        label = f"peak PSS of {system}'s serving processes"
+        (target,) = [t for t in race.report["targets"] if t["label"] == label]
+        assert target["value"] == peak and target["unit"] == "MB" and target["at_most"]
         assert race.line(f"peak PSS of {system}'s serving processes: ") == (
             f"peak PSS of {system}'s serving processes: {peak:.0f} MB (target <= 1000 MB) {verdict}"
         )
