@@ -25,6 +25,7 @@ import collections
 import logging
 import math
 import time
+from collections.abc import Callable
 
 import torch
 
@@ -32,6 +33,7 @@ from slimserve.engine.backends.base import Backend, LogprobPartsBackend
 from slimserve.engine.errors import DeadlineExpired, EngineFailure, Overloaded
 from slimserve.engine.futures import settle
 from slimserve.engine.sequence import ScoreJob
+from slimserve.engine.types import TokenLogprob
 
 log = logging.getLogger(__name__)
 
@@ -116,20 +118,12 @@ class ScoreQueue:
 
     def _logprob_part(self, job: ScoreJob, start: int, end: int) -> None:
         assert self.parts is not None and job.top_n is not None
+        parts, top_n = self.parts, job.top_n
         self._open = None
-        try:
-            part = self.parts.prompt_logprobs_part(job.prompt, start, end, job.top_n)
-        except torch.OutOfMemoryError as exc:
-            _fail(job, Overloaded(f"out of memory while scoring: {exc}"))
-            return
-        except Exception as exc:
-            log.exception("prompt log-probabilities failed")
-            _fail(job, exc)
-            return
-        if not all(lp.logprob is not None and math.isfinite(lp.logprob) for lp in part):
+        part = _logprobs(job, lambda: parts.prompt_logprobs_part(job.prompt, start, end, top_n))
+        if part is None:  # failed: a part-way prompt's scratch is emptied
             if end < len(job.prompt):
                 self._close()
-            _fail(job, EngineFailure("the backend returned a non-finite log-probability"))
             return
         job.logprobs += part
         if end < len(job.prompt):
@@ -169,19 +163,27 @@ class ScoreQueue:
 
 
 def _prompt_logprobs(backend: Backend, job: ScoreJob) -> None:
+    result = _logprobs(job, lambda: backend.prompt_logprobs(job.prompt, job.top_n or 0))
+    if result is not None:
+        settle(job.future, result)
+
+
+def _logprobs(job: ScoreJob, run: Callable[[], list[TokenLogprob]]) -> list[TokenLogprob] | None:
+    """`run()`'s log-probabilities, or None with `job` failed (out of memory, an error, a
+    non-finite figure)."""
     try:
-        result = backend.prompt_logprobs(job.prompt, job.top_n or 0)
+        result = run()
     except torch.OutOfMemoryError as exc:
         _fail(job, Overloaded(f"out of memory while scoring: {exc}"))
-        return
+        return None
     except Exception as exc:
         log.exception("prompt log-probabilities failed")
         _fail(job, exc)
-        return
+        return None
     if not all(lp.logprob is not None and math.isfinite(lp.logprob) for lp in result):
         _fail(job, EngineFailure("the backend returned a non-finite log-probability"))
-        return
-    settle(job.future, result)
+        return None
+    return result
 
 
 def _fail(job: ScoreJob, exc: BaseException) -> None:

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from slimserve.engine.sampling import make_generator
 from slimserve.engine.spec_policy import Acceptance
 from slimserve.engine.text import Decoder, IncrementalDetokenizer, StopMatcher
-from slimserve.engine.types import Event, GenerationRequest, StopReason
+from slimserve.engine.types import Event, GenerationRequest, StopReason, TokenLogprob
 
 if TYPE_CHECKING:
     import torch
@@ -176,7 +176,7 @@ class ScoreJob:
     sums: list[float] = field(default_factory=list)
     #: A prompt-logprob job's prompt tokens put through so far, and their entries.
     fed: int = 0
-    logprobs: list[Any] = field(default_factory=list)
+    logprobs: list[TokenLogprob] = field(default_factory=list)
 
     def cost(self, i: int) -> int:
         """Tokens continuation `i` puts through the model: prompt + continuation - 1."""
