@@ -265,8 +265,8 @@ def test_the_door_sends_without_delay_on_kept_alive_connections(door: ServerThre
     """A listening socket from `socket.create_server` has protocol number 0, so asyncio
     never set TCP_NODELAY on the connections it accepted: on a kept-alive connection each
     response body waited ~40 ms behind its headers for the client's delayed ACK. Every
-    accepted connection now has it. Mutation: not setting it in the guard's
-    `connection_made` fails this."""
+    accepted connection now has it. Mutation: the door's listening socket made by
+    `socket.create_server` again fails this."""
     port = _port(door)
     with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
         s.sendall(f"GET /health/live HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n\r\n".encode())

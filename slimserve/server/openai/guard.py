@@ -22,11 +22,9 @@ routes, the drain count or the engines.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import ipaddress
 import json
 import logging
-import socket
 import time
 from collections.abc import Callable
 from typing import Any
@@ -67,17 +65,6 @@ _REASONS = {
 
 
 # ---- the transport: headers, connections --------------------------------------------------
-def _no_delay(transport: Any) -> None:
-    """Send each write at once (TCP_NODELAY). asyncio sets it only on sockets whose
-    protocol number says TCP, and a listening socket made by `socket.create_server` says
-    0: on a kept-alive connection the response body then waited behind its headers for the
-    client's delayed ACK, 40 ms a request (one-token chat: 92 ms over HTTP, 48 over gRPC)."""
-    sock = transport.get_extra_info("socket")
-    if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
-        with contextlib.suppress(OSError):  # the connection is already gone
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-
-
 class _Deadlines:
     """Mixed into uvicorn's HTTP protocol (httptools or h11, whichever `auto` picks): it
     reads only what both keep, `self.cycle` and the shared `self.connections`."""
@@ -91,7 +78,6 @@ class _Deadlines:
 
     def connection_made(self, transport: Any) -> None:
         super().connection_made(transport)  # type: ignore[misc]
-        _no_delay(transport)
         self._refused = False
         self._timer: asyncio.TimerHandle | None = None
         self._received = 0  # bytes of the request head now arriving
