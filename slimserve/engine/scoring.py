@@ -6,12 +6,15 @@ batched `score_batch` call, and the decode step for the running streams follows.
 Score of 32 long labels interleaves with generation instead of starving it, and its
 deadline is honoured between chunks.
 
-A prompt-logprob job (`echo` with `logprobs`) runs the same way, a budget of prompt
-positions a step, where the backend keeps the prompt's KV between parts
-(`LogprobPartsBackend`); elsewhere it runs whole. A job part-way is always the head of
-the queue and its part runs after the step's other Score work, so nothing else touches the
-backend's scratch sequence before it ends; one that leaves part-way (its caller gave up)
-has the scratch emptied before the next job runs.
+Where the backend keeps a prompt's KV across steps (`LogprobPartsBackend`), a prompt is
+fed a budget at a time too: a prompt-logprob job (`echo` with `logprobs`) gives its
+entries part by part (elsewhere it runs whole), and a Score whose labels have different
+input rows, or whose prompt exceeds the step's budget, has its prompt held by the backend
+and then each label costs only its own tokens (32 labels over a 90-token prompt cost the
+prompt once, not 32 times, and no step runs a whole prompt). A job part-way is always the
+head of the queue, so the chunks of a step run in the order taken and nothing else
+touches the held KV before the job ends; when it ends, or leaves part-way (its caller gave
+up), the hold is emptied before the next job runs.
 
 A job's future stays pending until its answer is set, so a caller that gives up (a
 deadline, a disconnect) can `cancel()` it at any time; the job then leaves the queue
@@ -26,6 +29,7 @@ import logging
 import math
 import time
 from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 
@@ -38,6 +42,20 @@ from slimserve.engine.types import TokenLogprob
 log = logging.getLogger(__name__)
 
 
+#: What a chunk of Score work runs: labels (`score_batch`), a part of a Score prompt the
+#: backend holds, or prompt log-probabilities (whole or a part).
+LABELS, PROMPT, LOGPROBS = "labels", "prompt", "logprobs"
+
+
+class _Chunk(NamedTuple):
+    job: ScoreJob
+    kind: str
+    start: int
+    end: int
+    #: Tokens it puts through the model.
+    cost: int
+
+
 class ScoreQueue:
     """FIFO of Score jobs; touched by the worker thread, appended to under its lock."""
 
@@ -45,7 +63,8 @@ class ScoreQueue:
         self.jobs: collections.deque[ScoreJob] = collections.deque()
         #: Runs prompt-logprob jobs in parts, or None: each runs whole.
         self.parts = parts
-        #: The prompt-logprob job whose KV the backend's scratch holds part-way.
+        #: The job whose prompt KV the backend holds: a prompt-logprob job part-way, or a
+        #: Score whose labels run from its held prompt.
         self._open: ScoreJob | None = None
 
     def __len__(self) -> int:
@@ -58,10 +77,10 @@ class ScoreQueue:
         while self.jobs:
             settle(self.jobs.popleft().future, exc=exc)
 
-    def take(self, budget: int) -> list[tuple[ScoreJob, int, int, int]]:
-        """Chunks of the head jobs worth up to `budget` tokens, each with the tokens it
-        puts through; expired jobs fail here."""
-        chunks: list[tuple[ScoreJob, int, int, int]] = []
+    def take(self, budget: int) -> list[_Chunk]:
+        """Chunks of the head jobs worth up to `budget` tokens (the first at least one
+        token, even over budget); expired jobs fail here."""
+        chunks: list[_Chunk] = []
         now = time.monotonic()
         while self.jobs and budget > 0:
             job = self.jobs[0]
@@ -80,41 +99,93 @@ class ScoreQueue:
                 start, t = job.fed, len(job.prompt)
                 end = t if self.parts is None else min(t, start + max(budget, 1))
                 job.fed = end
-                cost = end - start
-            else:  # continuations [start, end)
-                start, end, cost = job.take(budget if chunks else max(budget, 1))
-            budget -= cost
-            chunks.append((job, start, end, cost))
+                chunks.append(_Chunk(job, LOGPROBS, start, end, end - start))
+                budget -= end - start
+            else:
+                if job.held is None:
+                    job.held = self._holds(job, budget)
+                held = len(job.prompt) - 1
+                if job.held and job.fed < held:  # the prompt first, in parts: [start, end)
+                    start, end = job.fed, min(held, job.fed + max(budget, 1))
+                    job.fed = end
+                    chunks.append(_Chunk(job, PROMPT, start, end, end - start))
+                    budget -= end - start
+                    if job.fed < held or budget <= 0:
+                        break  # the rest of this job waits for the next step
+                # continuations [start, end)
+                start, end, cost = job.take(
+                    budget if chunks else max(budget, 1), held if job.held else 0
+                )
+                chunks.append(_Chunk(job, LABELS, start, end, cost))
+                budget -= cost
             if job.done:
                 self.jobs.popleft()
             else:
                 break  # the rest of this job waits for the next step
         return chunks
 
+    def _holds(self, job: ScoreJob, budget: int) -> bool:
+        """Whether `job`'s prompt is fed once and held while its labels run: where the
+        backend can, and when it pays (labels with different input rows share it) or is
+        needed (the prompt alone exceeds this step's budget)."""
+        if self.parts is None or len(job.prompt) < 2 or not job.continuations:
+            return False
+        rows = {tuple(c[:-1]) for c in job.continuations}
+        return len(rows) > 1 or len(job.prompt) > budget
+
     def step(self, backend: Backend, budget: int) -> int:
-        """Run one budget's worth of score work; returns the tokens it put through."""
+        """Run one budget's worth of score work, in the order taken; returns the tokens
+        it put through."""
         taken = self.take(budget)
-        if self._open is not None and not any(c[0] is self._open for c in taken):
+        if self._open is not None and not any(c.job is self._open for c in taken):
             self._close()  # it left part-way: its caller gave up, or its deadline passed
-        spent = sum(c[3] for c in taken)
-        chunks = [(job, start, end) for job, start, end, _ in taken]
-        # Continuations first: `score_batch` empties the scratch sequences it uses, so a
-        # prompt left part-way in one must be fed after it.
-        self._score([c for c in chunks if c[0].top_n is None], backend)
-        for job, start, end in [c for c in chunks if c[0].top_n is not None]:
-            if self.parts is None:
-                _prompt_logprobs(backend, job)
+        labels: list[_Chunk] = []
+        for chunk in taken:
+            if chunk.kind == LABELS:  # runs batched with the next labels
+                labels.append(chunk)
+                continue
+            # Labels taken before run first: each `score_batch` empties its scratch
+            # sequences, where a prompt-logprob job keeps its KV part-way.
+            self._score(labels, backend)
+            labels = []
+            if self._open is not None and self._open is not chunk.job:
+                self._let_go()  # every chunk of the job it holds for has run
+            if chunk.kind == PROMPT:
+                self._prompt_part(chunk)
+            elif self.parts is None:
+                _prompt_logprobs(backend, chunk.job)
             else:
-                self._logprob_part(job, start, end)
-        return spent
+                self._logprob_part(chunk.job, chunk.start, chunk.end)
+        self._score(labels, backend)
+        self._let_go()
+        return sum(c.cost for c in taken)
+
+    def _let_go(self) -> None:
+        """Empty the backend's hold once the job it holds for is answered or failed."""
+        if self._open is not None and (self._open.done or self._open.future.done()):
+            self._close()
 
     def _close(self) -> None:
         assert self.parts is not None
         self._open = None
         try:
             self.parts.prompt_logprobs_reset()
+            self.parts.score_prompt_reset()
         except Exception:
             log.exception("emptying the scratch of a prompt left part-way failed")
+
+    def _prompt_part(self, chunk: _Chunk) -> None:
+        """Feed a part of a Score's prompt into the backend's hold."""
+        assert self.parts is not None
+        job = chunk.job
+        self._open = job
+        try:
+            self.parts.score_prompt_part(job.prompt, chunk.start, chunk.end)
+        except torch.OutOfMemoryError as exc:
+            _fail(job, Overloaded(f"out of memory while scoring: {exc}"))
+        except Exception as exc:
+            log.exception("feeding a Score prompt failed")
+            _fail(job, exc)
 
     def _logprob_part(self, job: ScoreJob, start: int, end: int) -> None:
         assert self.parts is not None and job.top_n is not None
@@ -131,7 +202,8 @@ class ScoreQueue:
         else:
             settle(job.future, job.logprobs)
 
-    def _score(self, chunks: list[tuple[ScoreJob, int, int]], backend: Backend) -> None:
+    def _score(self, taken: list[_Chunk], backend: Backend) -> None:
+        chunks = [(c.job, c.start, c.end) for c in taken if not c.job.future.done()]
         if not chunks:
             return
         work = [(job.prompt, job.continuations[a:b]) for job, a, b in chunks]

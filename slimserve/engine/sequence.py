@@ -174,13 +174,18 @@ class ScoreJob:
     #: Index of the first continuation not yet scored.
     next: int = 0
     sums: list[float] = field(default_factory=list)
-    #: A prompt-logprob job's prompt tokens put through so far, and their entries.
+    #: Prompt tokens put through so far (a prompt-logprob job's, or a held Score prompt's),
+    #: and a prompt-logprob job's entries.
     fed: int = 0
     logprobs: list[TokenLogprob] = field(default_factory=list)
+    #: Whether the backend holds prompt[:-1] (fed in parts, `fed` of them so far) and each
+    #: label then costs only its own tokens; None until the score queue decides.
+    held: bool | None = None
 
-    def cost(self, i: int) -> int:
-        """Tokens continuation `i` puts through the model: prompt + continuation - 1."""
-        return len(self.prompt) + len(self.continuations[i]) - 1
+    def cost(self, i: int, held: int = 0) -> int:
+        """Tokens continuation `i` puts through the model: prompt + continuation - 1, less
+        the `held` prompt tokens the backend already has."""
+        return len(self.prompt) + len(self.continuations[i]) - 1 - held
 
     @property
     def total_cost(self) -> int:
@@ -192,18 +197,19 @@ class ScoreJob:
             return self.fed >= len(self.prompt)
         return self.next >= len(self.continuations)
 
-    def take(self, budget: int) -> tuple[int, int, int]:
+    def take(self, budget: int, held: int = 0) -> tuple[int, int, int]:
         """The next continuations that fit `budget` tokens (at least one): a [start, end)
         and the tokens they put through. A continuation whose input row (prompt +
         continuation[:-1]) an earlier one in the range already has costs nothing: the
         backend runs identical rows once (`ScorePlan`), so 32 one-token labels cost one
-        prompt, and the step budget learns from the tokens that really ran."""
+        prompt, and the step budget learns from the tokens that really ran. `held`: prompt
+        tokens the backend holds, which no row puts through again."""
         start = end = self.next
         spent = 0
         rows: set[tuple[int, ...]] = set()
         while end < len(self.continuations):
             row = tuple(self.continuations[end][:-1])
-            cost = 0 if row in rows else self.cost(end)
+            cost = 0 if row in rows else self.cost(end, held)
             if end > start and spent + cost > budget:
                 break
             rows.add(row)

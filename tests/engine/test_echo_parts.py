@@ -132,3 +132,61 @@ def test_an_echo_given_up_part_way_leaves_the_next_score_exact(
         assert not stream.ended.is_set()  # the stream went on throughout
     finally:
         engine.shutdown()
+
+
+def test_a_score_prompt_is_fed_in_parts_beside_a_stream_then_held_for_its_labels(
+    backend: Any, tokenizer: Any
+) -> None:
+    # A 120-token Score prompt with labels of different input rows: its prompt goes a
+    # budget at a time into the backend's hold, every label then costs its own tokens, and
+    # the scores are those of whole rows. An echo queued right behind it (the next job in
+    # the same step) still equals its whole run: the Score's hold never reaches it.
+    prompt = ids(5, 120)
+    labels = [ids(6 + i, 3) for i in range(6)]
+    want = backend.score(prompt, labels)  # whole rows (nothing held yet)
+    whole = backend.prompt_logprobs(prompt[:40], 1)
+    engine = Engine(backend, tokenizer, EngineConfig(score_step_tokens=PART))
+    engine.start()
+    try:
+        stream = _stream(engine)
+        at_submit = stream.tokens
+        fut = engine.score(prompt, labels)
+        echo = engine.prompt_logprobs(prompt[:40], top_n=1)
+        got = fut.result(60)
+        between = stream.tokens - at_submit
+        # Mutation: holding nothing (`ScoreQueue._holds` False) runs each 122-token row
+        # as one chunk over budget: 6 steps, so the stream gets ~6 tokens, not ~15.
+        assert between >= len(prompt) // PART - 2, f"{between} stream tokens during the Score"
+        assert got == pytest.approx(want, abs=1e-4)
+        for g, w in zip(echo.result(60), whole, strict=True):
+            assert g.logprob == pytest.approx(w.logprob, abs=1e-4)
+        # The hold is emptied once the Score is answered.
+        assert backend.lc.llama_memory_seq_pos_max(backend._mem, backend._prompt_seq) == -1
+    finally:
+        engine.shutdown()
+
+
+@pytest.mark.parametrize("score_prompt", [3, 30])
+def test_a_score_taken_in_the_step_an_echo_ends_leaves_the_echo_exact(
+    backend: Any, tokenizer: Any, score_prompt: int
+) -> None:
+    # An echo of 44 positions ends with a part of 4 (44 = 5 x 8 + 4), and the Score
+    # queued behind it takes the rest of that step's budget. The step's chunks run in
+    # the order taken, so the echo's last part still reads its KV. Mutation: running a
+    # step's labels before its prompt parts (the order before) empties the echo's
+    # scratch under it: its last entries come out wrong and the Score fails in llama.cpp.
+    prompt = ids(7, 44)
+    whole = backend.prompt_logprobs(prompt, 1)
+    labels = [[5], [9]]
+    want = backend.score(prompt[:score_prompt], labels)
+    engine = Engine(backend, tokenizer, EngineConfig(score_step_tokens=PART))
+    engine.start()
+    try:
+        _stream(engine)
+        echo = engine.prompt_logprobs(prompt, top_n=1)
+        score = engine.score(prompt[:score_prompt], labels)
+        got = echo.result(60)
+        assert score.result(60) == pytest.approx(want, abs=1e-4)
+        assert [g.logprob for g in got] == pytest.approx([w.logprob for w in whole], abs=1e-4)
+    finally:
+        engine.shutdown()

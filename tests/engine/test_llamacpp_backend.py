@@ -177,7 +177,8 @@ def test_the_split_layout_serves_alike(
     )  # fmt: skip
     with pytest.raises(ValueError, match="kv_layout"):
         build("paged", None)
-    # auto: split while (3 slots + the Score rows) x 64 cells fit the budget, else the pool
+    # auto: split while (3 slots + the Score rows + the held Score prompt) x 64 cells fit
+    # the budget, else the pool
     per_token = (
         2
         * model.config.num_hidden_layers
@@ -185,7 +186,7 @@ def test_the_split_layout_serves_alike(
         * (model.config.hidden_size // model.config.num_attention_heads)
         * 4
     )
-    cells = (3 + llamacpp.SCORE_ROWS) * 64
+    cells = (3 + llamacpp.SCORE_ROWS + 1) * 64
     assert build("auto", cells * per_token).kv_layout == "split"
     assert build("auto", cells * per_token - 1).kv_layout == "unified"
 
@@ -404,6 +405,45 @@ def test_prompt_logprobs_in_parts_equal_them_whole_and_leave_nothing_behind(
     again = cpp.prompt_logprobs_part(other, 0, 12, 1)
     for p, w in zip(again, cpp.prompt_logprobs(other, 1), strict=True):
         assert p.logprob == pytest.approx(w.logprob, abs=1e-4)
+
+
+@pytest.mark.parametrize("layout", ["unified", "split"])
+def test_a_held_score_prompt_gives_the_scores_of_whole_rows(
+    pair: tuple[LlamaBackend, llamacpp.LlamaCppBackend], layout: str, tmp_path: Path
+) -> None:
+    # Rows that start with the held prompt start from a copy of its KV (pooled: shared
+    # cells; split: a copied stream) and feed only their own tokens; the figures are the
+    # torch reference's either way. Mutation: feeding held rows from position 0 over the
+    # copy (llama.cpp refuses it), or copying without skipping, fails here.
+    ref, pooled = pair
+    if layout == "unified":
+        cpp = pooled
+    else:
+        tok = tiny_tokenizer()
+        tok.save_pretrained(tmp_path)
+        cpp = llamacpp.LlamaCppBackend(
+            tiny_model(len(tok), seed=3).config, tiny_model(len(tok), seed=3).state_dict(),
+            tmp_path / "tokenizer.json", max_slots=3, max_seq_len=64, threads=1,
+            weight_type="f32", kv_layout="split",
+        )  # fmt: skip
+    prompt = _ids(30, 11, ref.vocab_size)
+    labels = [[5, 6, 7], [9, 6], [5, 8], [12]]
+    other = (_ids(20, 12, ref.vocab_size), [[5, 6], [7]])  # not held: whole rows
+    want = ref.score_batch([(prompt, labels), other])
+    for start, end in ((0, 10), (10, 29)):
+        cpp.score_prompt_part(prompt, start, end)
+    with pytest.raises(ValueError, match="fed"):
+        cpp.score_prompt_part(prompt, 5, 10)  # not where the last part ended
+    got = cpp.score_batch([(prompt, labels), other])
+    for g, w in zip(got, want, strict=True):
+        assert g == pytest.approx(w, abs=1e-3)
+    # The hold stays for the next chunk of the same Score, and goes on reset.
+    assert cpp.score(prompt, labels[:2]) == pytest.approx(want[0][:2], abs=1e-3)
+    cpp.score_prompt_reset()
+    assert cpp.lc.llama_memory_seq_pos_max(cpp._mem, cpp._prompt_seq) == -1
+    assert cpp.score(prompt, labels) == pytest.approx(want[0], abs=1e-3)
+    if cpp is not pooled:
+        cpp.close()
 
 
 def test_split_passes_follow_llamacpps_equal_split() -> None:

@@ -313,9 +313,10 @@ class PrefixBackend(Backend, Protocol):
 
 
 class LogprobPartsBackend(Backend, Protocol):
-    """A backend that can give a prompt's log-probabilities in parts, its KV carried over
-    between them in a scratch sequence of its own, so a long `echo` runs a step's budget
-    at a time beside the streams instead of whole between two of their tokens."""
+    """A backend that keeps a prompt's KV across steps in scratch sequences of its own: it
+    gives a prompt's log-probabilities in parts, so a long `echo` runs a step's budget at a
+    time beside the streams instead of whole between two of their tokens, and it holds a
+    Score prompt fed in parts, so every label of that Score costs only its own tokens."""
 
     def prompt_logprobs_part(
         self, prompt_ids: list[int], start: int, end: int, top_n: int
@@ -334,12 +335,30 @@ class LogprobPartsBackend(Backend, Protocol):
         """Forget a prompt left part-way (its caller gave up)."""
         ...
 
+    def score_prompt_part(self, prompt_ids: list[int], start: int, end: int) -> None:
+        """Feed `prompt_ids[start:end]` after the `start` tokens fed by the parts before
+        (`start` 0 begins afresh) into the Score prompt the backend holds; `score_batch`
+        then feeds a row that starts with the held tokens from their KV. The hold is
+        emptied when a part fails.
+
+        Raises:
+            ValueError: `start` is not where the previous part ended, or bad ids, or the
+                held prompt would leave no room for a continuation.
+        """
+        ...
+
+    def score_prompt_reset(self) -> None:
+        """Forget the held Score prompt (its job ended, or its caller gave up)."""
+        ...
+
 
 def can_score_in_parts(backend: object) -> bool:
     """Whether `backend` implements `LogprobPartsBackend`."""
-    return callable(getattr(backend, "prompt_logprobs_part", None)) and callable(
-        getattr(backend, "prompt_logprobs_reset", None)
-    )
+    names = ("prompt_logprobs_part", "prompt_logprobs_reset")
+    return all(callable(getattr(backend, n, None)) for n in (*names, *_SCORE_PROMPT))
+
+
+_SCORE_PROMPT = ("score_prompt_part", "score_prompt_reset")
 
 
 def can_reuse_prefix(backend: object) -> bool:

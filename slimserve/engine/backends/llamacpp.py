@@ -104,7 +104,7 @@ class LlamaCppBackend:
 
         `kv_layout` (`KV_LAYOUTS`): "unified", one pool of cells every sequence draws on;
         "split", a fixed max_seq_len of cells per sequence (llama.cpp's per-sequence
-        streams), holding (max_slots + SCORE_ROWS) x max_seq_len cells whatever
+        streams), holding (max_slots + SCORE_ROWS + 1) x max_seq_len cells whatever
         `kv_pool_bytes` says; "auto", split when those cells fit `kv_pool_bytes`, else
         unified. Split decodes a run of consecutive slots in one pass, faster than the
         pool, but each break in the run costs another pass (16 streams: 25.1 ms a step
@@ -148,7 +148,9 @@ class LlamaCppBackend:
             raise ValueError("llama.cpp could not load the exported model")
         self.vocab_size = int(lc.llama_vocab_n_tokens(lc.llama_model_get_vocab(self._model)))
         ctx = lc.llama_context_default_params()
-        self._n_seqs = max_slots + SCORE_ROWS
+        # The slots, the Score rows' scratch sequences, and one that holds a Score prompt's
+        # KV across steps (`score_prompt_part`).
+        self._n_seqs = max_slots + SCORE_ROWS + 1
         ctx.n_seq_max = self._n_seqs
         # The KV cache in float32 for float32 weights (what the torch backend keeps), else in
         # float16 (llama.cpp's default): an fp32 artifact is then served at fp32 precision.
@@ -169,6 +171,8 @@ class LlamaCppBackend:
         self._lengths = [0] * max_slots
         #: Prompt tokens in the first scratch sequence, fed by `prompt_logprobs_part`.
         self._logprob_fed = 0
+        #: The Score prompt tokens `_prompt_seq` holds, fed by `score_prompt_part`.
+        self._score_prompt: list[int] = []
         why = unavailable_reason() if threadpool else None
         if why is not None:
             log.warning("no persistent ggml threadpool (%s): llama.cpp makes one per call", why)
@@ -418,22 +422,34 @@ class LlamaCppBackend:
 
     def score_batch(self, jobs: list[tuple[list[int], list[list[int]]]]) -> list[list[float]]:
         """Rows are prompt + continuation[:-1], identical rows run once, up to SCORE_ROWS
-        rows in one llama_decode call (each in its own scratch sequence)."""
+        rows in one llama_decode call (each in its own scratch sequence). A row that starts
+        with the Score prompt `_prompt_seq` holds (`score_prompt_part`) starts from a copy
+        of its KV and feeds only the rest: 32 labels of one long prompt cost the prompt
+        once, not 32 times."""
         plan = ScorePlan.of(jobs, self._check_ids)
         rows = plan.rows
         longest = max(map(len, rows), default=0)
         if longest + 1 > self.max_seq_len:
             raise ValueError(f"prompt + continuation has {longest + 1} tokens > {self.max_seq_len}")
+        held = self._score_prompt
+        # Rows that start with the held prompt: positions before `len(held)` are copied.
+        skip = [
+            len(held) if held and len(r) > len(held) and r[: len(held)] == held else 0 for r in rows
+        ]
         need: dict[int, dict[int, list[tuple[int, int]]]] = {}  # row -> pos -> [(tok, cont)]
         for row, pos, tok, cont in plan.tokens:
             need.setdefault(row, {}).setdefault(pos, []).append((tok, cont))
+        # Cells for the rows beside the held prompt (pooled: they come from the same cells;
+        # a copied prefix shares its cells).
+        room = self._score_cells - (len(held) if self.kv_layout == "unified" else 0)
         groups: list[range] = []  # consecutive rows: at most SCORE_ROWS, within the cells
         start, cells = 0, 0
         for r, inputs in enumerate(rows):
-            if r > start and (r - start == SCORE_ROWS or cells + len(inputs) > self._score_cells):
+            size = len(inputs) - skip[r]
+            if r > start and (r - start == SCORE_ROWS or cells + size > room):
                 groups.append(range(start, r))
                 start, cells = r, 0
-            cells += len(inputs)
+            cells += size
         if rows:
             groups.append(range(start, len(rows)))
         sums = [0.0] * plan.n_continuations
@@ -441,9 +457,12 @@ class LlamaCppBackend:
             entries: list[tuple[int, int, int, bool]] = []
             order: list[tuple[int, int]] = []  # output index -> (row, pos)
             for k, r in enumerate(group):
-                for pos, tok in enumerate(rows[r]):
+                seq = self.max_slots + k
+                if skip[r]:  # split: the held stream is copied at the start of the pass
+                    self.lc.llama_memory_seq_cp(self._mem, self._prompt_seq, seq, -1, -1)
+                for pos in range(skip[r], len(rows[r])):
                     want = pos in need.get(r, {})
-                    entries.append((tok, pos, self.max_slots + k, want))
+                    entries.append((rows[r][pos], pos, seq, want))
                     if want:
                         order.append((r, pos))
             targets = [[tok for tok, _ in need[r][pos]] for r, pos in order]
@@ -463,6 +482,38 @@ class LlamaCppBackend:
                 for (_, cont), lp in zip(need[r][pos], logprobs[index], strict=True):
                     sums[cont] += lp
         return ScorePlan.by_job(sums, jobs)
+
+    def score_prompt_part(self, prompt_ids: list[int], start: int, end: int) -> None:
+        """`LogprobPartsBackend.score_prompt_part`: feed `prompt_ids[start:end]` into the
+        sequence kept for a Score prompt (after the `start` tokens fed before; 0 begins
+        afresh); `score_batch` then starts every row that begins with them from their KV."""
+        if start == 0:
+            self._check_ids(prompt_ids)
+            if not 0 < end < min(self.max_seq_len, self._score_cells):
+                raise ValueError(f"a held Score prompt of {end} tokens; need 1..max_seq_len - 1")
+            self.score_prompt_reset()
+        elif start != len(self._score_prompt):
+            raise ValueError(f"a part from {start}, but {len(self._score_prompt)} tokens are fed")
+        if not start < end <= len(prompt_ids) or end >= self.max_seq_len:
+            raise ValueError(f"part {start}..{end} of a {len(prompt_ids)}-token prompt")
+        seq = self._prompt_seq
+        try:
+            for a in range(start, end, _BATCH_TOKENS):
+                b = min(a + _BATCH_TOKENS, end)
+                self._run([(prompt_ids[p], p, seq, False) for p in range(a, b)])
+                self._score_prompt += prompt_ids[a:b]
+        except BaseException:
+            self.score_prompt_reset()
+            raise
+
+    @property
+    def _prompt_seq(self) -> int:
+        """The sequence that holds a Score prompt (after the slots and the Score rows)."""
+        return self.max_slots + SCORE_ROWS
+
+    def score_prompt_reset(self) -> None:
+        self.lc.llama_memory_seq_rm(self._mem, self._prompt_seq, -1, -1)
+        self._score_prompt = []
 
     def _target_logprobs(self, targets: list[list[int]]) -> list[list[float]]:
         """Log-probabilities of `targets[i]`'s token ids at the last decode's output row i.
