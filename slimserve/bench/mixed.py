@@ -10,6 +10,11 @@ streamed completions, one an `echo` with `logprobs`, which scores every prompt t
 all of that is answered, then stop. Reported per run: each stream's largest gap between two
 tokens and its p99 gap from the long prompts' arrival on (beside its p50 before them), the
 long prompts' time to their first streamed chunk, and the Score's latency.
+
+The same scenario then runs on a baseline server that feeds prompts whole between decode
+steps (`WHOLE_PROMPTS_ARGS`, what the engine did before chunked prefill), so the two
+targets are judged side by side in one run: the largest gap <= `GAP_TARGET_MS`, and each
+long prompt's TTFT <= `TTFT_TARGET` times the baseline's.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import statistics
 import time
 from typing import Any
 
@@ -33,6 +39,13 @@ WARM_TOKENS = 16
 SCORE_AFTER_S = 0.2
 #: Tokens a long prompt generates (the echo's too).
 LONG_NEW_TOKENS = 16
+#: `serve` flags of the baseline server: a step budget so large that prompts, echoes and
+#: Scores are fed whole between two decode steps (the engine before chunked prefill).
+WHOLE_PROMPTS_ARGS = ("--max-step-ms", "1000000")
+#: Targets: a running stream's largest gap, and the long prompts' TTFT against the
+#: baseline's.
+GAP_TARGET_MS = 300.0
+TTFT_TARGET = 1.3
 
 _SENTENCES = (
     "The harbour master logged every ship that entered the bay before noon.",
@@ -177,12 +190,47 @@ def _gaps(times: list[float], arrive: float, end: float) -> dict[str, float]:
 
 
 def report_lines(mixed: dict[str, Any]) -> list[str]:
-    """What `bench serve` prints for the scenario: one line per run, then the worst."""
+    """What `bench serve` prints for the scenario: one line per run, then the worst; with
+    the baseline (prompts fed whole) beside it, its runs and the two targets."""
     if "error" in mixed:
         return [f"mixed: error: {mixed['error']}"]
-    lines = [f"mixed load (served by {mixed['served']}):"]
-    worst_gap = 0.0
-    for i, run in enumerate(mixed["runs"]):
+    lines = [f"mixed load (served by {mixed['served']}):", *_run_lines(mixed["runs"])]
+    worst = _worst_gap(mixed["runs"])
+    lines.append(f"  largest inter-token gap of a running stream: {worst:.0f} ms")
+    whole = mixed.get("whole")
+    if whole is None:
+        return lines
+    flags = " ".join(WHOLE_PROMPTS_ARGS)
+    if "error" in whole:
+        return [*lines, f"mixed baseline (serve {flags}): error: {whole['error']}"]
+    lines += [f"mixed baseline, prompts fed whole (serve {flags}):", *_run_lines(whole["runs"])]
+    base = _worst_gap(whole["runs"])
+    ok = "PASS" if worst <= GAP_TARGET_MS else "MISS"
+    lines.append(
+        f"largest inter-token gap: {worst:.0f} ms (baseline {base:.0f} ms) "
+        f"(target <= {GAP_TARGET_MS:g} ms) {ok}"
+    )
+    ratios = []
+    for k, x in enumerate(mixed["runs"][0]["long"]):
+        now = statistics.median(run["long"][k]["ttft_ms"] for run in mixed["runs"])
+        was = statistics.median(run["long"][k]["ttft_ms"] for run in whole["runs"])
+        ratios.append((now / was, now, was, x["echo"]))
+    each = ", ".join(
+        f"{r:.2f}x ({now:.0f} vs {was:.0f} ms{', echo' if echo else ''})"
+        for r, now, was, echo in ratios
+    )
+    top = max(r for r, *_ in ratios)
+    ok = "PASS" if top <= TTFT_TARGET else "MISS"
+    lines.append(
+        f"long prompts' TTFT against the baseline: {each}; worst {top:.2f}x "
+        f"(target <= {TTFT_TARGET:g}x) {ok}"
+    )
+    return lines
+
+
+def _run_lines(runs: list[dict[str, Any]]) -> list[str]:
+    lines = []
+    for i, run in enumerate(runs):
         gaps = ", ".join(
             f"max {s['max_gap_ms']:.0f} / p99 {s['p99_gap_ms']:.0f} ms (p50 before "
             f"{s['p50_before_ms']:.1f})"
@@ -196,6 +244,8 @@ def report_lines(mixed: dict[str, Any]) -> list[str]:
             f"  run {i}: stream gaps {gaps}; long prompts' TTFT {longs}; "
             f"{run['score_labels']}-label Score {run['score_ms']:.0f} ms"
         )
-        worst_gap = max([worst_gap, *(s["max_gap_ms"] for s in run["streams"])])
-    lines.append(f"  largest inter-token gap of a running stream: {worst_gap:.0f} ms")
     return lines
+
+
+def _worst_gap(runs: list[dict[str, Any]]) -> float:
+    return max((s["max_gap_ms"] for run in runs for s in run["streams"]), default=0.0)

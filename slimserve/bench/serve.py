@@ -41,7 +41,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, Protocol
@@ -167,6 +167,9 @@ class Bench:
     #: The mixed scenario's running streams, and its long prompts' tokens.
     mixed_streams: int = 2
     mixed_long_tokens: int = 1300
+    #: Also run the mixed scenario on a server that feeds prompts whole (the baseline its
+    #: long prompts' TTFT is judged against).
+    mixed_baseline: bool = True
     #: The prefix scenario's shared document, in tokens.
     prefix_tokens: int = 1000
     samples: list[Sample] = field(default_factory=list)
@@ -405,7 +408,13 @@ class _Server(_Process):
     connection."""
 
     def __init__(
-        self, b: Bench, system: str = "slimserve", *, max_seq_len: int = 0, max_batch: int = 0
+        self,
+        b: Bench,
+        system: str = "slimserve",
+        *,
+        max_seq_len: int = 0,
+        max_batch: int = 0,
+        extra: Sequence[str] = (),
     ) -> None:
         self.port = _free_port()
         self.http_port = _free_port() if system in ("slimserve_http", MIXED) else None
@@ -422,7 +431,7 @@ class _Server(_Process):
             cmd += ["--no-ggml-threadpool", "--decode-threads", str(b.threads)]
         if self.http_port is not None:
             cmd += ["--http-port", str(self.http_port)]
-        super().__init__(cmd, pipes=False)
+        super().__init__([*cmd, *extra], pipes=False)
         self.system = system
         self.model = b.model
         self._runner = asyncio.Runner()
@@ -1038,7 +1047,8 @@ def chat_peer_probe(b: Bench) -> dict[str, Any]:
 
 
 def _mixed(b: Bench) -> dict[str, Any]:
-    """The mixed scenario on a server of its own (contexts long enough for its prompts)."""
+    """The mixed scenario on a server of its own (contexts long enough for its prompts),
+    then, as its baseline, on one that feeds prompts whole between steps."""
     from slimserve.bench import mixed
 
     def runs(server: _Server) -> dict[str, Any]:
@@ -1047,7 +1057,13 @@ def _mixed(b: Bench) -> dict[str, Any]:
     # Slots for what runs at once (the streams, the long prompts, a spare), not --max-batch:
     # 16 slots of a 2,048-token context would not fit the default KV budget.
     slots = b.mixed_streams + mixed.LONG_PROMPTS + 1
-    return _scenario(b, MIXED, mixed.max_seq_len(b.mixed_long_tokens), runs, max_batch=slots)
+    context = mixed.max_seq_len(b.mixed_long_tokens)
+    out = _scenario(b, MIXED, context, runs, max_batch=slots)
+    if b.mixed_baseline:
+        out["whole"] = _scenario(
+            b, MIXED, context, runs, max_batch=slots, extra=mixed.WHOLE_PROMPTS_ARGS
+        )
+    return out
 
 
 def _prefix(b: Bench) -> dict[str, Any]:
@@ -1065,11 +1081,14 @@ def _scenario(
     system: str,
     max_seq_len: int,
     runs: Callable[[_Server], dict[str, Any]],
+    *,
     max_batch: int = 0,
+    extra: Sequence[str] = (),
 ) -> dict[str, Any]:
-    """`runs` against a server of its own; what it found, or the error that stopped it."""
+    """`runs` against a server of its own (`extra`: more `serve` flags); what it found, or
+    the error that stopped it."""
     try:
-        server = _Server(b, system, max_seq_len=max_seq_len, max_batch=max_batch)
+        server = _Server(b, system, max_seq_len=max_seq_len, max_batch=max_batch, extra=extra)
     except Exception as exc:
         return {"error": f"did not start: {describe(exc)}"}
     try:

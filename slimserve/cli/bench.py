@@ -218,6 +218,7 @@ def cmd_bench_serve(args: argparse.Namespace) -> int:
         device=args.device,
         chat_probe=args.chat_probe,
         mixed_streams=args.mixed_streams,
+        mixed_baseline=not args.no_mixed_baseline,
         **extra,
     )
     why = "os.cpu_count(), what serve uses" if args.threads == os.cpu_count() else "--threads"
@@ -337,6 +338,12 @@ def add_parser(sub: Any) -> None:
         type=positive_int,
         default=2,
         help="mixed: streams running while the long prompts and the Score arrive",
+    )
+    p.add_argument(
+        "--no-mixed-baseline",
+        action="store_true",
+        help="mixed: skip the baseline server that feeds prompts whole (its long prompts' "
+        "TTFT is what the scenario's is judged against)",
     )
     p.add_argument("--json", type=Path)
     p.add_argument("--plot", type=Path)

@@ -268,6 +268,19 @@ def test_mixed_gaps_count_from_the_burst_and_name_the_worst() -> None:
     assert lines[-1].endswith("largest inter-token gap of a running stream: 500 ms")
     assert mixed.max_seq_len(1300) == 2048
     assert mixed.report_lines({"error": "did not start: x"}) == ["mixed: error: did not start: x"]
+    # Beside the baseline (prompts fed whole): the gap and TTFT targets, judged per prompt.
+    base = {**run, "streams": [{**gaps, "max_gap_ms": 4000.0}]}
+    base["long"] = [{"tokens": 1302, "echo": True, "ttft_ms": 600.0}]
+    lines = mixed.report_lines({"served": "m@1", "runs": [run], "whole": {"runs": [base]}})
+    assert lines[-2] == (
+        "largest inter-token gap: 500 ms (baseline 4000 ms) (target <= 300 ms) MISS"
+    )
+    assert lines[-1] == (
+        "long prompts' TTFT against the baseline: 1.50x (900 vs 600 ms, echo); worst 1.50x "
+        "(target <= 1.3x) MISS"
+    )
+    lines = mixed.report_lines({"served": "m@1", "runs": [run], "whole": {"error": "x"}})
+    assert lines[-1] == "mixed baseline (serve --max-step-ms 1000000): error: x"
 
 
 def test_llama_server_is_skipped_with_a_line_where_it_cannot_be_had(
