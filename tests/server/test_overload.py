@@ -227,9 +227,13 @@ def test_a_client_that_leaves_frees_its_slot(full: tuple[ServerThread, Controls]
     with _oai(server) as client:
 
         def begin() -> Callable[[], None]:
-            stream: Any = client.completions.create(
-                model="tiny", prompt="hello", max_tokens=100, stream=True,
-                extra_body={"ignore_eos": True},
+            # A chat stream's first chunk (the role) comes before any token. A completion's
+            # first chunk comes with the first token whose text is not empty, and the tiny
+            # model samples byte pieces: when its first two tokens had no text, the client
+            # waited for a chunk the paused engine never made (its 60 s timeout: a flake).
+            stream: Any = client.chat.completions.create(
+                model="tiny", messages=[{"role": "user", "content": "hello"}], max_tokens=100,
+                stream=True, extra_body={"ignore_eos": True},
             )  # fmt: skip
             next(iter(stream))
             return stream.close  # type: ignore[no-any-return]
