@@ -150,6 +150,9 @@ class Bench:
     draft_tokens: int = 4
     #: `serve --kv-layout` of slimserve, slimserve_draft and the engine.
     kv_layout: str = "auto"
+    #: Threads of a one-token pass for slimserve and the in-process engine (as `serve
+    #: --decode-threads`); 0: what qualification measured fastest.
+    decode_threads: int = 0
     #: Where slimserve, the engine and hf_generate run (`serve --device`); llama.cpp's own
     #: loop runs on the CPU whatever it says.
     device: str = "cpu"
@@ -358,6 +361,8 @@ class _Worker(_Process):
         ]  # fmt: skip
         if system in NO_POOL:
             cmd += ["--no-ggml-threadpool"]
+        elif b.decode_threads:
+            cmd += ["--decode-threads", str(b.decode_threads)]
         gguf = {"llama_cpp_q8": b.gguf_q8, PEER_WORKER: b.served_gguf}.get(system, b.gguf)
         if gguf is not None:
             cmd += ["--gguf", str(gguf)]
@@ -429,6 +434,8 @@ class _Server(_Process):
             cmd += ["--draft", b.draft, "--draft-tokens", str(b.draft_tokens)]
         if system in NO_POOL:
             cmd += ["--no-ggml-threadpool", "--decode-threads", str(b.threads)]
+        elif b.decode_threads:
+            cmd += ["--decode-threads", str(b.decode_threads)]
         if self.http_port is not None:
             cmd += ["--http-port", str(self.http_port)]
         super().__init__([*cmd, *extra], pipes=False)
@@ -924,6 +931,7 @@ def environment(b: Bench) -> dict[str, Any]:
         "new_tokens": b.new_tokens,
         "stream_tokens": b.stream_tokens,
         "kv_layout": b.kv_layout,
+        "decode_threads": b.decode_threads or "qualified",
         "device": b.device,
         "gpu": gpu_name(b.device),
         "repeats": b.repeats,

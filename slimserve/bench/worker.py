@@ -145,6 +145,7 @@ class InProcessEngine:
         kv_layout: str = "auto",
         threadpool: bool = True,
         device: str = "cpu",
+        decode_threads: int = 0,
     ) -> None:
         from slimserve.bench.served import served_selection
         from slimserve.engine.config import ModelConfig
@@ -162,6 +163,7 @@ class InProcessEngine:
             backend=backend,
             gguf_type=gguf_type,
             engine_process=process,
+            decode_threads=decode_threads,  # 0: qualification's choice, as `serve`
         )
         if not threadpool:  # as `serve --no-ggml-threadpool --decode-threads <threads>`
             import torch
@@ -433,6 +435,7 @@ def main(argv: list[str] | None = None) -> int:
         "--no-ggml-threadpool", action="store_true", help="engine: serve --no-ggml-threadpool"
     )
     p.add_argument("--device", default="cpu", help="hf_generate, engine: cpu, cuda or cuda:N")
+    p.add_argument("--decode-threads", type=int, default=0, help="engine: serve --decode-threads")
     args = p.parse_args(argv)
     runner: Any
     if args.system == "llama_cpp_python_chat":  # no torch in its process: llama.cpp's alone
@@ -455,6 +458,7 @@ def main(argv: list[str] | None = None) -> int:
             kv_layout=args.kv_layout,
             threadpool=not args.no_ggml_threadpool,
             device=args.device,
+            decode_threads=args.decode_threads,
         )
     else:
         # llama_cpp_q8 gets the re-encoded file.

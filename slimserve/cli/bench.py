@@ -219,6 +219,7 @@ def cmd_bench_serve(args: argparse.Namespace) -> int:
         chat_probe=args.chat_probe,
         mixed_streams=args.mixed_streams,
         mixed_baseline=not args.no_mixed_baseline,
+        decode_threads=args.decode_threads,
         **extra,
     )
     why = "os.cpu_count(), what serve uses" if args.threads == os.cpu_count() else "--threads"
@@ -338,6 +339,13 @@ def add_parser(sub: Any) -> None:
         type=positive_int,
         default=2,
         help="mixed: streams running while the long prompts and the Score arrive",
+    )
+    p.add_argument(
+        "--decode-threads",
+        type=int,
+        default=0,
+        help="threads of a one-token pass for slimserve and engine (as serve --decode-threads; "
+        "0: what qualification measured fastest)",
     )
     p.add_argument(
         "--no-mixed-baseline",

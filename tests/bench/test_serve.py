@@ -9,6 +9,7 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -298,3 +299,31 @@ def test_llama_server_is_skipped_with_a_line_where_it_cannot_be_had(
     err = capsys.readouterr().err
     assert err.startswith("llama_server: not on PATH and not built for this CPU")
     assert err.rstrip().endswith("; skipped")
+
+
+def test_decode_threads_reach_slimserve_and_the_in_process_engine(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    # `bench serve --decode-threads N` gives both sides of the served/in-process ratio the
+    # same one-token threads; the no-pool systems keep theirs (all threads, no pool).
+    # Mutation: passing it to the server only (or neither) fails here.
+    cmds: dict[str, list[str]] = {}
+
+    def record(self: Any, cmd: list[str], *, pipes: bool) -> None:
+        cmds["server" if "slimserve.cli" in cmd else cmd[3]] = cmd  # no process starts
+
+    monkeypatch.setattr(bench._Process, "__init__", record)
+    monkeypatch.setattr(bench._Worker, "_read", lambda self: {})
+    monkeypatch.setattr(bench._Server, "_wait_ready", lambda self, timeout_s: "")
+    b = bench.Bench(
+        registry=tmp_path, model="m@1", threads=2, new_tokens=8, concurrency=[1], repeats=1,
+        systems=["slimserve", "engine"], gguf=None, max_batch=2, decode_threads=1,
+    )  # fmt: skip
+    bench._Server(b, "slimserve")
+    bench._Worker("engine", b)
+    bench._Worker("engine_nopool", b)
+    for system in ("server", "engine"):
+        assert cmds[system][cmds[system].index("--decode-threads") + 1] == "1", cmds[system]
+    assert "--decode-threads" not in cmds["engine_nopool"]
+    parsed = build_parser().parse_args(["bench", "serve", "--decode-threads", "1"])
+    assert parsed.decode_threads == 1
