@@ -141,6 +141,12 @@ class ScoreQueue:
             self._close()  # it left part-way: its caller gave up, or its deadline passed
         labels: list[_Chunk] = []
         for chunk in taken:
+            if labels and labels[-1].job.held and chunk.job is not labels[-1].job:
+                # A held prompt's labels run in a batch of their own, and the hold goes
+                # before another job's rows need its cells (a pool shares them).
+                self._score(labels, backend)
+                labels = []
+                self._let_go()
             if chunk.kind == LABELS:  # runs batched with the next labels
                 labels.append(chunk)
                 continue

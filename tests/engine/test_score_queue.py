@@ -76,3 +76,44 @@ def test_a_score_prompt_is_held_in_parts_and_each_label_costs_its_own_tokens() -
     whole = ScoreQueue()
     whole.append(_job(90, [[7, 8], [5, 8]]))
     assert [(c.kind, c.cost) for c in whole.take(1000)] == [("labels", 182)]
+
+
+class _Parts:
+    """A backend that holds Score prompts, recording what each call is given."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, object]] = []
+
+    def score_prompt_part(self, prompt_ids: list[int], start: int, end: int) -> None:
+        self.calls.append(("part", (start, end)))
+
+    def score_prompt_reset(self) -> None:
+        self.calls.append(("reset", None))
+
+    def prompt_logprobs_reset(self) -> None:
+        pass
+
+    def score_batch(self, jobs: list[tuple[list[int], list[list[int]]]]) -> list[list[float]]:
+        self.calls.append(("batch", [len(p) for p, _ in jobs]))
+        return [[-1.0] * len(conts) for _, conts in jobs]
+
+
+def test_a_held_prompts_labels_run_apart_and_the_hold_goes_before_the_next_job() -> None:
+    # Job A's prompt is held; job B (one row, within budget) is taken in the step A ends.
+    # A's labels run in a batch of their own and the hold is emptied before B's row runs:
+    # in a pooled cache B's row needs cells the hold would keep. Mutation: batching B's
+    # labels with A's (the hold still in place) fails here.
+    backend = _Parts()
+    queue = ScoreQueue(parts=cast(Any, backend))
+    a = _job(60, [[7, 8], [5, 8]])
+    b = _job(50, [[100], [101]])
+    queue.append(a)
+    queue.append(b)
+    queue.step(cast(Any, backend), 1000)
+    assert backend.calls == [
+        ("part", (0, 59)),
+        ("batch", [60]),
+        ("reset", None),
+        ("batch", [50]),
+    ]
+    assert a.future.result(0) == [-1.0, -1.0] and b.future.result(0) == [-1.0, -1.0]
