@@ -174,7 +174,8 @@ def test_a_score_taken_in_the_step_an_echo_ends_leaves_the_echo_exact(
     # queued behind it takes the rest of that step's budget. The step's chunks run in
     # the order taken, so the echo's last part still reads its KV. Mutation: running a
     # step's labels before its prompt parts (the order before) empties the echo's
-    # scratch under it: its last entries come out wrong and the Score fails in llama.cpp.
+    # scratch under it: its last entries come out wrong (llama.cpp refuses the labels'
+    # batch over the echo's KV; they are rerun row by row).
     prompt = ids(7, 44)
     whole = backend.prompt_logprobs(prompt, 1)
     labels = [[5], [9]]
