@@ -25,11 +25,12 @@ before its next chunk runs. The answer of a job cancelled mid-chunk is dropped
 from __future__ import annotations
 
 import collections
+import functools
 import logging
 import math
 import time
 from collections.abc import Callable
-from typing import NamedTuple
+from typing import NamedTuple, TypeVar
 
 import torch
 
@@ -40,6 +41,7 @@ from slimserve.engine.sequence import ScoreJob
 from slimserve.engine.types import TokenLogprob
 
 log = logging.getLogger(__name__)
+_T = TypeVar("_T")
 
 
 #: What a chunk of Score work runs: labels (`score_batch`), a part of a Score prompt the
@@ -139,24 +141,21 @@ class ScoreQueue:
         taken = self.take(budget)
         if self._open is not None and not any(c.job is self._open for c in taken):
             self._close()  # it left part-way: its caller gave up, or its deadline passed
-        labels: list[_Chunk] = []
+        labels: list[_Chunk] = []  # run batched, until another kind of chunk comes
         for chunk in taken:
-            if labels and labels[-1].job.held and chunk.job is not labels[-1].job:
-                # A held prompt's labels run in a batch of their own, and the hold goes
-                # before another job's rows need its cells (a pool shares them).
+            # Labels taken before a prompt part run first (each `score_batch` empties the
+            # scratch where a prompt-logprob job keeps its KV part-way), and a held
+            # prompt's labels run in a batch of their own (another job's rows need the
+            # cells the hold takes from a pool).
+            apart = labels and labels[-1].job.held and chunk.job is not labels[-1].job
+            if chunk.kind != LABELS or apart:
                 self._score(labels, backend)
                 labels = []
-                self._let_go()
-            if chunk.kind == LABELS:  # runs batched with the next labels
-                labels.append(chunk)
-                continue
-            # Labels taken before run first: each `score_batch` empties its scratch
-            # sequences, where a prompt-logprob job keeps its KV part-way.
-            self._score(labels, backend)
-            labels = []
             if self._open is not None and self._open is not chunk.job:
                 self._let_go()  # every chunk of the job it holds for has run
-            if chunk.kind == PROMPT:
+            if chunk.kind == LABELS:
+                labels.append(chunk)
+            elif chunk.kind == PROMPT:
                 self._prompt_part(chunk)
             elif self.parts is None:
                 _prompt_logprobs(backend, chunk.job)
@@ -183,15 +182,10 @@ class ScoreQueue:
     def _prompt_part(self, chunk: _Chunk) -> None:
         """Feed a part of a Score's prompt into the backend's hold."""
         assert self.parts is not None
-        job = chunk.job
+        parts, job = self.parts, chunk.job
         self._open = job
-        try:
-            self.parts.score_prompt_part(job.prompt, chunk.start, chunk.end)
-        except torch.OutOfMemoryError as exc:
-            _fail(job, Overloaded(f"out of memory while scoring: {exc}"))
-        except Exception as exc:
-            log.exception("feeding a Score prompt failed")
-            _fail(job, exc)
+        _guarded(job, "feeding a Score prompt", lambda: parts.score_prompt_part(
+            job.prompt, chunk.start, chunk.end))  # fmt: skip
 
     def _logprob_part(self, job: ScoreJob, start: int, end: int) -> None:
         assert self.parts is not None and job.top_n is not None
@@ -223,15 +217,8 @@ class ScoreQueue:
             # One bad job fails only itself: run each chunk alone.
             results = []
             for (job, _, _), (prompt, conts) in zip(chunks, work, strict=True):
-                try:
-                    results.append(backend.score(prompt, conts))
-                except torch.OutOfMemoryError as exc:
-                    _fail(job, Overloaded(f"out of memory while scoring: {exc}"))
-                    results.append([])
-                except Exception as exc:
-                    log.exception("score failed")
-                    _fail(job, exc)
-                    results.append([])
+                sums = _guarded(job, "score", functools.partial(backend.score, prompt, conts))
+                results.append(sums or [])
         for (job, _, _), sums in zip(chunks, results, strict=True):
             if job.future.done():
                 continue
@@ -249,19 +236,26 @@ def _prompt_logprobs(backend: Backend, job: ScoreJob) -> None:
 def _logprobs(job: ScoreJob, run: Callable[[], list[TokenLogprob]]) -> list[TokenLogprob] | None:
     """`run()`'s log-probabilities, or None with `job` failed (out of memory, an error, a
     non-finite figure)."""
-    try:
-        result = run()
-    except torch.OutOfMemoryError as exc:
-        _fail(job, Overloaded(f"out of memory while scoring: {exc}"))
-        return None
-    except Exception as exc:
-        log.exception("prompt log-probabilities failed")
-        _fail(job, exc)
+    result = _guarded(job, "prompt log-probabilities", run)
+    if result is None:
         return None
     if not all(lp.logprob is not None and math.isfinite(lp.logprob) for lp in result):
         _fail(job, EngineFailure("the backend returned a non-finite log-probability"))
         return None
     return result
+
+
+def _guarded(job: ScoreJob, what: str, run: Callable[[], _T]) -> _T | None:
+    """`run()`, or None with `job` failed: out of memory is Overloaded, any other error
+    fails the job as it is (logged as `what` failing)."""
+    try:
+        return run()
+    except torch.OutOfMemoryError as exc:
+        _fail(job, Overloaded(f"out of memory while scoring: {exc}"))
+    except Exception as exc:
+        log.exception("%s failed", what)
+        _fail(job, exc)
+    return None
 
 
 def _fail(job: ScoreJob, exc: BaseException) -> None:
